@@ -1,0 +1,145 @@
+//! The reference classifier: what the XDP program must compute for a packet, written
+//! plainly over a byte slice. Tests run the XDP program (through BPF_PROG_TEST_RUN)
+//! and this function on the same bytes and require identical answers, so any change
+//! to parsing semantics is made here first and in `proxy-ebpf` second.
+
+use crate::ProtoClass;
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+/// VLAN tags parsed at most (802.1ad outer + 802.1Q inner). A packet with more is `NonIp`.
+pub const MAX_VLAN_TAGS: usize = 2;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+pub const IPV4_MIN_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
+pub const TCP_MIN_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+pub const ICMP_MIN_HLEN: usize = 4;
+
+/// What the data plane learns about one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Classification {
+    pub class: ProtoClass,
+    /// Host byte order; zero unless the class is TCP or UDP.
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+impl Classification {
+    const fn of(class: ProtoClass) -> Self {
+        Self {
+            class,
+            src_port: 0,
+            dst_port: 0,
+        }
+    }
+}
+
+fn be16(p: &[u8], off: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*p.get(off)?, *p.get(off + 1)?]))
+}
+
+/// Classifies an Ethernet frame exactly as `edge_xdp` does.
+pub fn classify(p: &[u8]) -> Classification {
+    classify_inner(p).unwrap_or(Classification::of(ProtoClass::Malformed))
+}
+
+fn classify_inner(p: &[u8]) -> Option<Classification> {
+    let mut off = ETH_HLEN - 2;
+    let mut ethertype = be16(p, off)?;
+    off += 2;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        ethertype = be16(p, off + 2)?;
+        off += 4;
+    }
+    match ethertype {
+        ETH_P_ARP => Some(Classification::of(ProtoClass::Arp)),
+        ETH_P_IP => ipv4(p, off),
+        ETH_P_IPV6 => ipv6(p, off),
+        _ => Some(Classification::of(ProtoClass::NonIp)),
+    }
+}
+
+fn ipv4(p: &[u8], off: usize) -> Option<Classification> {
+    if p.len() < off + IPV4_MIN_HLEN {
+        return None;
+    }
+    let vihl = p[off];
+    if vihl >> 4 != 4 {
+        return None;
+    }
+    let hlen = usize::from(vihl & 0x0f) * 4;
+    if hlen < IPV4_MIN_HLEN || p.len() < off + hlen {
+        return None;
+    }
+    let frag_off = be16(p, off + 6)? & 0x1fff;
+    if frag_off != 0 {
+        // Only the first fragment carries the L4 header.
+        return Some(Classification::of(ProtoClass::Ipv4Other));
+    }
+    let proto = p[off + 9];
+    l4(
+        p,
+        off + hlen,
+        proto,
+        [ProtoClass::Tcp4, ProtoClass::Udp4, ProtoClass::Icmp4],
+        IPPROTO_ICMP,
+        ProtoClass::Ipv4Other,
+    )
+}
+
+fn ipv6(p: &[u8], off: usize) -> Option<Classification> {
+    if p.len() < off + IPV6_HLEN || p[off] >> 4 != 6 {
+        return None;
+    }
+    let next = p[off + 6];
+    l4(
+        p,
+        off + IPV6_HLEN,
+        next,
+        [ProtoClass::Tcp6, ProtoClass::Udp6, ProtoClass::Icmp6],
+        IPPROTO_ICMPV6,
+        ProtoClass::Ipv6Other,
+    )
+}
+
+/// `classes` is `[tcp, udp, icmp]` for the address family.
+fn l4(
+    p: &[u8],
+    off: usize,
+    proto: u8,
+    classes: [ProtoClass; 3],
+    icmp_proto: u8,
+    other: ProtoClass,
+) -> Option<Classification> {
+    let [tcp, udp, icmp] = classes;
+    let (class, min_len) = match proto {
+        IPPROTO_TCP => (tcp, TCP_MIN_HLEN),
+        IPPROTO_UDP => (udp, UDP_HLEN),
+        x if x == icmp_proto => (icmp, ICMP_MIN_HLEN),
+        _ => return Some(Classification::of(other)),
+    };
+    if p.len() < off + min_len {
+        return None;
+    }
+    if class == icmp {
+        return Some(Classification::of(class));
+    }
+    Some(Classification {
+        class,
+        src_port: be16(p, off)?,
+        dst_port: be16(p, off + 2)?,
+    })
+}

@@ -1,0 +1,127 @@
+//! `edgeproxy run`: load, attach, drain the packet records and the eBPF log until told
+//! to stop, then report. The drain runs on its own thread (poll on both ring fds); the
+//! caller's async context only waits for the stop condition.
+use std::{
+    os::fd::AsFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use crate::{
+    dataplane::{Dataplane, EbpfLogDrain, LoadOptions, PacketRecords, RecordTally, XdpModeChoice},
+    report::RunSummary,
+};
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub iface: String,
+    pub mode: XdpModeChoice,
+    pub load: LoadOptions,
+    /// Log a one-line progress summary this often.
+    pub progress_every: Option<Duration>,
+}
+
+/// How long the drain thread sleeps in poll() before re-checking the stop flag.
+const DRAIN_POLL_MS: u16 = 100;
+
+/// Runs until `stop` resolves. Detaches (by dropping the data plane) before returning.
+pub async fn run(opts: RunOptions, stop: impl Future<Output = ()>) -> anyhow::Result<RunSummary> {
+    let mut dp = Dataplane::load(opts.load).context("loading the XDP data plane")?;
+    let mode = dp
+        .attach(&opts.iface, opts.mode)
+        .with_context(|| format!("attaching to {}", opts.iface))?;
+    let records = dp.take_records()?;
+    let logger = dp.take_logger()?;
+    let started = Instant::now();
+
+    let stopping = Arc::new(AtomicBool::new(false));
+    let drain = {
+        let stopping = Arc::clone(&stopping);
+        thread::Builder::new()
+            .name("ep-drain".into())
+            .spawn(move || drain_loop(records, logger, &stopping))
+            .context("spawning the drain thread")?
+    };
+
+    let counters = dp.counters()?;
+    tokio::pin!(stop);
+    let mut ticker = opts.progress_every.map(tokio::time::interval);
+    let mut last = counters.snapshot()?;
+    loop {
+        let tick = async {
+            match ticker.as_mut() {
+                Some(t) => {
+                    t.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = &mut stop => break,
+            () = tick => {
+                let now = counters.snapshot()?;
+                let d = now.since(&last);
+                tracing::info!(
+                    packets = d.total().packets,
+                    bytes = d.total().bytes,
+                    total_packets = now.total().packets,
+                    "progress"
+                );
+                last = now;
+            }
+        }
+    }
+
+    stopping.store(true, Ordering::Release);
+    let records = drain
+        .join()
+        .map_err(|_| anyhow::anyhow!("the drain thread panicked"))??;
+    let summary = RunSummary {
+        iface: opts.iface,
+        mode,
+        elapsed: started.elapsed(),
+        counters: counters.snapshot()?,
+        records,
+    };
+    Ok(summary)
+}
+
+fn drain_loop(
+    mut records: PacketRecords,
+    mut logger: EbpfLogDrain,
+    stopping: &AtomicBool,
+) -> anyhow::Result<RecordTally> {
+    let mut tally = RecordTally::default();
+    loop {
+        // Read the flag before the final drain so records that arrived before the stop
+        // request are always counted.
+        let stop = stopping.load(Ordering::Acquire);
+        {
+            let mut fds = [
+                PollFd::new(records.as_fd(), PollFlags::POLLIN),
+                PollFd::new(logger.as_fd(), PollFlags::POLLIN),
+            ];
+            let timeout = if stop {
+                PollTimeout::ZERO
+            } else {
+                PollTimeout::from(DRAIN_POLL_MS)
+            };
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e).context("poll on the ring buffers"),
+            }
+        }
+        records.drain(&mut tally, |_| {});
+        logger.flush();
+        if stop {
+            return Ok(tally);
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! edgeproxy userspace: loads and drives the XDP data plane and reports what it sees.
+//!
+//! - [`dataplane`]: load the eBPF object, attach it, read counters, drain the packet
+//!   record ring buffer, run the program on crafted packets (BPF_PROG_TEST_RUN).
+//! - [`report`]: counter tables and JSON for operators.
+//! - [`telemetry`]: `tracing` set-up, including eBPF log lines from aya-log.
+pub mod daemon;
+pub mod dataplane;
+pub mod report;
+pub mod telemetry;

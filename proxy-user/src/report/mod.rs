@@ -1,0 +1,87 @@
+//! Human-readable and JSON reports of what the data plane counted.
+use std::{fmt::Write as _, time::Duration};
+
+use proxy_common::{DataplaneStat, ProtoClass};
+
+use crate::dataplane::{AttachedMode, CounterSnapshot, RecordTally};
+
+/// Everything one `edgeproxy run` saw.
+#[derive(Clone, Debug)]
+pub struct RunSummary {
+    pub iface: String,
+    pub mode: AttachedMode,
+    pub elapsed: Duration,
+    pub counters: CounterSnapshot,
+    pub records: RecordTally,
+}
+
+impl RunSummary {
+    /// A fixed-width table: one row per protocol class that saw traffic, then totals.
+    pub fn table(&self) -> String {
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "edgeproxy on {} (XDP {}), {:.1} s",
+            self.iface, self.mode, secs
+        );
+        let _ = writeln!(
+            s,
+            "{:<12} {:>12} {:>14} {:>12} {:>12}",
+            "class", "packets", "bytes", "records", "pkt/s"
+        );
+        for class in ProtoClass::ALL {
+            let c = self.counters.class(class);
+            let r = self.records.class(class);
+            if c.packets == 0 && r == 0 {
+                continue;
+            }
+            let _ = writeln!(
+                s,
+                "{:<12} {:>12} {:>14} {:>12} {:>12.0}",
+                class.name(),
+                c.packets,
+                c.bytes,
+                r,
+                c.packets as f64 / secs
+            );
+        }
+        let t = self.counters.total();
+        let _ = writeln!(
+            s,
+            "{:<12} {:>12} {:>14} {:>12} {:>12.0}",
+            "total",
+            t.packets,
+            t.bytes,
+            self.records.total(),
+            t.packets as f64 / secs
+        );
+        let _ = writeln!(
+            s,
+            "records pushed {} / drained {} / dropped because the ring was full {}",
+            self.counters.stat(DataplaneStat::RecordsPushed),
+            self.records.total(),
+            self.counters.stat(DataplaneStat::RingbufFull),
+        );
+        s
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let records: serde_json::Map<String, serde_json::Value> = ProtoClass::ALL
+            .iter()
+            .map(|&c| (c.name().to_owned(), self.records.class(c).into()))
+            .collect();
+        serde_json::json!({
+            "iface": self.iface,
+            "xdp_mode": self.mode.name(),
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "counters": self.counters.to_json(),
+            "records": {
+                "by_class": records,
+                "total": self.records.total(),
+                "bad_size": self.records.bad_size,
+                "bad_class": self.records.bad_class,
+            },
+        })
+    }
+}
