@@ -26,6 +26,8 @@ pub struct RunOptions {
     pub load: LoadOptions,
     /// Log a one-line progress summary this often.
     pub progress_every: Option<Duration>,
+    /// Measure the XDP program's kernel run time per packet (BPF_ENABLE_STATS).
+    pub bpf_stats: bool,
 }
 
 /// How long the drain thread sleeps in poll() before re-checking the stop flag.
@@ -39,6 +41,12 @@ pub async fn run(opts: RunOptions, stop: impl Future<Output = ()>) -> anyhow::Re
         .with_context(|| format!("attaching to {}", opts.iface))?;
     let records = dp.take_records()?;
     let logger = dp.take_logger()?;
+    let stats_fd = if opts.bpf_stats {
+        Some(crate::dataplane::enable_run_time_stats()?)
+    } else {
+        None
+    };
+    let stats_before = dp.program_stats()?;
     let started = Instant::now();
 
     let stopping = Arc::new(AtomicBool::new(false));
@@ -83,12 +91,17 @@ pub async fn run(opts: RunOptions, stop: impl Future<Output = ()>) -> anyhow::Re
     let records = drain
         .join()
         .map_err(|_| anyhow::anyhow!("the drain thread panicked"))??;
+    let xdp_cost = match stats_fd {
+        Some(_fd) => Some(dp.program_stats()?.since(&stats_before)),
+        None => None,
+    };
     let summary = RunSummary {
         iface: opts.iface,
         mode,
         elapsed: started.elapsed(),
         counters: counters.snapshot()?,
         records,
+        xdp_cost,
     };
     Ok(summary)
 }

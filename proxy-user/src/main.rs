@@ -40,6 +40,10 @@ enum Command {
         /// Print the final report as JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Measure the XDP program's kernel run time per packet while running
+        /// (BPF_ENABLE_STATS; switched off again when edgeproxy exits).
+        #[arg(long)]
+        bpf_stats: bool,
     },
 }
 
@@ -68,6 +72,7 @@ fn real_main() -> anyhow::Result<()> {
             duration,
             progress,
             json,
+            bpf_stats,
         } => {
             let duration = duration.map(|d| seconds("duration", d)).transpose()?;
             let progress = seconds("progress", progress)?;
@@ -78,6 +83,7 @@ fn real_main() -> anyhow::Result<()> {
                     ebpf_log_level: telemetry::max_log_level(),
                 },
                 progress_every: (!progress.is_zero()).then_some(progress),
+                bpf_stats,
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

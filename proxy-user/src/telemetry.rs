@@ -1,5 +1,7 @@
 //! `tracing` set-up for the binary. `log` records (aya, and the eBPF program's lines via
 //! aya-log) are bridged into `tracing` so one filter and one format cover everything.
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 /// Installs the global subscriber. `RUST_LOG` overrides `default_filter`.
@@ -10,7 +12,11 @@ pub fn init(default_filter: &str) -> anyhow::Result<()> {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     tracing_subscriber::registry()
         .with(filter)
-        .with(fmt::layer().with_writer(std::io::stderr))
+        .with(
+            fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
         .try_init()?;
     Ok(())
 }

@@ -43,8 +43,37 @@ pub enum DataplaneError {
     BadInterfaceName(String),
     #[error("attaching XDP to {iface} failed: {reasons}")]
     Attach { iface: String, reasons: String },
+    #[error("enabling BPF run-time statistics: {0}")]
+    Stats(#[source] aya::sys::SyscallError),
     #[error("aya-log: {0}")]
     Log(#[source] aya_log::Error),
+}
+
+/// Cumulative run count and run time of a program, as the kernel measures them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
+impl ProgramStats {
+    pub fn since(&self, earlier: &ProgramStats) -> ProgramStats {
+        ProgramStats {
+            run_count: self.run_count.saturating_sub(earlier.run_count),
+            run_time_ns: self.run_time_ns.saturating_sub(earlier.run_time_ns),
+        }
+    }
+
+    pub fn ns_per_run(&self) -> Option<f64> {
+        (self.run_count > 0).then(|| self.run_time_ns as f64 / self.run_count as f64)
+    }
+}
+
+/// Turns on the kernel's per-program run-time accounting (BPF_ENABLE_STATS) for as long
+/// as the returned fd is open; unlike the `kernel.bpf_stats_enabled` sysctl, nothing is
+/// left switched on if the process dies.
+pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd, DataplaneError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(DataplaneError::Stats)
 }
 
 /// Which programs to load. Loading only what is needed keeps test-run users from
@@ -141,6 +170,22 @@ impl Dataplane {
     /// Takes the aya-log ring buffer; its lines go to `log` and from there to `tracing`.
     pub fn take_logger(&mut self) -> Result<EbpfLogDrain, DataplaneError> {
         EbpfLogDrain::new(&mut self.ebpf)
+    }
+
+    /// Kernel run-time statistics of `edge_xdp` (zero unless BPF stats are enabled, see
+    /// [`enable_run_time_stats`]).
+    pub fn program_stats(&self) -> Result<ProgramStats, DataplaneError> {
+        let info =
+            self.xdp(EDGE_XDP_PROGRAM)?
+                .info()
+                .map_err(|source| DataplaneError::Program {
+                    name: EDGE_XDP_PROGRAM,
+                    source,
+                })?;
+        Ok(ProgramStats {
+            run_count: info.run_count(),
+            run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+        })
     }
 
     /// Runs `edge_xdp` (or the floor program) on crafted packets through BPF_PROG_TEST_RUN.

@@ -3,7 +3,7 @@ use std::{fmt::Write as _, time::Duration};
 
 use proxy_common::{DataplaneStat, ProtoClass};
 
-use crate::dataplane::{AttachedMode, CounterSnapshot, RecordTally};
+use crate::dataplane::{AttachedMode, CounterSnapshot, ProgramStats, RecordTally};
 
 /// Everything one `edgeproxy run` saw.
 #[derive(Clone, Debug)]
@@ -13,6 +13,8 @@ pub struct RunSummary {
     pub elapsed: Duration,
     pub counters: CounterSnapshot,
     pub records: RecordTally,
+    /// Kernel-measured run time of the XDP program over the run, when requested.
+    pub xdp_cost: Option<ProgramStats>,
 }
 
 impl RunSummary {
@@ -63,6 +65,20 @@ impl RunSummary {
             self.records.total(),
             self.counters.stat(DataplaneStat::RingbufFull),
         );
+        if let Some(cost) = self.xdp_cost {
+            match cost.ns_per_run() {
+                Some(ns) => {
+                    let _ = writeln!(
+                        s,
+                        "XDP program cost: {ns:.1} ns/packet over {} runs (kernel BPF stats)",
+                        cost.run_count
+                    );
+                }
+                None => {
+                    let _ = writeln!(s, "XDP program cost: no runs recorded");
+                }
+            }
+        }
         s
     }
 
@@ -82,6 +98,11 @@ impl RunSummary {
                 "bad_size": self.records.bad_size,
                 "bad_class": self.records.bad_class,
             },
+            "xdp_cost": self.xdp_cost.map(|c| serde_json::json!({
+                "run_count": c.run_count,
+                "run_time_ns": c.run_time_ns,
+                "ns_per_packet": c.ns_per_run(),
+            })),
         })
     }
 }
