@@ -99,7 +99,7 @@ pub struct Ipv4Extra {
 
 pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, l4: &L4, extra: &Ipv4Extra) -> Vec<u8> {
     let mut opts = extra.options.clone();
-    while opts.len() % 4 != 0 {
+    while !opts.len().is_multiple_of(4) {
         opts.push(0);
     }
     let hlen = 20 + opts.len();

@@ -34,7 +34,7 @@ pub fn send_udp(
         for i in 0..count {
             sock.send_to(&payload, dst)
                 .with_context(|| format!("sending datagram {i} to {dst}"))?;
-            if (i + 1) % BURST == 0 {
+            if (i + 1).is_multiple_of(BURST) {
                 thread::sleep(PAUSE);
             }
         }
