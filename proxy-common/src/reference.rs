@@ -143,3 +143,133 @@ fn l4(
         dst_port: be16(p, off + 2)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ethernet header with `ethertype`, then `rest`, into a fixed buffer.
+    fn frame(ethertype: u16, rest: &[u8], buf: &mut [u8; 128]) -> usize {
+        buf[..12].fill(0x02);
+        buf[12..14].copy_from_slice(&ethertype.to_be_bytes());
+        buf[14..14 + rest.len()].copy_from_slice(rest);
+        14 + rest.len()
+    }
+
+    const UDP4: [u8; 28] = [
+        0x45,
+        0,
+        0,
+        28,
+        0,
+        0,
+        0,
+        0,
+        64,
+        IPPROTO_UDP,
+        0,
+        0,
+        10,
+        200,
+        0,
+        1,
+        10,
+        200,
+        0,
+        2, // IPv4
+        0x13,
+        0x88,
+        0x02,
+        0x02,
+        0,
+        8,
+        0,
+        0, // UDP 5000 -> 514
+    ];
+
+    #[test]
+    fn udp4_ports_in_host_order() {
+        let mut b = [0; 128];
+        let n = frame(ETH_P_IP, &UDP4, &mut b);
+        let c = classify(&b[..n]);
+        assert_eq!(c.class, ProtoClass::Udp4);
+        assert_eq!((c.src_port, c.dst_port), (5000, 514));
+    }
+
+    #[test]
+    fn every_truncation_of_udp4_is_malformed() {
+        let mut b = [0; 128];
+        let n = frame(ETH_P_IP, &UDP4, &mut b);
+        for cut in 0..n {
+            assert_eq!(
+                classify(&b[..cut]).class,
+                ProtoClass::Malformed,
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn non_first_fragment_is_ipv4_other_without_ports() {
+        let mut hdr = UDP4;
+        hdr[6] = 0x00;
+        hdr[7] = 0x10; // offset 16 * 8 bytes
+        let mut b = [0; 128];
+        let n = frame(ETH_P_IP, &hdr, &mut b);
+        assert_eq!(classify(&b[..n]), Classification::of(ProtoClass::Ipv4Other));
+    }
+
+    #[test]
+    fn vlan_tags_are_skipped_up_to_two() {
+        // frame() writes the outer ethertype (802.1ad); then outer TCI, inner 802.1Q
+        // type, inner TCI, IPv4 type, the IPv4 packet.
+        let mut b = [0; 128];
+        let mut full = [0u8; 8 + 28];
+        full[..2].copy_from_slice(&[0x00, 0x64]);
+        full[2..4].copy_from_slice(&ETH_P_8021Q.to_be_bytes());
+        full[4..6].copy_from_slice(&[0x00, 0xc8]);
+        full[6..8].copy_from_slice(&ETH_P_IP.to_be_bytes());
+        full[8..].copy_from_slice(&UDP4);
+        let n = frame(ETH_P_8021AD, &full, &mut b);
+        assert_eq!(classify(&b[..n]).class, ProtoClass::Udp4);
+
+        // A third tag is not parsed: the frame is not IP as far as we are concerned.
+        let mut three = [0u8; 12 + 28];
+        three[..2].copy_from_slice(&[0, 1]);
+        three[2..4].copy_from_slice(&ETH_P_8021Q.to_be_bytes());
+        three[4..6].copy_from_slice(&[0, 2]);
+        three[6..8].copy_from_slice(&ETH_P_8021Q.to_be_bytes());
+        three[8..10].copy_from_slice(&[0, 3]);
+        three[10..12].copy_from_slice(&ETH_P_IP.to_be_bytes());
+        three[12..].copy_from_slice(&UDP4);
+        let n = frame(ETH_P_8021AD, &three, &mut b);
+        assert_eq!(classify(&b[..n]).class, ProtoClass::NonIp);
+    }
+
+    #[test]
+    fn ipv6_needs_a_whole_header_and_version_6() {
+        let mut v6 = [0u8; 40 + 8];
+        v6[0] = 0x60;
+        v6[6] = IPPROTO_UDP;
+        v6[40..44].copy_from_slice(&[0, 53, 0x14, 0x14]);
+        let mut b = [0; 128];
+        let n = frame(ETH_P_IPV6, &v6, &mut b);
+        let c = classify(&b[..n]);
+        assert_eq!(
+            (c.class, c.src_port, c.dst_port),
+            (ProtoClass::Udp6, 53, 5140)
+        );
+        assert_eq!(classify(&b[..14 + 39]).class, ProtoClass::Malformed);
+        b[14] = 0x40;
+        assert_eq!(classify(&b[..n]).class, ProtoClass::Malformed);
+    }
+
+    #[test]
+    fn class_table_is_consistent() {
+        for (i, c) in ProtoClass::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+            assert_eq!(ProtoClass::from_u32(i as u32), Some(*c));
+        }
+        assert_eq!(ProtoClass::from_u32(ProtoClass::COUNT), None);
+    }
+}

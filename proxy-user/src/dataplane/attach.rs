@@ -100,3 +100,21 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mode_names_parse_and_unknown_is_explained() {
+        assert_eq!("auto".parse(), Ok(XdpModeChoice::Auto));
+        assert_eq!("native".parse(), Ok(XdpModeChoice::Native));
+        assert_eq!("drv".parse(), Ok(XdpModeChoice::Native));
+        assert_eq!("skb".parse(), Ok(XdpModeChoice::Generic));
+        let err = "offload".parse::<XdpModeChoice>().unwrap_err();
+        assert!(
+            err.contains("offload") && err.contains("auto, native or generic"),
+            "{err}"
+        );
+    }
+}

@@ -129,3 +129,62 @@ impl CounterSnapshot {
         serde_json::json!({ "classes": classes, "stats": stats })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(udp4: (u64, u64), tcp6: (u64, u64), full: u64) -> CounterSnapshot {
+        let mut s = CounterSnapshot::default();
+        s.by_class[ProtoClass::Udp4 as usize] = Counter {
+            packets: udp4.0,
+            bytes: udp4.1,
+        };
+        s.by_class[ProtoClass::Tcp6 as usize] = Counter {
+            packets: tcp6.0,
+            bytes: tcp6.1,
+        };
+        s.stats[DataplaneStat::RingbufFull as usize] = full;
+        s
+    }
+
+    #[test]
+    fn since_and_total() {
+        let a = snap((10, 1000), (1, 80), 0);
+        let b = snap((15, 1600), (3, 240), 2);
+        let d = b.since(&a);
+        assert_eq!(
+            d.class(ProtoClass::Udp4),
+            Counter {
+                packets: 5,
+                bytes: 600
+            }
+        );
+        assert_eq!(
+            d.class(ProtoClass::Tcp6),
+            Counter {
+                packets: 2,
+                bytes: 160
+            }
+        );
+        assert_eq!(d.stat(DataplaneStat::RingbufFull), 2);
+        assert_eq!(
+            b.total(),
+            Counter {
+                packets: 18,
+                bytes: 1840
+            }
+        );
+    }
+
+    #[test]
+    fn json_names_every_class_and_stat() {
+        let j = snap((5, 500), (0, 0), 1).to_json();
+        for c in ProtoClass::ALL {
+            assert!(j["classes"][c.name()]["packets"].is_u64(), "{}", c.name());
+        }
+        assert_eq!(j["classes"]["udp4"]["bytes"], 500);
+        assert_eq!(j["stats"]["ringbuf_full"], 1);
+        assert_eq!(j["stats"]["records_pushed"], 0);
+    }
+}

@@ -37,3 +37,16 @@ impl AsFd for EbpfLogDrain {
         self.logger.as_fd()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn levels_match_aya_log_numbering() {
+        // aya-log-common: Error = 1 … Trace = 5; 0 disables everything.
+        assert_eq!(super::aya_level(log::LevelFilter::Off), 0);
+        assert_eq!(super::aya_level(log::LevelFilter::Error), 1);
+        assert_eq!(super::aya_level(log::LevelFilter::Warn), 2);
+        assert_eq!(super::aya_level(log::LevelFilter::Debug), 4);
+        assert_eq!(super::aya_level(log::LevelFilter::Trace), 5);
+    }
+}

@@ -78,3 +78,51 @@ impl RecordTally {
         self.by_class.iter().sum::<u64>() + self.bad_class + self.bad_size
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_parse_only_at_their_exact_size() {
+        let rec = PacketRecord {
+            ts_ns: 7,
+            wire_len: 60,
+            ifindex: 3,
+            rx_queue: 1,
+            class: ProtoClass::Udp6 as u32,
+            src_port: 53,
+            dst_port: 5140,
+            _pad: 0,
+        };
+        // SAFETY: PacketRecord is repr(C) plain integers without padding (size asserted
+        // in proxy-common); viewing it as bytes is sound.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&rec as *const PacketRecord).cast::<u8>(),
+                size_of::<PacketRecord>(),
+            )
+        };
+        assert_eq!(parse_record(bytes), Some(rec));
+        assert_eq!(parse_record(&bytes[..31]), None);
+        let mut longer = bytes.to_vec();
+        longer.push(0);
+        assert_eq!(parse_record(&longer), None);
+    }
+
+    #[test]
+    fn tally_counts_unknown_classes_separately() {
+        let mut t = RecordTally::default();
+        t.add(&PacketRecord {
+            class: ProtoClass::Tcp4 as u32,
+            ..Default::default()
+        });
+        t.add(&PacketRecord {
+            class: 99,
+            ..Default::default()
+        });
+        assert_eq!(t.class(ProtoClass::Tcp4), 1);
+        assert_eq!(t.bad_class, 1);
+        assert_eq!(t.total(), 2);
+    }
+}
