@@ -3,11 +3,10 @@
 //! Runs on the preinstalled stable Rust. Every command that needs more (the pinned
 //! userspace toolchain, the pinned nightly with rust-src, bpf-linker, a mounted bpffs,
 //! apt packages) bootstraps it first, idempotently, saying what it does.
-mod bench;
 mod bootstrap;
 mod cmd;
-mod demo;
 mod test;
+mod testbed;
 mod toolchains;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -30,8 +29,8 @@ fn main() -> ExitCode {
         Some("bootstrap") => bootstrap::run(&bootstrap::Needs::default()).map(|_| ()),
         Some("build") => build(),
         Some("test") => test::run(&args[1..]),
-        Some("demo") => demo::run(&args[1..]),
-        Some("bench") => bench::run(&args[1..]),
+        Some("demo") => testbed::run(testbed::Driver::Demo, &args[1..]),
+        Some("bench") => testbed::run(testbed::Driver::Bench, &args[1..]),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

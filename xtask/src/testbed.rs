@@ -1,0 +1,52 @@
+//! `cargo xtask demo` and `cargo xtask bench`: build in release, then run one of the
+//! testbed's drivers (tests/src/bin/), which own the topology, traffic and reporting.
+use crate::{
+    bootstrap::{self, Needs},
+    cmd::{Cmd, cargo},
+    test::TEST_TOOLS,
+};
+
+/// A driver binary of the `edgeproxy-testbed` crate.
+#[derive(Clone, Copy)]
+pub enum Driver {
+    Demo,
+    Bench,
+}
+
+impl Driver {
+    const fn bin(self) -> &'static str {
+        match self {
+            Driver::Demo => "demo",
+            Driver::Bench => "bench",
+        }
+    }
+}
+
+pub fn run(driver: Driver, args: &[String]) -> anyhow::Result<()> {
+    let tc = bootstrap::run(&Needs {
+        privileged: true,
+        apt: TEST_TOOLS,
+    })?;
+    cargo(
+        &tc.user,
+        [
+            "build",
+            "--locked",
+            "--release",
+            "--bins",
+            "-p",
+            "proxy-user",
+            "-p",
+            "edgeproxy-testbed",
+        ],
+    )
+    .say(format!(
+        "build edgeproxy and the {} driver (release)",
+        driver.bin()
+    ))
+    .run()?;
+    let bin = crate::root().join("target/release").join(driver.bin());
+    Cmd::new(bin, args)
+        .say(format!("run the {}", driver.bin()))
+        .run()
+}
