@@ -6,6 +6,7 @@
 //! both on the same packets and compare.
 #![no_std]
 
+pub mod policy;
 pub mod reference;
 
 /// Name of the XDP program in the eBPF object.
@@ -17,10 +18,10 @@ pub const FLOOR_XDP_PROGRAM: &str = "xdp_pass_floor";
 pub const PROTO_COUNTERS_MAP: &str = "PROTO_COUNTERS";
 /// Per-CPU array of `u64`, indexed by [`DataplaneStat`].
 pub const DATAPLANE_STATS_MAP: &str = "DATAPLANE_STATS";
-/// Ring buffer of [`PacketRecord`].
-pub const PACKET_RECORDS_MAP: &str = "PACKET_RECORDS";
-/// Size of the packet record ring buffer in bytes (a power of two, a multiple of the page size).
-pub const PACKET_RECORDS_BYTES: u32 = 1 << 21;
+/// Ring buffer of sampled and captured packets: a [`policy::RecordHeader`] then data.
+pub const RECORDS_MAP: &str = "RECORDS";
+/// Size of the record ring buffer in bytes (a power of two, a multiple of the page size).
+pub const RECORDS_BYTES: u32 = 1 << 22;
 
 /// What the data plane recognised a packet as. The discriminant is the index into
 /// [`PROTO_COUNTERS_MAP`].
@@ -99,51 +100,52 @@ pub struct Counter {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DataplaneStat {
-    /// A record was written to [`PACKET_RECORDS_MAP`].
+    /// A record (sample or capture) was written to [`RECORDS_MAP`].
     RecordsPushed = 0,
-    /// The ring buffer had no room: the record was dropped, the packet's verdict was not affected.
+    /// The ring buffer had no room: the record was dropped and counted here. A sampled
+    /// packet still passes; a packet that should have been captured is passed instead
+    /// of dropped, so it can still reach a socket.
     RingbufFull = 1,
+    /// A `capture` rule matched a packet that is not UDP: passed, not captured.
+    CaptureNotUdp = 2,
+    /// A captured payload was longer than the rule's (or the record's) maximum.
+    CaptureTruncated = 3,
+    /// Copying bytes out of the packet failed (should never happen; counted to prove it).
+    LoadBytesFailed = 4,
 }
 
 impl DataplaneStat {
-    pub const COUNT: u32 = 2;
-    pub const ALL: [DataplaneStat; Self::COUNT as usize] =
-        [DataplaneStat::RecordsPushed, DataplaneStat::RingbufFull];
+    pub const COUNT: u32 = 5;
+    pub const ALL: [DataplaneStat; Self::COUNT as usize] = [
+        DataplaneStat::RecordsPushed,
+        DataplaneStat::RingbufFull,
+        DataplaneStat::CaptureNotUdp,
+        DataplaneStat::CaptureTruncated,
+        DataplaneStat::LoadBytesFailed,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {
             DataplaneStat::RecordsPushed => "records_pushed",
             DataplaneStat::RingbufFull => "ringbuf_full",
+            DataplaneStat::CaptureNotUdp => "capture_not_udp",
+            DataplaneStat::CaptureTruncated => "capture_truncated",
+            DataplaneStat::LoadBytesFailed => "load_bytes_failed",
         }
     }
 }
 
-/// One record per packet pushed into [`PACKET_RECORDS_MAP`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PacketRecord {
-    /// `bpf_ktime_get_ns()` when the program ran (CLOCK_MONOTONIC).
-    pub ts_ns: u64,
-    pub wire_len: u32,
-    pub ifindex: u32,
-    pub rx_queue: u32,
-    /// A [`ProtoClass`] discriminant.
-    pub class: u32,
-    /// L4 ports in host byte order; zero when the class has none.
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub _pad: u32,
-}
-
-// The record layout is part of the ABI between the two sides: pin its size.
-const _: () = assert!(core::mem::size_of::<PacketRecord>() == 32);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: these are `#[repr(C)]`, contain only integers and have no implicit padding
-    // (sizes are asserted above), so any bit pattern is a valid value.
+    // (sizes are asserted next to each type), so any bit pattern is a valid value.
     unsafe impl aya::Pod for super::Counter {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::PacketRecord {}
+    unsafe impl aya::Pod for super::policy::RuleSet {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::policy::RuleAction {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::policy::PolicyState {}
 }

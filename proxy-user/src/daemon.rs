@@ -14,8 +14,11 @@ use std::{
 use anyhow::Context as _;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
+use std::path::PathBuf;
+
 use crate::{
-    dataplane::{Dataplane, EbpfLogDrain, LoadOptions, PacketRecords, RecordTally, XdpModeChoice},
+    dataplane::{Dataplane, EbpfLogDrain, LoadOptions, RecordTally, Records, XdpModeChoice},
+    policy::{Policy, loader::PolicyLoader},
     report::RunSummary,
 };
 
@@ -28,6 +31,10 @@ pub struct RunOptions {
     pub progress_every: Option<Duration>,
     /// Measure the XDP program's kernel run time per packet (BPF_ENABLE_STATS).
     pub bpf_stats: bool,
+    /// A validated policy (and its source text) to load before attaching.
+    pub policy: Option<(Policy, String)>,
+    /// Where the policy loader keeps each slot's source (`policy show` reads it).
+    pub store_dir: Option<PathBuf>,
 }
 
 /// How long the drain thread sleeps in poll() before re-checking the stop flag.
@@ -35,7 +42,18 @@ const DRAIN_POLL_MS: u16 = 100;
 
 /// Runs until `stop` resolves. Detaches (by dropping the data plane) before returning.
 pub async fn run(opts: RunOptions, stop: impl Future<Output = ()>) -> anyhow::Result<RunSummary> {
-    let mut dp = Dataplane::load(opts.load).context("loading the XDP data plane")?;
+    let mut dp = Dataplane::load(opts.load.clone()).context("loading the XDP data plane")?;
+    if let Some((policy, text)) = &opts.policy {
+        let mut loader = PolicyLoader::new(dp.take_policy_maps()?, opts.store_dir.clone());
+        let r = loader.load(policy, text).context("loading the policy")?;
+        tracing::info!(
+            generation = r.generation,
+            slot = r.slot,
+            rules = policy.rules.len(),
+            apply_ms = r.apply.as_secs_f64() * 1e3,
+            "policy loaded"
+        );
+    }
     let mode = dp
         .attach(&opts.iface, opts.mode)
         .with_context(|| format!("attaching to {}", opts.iface))?;
@@ -107,7 +125,7 @@ pub async fn run(opts: RunOptions, stop: impl Future<Output = ()>) -> anyhow::Re
 }
 
 fn drain_loop(
-    mut records: PacketRecords,
+    mut records: Records,
     mut logger: EbpfLogDrain,
     stopping: &AtomicBool,
 ) -> anyhow::Result<RecordTally> {

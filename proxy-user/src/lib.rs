@@ -4,7 +4,9 @@
 //!   record ring buffer, run the program on crafted packets (BPF_PROG_TEST_RUN).
 //! - [`report`]: counter tables and JSON for operators.
 //! - [`telemetry`]: `tracing` set-up, including eBPF log lines from aya-log.
+pub mod cli;
 pub mod daemon;
 pub mod dataplane;
+pub mod policy;
 pub mod report;
 pub mod telemetry;

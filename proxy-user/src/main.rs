@@ -1,11 +1,17 @@
 //! `edgeproxy`: the daemon and operator CLI.
-use std::{process::ExitCode, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use proxy_user::{
+    cli::{self, DEFAULT_PIN_ROOT, DEFAULT_STATE_ROOT, Output, Paths},
     daemon::{self, RunOptions},
     dataplane::{LoadOptions, XdpModeChoice},
+    policy::PolicyLimits,
     telemetry,
 };
 
@@ -20,10 +26,51 @@ struct Cli {
     command: Command,
 }
 
+/// Where pins and policy state live (one directory per interface under each root).
+#[derive(Args, Clone)]
+struct Place {
+    /// bpffs directory holding one sub-directory of pins per interface.
+    #[arg(long, default_value = DEFAULT_PIN_ROOT)]
+    pin_root: PathBuf,
+    /// Directory holding each interface's stored policy sources.
+    #[arg(long, default_value = DEFAULT_STATE_ROOT)]
+    state_dir: PathBuf,
+}
+
+#[derive(Args, Clone)]
+struct Limits {
+    /// Most rules a policy may have (at most 256).
+    #[arg(long, default_value_t = PolicyLimits::default().max_rules)]
+    max_rules: usize,
+    /// Most distinct prefixes per family and direction.
+    #[arg(long, default_value_t = PolicyLimits::default().max_prefixes)]
+    max_prefixes: usize,
+    /// Largest sample snap length in bytes (at most 256).
+    #[arg(long, default_value_t = PolicyLimits::default().max_snap)]
+    max_snap: u16,
+    /// Largest capture in bytes (at most 4096).
+    #[arg(long, default_value_t = PolicyLimits::default().max_capture)]
+    max_capture: u16,
+}
+
+impl Limits {
+    fn get(&self) -> anyhow::Result<PolicyLimits> {
+        let l = PolicyLimits {
+            max_rules: self.max_rules,
+            max_prefixes: self.max_prefixes,
+            max_snap: self.max_snap,
+            max_capture: self.max_capture,
+        };
+        l.validate().map_err(anyhow::Error::msg)?;
+        Ok(l)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Attach the XDP data plane to an interface, count traffic by protocol and drain the
-    /// per-packet records until SIGINT/SIGTERM or --duration, then print a report.
+    /// Attach the XDP data plane to an interface, drain samples and captures until
+    /// SIGINT/SIGTERM or --duration, then print a report. Pinned by default: the data
+    /// plane keeps running after edgeproxy exits and a restart re-adopts it.
     Run {
         /// Interface to attach to (in this process's network namespace).
         #[arg(long)]
@@ -31,6 +78,16 @@ enum Command {
         /// auto (native, falling back to generic with a logged reason), native or generic.
         #[arg(long, default_value = "auto")]
         xdp_mode: XdpModeChoice,
+        /// Load this policy before attaching (otherwise the pinned policy, or pass-all).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Pin nothing and detach on exit.
+        #[arg(long)]
+        ephemeral: bool,
+        #[command(flatten)]
+        place: Place,
+        #[command(flatten)]
+        limits: Limits,
         /// Stop after this many seconds (default: run until signalled).
         #[arg(long)]
         duration: Option<f64>,
@@ -44,6 +101,73 @@ enum Command {
         /// (BPF_ENABLE_STATS; switched off again when edgeproxy exits).
         #[arg(long)]
         bpf_stats: bool,
+    },
+    /// Manage the operator policy of a running (pinned) data plane.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Detach the pinned data plane from an interface and remove its pins and state.
+    Detach {
+        iface: String,
+        #[command(flatten)]
+        place: Place,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate FILE and load it atomically (inactive slot, then one flip).
+    Load {
+        file: PathBuf,
+        #[arg(long)]
+        iface: String,
+        #[command(flatten)]
+        place: Place,
+        #[command(flatten)]
+        limits: Limits,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate FILE without touching anything.
+    Check {
+        file: PathBuf,
+        #[command(flatten)]
+        limits: Limits,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Active rules, generation, and per-rule packet/byte counters.
+    Show {
+        #[arg(long)]
+        iface: String,
+        #[command(flatten)]
+        place: Place,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What loading FILE would change.
+    Diff {
+        file: PathBuf,
+        #[arg(long)]
+        iface: String,
+        #[command(flatten)]
+        place: Place,
+        #[command(flatten)]
+        limits: Limits,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the previous generation active again.
+    Rollback {
+        #[arg(long)]
+        iface: String,
+        #[command(flatten)]
+        place: Place,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -62,6 +186,19 @@ fn seconds(name: &str, v: f64) -> anyhow::Result<Duration> {
         .with_context(|| format!("--{name} must be a non-negative number of seconds"))
 }
 
+fn print(out: Output, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out.json)?);
+    } else {
+        print!("{}", out.text);
+    }
+    Ok(())
+}
+
+fn paths(place: &Place, iface: &str) -> Paths {
+    Paths::new(&place.pin_root, &place.state_dir, iface)
+}
+
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init("info")?;
@@ -69,6 +206,10 @@ fn real_main() -> anyhow::Result<()> {
         Command::Run {
             iface,
             xdp_mode,
+            policy,
+            ephemeral,
+            place,
+            limits,
             duration,
             progress,
             json,
@@ -76,50 +217,107 @@ fn real_main() -> anyhow::Result<()> {
         } => {
             let duration = duration.map(|d| seconds("duration", d)).transpose()?;
             let progress = seconds("progress", progress)?;
+            let policy = policy
+                .map(|p| cli::policy::read_policy(&p, &limits.get()?))
+                .transpose()?;
+            let paths = paths(&place, &iface);
             let opts = RunOptions {
-                iface,
                 mode: xdp_mode,
                 load: LoadOptions {
                     ebpf_log_level: telemetry::max_log_level(),
+                    pin_dir: (!ephemeral).then(|| paths.pin_dir.clone()),
                 },
                 progress_every: (!progress.is_zero()).then_some(progress),
                 bpf_stats,
+                policy,
+                store_dir: (!ephemeral).then(|| paths.store_dir.clone()),
+                iface,
             };
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting the control runtime")?;
-            let summary = rt.block_on(async move {
-                let stop = async move {
-                    let mut term = match tokio::signal::unix::signal(
-                        tokio::signal::unix::SignalKind::terminate(),
-                    ) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot watch SIGTERM");
-                            return;
-                        }
-                    };
-                    let timer = async {
-                        match duration {
-                            Some(d) => tokio::time::sleep(d).await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-                        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                        () = timer => {}
-                    }
-                };
-                daemon::run(opts, stop).await
-            })?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&summary.json())?);
-            } else {
-                print!("{}", summary.table());
+            run(opts, duration, json, ephemeral, &paths.pin_dir)
+        }
+        Command::Policy { command } => match command {
+            PolicyCommand::Load {
+                file,
+                iface,
+                place,
+                limits,
+                json,
+            } => print(
+                cli::policy::load(&paths(&place, &iface), &file, &limits.get()?)?,
+                json,
+            ),
+            PolicyCommand::Check { file, limits, json } => {
+                print(cli::policy::check(&file, &limits.get()?)?, json)
             }
-            Ok(())
+            PolicyCommand::Show { iface, place, json } => {
+                print(cli::policy::show(&paths(&place, &iface))?, json)
+            }
+            PolicyCommand::Diff {
+                file,
+                iface,
+                place,
+                limits,
+                json,
+            } => print(
+                cli::policy::diff(&paths(&place, &iface), &file, &limits.get()?)?,
+                json,
+            ),
+            PolicyCommand::Rollback { iface, place, json } => {
+                print(cli::policy::rollback(&paths(&place, &iface))?, json)
+            }
+        },
+        Command::Detach { iface, place, json } => {
+            print(cli::policy::detach(&paths(&place, &iface))?, json)
         }
     }
+}
+
+fn run(
+    opts: RunOptions,
+    duration: Option<Duration>,
+    json: bool,
+    ephemeral: bool,
+    pin_dir: &Path,
+) -> anyhow::Result<()> {
+    let iface = opts.iface.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the control runtime")?;
+    let summary = rt.block_on(async move {
+        let stop = async move {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot watch SIGTERM");
+                        return;
+                    }
+                };
+            let timer = async {
+                match duration {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                () = timer => {}
+            }
+        };
+        daemon::run(opts, stop).await
+    })?;
+    if !ephemeral {
+        tracing::info!(
+            pins = %pin_dir.display(),
+            "the data plane stays attached; `edgeproxy detach {iface}` removes it"
+        );
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary.json())?);
+    } else {
+        print!("{}", summary.table());
+    }
+    Ok(())
 }

@@ -10,9 +10,12 @@
 //!
 //! Only loopback and addresses inside namespaces created here (10.200.0.0/16,
 //! fd00:200::/32) are ever used.
+pub mod generate;
 pub mod netns;
 pub mod packets;
+pub mod policy_util;
 pub mod privilege;
+pub mod scratch;
 pub mod tools;
 pub mod traffic;
 
@@ -36,4 +39,58 @@ pub fn edgeproxy_bin() -> anyhow::Result<PathBuf> {
         "the edgeproxy binary was not found next to {}; build it first (cargo xtask test does) or set EDGEPROXY_BIN",
         exe.display()
     )
+}
+
+/// A spawned child killed (and reaped) on drop, so a failed assertion never leaks it.
+pub struct Reaped(pub Option<std::process::Child>);
+
+impl Reaped {
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.0.as_ref().map_or(0, |c| c.id() as i32))
+    }
+
+    pub fn take(&mut self) -> std::process::Child {
+        self.0.take().expect("child already taken")
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Reads `child`'s stderr until a line containing `needle` (returns true) or EOF (false);
+/// the lines read are returned for error messages, and the rest keeps being drained on a
+/// background thread so the child never blocks on a full pipe.
+pub fn wait_for_line(child: &mut std::process::Child, needle: &str) -> (bool, Vec<String>) {
+    use std::io::BufRead;
+    let Some(stderr) = child.stderr.take() else {
+        return (false, vec!["no stderr pipe".into()]);
+    };
+    let mut reader = std::io::BufReader::new(stderr);
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return (false, lines),
+            Ok(_) => {
+                let done = line.contains(needle);
+                lines.push(line.trim_end().to_owned());
+                if done {
+                    std::thread::spawn(move || {
+                        let mut sink = String::new();
+                        while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                            sink.clear();
+                        }
+                    });
+                    return (true, lines);
+                }
+            }
+        }
+    }
 }

@@ -50,6 +50,7 @@ fn ebpf_log_lines_reach_tracing_and_respect_the_level() {
     let run = |level: log::LevelFilter| {
         let mut dp = Dataplane::load(LoadOptions {
             ebpf_log_level: level,
+            ..LoadOptions::default()
         })
         .expect("load");
         let mut logger = dp.take_logger().expect("logger");

@@ -3,14 +3,46 @@
 //! reference classifier in proxy-common and against hand-written expectations.
 use edgeproxy_testbed::{
     packets::{self, Ipv4Extra, L4},
+    policy_util,
     privilege::require_root,
 };
 use proxy_common::{
-    EDGE_XDP_PROGRAM, FLOOR_XDP_PROGRAM, PacketRecord, ProtoClass,
+    EDGE_XDP_PROGRAM, FLOOR_XDP_PROGRAM, ProtoClass,
+    policy::RecordHeader,
     reference::{self, ETH_P_IP, ETH_P_IPV6},
 };
 use proxy_user::dataplane::{Dataplane, LoadOptions, RecordTally, XdpVerdict};
 use rand::{Rng, SeedableRng, rngs::StdRng};
+
+/// Every IP packet matches the one rule and is sampled with its whole frame (≤ 256 B).
+const SAMPLE_ALL: &str = "[[rule]]\naction = \"sample\"\nrate = \"1/1\"\nsnap = 256\n";
+
+/// IPv6 UDP 53 -> 5140 behind extension headers `(type, length)`; a fragment header
+/// carries `frag_units` as its offset.
+fn v6_ext(exts: &[(u8, usize)], frag_units: u16) -> Vec<u8> {
+    let base = packets::ipv6(
+        "fd00:200::1".parse().unwrap(),
+        "fd00:200::2".parse().unwrap(),
+        &L4::udp(53, 5140, 4),
+    );
+    let mut chain = Vec::new();
+    for (i, &(kind, len)) in exts.iter().enumerate() {
+        let next = exts.get(i + 1).map_or(17, |e| e.0);
+        let mut h = vec![next, (len / 8 - 1) as u8];
+        if kind == 44 {
+            h[1] = 0;
+            h.extend_from_slice(&(frag_units << 3).to_be_bytes());
+            h.extend_from_slice(&[0, 0, 0, 1]);
+        }
+        h.resize(len, 0);
+        chain.extend_from_slice(&h);
+    }
+    let mut ip = base[..40].to_vec();
+    ip[6] = exts[0].0;
+    ip.extend_from_slice(&chain);
+    ip.extend_from_slice(&base[40..]);
+    packets::ethernet(&[], ETH_P_IPV6, &ip)
+}
 
 /// Hand-written cases: the expected class is stated, not derived.
 fn crafted() -> Vec<(&'static str, Vec<u8>, ProtoClass, u16, u16)> {
@@ -207,68 +239,74 @@ fn crafted() -> Vec<(&'static str, Vec<u8>, ProtoClass, u16, u16)> {
     ]
 }
 
-fn drain_all(dp: &mut Dataplane) -> Vec<PacketRecord> {
-    let mut records = dp.take_records().expect("ring buffer");
+fn drain_all(records: &mut proxy_user::dataplane::Records) -> Vec<(RecordHeader, Vec<u8>)> {
     let mut out = Vec::new();
     let mut tally = RecordTally::default();
-    records.drain(&mut tally, |r| out.push(*r));
-    assert_eq!(tally.bad_size, 0);
+    records.drain(&mut tally, |r| out.push((r.header, r.data.to_vec())));
+    assert_eq!(tally.bad, 0);
     out
 }
 
 #[test]
-fn crafted_packets_are_counted_recorded_and_passed_unchanged() {
-    if !require_root("crafted_packets_are_counted_recorded_and_passed_unchanged") {
+fn crafted_packets_are_counted_sampled_and_passed_unchanged() {
+    if !require_root("crafted_packets_are_counted_sampled_and_passed_unchanged") {
         return;
     }
     let mut dp = Dataplane::load(LoadOptions::default()).expect("load");
-    let cases = crafted();
-    {
-        let runner = dp.test_runner(EDGE_XDP_PROGRAM).expect("runner");
-        let counters = dp.counters().expect("counters");
-        for (name, pkt, class, _, _) in &cases {
-            // The reference must agree with the hand-written expectation…
-            assert_eq!(
-                reference::classify(pkt).class,
-                *class,
-                "reference on {name}"
-            );
-            let before = counters.snapshot().expect("snapshot");
-            let out = runner.run(pkt, 1).expect("test run");
-            let delta = counters.snapshot().expect("snapshot").since(&before);
-            // …and the XDP program must count exactly that one packet in that class.
-            assert_eq!(out.verdict, XdpVerdict::Pass, "{name}");
-            assert_eq!(&out.packet, pkt, "{name}: output bytes unchanged");
-            assert_eq!(delta.total().packets, 1, "{name}: one packet counted");
-            assert_eq!(
-                delta.class(*class).packets,
-                1,
-                "{name}: counted as {}",
-                class.name()
-            );
-            assert_eq!(
-                delta.class(*class).bytes,
-                pkt.len() as u64,
-                "{name}: wire bytes"
-            );
-        }
-    }
-    let records = drain_all(&mut dp);
-    assert_eq!(records.len(), cases.len(), "one record per run");
-    for (rec, (name, pkt, class, sport, dport)) in records.iter().zip(&cases) {
-        assert_eq!(rec.class, *class as u32, "{name}: record class");
+    policy_util::load(&mut policy_util::loader(&mut dp), SAMPLE_ALL);
+    let mut records = dp.take_records().expect("ring buffer");
+    let runner = dp.test_runner(EDGE_XDP_PROGRAM).expect("runner");
+    let counters = dp.counters().expect("counters");
+    for (name, pkt, class, sport, dport) in crafted() {
+        // The reference must agree with the hand-written expectation…
         assert_eq!(
-            (rec.src_port, rec.dst_port),
-            (*sport, *dport),
-            "{name}: ports"
+            reference::classify(&pkt).class,
+            class,
+            "reference on {name}"
         );
-        assert_eq!(rec.wire_len, pkt.len() as u32, "{name}: record length");
-        assert_ne!(rec.ts_ns, 0, "{name}: timestamped");
+        let before = counters.snapshot().expect("snapshot");
+        let out = runner.run(&pkt, 1).expect("test run");
+        let delta = counters.snapshot().expect("snapshot").since(&before);
+        // …and the XDP program must count exactly that one packet in that class.
+        assert_eq!(out.verdict, XdpVerdict::Pass, "{name}");
+        assert_eq!(out.packet, pkt, "{name}: output bytes unchanged");
+        assert_eq!(delta.total().packets, 1, "{name}: one packet counted");
+        assert_eq!(
+            delta.class(class).packets,
+            1,
+            "{name}: counted as {}",
+            class.name()
+        );
+        assert_eq!(
+            delta.class(class).bytes,
+            pkt.len() as u64,
+            "{name}: wire bytes"
+        );
+        // IP packets (even malformed ones never reach rules) are sampled whole.
+        let recs = drain_all(&mut records);
+        let is_ip = !matches!(
+            class,
+            ProtoClass::NonIp | ProtoClass::Arp | ProtoClass::Malformed
+        );
+        assert_eq!(recs.len(), usize::from(is_ip), "{name}: records");
+        if let Some((h, data)) = recs.first() {
+            assert_eq!(h.class, class as u8, "{name}: record class");
+            assert_eq!((h.src_port, h.dst_port), (sport, dport), "{name}: ports");
+            assert_eq!(h.wire_len, pkt.len() as u32, "{name}: record length");
+            assert_eq!(
+                data.as_slice(),
+                &pkt[..pkt.len().min(256)],
+                "{name}: snap bytes"
+            );
+            assert_ne!(h.ts_ns, 0, "{name}: timestamped");
+            assert_eq!(h.generation, 1, "{name}: first policy generation");
+        }
     }
 }
 
 /// Valid packets truncated at every byte offset, and random bytes: the XDP program and
-/// the reference must agree on class and ports for every one.
+/// the reference must agree on class for every one, and on class and ports for the
+/// sampled (IP) ones.
 #[test]
 fn xdp_agrees_with_reference_on_truncated_and_random_packets() {
     if !require_root("xdp_agrees_with_reference_on_truncated_and_random_packets") {
@@ -305,36 +343,31 @@ fn xdp_agrees_with_reference_on_truncated_and_random_packets() {
     }
 
     let mut dp = Dataplane::load(LoadOptions::default()).expect("load");
+    policy_util::load(&mut policy_util::loader(&mut dp), SAMPLE_ALL);
+    let mut records = dp.take_records().expect("ring buffer");
+    let runner = dp.test_runner(EDGE_XDP_PROGRAM).expect("runner");
+    let counters = dp.counters().expect("counters");
     let mut expected = [0u64; ProtoClass::COUNT as usize];
-    {
-        let runner = dp.test_runner(EDGE_XDP_PROGRAM).expect("runner");
-        for p in &inputs {
-            let out = runner.run(p, 1).expect("test run");
-            assert_eq!(out.verdict, XdpVerdict::Pass);
-            expected[reference::classify(p).class as usize] += 1;
-        }
-        let snap = dp
-            .counters()
-            .expect("counters")
-            .snapshot()
-            .expect("snapshot");
-        for class in ProtoClass::ALL {
+    for p in &inputs {
+        let out = runner.run(p, 1).expect("test run");
+        assert_eq!(out.verdict, XdpVerdict::Pass);
+        let want = reference::classify(p);
+        expected[want.class as usize] += 1;
+        for (h, _) in drain_all(&mut records) {
             assert_eq!(
-                snap.class(class).packets,
-                expected[class as usize],
-                "{} total",
-                class.name()
+                (h.class, h.src_port, h.dst_port),
+                (want.class as u8, want.src_port, want.dst_port),
+                "packet {p:02x?}"
             );
         }
     }
-    let records = drain_all(&mut dp);
-    assert_eq!(records.len(), inputs.len());
-    for (rec, p) in records.iter().zip(&inputs) {
-        let want = reference::classify(p);
+    let snap = counters.snapshot().expect("snapshot");
+    for class in ProtoClass::ALL {
         assert_eq!(
-            (rec.class, rec.src_port, rec.dst_port),
-            (want.class as u32, want.src_port, want.dst_port),
-            "packet {p:02x?}"
+            snap.class(class).packets,
+            expected[class as usize],
+            "{} total",
+            class.name()
         );
     }
 }

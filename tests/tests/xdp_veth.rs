@@ -3,9 +3,16 @@
 //! ring-buffer record per datagram.
 use std::{net::SocketAddr, time::Duration};
 
-use edgeproxy_testbed::{netns::VethPair, privilege::require_root, traffic};
+use edgeproxy_testbed::{netns::VethPair, policy_util, privilege::require_root, traffic};
 use proxy_common::{DataplaneStat, ProtoClass};
 use proxy_user::dataplane::{Dataplane, LoadOptions, RecordTally, XdpModeChoice};
+
+/// Every UDP datagram to PORT is sampled (rate 1/1), so records must match datagrams 1:1.
+fn sample_all_to_port() -> String {
+    format!(
+        "[[rule]]\nproto = \"udp\"\ndst_port = {PORT}\naction = \"sample\"\nrate = \"1/1\"\nsnap = 64\n"
+    )
+}
 
 const N: u64 = 1000;
 const PORT: u16 = 5140;
@@ -25,6 +32,8 @@ fn count_datagrams(v6: bool) {
 
     pair.a.run(|| {
         let mut dp = Dataplane::load(LoadOptions::default()).expect("load");
+        let mut loader = policy_util::loader(&mut dp);
+        policy_util::load(&mut loader, &sample_all_to_port());
         dp.attach(pair.a_if, XdpModeChoice::Auto).expect("attach");
         let mut records = dp.take_records().expect("ring buffer");
         let counters = dp.counters().expect("counters");
@@ -49,21 +58,23 @@ fn count_datagrams(v6: bool) {
         let mut to_port = 0u64;
         traffic::wait_for(Duration::from_secs(5), || {
             records.drain(&mut tally, |r| {
-                if r.class == class as u32 && r.dst_port == PORT {
+                if r.header.class == class as u8 && r.header.dst_port == PORT {
+                    // The snap is the frame's first 64 bytes.
+                    assert_eq!(r.data.len(), 64);
                     to_port += 1;
                 }
             });
             (to_port >= N).then_some(())
         });
         assert_eq!(to_port, N, "one record per datagram to port {PORT}");
-        assert_eq!(tally.bad_size, 0);
+        assert_eq!(tally.bad, 0);
 
         let snap = counters.snapshot().expect("snapshot");
         assert_eq!(snap.stat(DataplaneStat::RingbufFull), 0, "ring never full");
         assert_eq!(
             snap.stat(DataplaneStat::RecordsPushed),
-            snap.total().packets,
-            "one record per counted packet"
+            N,
+            "records only for the sampled datagrams"
         );
         let udp = snap.class(class);
         // 64-byte payload + 8 UDP + 20/40 IP + 14 Ethernet

@@ -1,7 +1,7 @@
 //! XDP attach with an explicit, logged fallback from native (driver) to generic mode.
 use std::{ffi::CStr, fmt, str::FromStr};
 
-use aya::programs::{Xdp, XdpMode};
+use aya::programs::{Xdp, XdpMode, xdp::XdpLinkId};
 
 use super::DataplaneError;
 
@@ -34,6 +34,8 @@ impl FromStr for XdpModeChoice {
 pub enum AttachedMode {
     Native,
     Generic,
+    /// A pinned link from an earlier run was re-used (its mode is whatever it was).
+    Adopted,
 }
 
 impl AttachedMode {
@@ -41,6 +43,7 @@ impl AttachedMode {
         match self {
             AttachedMode::Native => "native",
             AttachedMode::Generic => "generic",
+            AttachedMode::Adopted => "adopted",
         }
     }
 }
@@ -56,7 +59,7 @@ pub(super) fn attach_with_fallback(
     name: &CStr,
     iface: &str,
     choice: XdpModeChoice,
-) -> Result<AttachedMode, DataplaneError> {
+) -> Result<(AttachedMode, XdpLinkId), DataplaneError> {
     let order: &[AttachedMode] = match choice {
         XdpModeChoice::Auto => &[AttachedMode::Native, AttachedMode::Generic],
         XdpModeChoice::Native => &[AttachedMode::Native],
@@ -66,16 +69,16 @@ pub(super) fn attach_with_fallback(
     for &mode in order {
         let flags = match mode {
             AttachedMode::Native => XdpMode::Driver,
-            AttachedMode::Generic => XdpMode::Skb,
+            _ => XdpMode::Skb,
         };
         match prog.attach(name, flags) {
-            Ok(_link) => {
+            Ok(link) => {
                 if !reasons.is_empty() {
                     tracing::warn!(iface, mode = mode.name(), fallback_reason = %reasons.join("; "), "XDP attached in fallback mode");
                 } else {
                     tracing::info!(iface, mode = mode.name(), "XDP attached");
                 }
-                return Ok(mode);
+                return Ok((mode, link));
             }
             Err(e) => {
                 let reason = format!("{} mode: {}", mode.name(), error_chain(&e));

@@ -3,7 +3,10 @@ use aya::{
     Ebpf,
     maps::{MapData, PerCpuArray},
 };
-use proxy_common::{Counter, DATAPLANE_STATS_MAP, DataplaneStat, PROTO_COUNTERS_MAP, ProtoClass};
+use proxy_common::{
+    Counter, DATAPLANE_STATS_MAP, DataplaneStat, PROTO_COUNTERS_MAP, ProtoClass,
+    policy::{SLOT_COUNTERS_MAP, SLOTS, VERDICT_COUNTERS_MAP, Verdict},
+};
 use serde::Serialize;
 
 use super::DataplaneError;
@@ -13,43 +16,55 @@ use super::DataplaneError;
 pub struct DataplaneCounters<'a> {
     protos: PerCpuArray<&'a MapData, Counter>,
     stats: PerCpuArray<&'a MapData, u64>,
+    verdicts: PerCpuArray<&'a MapData, Counter>,
+    slots: PerCpuArray<&'a MapData, Counter>,
+}
+
+fn per_cpu<'a, V: aya::Pod>(
+    ebpf: &'a Ebpf,
+    name: &'static str,
+) -> Result<PerCpuArray<&'a MapData, V>, DataplaneError> {
+    let map = ebpf.map(name).ok_or(DataplaneError::MapMissing(name))?;
+    PerCpuArray::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+}
+
+/// Sum of one per-CPU entry over all CPUs.
+fn sum_counter(
+    map: &PerCpuArray<&MapData, Counter>,
+    name: &'static str,
+    index: u32,
+) -> Result<Counter, DataplaneError> {
+    let per_cpu = map
+        .get(&index, 0)
+        .map_err(|source| DataplaneError::Map { name, source })?;
+    Ok(per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+        packets: acc.packets + c.packets,
+        bytes: acc.bytes + c.bytes,
+    }))
 }
 
 impl<'a> DataplaneCounters<'a> {
     pub(super) fn new(ebpf: &'a Ebpf) -> Result<Self, DataplaneError> {
-        let protos = ebpf
-            .map(PROTO_COUNTERS_MAP)
-            .ok_or(DataplaneError::MapMissing(PROTO_COUNTERS_MAP))?;
-        let stats = ebpf
-            .map(DATAPLANE_STATS_MAP)
-            .ok_or(DataplaneError::MapMissing(DATAPLANE_STATS_MAP))?;
         Ok(Self {
-            protos: PerCpuArray::try_from(protos).map_err(|source| DataplaneError::Map {
-                name: PROTO_COUNTERS_MAP,
-                source,
-            })?,
-            stats: PerCpuArray::try_from(stats).map_err(|source| DataplaneError::Map {
-                name: DATAPLANE_STATS_MAP,
-                source,
-            })?,
+            protos: per_cpu(ebpf, PROTO_COUNTERS_MAP)?,
+            stats: per_cpu(ebpf, DATAPLANE_STATS_MAP)?,
+            verdicts: per_cpu(ebpf, VERDICT_COUNTERS_MAP)?,
+            slots: per_cpu(ebpf, SLOT_COUNTERS_MAP)?,
         })
     }
 
     pub fn snapshot(&self) -> Result<CounterSnapshot, DataplaneError> {
         let mut snap = CounterSnapshot::default();
         for class in ProtoClass::ALL {
-            let per_cpu =
-                self.protos
-                    .get(&(class as u32), 0)
-                    .map_err(|source| DataplaneError::Map {
-                        name: PROTO_COUNTERS_MAP,
-                        source,
-                    })?;
-            let total = &mut snap.by_class[class as usize];
-            for c in per_cpu.iter() {
-                total.packets += c.packets;
-                total.bytes += c.bytes;
-            }
+            snap.by_class[class as usize] =
+                sum_counter(&self.protos, PROTO_COUNTERS_MAP, class as u32)?;
+        }
+        for v in Verdict::ALL {
+            snap.verdicts[v as usize] =
+                sum_counter(&self.verdicts, VERDICT_COUNTERS_MAP, v as u32)?;
+        }
+        for slot in 0..SLOTS {
+            snap.slots[slot as usize] = sum_counter(&self.slots, SLOT_COUNTERS_MAP, slot)?;
         }
         for stat in DataplaneStat::ALL {
             let per_cpu =
@@ -69,12 +84,23 @@ impl<'a> DataplaneCounters<'a> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CounterSnapshot {
     by_class: [Counter; ProtoClass::COUNT as usize],
+    verdicts: [Counter; Verdict::COUNT as usize],
+    slots: [Counter; SLOTS as usize],
     stats: [u64; DataplaneStat::COUNT as usize],
 }
 
 impl CounterSnapshot {
     pub fn class(&self, class: ProtoClass) -> Counter {
         self.by_class[class as usize]
+    }
+
+    pub fn verdict(&self, v: Verdict) -> Counter {
+        self.verdicts[v as usize]
+    }
+
+    /// Packets classified by the policy in `slot` (0 or 1).
+    pub fn slot(&self, slot: u32) -> Counter {
+        self.slots[(slot & 1) as usize]
     }
 
     pub fn stat(&self, stat: DataplaneStat) -> u64 {
@@ -93,12 +119,18 @@ impl CounterSnapshot {
     /// Counts accumulated since `earlier` (counters only grow while the maps live).
     pub fn since(&self, earlier: &CounterSnapshot) -> CounterSnapshot {
         let mut d = *self;
-        for (now, then) in d.by_class.iter_mut().zip(earlier.by_class.iter()) {
-            now.packets -= then.packets;
-            now.bytes -= then.bytes;
+        let pairs = d
+            .by_class
+            .iter_mut()
+            .zip(earlier.by_class.iter())
+            .chain(d.verdicts.iter_mut().zip(earlier.verdicts.iter()))
+            .chain(d.slots.iter_mut().zip(earlier.slots.iter()));
+        for (now, then) in pairs {
+            now.packets = now.packets.wrapping_sub(then.packets);
+            now.bytes = now.bytes.wrapping_sub(then.bytes);
         }
         for (now, then) in d.stats.iter_mut().zip(earlier.stats.iter()) {
-            *now -= then;
+            *now = now.wrapping_sub(*then);
         }
         d
     }
@@ -126,7 +158,20 @@ impl CounterSnapshot {
             .iter()
             .map(|&s| (s.name().to_owned(), self.stat(s).into()))
             .collect();
-        serde_json::json!({ "classes": classes, "stats": stats })
+        let verdicts: serde_json::Map<String, serde_json::Value> = Verdict::ALL
+            .iter()
+            .map(|&v| {
+                let c = self.verdict(v);
+                (
+                    v.name().to_owned(),
+                    serde_json::json!(Pb {
+                        packets: c.packets,
+                        bytes: c.bytes
+                    }),
+                )
+            })
+            .collect();
+        serde_json::json!({ "classes": classes, "verdicts": verdicts, "stats": stats })
     }
 }
 

@@ -3,18 +3,59 @@ mod attach;
 mod counters;
 mod ebpf_log;
 mod object;
+mod rawbpf;
 mod records;
 mod testrun;
 
-use std::ffi::CString;
+use std::{
+    ffi::CString,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
 
-use aya::{Ebpf, EbpfLoader, programs::Xdp};
-use proxy_common::{EDGE_XDP_PROGRAM, FLOOR_XDP_PROGRAM, PACKET_RECORDS_MAP};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{Xdp, links::FdLink},
+};
+use proxy_common::{
+    DATAPLANE_STATS_MAP, EDGE_XDP_PROGRAM, FLOOR_XDP_PROGRAM, PROTO_COUNTERS_MAP, RECORDS_MAP,
+    policy::{
+        DPORT_RULES_MAP, DST_V4_MAP, DST_V6_MAP, POLICY_STATE_MAP, PROTO_RULES_MAP,
+        RULE_ACTIONS_MAP, RULE_COUNTERS_MAP, SLOT_COUNTERS_MAP, SPORT_RULES_MAP, SRC_V4_MAP,
+        SRC_V6_MAP, VERDICT_COUNTERS_MAP,
+    },
+};
+
+/// Maps that live in the pin directory and so survive the daemon: policy, counters and
+/// the record ring. (aya-log's ring is per process and is not pinned.)
+pub const PINNED_MAPS: [&str; 15] = [
+    PROTO_COUNTERS_MAP,
+    DATAPLANE_STATS_MAP,
+    VERDICT_COUNTERS_MAP,
+    SLOT_COUNTERS_MAP,
+    RULE_COUNTERS_MAP,
+    RECORDS_MAP,
+    POLICY_STATE_MAP,
+    SRC_V4_MAP,
+    DST_V4_MAP,
+    SRC_V6_MAP,
+    DST_V6_MAP,
+    PROTO_RULES_MAP,
+    DPORT_RULES_MAP,
+    SPORT_RULES_MAP,
+    RULE_ACTIONS_MAP,
+];
+/// The pinned XDP link inside a pin directory.
+pub const LINK_PIN: &str = "link";
 
 pub use attach::{AttachedMode, XdpModeChoice};
 pub use counters::{CounterSnapshot, DataplaneCounters};
 pub use ebpf_log::EbpfLogDrain;
-pub use records::{PacketRecords, RecordTally};
+pub use rawbpf::{
+    MmapArray, all_keys, delete_batch, into_map_data, link_detach, link_update, obj_get,
+    update_batch,
+};
+pub use records::{RecordTally, RecordView, Records, parse_record};
 pub use testrun::{TestRunOutcome, XdpTestRunner, XdpVerdict};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,13 +68,13 @@ pub enum DataplaneError {
     ProgramMissing(&'static str),
     #[error("the eBPF object has no map {0:?} (or it was already taken)")]
     MapMissing(&'static str),
-    #[error("program {name:?}: {source}")]
+    #[error("program {name:?}")]
     Program {
         name: &'static str,
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("map {name:?}: {source}")]
+    #[error("map {name:?}")]
     Map {
         name: &'static str,
         #[source]
@@ -43,9 +84,21 @@ pub enum DataplaneError {
     BadInterfaceName(String),
     #[error("attaching XDP to {iface} failed: {reasons}")]
     Attach { iface: String, reasons: String },
-    #[error("enabling BPF run-time statistics: {0}")]
+    #[error("enabling BPF run-time statistics")]
     Stats(#[source] aya::sys::SyscallError),
-    #[error("aya-log: {0}")]
+    #[error("pin directory {dir}")]
+    PinDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pinned link {path}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("aya-log")]
     Log(#[source] aya_log::Error),
 }
 
@@ -76,18 +129,21 @@ pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd, DataplaneError> {
     aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(DataplaneError::Stats)
 }
 
-/// Which programs to load. Loading only what is needed keeps test-run users from
-/// paying for programs they never run.
-#[derive(Clone, Copy, Debug)]
+/// How to load the object.
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Highest aya-log level the eBPF side emits (lower levels are skipped in the kernel).
     pub ebpf_log_level: log::LevelFilter,
+    /// Pin maps (and, on attach, the XDP link) here, reusing what is already pinned.
+    /// `None`: everything is private to this process and goes away with it.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             ebpf_log_level: log::LevelFilter::Warn,
+            pin_dir: None,
         }
     }
 }
@@ -96,19 +152,31 @@ impl Default for LoadOptions {
 pub struct Dataplane {
     ebpf: Ebpf,
     attached: Option<AttachedMode>,
+    pin_dir: Option<PathBuf>,
 }
 
 impl Dataplane {
     /// Loads the embedded object and both programs into the kernel (not attached yet).
     pub fn load(opts: LoadOptions) -> Result<Self, DataplaneError> {
         let level = ebpf_log::aya_level(opts.ebpf_log_level);
-        let ebpf = EbpfLoader::new()
-            .override_global(ebpf_log::LEVEL_GLOBAL, &level, false)
+        let mut loader = EbpfLoader::new();
+        loader.override_global(ebpf_log::LEVEL_GLOBAL, &level, false);
+        if let Some(dir) = &opts.pin_dir {
+            std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir {
+                dir: dir.clone(),
+                source,
+            })?;
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let ebpf = loader
             .load(object::EBPF_OBJECT)
             .map_err(DataplaneError::Load)?;
         let mut dp = Self {
             ebpf,
             attached: None,
+            pin_dir: opts.pin_dir,
         };
         for name in [EDGE_XDP_PROGRAM, FLOOR_XDP_PROGRAM] {
             dp.xdp_mut(name)?
@@ -135,7 +203,8 @@ impl Dataplane {
     }
 
     /// Attaches `edge_xdp` to `iface` (resolved in the calling thread's network namespace).
-    /// The attachment lives as long as this `Dataplane`.
+    /// Without a pin directory the attachment lives as long as this `Dataplane`; with one,
+    /// the link is pinned (or an existing pinned link adopted) and outlives the process.
     pub fn attach(
         &mut self,
         iface: &str,
@@ -143,8 +212,12 @@ impl Dataplane {
     ) -> Result<AttachedMode, DataplaneError> {
         let name =
             CString::new(iface).map_err(|_| DataplaneError::BadInterfaceName(iface.into()))?;
+        let pin_dir = self.pin_dir.clone();
         let prog = self.xdp_mut(EDGE_XDP_PROGRAM)?;
-        let mode = attach::attach_with_fallback(prog, &name, iface, choice)?;
+        let mode = match &pin_dir {
+            None => attach::attach_with_fallback(prog, &name, iface, choice)?.0,
+            Some(dir) => attach_pinned(prog, &name, iface, choice, &dir.join(LINK_PIN))?,
+        };
         self.attached = Some(mode);
         Ok(mode)
     }
@@ -158,13 +231,26 @@ impl Dataplane {
         DataplaneCounters::new(&self.ebpf)
     }
 
-    /// Takes the packet record ring buffer; there is one consumer per ring.
-    pub fn take_records(&mut self) -> Result<PacketRecords, DataplaneError> {
+    /// Takes the record ring buffer (samples and captures); there is one consumer per ring.
+    pub fn take_records(&mut self) -> Result<Records, DataplaneError> {
         let map = self
             .ebpf
-            .take_map(PACKET_RECORDS_MAP)
-            .ok_or(DataplaneError::MapMissing(PACKET_RECORDS_MAP))?;
-        PacketRecords::new(map)
+            .take_map(RECORDS_MAP)
+            .ok_or(DataplaneError::MapMissing(RECORDS_MAP))?;
+        Records::new(map)
+    }
+
+    /// Takes the policy maps out of this object for a [`crate::policy::loader::PolicyLoader`].
+    pub fn take_policy_maps(
+        &mut self,
+    ) -> Result<crate::policy::loader::PolicyMaps, crate::policy::loader::LoaderError> {
+        use crate::policy::loader::LoaderError;
+        crate::policy::loader::PolicyMaps::open(|name| {
+            self.ebpf
+                .take_map(name)
+                .and_then(rawbpf::into_map_data)
+                .ok_or(LoaderError::Missing(name))
+        })
     }
 
     /// Takes the aya-log ring buffer; its lines go to `log` and from there to `tracing`.
@@ -192,4 +278,91 @@ impl Dataplane {
     pub fn test_runner(&self, program: &'static str) -> Result<XdpTestRunner<'_>, DataplaneError> {
         Ok(XdpTestRunner::new(self.xdp(program)?, program))
     }
+}
+
+/// Attaches through the link pinned at `link_path`, or creates and pins one. An existing
+/// link keeps its hook and gets this process's program swapped in atomically
+/// (BPF_LINK_UPDATE), so the data plane never stops and pinned maps carry on.
+fn attach_pinned(
+    prog: &mut Xdp,
+    name: &std::ffi::CStr,
+    iface: &str,
+    choice: XdpModeChoice,
+    link_path: &Path,
+) -> Result<AttachedMode, DataplaneError> {
+    let link_err = |source| DataplaneError::Link {
+        path: link_path.to_owned(),
+        source,
+    };
+    if link_path.exists() {
+        let link = rawbpf::obj_get(link_path).map_err(link_err)?;
+        let prog_fd = prog.fd().map_err(|source| DataplaneError::Program {
+            name: EDGE_XDP_PROGRAM,
+            source,
+        })?;
+        rawbpf::link_update(link.as_fd(), prog_fd.as_fd()).map_err(link_err)?;
+        tracing::info!(iface, link = %link_path.display(), "XDP attached: adopted the pinned link, program replaced atomically");
+        return Ok(AttachedMode::Adopted);
+    }
+    let (mode, id) = attach::attach_with_fallback(prog, name, iface, choice)?;
+    let link = prog
+        .take_link(id)
+        .map_err(|source| DataplaneError::Program {
+            name: EDGE_XDP_PROGRAM,
+            source,
+        })?;
+    let fd_link = FdLink::try_from(link).map_err(|e| {
+        link_err(std::io::Error::other(format!(
+            "the kernel attached XDP through netlink, which cannot be pinned: {e}"
+        )))
+    })?;
+    fd_link
+        .pin(link_path)
+        .map_err(|e| link_err(std::io::Error::other(e)))?;
+    Ok(mode)
+}
+
+/// What `edgeproxy detach` removed.
+#[derive(Clone, Debug, Default)]
+pub struct DetachReport {
+    pub link_detached: bool,
+    pub pins_removed: usize,
+}
+
+/// Detaches the pinned link in `pin_dir` (even while a daemon still holds it) and removes
+/// every pin and the directory.
+pub fn detach_pinned(pin_dir: &Path) -> Result<DetachReport, DataplaneError> {
+    let mut report = DetachReport::default();
+    let link_path = pin_dir.join(LINK_PIN);
+    if link_path.exists() {
+        let link_err = |source| DataplaneError::Link {
+            path: link_path.clone(),
+            source,
+        };
+        let link = rawbpf::obj_get(&link_path).map_err(link_err)?;
+        rawbpf::link_detach(link.as_fd()).map_err(link_err)?;
+        report.link_detached = true;
+    }
+    let entries = match std::fs::read_dir(pin_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(report),
+        Err(source) => {
+            return Err(DataplaneError::PinDir {
+                dir: pin_dir.to_owned(),
+                source,
+            });
+        }
+    };
+    for entry in entries.flatten() {
+        std::fs::remove_file(entry.path()).map_err(|source| DataplaneError::PinDir {
+            dir: pin_dir.to_owned(),
+            source,
+        })?;
+        report.pins_removed += 1;
+    }
+    std::fs::remove_dir(pin_dir).map_err(|source| DataplaneError::PinDir {
+        dir: pin_dir.to_owned(),
+        source,
+    })?;
+    Ok(report)
 }

@@ -1,72 +1,93 @@
-//! The packet record ring buffer, read in place (aya hands out a guard over the
-//! mmapped ring; the record is released when the guard drops).
+//! The record ring (samples and captures), read in place: aya hands out a guard over
+//! the mmapped ring, the callback sees the header and the data slice without a copy,
+//! and the record is released when the guard drops.
 use std::os::fd::{AsFd, BorrowedFd};
 
 use aya::maps::{Map, MapData, RingBuf};
-use proxy_common::{PACKET_RECORDS_MAP, PacketRecord, ProtoClass};
+use proxy_common::{
+    ProtoClass, RECORDS_MAP,
+    policy::{RECORD_HEADER_LEN, RecordHeader, RecordKind},
+};
 
 use super::DataplaneError;
 
-pub struct PacketRecords {
+/// One record as the ring holds it.
+pub struct RecordView<'a> {
+    pub header: RecordHeader,
+    /// `header.cap_len` bytes: the frame's first bytes (sample) or the UDP payload (capture).
+    pub data: &'a [u8],
+}
+
+pub struct Records {
     ring: RingBuf<MapData>,
 }
 
-impl PacketRecords {
+impl Records {
     pub(super) fn new(map: Map) -> Result<Self, DataplaneError> {
         let ring = RingBuf::try_from(map).map_err(|source| DataplaneError::Map {
-            name: PACKET_RECORDS_MAP,
+            name: RECORDS_MAP,
             source,
         })?;
         Ok(Self { ring })
     }
 
-    /// Hands every record now in the ring to `f`, returning how many there were.
-    /// Records of an unexpected size (a mismatched eBPF object) are counted in `tally`
-    /// as `bad_size`, never misread.
-    pub fn drain(&mut self, tally: &mut RecordTally, mut f: impl FnMut(&PacketRecord)) -> usize {
+    /// Hands every record now in the ring to `f`; returns how many there were. Records
+    /// that do not parse (a mismatched eBPF object) are counted in `tally.bad`, never misread.
+    pub fn drain(&mut self, tally: &mut RecordTally, mut f: impl FnMut(&RecordView<'_>)) -> usize {
         let mut n = 0;
         while let Some(item) = self.ring.next() {
             n += 1;
             match parse_record(&item) {
-                Some(rec) => {
-                    tally.add(&rec);
-                    f(&rec);
+                Some(view) => {
+                    tally.add(&view.header);
+                    f(&view);
                 }
-                None => tally.bad_size += 1,
+                None => tally.bad += 1,
             }
         }
         n
     }
 }
 
-impl AsFd for PacketRecords {
+impl AsFd for Records {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.ring.as_fd()
     }
 }
 
-fn parse_record(bytes: &[u8]) -> Option<PacketRecord> {
-    if bytes.len() != size_of::<PacketRecord>() {
+pub fn parse_record(bytes: &[u8]) -> Option<RecordView<'_>> {
+    if bytes.len() < RECORD_HEADER_LEN {
         return None;
     }
-    // SAFETY: the length is exactly that of `PacketRecord`, a `#[repr(C)]` plain-integer
-    // struct for which any bit pattern is valid; `read_unaligned` needs no alignment.
-    Some(unsafe { bytes.as_ptr().cast::<PacketRecord>().read_unaligned() })
+    // SAFETY: at least RECORD_HEADER_LEN bytes are present; RecordHeader is `#[repr(C)]`
+    // plain integers and arrays, valid for any bit pattern; read_unaligned needs no alignment.
+    let header = unsafe { bytes.as_ptr().cast::<RecordHeader>().read_unaligned() };
+    let data = bytes.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + header.cap_len as usize)?;
+    Some(RecordView { header, data })
 }
 
-/// Records drained, by class.
+/// Records drained, by kind and class.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecordTally {
+    pub samples: u64,
+    pub captures: u64,
     pub by_class: [u64; ProtoClass::COUNT as usize],
-    pub bad_class: u64,
-    pub bad_size: u64,
+    /// Records with an unknown kind or class, or too short to hold their header and data.
+    pub bad: u64,
 }
 
 impl RecordTally {
-    fn add(&mut self, rec: &PacketRecord) {
-        match ProtoClass::from_u32(rec.class) {
-            Some(c) => self.by_class[c as usize] += 1,
-            None => self.bad_class += 1,
+    fn add(&mut self, h: &RecordHeader) {
+        match (h.kind, ProtoClass::from_u32(u32::from(h.class))) {
+            (k, Some(c)) if k == RecordKind::Sample as u8 => {
+                self.samples += 1;
+                self.by_class[c as usize] += 1;
+            }
+            (k, Some(c)) if k == RecordKind::Capture as u8 => {
+                self.captures += 1;
+                self.by_class[c as usize] += 1;
+            }
+            _ => self.bad += 1,
         }
     }
 
@@ -75,7 +96,7 @@ impl RecordTally {
     }
 
     pub fn total(&self) -> u64 {
-        self.by_class.iter().sum::<u64>() + self.bad_class + self.bad_size
+        self.samples + self.captures + self.bad
     }
 }
 
@@ -83,46 +104,56 @@ impl RecordTally {
 mod tests {
     use super::*;
 
-    #[test]
-    fn records_parse_only_at_their_exact_size() {
-        let rec = PacketRecord {
-            ts_ns: 7,
-            wire_len: 60,
-            ifindex: 3,
-            rx_queue: 1,
-            class: ProtoClass::Udp6 as u32,
-            src_port: 53,
-            dst_port: 5140,
-            _pad: 0,
+    fn bytes_of(h: &RecordHeader, data: &[u8]) -> Vec<u8> {
+        // SAFETY: RecordHeader is repr(C) plain data without padding (size asserted in
+        // proxy-common); viewing it as bytes is sound.
+        let hb = unsafe {
+            std::slice::from_raw_parts((h as *const RecordHeader).cast::<u8>(), RECORD_HEADER_LEN)
         };
-        // SAFETY: PacketRecord is repr(C) plain integers without padding (size asserted
-        // in proxy-common); viewing it as bytes is sound.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&rec as *const PacketRecord).cast::<u8>(),
-                size_of::<PacketRecord>(),
-            )
-        };
-        assert_eq!(parse_record(bytes), Some(rec));
-        assert_eq!(parse_record(&bytes[..31]), None);
-        let mut longer = bytes.to_vec();
-        longer.push(0);
-        assert_eq!(parse_record(&longer), None);
+        let mut v = hb.to_vec();
+        v.extend_from_slice(data);
+        v
     }
 
     #[test]
-    fn tally_counts_unknown_classes_separately() {
+    fn records_parse_header_and_exactly_cap_len_bytes() {
+        let h = RecordHeader {
+            kind: RecordKind::Capture as u8,
+            class: ProtoClass::Udp4 as u8,
+            cap_len: 5,
+            dst_port: 514,
+            ..Default::default()
+        };
+        let mut b = bytes_of(&h, b"hello");
+        b.extend_from_slice(&[0; 11]); // the rest of the reserved bucket
+        let v = parse_record(&b).expect("parses");
+        assert_eq!(v.data, b"hello");
+        assert_eq!(v.header.dst_port, 514);
+        assert!(parse_record(&b[..RECORD_HEADER_LEN - 1]).is_none());
+        assert!(
+            parse_record(&b[..RECORD_HEADER_LEN + 4]).is_none(),
+            "cap_len past the end"
+        );
+    }
+
+    #[test]
+    fn tally_counts_kinds_and_unknowns() {
         let mut t = RecordTally::default();
-        t.add(&PacketRecord {
-            class: ProtoClass::Tcp4 as u32,
+        t.add(&RecordHeader {
+            kind: 1,
+            class: ProtoClass::Tcp4 as u8,
             ..Default::default()
         });
-        t.add(&PacketRecord {
-            class: 99,
+        t.add(&RecordHeader {
+            kind: 2,
+            class: ProtoClass::Udp6 as u8,
             ..Default::default()
         });
-        assert_eq!(t.class(ProtoClass::Tcp4), 1);
-        assert_eq!(t.bad_class, 1);
-        assert_eq!(t.total(), 2);
+        t.add(&RecordHeader {
+            kind: 9,
+            ..Default::default()
+        });
+        assert_eq!((t.samples, t.captures, t.bad, t.total()), (1, 1, 1, 3));
+        assert_eq!(t.class(ProtoClass::Udp6), 1);
     }
 }

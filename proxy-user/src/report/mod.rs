@@ -1,7 +1,7 @@
 //! Human-readable and JSON reports of what the data plane counted.
 use std::{fmt::Write as _, time::Duration};
 
-use proxy_common::{DataplaneStat, ProtoClass};
+use proxy_common::{DataplaneStat, ProtoClass, policy::Verdict};
 
 use crate::dataplane::{AttachedMode, CounterSnapshot, ProgramStats, RecordTally};
 
@@ -58,6 +58,18 @@ impl RunSummary {
             self.records.total(),
             t.packets as f64 / secs
         );
+        for v in Verdict::ALL {
+            let c = self.counters.verdict(v);
+            if c.packets > 0 {
+                let _ = writeln!(
+                    s,
+                    "verdict {:<20} {:>12} packets {:>14} bytes",
+                    v.name(),
+                    c.packets,
+                    c.bytes
+                );
+            }
+        }
         let _ = writeln!(
             s,
             "records pushed {} / drained {} / dropped because the ring was full {}",
@@ -95,8 +107,9 @@ impl RunSummary {
             "records": {
                 "by_class": records,
                 "total": self.records.total(),
-                "bad_size": self.records.bad_size,
-                "bad_class": self.records.bad_class,
+                "samples": self.records.samples,
+                "captures": self.records.captures,
+                "bad": self.records.bad,
             },
             "xdp_cost": self.xdp_cost.map(|c| serde_json::json!({
                 "run_count": c.run_count,

@@ -1,0 +1,126 @@
+//! Sampled and captured packets into the record ring. Reservations have a constant size
+//! (the verifier's rule), so captures pick the smallest bucket that fits. A full ring
+//! never changes the verdict logic beyond what the caller decides: it is counted.
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
+use proxy_common::{
+    DataplaneStat,
+    policy::{CAPTURE_BUCKETS, MAX_SNAP, RecordHeader, RecordKind},
+};
+
+use crate::{
+    maps::{RECORDS, bump},
+    parse::Parsed,
+};
+
+#[repr(C)]
+struct Record<const N: usize> {
+    hdr: RecordHeader,
+    data: [u8; N],
+}
+
+/// What the header needs besides the parsed packet.
+pub struct RecordMeta {
+    pub kind: RecordKind,
+    pub rule: u32,
+    pub verdict: u8,
+    pub slot: u8,
+    pub generation: u64,
+}
+
+/// Copies `len` (≤ `N`) bytes at `off` of the frame into a reserved record and submits it.
+/// Returns false (and counts why) when the ring is full.
+#[inline(always)]
+fn push<const N: usize>(
+    ctx: &XdpContext,
+    p: &Parsed,
+    meta: &RecordMeta,
+    off: usize,
+    len: usize,
+    truncated: u32,
+) -> bool {
+    let Some(mut entry) = RECORDS.reserve::<Record<N>>(0) else {
+        bump(DataplaneStat::RingbufFull);
+        return false;
+    };
+    let rec = entry.as_mut_ptr();
+    // Clamp in a form the verifier can follow: the copy never exceeds the data room.
+    let len = if len > N { N } else { len };
+    let copied = if len == 0 {
+        0
+    } else {
+        // SAFETY: `rec` is an exclusive reservation of `size_of::<Record<N>>()` bytes and
+        // `len <= N` bytes are written into its `data` array.
+        let rc = unsafe {
+            aya_ebpf::helpers::bpf_xdp_load_bytes(
+                ctx.ctx,
+                off as u32,
+                (&raw mut (*rec).data).cast(),
+                len as u32,
+            )
+        };
+        if rc != 0 {
+            bump(DataplaneStat::LoadBytesFailed);
+            0
+        } else {
+            len
+        }
+    };
+    // SAFETY: `rec` is valid for writes (see above); the header is written whole.
+    unsafe {
+        (&raw mut (*rec).hdr).write(RecordHeader {
+            ts_ns: bpf_ktime_get_ns(),
+            generation: meta.generation,
+            ifindex: ctx.ingress_ifindex() as u32,
+            rx_queue: ctx.rx_queue_index(),
+            rule: meta.rule,
+            wire_len: (ctx.data_end() - ctx.data()) as u32,
+            cap_len: copied as u32,
+            truncated,
+            kind: meta.kind as u8,
+            verdict: meta.verdict,
+            class: p.class as u8,
+            family: p.family,
+            l4_proto: p.l4_proto,
+            slot: meta.slot,
+            src_port: p.src_port,
+            dst_port: p.dst_port,
+            _pad: [0; 6],
+            src_addr: p.src,
+            dst_addr: p.dst,
+        });
+    }
+    entry.submit(0);
+    bump(DataplaneStat::RecordsPushed);
+    true
+}
+
+/// The first `snap_len` bytes of the frame.
+#[inline(always)]
+pub fn sample(ctx: &XdpContext, p: &Parsed, meta: &RecordMeta, snap_len: u16) -> bool {
+    let wire = ctx.data_end() - ctx.data();
+    let want = usize::from(snap_len).min(MAX_SNAP as usize);
+    let len = if want > wire { wire } else { want };
+    push::<{ MAX_SNAP as usize }>(ctx, p, meta, 0, len, 0)
+}
+
+/// The UDP payload, up to `max` bytes. The caller checked the packet is UDP.
+#[inline(always)]
+pub fn capture(ctx: &XdpContext, p: &Parsed, meta: &RecordMeta, max: u16) -> bool {
+    let wire = ctx.data_end() - ctx.data();
+    let payload_off = p.l4_off + 8;
+    let available = wire
+        .saturating_sub(payload_off)
+        .min(usize::from(p.udp_len).saturating_sub(8));
+    let len = available.min(usize::from(max));
+    let truncated = (available - len) as u32;
+    if truncated != 0 {
+        bump(DataplaneStat::CaptureTruncated);
+    }
+    if len <= CAPTURE_BUCKETS[0] {
+        push::<{ CAPTURE_BUCKETS[0] }>(ctx, p, meta, payload_off, len, truncated)
+    } else if len <= CAPTURE_BUCKETS[1] {
+        push::<{ CAPTURE_BUCKETS[1] }>(ctx, p, meta, payload_off, len, truncated)
+    } else {
+        push::<{ CAPTURE_BUCKETS[2] }>(ctx, p, meta, payload_off, len, truncated)
+    }
+}

@@ -1,0 +1,313 @@
+//! What aya 0.16 does not offer: map batch operations (one syscall per few thousand
+//! LPM entries instead of one per entry), mmapped arrays (plain memory writes), and link
+//! update/detach on a pinned link without unpinning it.
+//! Each unsafe block is a single syscall or pointer access with its reason stated.
+use std::{
+    io,
+    marker::PhantomData,
+    num::NonZeroUsize,
+    os::fd::{AsFd, AsRawFd},
+    ptr::NonNull,
+};
+
+use aya::maps::{Map, MapData};
+use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// `union bpf_attr`, batch variant (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// The `MapData` inside the `Map` variants edgeproxy uses.
+pub fn into_map_data(map: Map) -> Option<MapData> {
+    match map {
+        Map::Array(m) | Map::LpmTrie(m) | Map::PerCpuArray(m) | Map::RingBuf(m) => Some(m),
+        _ => None,
+    }
+}
+
+fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid, initialised bpf_attr prefix of the size passed; the
+    // buffers it points to are live for the call and sized by the caller for `count`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            size_of::<BatchAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Inserts or replaces `keys.len() / key_size` entries in one syscall per chunk.
+pub fn update_batch(
+    map: &MapData,
+    keys: &[u8],
+    values: &[u8],
+    key_size: usize,
+    value_size: usize,
+) -> io::Result<()> {
+    let n = keys.len() / key_size;
+    assert_eq!(values.len(), n * value_size, "one value per key");
+    const CHUNK: usize = 8192;
+    let mut done = 0;
+    while done < n {
+        let count = (n - done).min(CHUNK);
+        let mut attr = BatchAttr {
+            keys: keys[done * key_size..].as_ptr() as u64,
+            values: values[done * value_size..].as_ptr() as u64,
+            count: count as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+        done += count;
+    }
+    Ok(())
+}
+
+pub fn delete_batch(map: &MapData, keys: &[u8], key_size: usize) -> io::Result<()> {
+    let n = keys.len() / key_size;
+    const CHUNK: usize = 8192;
+    let mut done = 0;
+    while done < n {
+        let count = (n - done).min(CHUNK);
+        let mut attr = BatchAttr {
+            keys: keys[done * key_size..].as_ptr() as u64,
+            count: count as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        bpf_batch(BPF_MAP_DELETE_BATCH, &mut attr)?;
+        done += count;
+    }
+    Ok(())
+}
+
+/// Every key in the map, `key_size` bytes each, concatenated.
+pub fn all_keys(map: &MapData, key_size: usize, value_size: usize) -> io::Result<Vec<u8>> {
+    const CHUNK: usize = 4096;
+    let mut keys = Vec::new();
+    let mut kbuf = vec![0u8; CHUNK * key_size];
+    let mut vbuf = vec![0u8; CHUNK * value_size];
+    let mut token = vec![0u8; key_size];
+    let mut first = true;
+    loop {
+        let mut next = vec![0u8; key_size];
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token.as_mut_ptr() as u64 },
+            out_batch: next.as_mut_ptr() as u64,
+            keys: kbuf.as_mut_ptr() as u64,
+            values: vbuf.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let res = bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let got = attr.count as usize;
+        keys.extend_from_slice(&kbuf[..got * key_size]);
+        match res {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
+            Err(e) => return Err(e),
+        }
+        token = next;
+        first = false;
+    }
+}
+
+/// A `BPF_F_MMAPABLE` array map mapped into this process. Writes are plain stores,
+/// visible to the BPF program; callers publish them with a later syscall.
+pub struct MmapArray<T> {
+    ptr: NonNull<libc::c_void>,
+    len: usize,
+    entries: u32,
+    stride: usize,
+    _map: MapData,
+    _t: PhantomData<T>,
+}
+
+impl<T: Copy> MmapArray<T> {
+    pub fn new(map: MapData) -> io::Result<Self> {
+        let info = map.info().map_err(io::Error::other)?;
+        if info.value_size() as usize != size_of::<T>() {
+            return Err(io::Error::other(format!(
+                "map value size {} != {} (mismatched eBPF object)",
+                info.value_size(),
+                size_of::<T>()
+            )));
+        }
+        if info.map_flags() & BPF_F_MMAPABLE == 0 {
+            return Err(io::Error::other("map was not created with BPF_F_MMAPABLE"));
+        }
+        let stride = size_of::<T>().next_multiple_of(8);
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let len = (stride * info.max_entries() as usize).next_multiple_of(page);
+        let nz = NonZeroUsize::new(len).ok_or_else(|| io::Error::other("empty map"))?;
+        // SAFETY: mapping a BPF array fd shared read-write is what BPF_F_MMAPABLE is for;
+        // the length is the kernel's array size rounded to pages; we keep the fd alive.
+        let ptr = unsafe {
+            mmap(
+                None,
+                nz,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                map.fd().as_fd(),
+                0,
+            )
+        }?;
+        Ok(Self {
+            ptr,
+            len,
+            entries: info.max_entries(),
+            stride,
+            _map: map,
+            _t: PhantomData,
+        })
+    }
+
+    pub fn entries(&self) -> u32 {
+        self.entries
+    }
+
+    pub fn set(&mut self, index: u32, value: T) {
+        assert!(
+            index < self.entries,
+            "index {index} out of {}",
+            self.entries
+        );
+        // SAFETY: index < entries, so the element lies inside the mapping; elements are
+        // 8-byte aligned (stride) in a page-aligned mapping and T's alignment is ≤ 8.
+        unsafe {
+            self.ptr
+                .as_ptr()
+                .cast::<u8>()
+                .add(index as usize * self.stride)
+                .cast::<T>()
+                .write_volatile(value)
+        }
+    }
+
+    pub fn get(&self, index: u32) -> T {
+        assert!(
+            index < self.entries,
+            "index {index} out of {}",
+            self.entries
+        );
+        // SAFETY: as in `set`.
+        unsafe {
+            self.ptr
+                .as_ptr()
+                .cast::<u8>()
+                .add(index as usize * self.stride)
+                .cast::<T>()
+                .read_volatile()
+        }
+    }
+}
+
+impl<T> Drop for MmapArray<T> {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned; nothing borrows the mapping.
+        let _ = unsafe { munmap(self.ptr, self.len) };
+    }
+}
+
+// SAFETY: the mapping is owned by this value; concurrent access from other threads needs
+// `&mut` for writes like any other owned buffer.
+unsafe impl<T: Send> Send for MmapArray<T> {}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+fn bpf_cmd<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid, initialised prefix of `union bpf_attr` for `cmd`, of the
+    // size passed; pointers inside it (if any) are live for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut A,
+            size_of::<A>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Opens a pinned BPF object (here: a link) without touching the pin.
+pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjGet {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf_cmd(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: BPF_OBJ_GET returned a new file descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Atomically replaces the program behind a BPF link (BPF_LINK_UPDATE).
+pub fn link_update(
+    link: std::os::fd::BorrowedFd<'_>,
+    prog: std::os::fd::BorrowedFd<'_>,
+) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let mut attr = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf_cmd(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// Detaches a BPF link from its hook even while other holders (a pin, a process) remain.
+pub fn link_detach(link: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    let mut attr = LinkDetach {
+        link_fd: link.as_raw_fd() as u32,
+    };
+    bpf_cmd(BPF_LINK_DETACH, &mut attr).map(drop)
+}

@@ -1,0 +1,168 @@
+//! The data plane survives the daemon: `kill -9` of `edgeproxy run` leaves the XDP
+//! program dropping per policy; a restart re-adopts the pinned link and counters carry
+//! on; `edgeproxy detach` removes everything and traffic flows again.
+use std::{
+    net::UdpSocket,
+    path::Path,
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use edgeproxy_testbed::{
+    Reaped, edgeproxy_bin,
+    netns::VethPair,
+    privilege::require_root,
+    scratch::{PinRoot, ScratchDir},
+    traffic, wait_for_line,
+};
+
+const DROP_PORT: u16 = 7000;
+const OPEN_PORT: u16 = 7001;
+
+fn spawn_run(pair: &VethPair, root: &Path, state: &Path, policy: Option<&Path>) -> Reaped {
+    let bin = edgeproxy_bin().expect("binary");
+    let mut cmd = pair.a.command(&bin);
+    cmd.args(["run", "--iface", pair.a_if, "--json", "--pin-root"])
+        .arg(root)
+        .arg("--state-dir")
+        .arg(state);
+    if let Some(p) = policy {
+        cmd.arg("--policy").arg(p);
+    }
+    let mut child = Reaped(Some(
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    ));
+    let (ok, lines) = wait_for_line(child.0.as_mut().expect("child"), "XDP attached");
+    assert!(ok, "edgeproxy did not attach: {lines:?}");
+    child
+}
+
+/// Datagrams waiting on `sock` (drained).
+fn received(sock: &UdpSocket) -> u64 {
+    std::thread::sleep(Duration::from_millis(200));
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    while sock.recv(&mut buf).is_ok() {
+        n += 1;
+    }
+    n
+}
+
+fn stop(mut child: Reaped) -> serde_json::Value {
+    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let out: std::process::Output = Child::wait_with_output(child.take()).expect("wait");
+    assert!(out.status.success(), "edgeproxy exited with {}", out.status);
+    serde_json::from_slice(&out.stdout).expect("JSON report")
+}
+
+#[test]
+fn kill_9_keeps_policy_restart_readopts_detach_removes() {
+    if !require_root("kill_9_keeps_policy_restart_readopts_detach_removes") {
+        return;
+    }
+    let pair = VethPair::create().expect("veth pair");
+    let root = PinRoot::new().expect("pin root");
+    let dir = ScratchDir::new().expect("scratch");
+    let state = dir.path().join("state");
+    let policy = dir.file(
+        "drop.toml",
+        &format!("[[rule]]\nname = \"block\"\nproto = \"udp\"\ndst_port = {DROP_PORT}\naction = \"drop\"\n"),
+    );
+    let (blocked, open) = pair.a.run(|| {
+        let b = UdpSocket::bind((pair.a_v4, DROP_PORT)).expect("bind");
+        let o = UdpSocket::bind((pair.a_v4, OPEN_PORT)).expect("bind");
+        for s in [&b, &o] {
+            s.set_nonblocking(true).expect("nonblocking");
+            // Room for every datagram a step sends before it reads (as root: FORCE).
+            nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::RcvBufForce, &(8 << 20))
+                .expect("SO_RCVBUFFORCE");
+        }
+        (b, o)
+    });
+    let send = |port, n| traffic::send_udp(&pair.b, (pair.a_v4, port).into(), n, 32).expect("send");
+
+    let mut first = spawn_run(&pair, root.path(), &state, Some(&policy));
+    send(DROP_PORT, 200);
+    send(OPEN_PORT, 200);
+    assert_eq!(
+        (received(&blocked), received(&open)),
+        (0, 200),
+        "policy enforced"
+    );
+
+    // kill -9: no clean-up runs, the pinned link keeps the program attached.
+    nix::sys::signal::kill(first.pid(), nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    let _ = first.take().wait();
+    send(DROP_PORT, 300);
+    send(OPEN_PORT, 300);
+    assert_eq!(
+        (received(&blocked), received(&open)),
+        (0, 300),
+        "still enforced with no daemon running"
+    );
+
+    // Restart without --policy: adopts the link, keeps the policy, counters continue.
+    let second = spawn_run(&pair, root.path(), &state, None);
+    send(DROP_PORT, 100);
+    assert_eq!(received(&blocked), 0);
+    let report = stop(second);
+    assert_eq!(report["xdp_mode"], "adopted");
+    assert_eq!(
+        report["counters"]["verdicts"]["drop_policy"]["packets"], 600,
+        "drops counted before the kill, while no daemon ran, and after the restart"
+    );
+    // SIGTERM leaves the data plane attached too.
+    send(DROP_PORT, 10);
+    assert_eq!(received(&blocked), 0, "still attached after a clean exit");
+
+    // policy show reads the pinned state and the stored source.
+    let bin = edgeproxy_bin().expect("binary");
+    let show = pair
+        .a
+        .command(&bin)
+        .args([
+            "policy",
+            "show",
+            "--json",
+            "--iface",
+            pair.a_if,
+            "--pin-root",
+        ])
+        .arg(root.path())
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .expect("policy show");
+    assert!(
+        show.status.success(),
+        "{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    let show: serde_json::Value = serde_json::from_slice(&show.stdout).expect("json");
+    assert_eq!(show["generation"], 1);
+    assert_eq!(show["rules"][0]["name"], "block");
+    assert_eq!(show["rules"][0]["packets"], 610);
+
+    let out = pair
+        .a
+        .command(&bin)
+        .args(["detach", pair.a_if, "--json", "--pin-root"])
+        .arg(root.path())
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .expect("detach");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(d["link_detached"], true);
+    assert!(!root.path().join(pair.a_if).exists(), "pins removed");
+    send(DROP_PORT, 50);
+    assert_eq!(received(&blocked), 50, "traffic flows after detach");
+}
