@@ -48,11 +48,17 @@ pub const VERDICT_COUNTERS_MAP: &str = "VERDICT_COUNTERS";
 /// Per slot: packets classified by that slot's policy.
 pub const SLOT_COUNTERS_MAP: &str = "SLOT_COUNTERS";
 
-/// Default LPM capacity per family, both slots together (the loader may raise it).
-pub const DEFAULT_LPM_ENTRIES: u32 = 2 * 131_072;
+/// Most LPM entries one policy may need per map (the parser's `max_prefixes` default,
+/// plus the `/0` entry).
+pub const MAX_LPM_PER_POLICY: u32 = 131_072;
+/// LPM capacity per map: while a load is in flight three generations coexist (the
+/// active one, the rollback target, and the new one, written before the old is deleted).
+pub const DEFAULT_LPM_ENTRIES: u32 = 3 * MAX_LPM_PER_POLICY;
 
-/// LPM key data: the slot byte, then the address. The stored prefix length is
-/// `8 + prefix` so the slot byte is always part of the match.
+/// LPM key data: a tag byte, then the address. The stored prefix length is `8 + prefix`
+/// so the tag is always part of the match. Each load writes its prefixes under a fresh
+/// tag (never the two in use), so nothing has to be deleted before the flip; entries of
+/// retired tags are deleted after it.
 pub type LpmV4 = [u8; 5];
 pub type LpmV6 = [u8; 17];
 
@@ -145,14 +151,20 @@ pub struct RuleAction {
 }
 
 const _: () = assert!(core::mem::size_of::<RuleAction>() == 24);
+const _: () = assert!(core::mem::size_of::<PolicyState>() == 24);
 
 /// The one entry of [`POLICY_STATE_MAP`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyState {
-    /// 0 or 1. The only field the XDP program reads.
+    /// 0 or 1: which slot's arrays (protocol, ports, actions) and LPM tag are in force.
     pub active_slot: u32,
-    pub _pad: u32,
+    /// The LPM tag of each slot's prefixes (0: none loaded).
+    pub lpm_tag: [u8; SLOTS as usize],
+    /// 1 while entries of retired tags may remain (set by the flip, cleared after the
+    /// clean-up); a load first finishes an interrupted clean-up.
+    pub cleanup_pending: u8,
+    pub _pad: u8,
     /// Generation number of the policy in each slot (0 = never loaded).
     pub generation: [u64; SLOTS as usize],
 }

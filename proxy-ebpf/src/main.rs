@@ -47,18 +47,18 @@ pub fn edge_xdp(ctx: XdpContext) -> u32 {
     let pkt = Packet::new(&ctx);
     let wire_len = pkt.len() as u32;
     // One read of the slot index per packet; everything below uses only that slot.
-    let (slot, generation) = match POLICY_STATE.get(0) {
+    let (slot, tag, generation) = match POLICY_STATE.get(0) {
         Some(s) => {
             let slot = s.active_slot & 1;
-            (slot, s.generation[slot as usize])
+            (slot, s.lpm_tag[slot as usize], s.generation[slot as usize])
         }
-        None => (0, 0),
+        None => (0, 0, 0),
     };
     let (parsed, idx) = match parse::parse(&pkt) {
         Ok(p) => {
             let idx = match p.class {
                 ProtoClass::NonIp | ProtoClass::Arp => NON_IP_ACTION,
-                _ => policy::first_match(slot, &p),
+                _ => policy::first_match(slot, tag, &p),
             };
             (p, idx)
         }

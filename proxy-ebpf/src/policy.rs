@@ -11,9 +11,10 @@ use crate::{
 
 /// Index into this slot's actions: the first rule matching on every dimension, or
 /// [`DEFAULT_ACTION`]. A missing entry anywhere (no policy loaded) means no rule matches.
+/// `tag` selects the slot's LPM entries.
 #[inline(always)]
-pub fn first_match(slot: u32, p: &Parsed) -> u32 {
-    let slot_byte = slot as u8;
+pub fn first_match(slot: u32, tag: u8, p: &Parsed) -> u32 {
+    let slot_byte = tag;
     let (src, dst) = if p.family == 4 {
         let mut s = [slot_byte, 0, 0, 0, 0];
         let mut d = s;

@@ -236,6 +236,34 @@ fn crafted() -> Vec<(&'static str, Vec<u8>, ProtoClass, u16, u16)> {
             0,
             0,
         ),
+        (
+            "udp6 behind hop-by-hop and a first fragment",
+            v6_ext(&[(0, 8), (44, 8)], 0),
+            Udp6,
+            53,
+            5140,
+        ),
+        (
+            "udp6 non-first fragment: no ports",
+            v6_ext(&[(44, 8)], 100),
+            Ipv6Other,
+            0,
+            0,
+        ),
+        (
+            "udp6 behind 7 extension headers",
+            v6_ext(&[(60, 8); 7], 0),
+            Malformed,
+            0,
+            0,
+        ),
+        (
+            "udp6 behind a 24-byte destination-options header",
+            v6_ext(&[(60, 24)], 0),
+            Udp6,
+            53,
+            5140,
+        ),
     ]
 }
 

@@ -65,14 +65,15 @@ pub fn load(paths: &Paths, path: &Path, limits: &PolicyLimits) -> anyhow::Result
     let r = loader.load(&policy, &text)?;
     Ok(Output {
         text: format!(
-            "loaded {} as generation {} (slot {}): {} rules, {} LPM entries; compile {:.1} ms, apply {:.1} ms\n",
+            "loaded {} as generation {} (slot {}): {} rules, {} LPM entries; compile {:.1} ms, apply {:.1} ms, clean-up after the flip {:.1} ms\n",
             path.display(),
             r.generation,
             r.slot,
             policy.rules.len(),
             r.lpm_entries,
             r.compile.as_secs_f64() * 1e3,
-            r.apply.as_secs_f64() * 1e3
+            r.apply.as_secs_f64() * 1e3,
+            r.cleanup.as_secs_f64() * 1e3
         ),
         json: serde_json::json!({
             "generation": r.generation,
@@ -81,6 +82,7 @@ pub fn load(paths: &Paths, path: &Path, limits: &PolicyLimits) -> anyhow::Result
             "lpm_entries": r.lpm_entries,
             "compile_ms": r.compile.as_secs_f64() * 1e3,
             "apply_ms": r.apply.as_secs_f64() * 1e3,
+            "cleanup_ms": r.cleanup.as_secs_f64() * 1e3,
         }),
     })
 }

@@ -4,8 +4,6 @@
 //! own rules plus those of every covering prefix plus the rules with no condition on
 //! that dimension; a `/0` entry always exists, so a lookup never misses. A longest-prefix
 //! lookup therefore returns exactly the rules whose prefix list covers the address.
-use std::collections::HashMap;
-
 use proxy_common::policy::{
     ACTIONS_PER_SLOT, ActionKind, DEFAULT_ACTION, MALFORMED_ACTION, NO_PORT, NON_IP_ACTION,
     PORT_ENTRIES, PROTO_ENTRIES, RuleAction, RuleSet,
@@ -80,41 +78,55 @@ fn prefix_dimension(
 ) -> Vec<(Prefix, RuleSet)> {
     let family = zero.family();
     let mut any = RuleSet::EMPTY;
-    let mut own: HashMap<Prefix, RuleSet> = HashMap::new();
-    own.insert(zero, RuleSet::EMPTY);
+    let mut pairs: Vec<(Prefix, Option<u32>)> = vec![(zero, None)];
     for (i, r) in rules.iter().enumerate() {
         let list = select(r);
         if list.is_empty() {
             any.insert(i as u32);
         }
-        for p in list.iter().filter(|p| p.family() == family) {
-            own.entry(*p).or_default().insert(i as u32);
-        }
+        pairs.extend(
+            list.iter()
+                .filter(|p| p.family() == family)
+                .map(|p| (*p, Some(i as u32))),
+        );
     }
-    let mut lengths: Vec<u8> = own.keys().map(Prefix::len).collect();
-    lengths.sort_unstable();
-    lengths.dedup();
-    let mut order: Vec<Prefix> = own.keys().copied().collect();
-    order.sort_by_key(Prefix::len);
-    // Shorter prefixes first, so a prefix's nearest covering prefix is already final.
-    let mut fin: HashMap<Prefix, RuleSet> = HashMap::with_capacity(order.len());
-    for p in order {
-        let mut set = own[&p];
+    // Sorted by (network, length), a prefix comes after every prefix covering it, and
+    // the prefixes covering it are exactly the chain on the stack when it is reached.
+    pairs.sort_unstable_by_key(|(p, _)| *p);
+    let mut out: Vec<(Prefix, RuleSet)> = Vec::with_capacity(pairs.len());
+    let mut stack: Vec<(Prefix, RuleSet)> = Vec::new();
+    let mut i = 0;
+    while i < pairs.len() {
+        let p = pairs[i].0;
+        let mut own = RuleSet::EMPTY;
+        while i < pairs.len() && pairs[i].0 == p {
+            if let Some(rule) = pairs[i].1 {
+                own.insert(rule);
+            }
+            i += 1;
+        }
+        while let Some((top, _)) = stack.last() {
+            if covers(top, &p) {
+                break;
+            }
+            stack.pop();
+        }
+        let mut set = own;
         set.union(&any);
-        if let Some(parent) = lengths
-            .iter()
-            .rev()
-            .filter(|&&l| l < p.len())
-            .map(|&l| p.truncate(l))
-            .find_map(|q| fin.get(&q))
-        {
+        if let Some((_, parent)) = stack.last() {
             set.union(parent);
         }
-        fin.insert(p, set);
+        stack.push((p, set));
+        out.push((p, set));
     }
-    let mut out: Vec<(Prefix, RuleSet)> = fin.into_iter().collect();
-    out.sort_by_key(|(p, _)| *p);
     out
+}
+
+/// Whether `outer` contains every address of `inner`.
+fn covers(outer: &Prefix, inner: &Prefix) -> bool {
+    outer.family() == inner.family()
+        && outer.prefix_len() <= inner.prefix_len()
+        && inner.truncate(outer.prefix_len()) == *outer
 }
 
 fn proto_dimension(rules: &[Rule]) -> Vec<RuleSet> {
@@ -193,7 +205,13 @@ action = "drop"
         );
         assert_eq!(c.src_v4.len(), 3);
         assert_eq!(
-            members(c.src_v6.iter().find(|(q, _)| q.len() == 8).unwrap().1),
+            members(
+                c.src_v6
+                    .iter()
+                    .find(|(q, _)| q.prefix_len() == 8)
+                    .unwrap()
+                    .1
+            ),
             vec![2, 3]
         );
         assert_eq!(members(c.dport[NO_PORT as usize]), vec![0, 1, 2, 3]);

@@ -120,8 +120,10 @@ pub struct LoadReport {
     pub generation: u64,
     pub lpm_entries: usize,
     pub compile: Duration,
-    /// Clearing and writing the inactive slot, then the flip.
+    /// Writing the inactive slot, then the flip: when the policy is in force.
     pub apply: Duration,
+    /// Deleting the LPM entries of the retired tag, after the flip.
+    pub cleanup: Duration,
 }
 
 pub struct PolicyLoader {
@@ -169,30 +171,68 @@ impl PolicyLoader {
         let compiled = compile(policy);
         let compile_time = t0.elapsed();
         let t1 = Instant::now();
-        let state = self.state()?;
+        let mut state = self.state()?;
+        if state.cleanup_pending != 0 {
+            // An earlier clean-up was interrupted: the fresh tag may still hold entries.
+            self.cleanup(&state)?;
+            state.cleanup_pending = 0;
+            self.set_state(&state)?;
+        }
         let target = 1 - (state.active_slot & 1);
-        let lpm_entries = self.write_slot(target, &compiled)?;
+        let tag = (1..=u8::MAX)
+            .find(|t| !state.lpm_tag.contains(t))
+            .expect("two tags in use leave 253 free");
+        let lpm_entries = self.write_slot(target, tag, &compiled)?;
         let generation = state.generation.iter().copied().max().unwrap_or(0) + 1;
         let mut next = state;
         next.generation[target as usize] = generation;
+        next.lpm_tag[target as usize] = tag;
         next.active_slot = target;
+        next.cleanup_pending = 1;
         // The flip: one update of one entry. Everything above went to the inactive slot.
-        self.maps
-            .state
-            .set(0, &next, 0)
-            .map_err(|source| LoaderError::Map {
-                name: POLICY_STATE_MAP,
-                source,
-            })?;
+        self.set_state(&next)?;
         let apply = t1.elapsed();
         self.store_source(target, source)?;
+        let t2 = Instant::now();
+        self.cleanup(&next)?;
+        next.cleanup_pending = 0;
+        self.set_state(&next)?;
         Ok(LoadReport {
             slot: target,
             generation,
             lpm_entries,
             compile: compile_time,
             apply,
+            cleanup: t2.elapsed(),
         })
+    }
+
+    fn set_state(&mut self, s: &PolicyState) -> Result<(), LoaderError> {
+        self.maps
+            .state
+            .set(0, s, 0)
+            .map_err(|source| LoaderError::Map {
+                name: POLICY_STATE_MAP,
+                source,
+            })
+    }
+
+    /// Deletes every LPM entry whose tag is not one of the two slots' tags.
+    fn cleanup(&mut self, state: &PolicyState) -> Result<(), LoaderError> {
+        for (i, map) in self.maps.lpm.iter().enumerate() {
+            let key_size = if i < 2 { KEY_V4 } else { KEY_V6 };
+            let name = LPM_MAPS[i];
+            let io = |source| LoaderError::Io { name, source };
+            let retired: Vec<u8> = all_keys(map, key_size, SET_LEN)
+                .map_err(io)?
+                .chunks_exact(key_size)
+                .filter(|k| !state.lpm_tag.contains(&k[4]))
+                .flatten()
+                .copied()
+                .collect();
+            delete_batch(map, &retired, key_size).map_err(io)?;
+        }
+        Ok(())
     }
 
     /// Makes the other slot active again. Its contents are untouched since its own load.
@@ -205,13 +245,7 @@ impl PolicyLoader {
         }
         let mut next = state;
         next.active_slot = other;
-        self.maps
-            .state
-            .set(0, &next, 0)
-            .map_err(|source| LoaderError::Map {
-                name: POLICY_STATE_MAP,
-                source,
-            })?;
+        self.set_state(&next)?;
         Ok(next)
     }
 
@@ -252,7 +286,9 @@ impl PolicyLoader {
             .map_err(|source| LoaderError::Store { path, source })
     }
 
-    fn write_slot(&mut self, slot: u32, c: &CompiledPolicy) -> Result<usize, LoaderError> {
+    /// Writes everything of `c` into `slot`, its LPM entries under `tag` (which holds no
+    /// entries: [`Self::cleanup`] removed every tag not in use).
+    fn write_slot(&mut self, slot: u32, tag: u8, c: &CompiledPolicy) -> Result<usize, LoaderError> {
         let mut entries = 0;
         for (i, list) in [&c.src_v4, &c.dst_v4, &c.src_v6, &c.dst_v6]
             .into_iter()
@@ -262,16 +298,7 @@ impl PolicyLoader {
             let map = &self.maps.lpm[i];
             let name = LPM_MAPS[i];
             let io = |source| LoaderError::Io { name, source };
-            // Entries left in this slot by the load before last would shadow the new ones.
-            let stale: Vec<u8> = all_keys(map, key_size, SET_LEN)
-                .map_err(io)?
-                .chunks_exact(key_size)
-                .filter(|k| u32::from(k[4]) == slot)
-                .flatten()
-                .copied()
-                .collect();
-            delete_batch(map, &stale, key_size).map_err(io)?;
-            let (keys, values) = encode_lpm(slot, list, key_size);
+            let (keys, values) = encode_lpm(tag, list, key_size);
             update_batch(map, &keys, &values, key_size, SET_LEN).map_err(io)?;
             entries += list.len();
         }
@@ -311,13 +338,13 @@ impl PolicyLoader {
     }
 }
 
-/// LPM keys (`u32` prefix length incl. the slot byte, slot, address) and rule-set values.
-fn encode_lpm(slot: u32, list: &[(Prefix, RuleSet)], key_size: usize) -> (Vec<u8>, Vec<u8>) {
+/// LPM keys (`u32` prefix length incl. the tag byte, tag, address) and rule-set values.
+fn encode_lpm(tag: u8, list: &[(Prefix, RuleSet)], key_size: usize) -> (Vec<u8>, Vec<u8>) {
     let mut keys = Vec::with_capacity(list.len() * key_size);
     let mut values = Vec::with_capacity(list.len() * SET_LEN);
     for (p, set) in list {
-        keys.extend_from_slice(&(8 + u32::from(p.len())).to_ne_bytes());
-        keys.push(slot as u8);
+        keys.extend_from_slice(&(8 + u32::from(p.prefix_len())).to_ne_bytes());
+        keys.push(tag);
         match *p {
             Prefix::V4 { addr, .. } => keys.extend_from_slice(&addr.to_be_bytes()),
             Prefix::V6 { addr, .. } => keys.extend_from_slice(&addr.to_be_bytes()),
@@ -330,5 +357,4 @@ fn encode_lpm(slot: u32, list: &[(Prefix, RuleSet)], key_size: usize) -> (Vec<u8
     (keys, values)
 }
 
-// Slot count is part of the key encoding (one byte).
-const _: () = assert!(SLOTS <= 256);
+const _: () = assert!(SLOTS == 2, "tags are chosen outside the two in use");

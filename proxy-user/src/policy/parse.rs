@@ -9,7 +9,7 @@ use super::{
     model::{Action, Policy, PortRange, Rate, Rule},
     prefix::Prefix,
 };
-use proxy_common::policy::{MAX_CAPTURE, MAX_RULES, MAX_SNAP};
+use proxy_common::policy::{MAX_CAPTURE, MAX_LPM_PER_POLICY, MAX_RULES, MAX_SNAP};
 
 /// Operator-settable bounds, checked before anything is compiled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,7 +25,7 @@ impl Default for PolicyLimits {
     fn default() -> Self {
         Self {
             max_rules: MAX_RULES as usize,
-            max_prefixes: 131_071,
+            max_prefixes: MAX_LPM_PER_POLICY as usize - 1,
             max_snap: MAX_SNAP as u16,
             max_capture: MAX_CAPTURE as u16,
         }
@@ -37,6 +37,12 @@ impl PolicyLimits {
     pub fn validate(&self) -> Result<(), String> {
         if self.max_rules == 0 || self.max_rules > MAX_RULES as usize {
             return Err(format!("max_rules must be 1..={MAX_RULES}"));
+        }
+        if self.max_prefixes == 0 || self.max_prefixes >= MAX_LPM_PER_POLICY as usize {
+            return Err(format!(
+                "max_prefixes must be 1..={} (the data plane's LPM capacity)",
+                MAX_LPM_PER_POLICY - 1
+            ));
         }
         if self.max_snap == 0 || u32::from(self.max_snap) > MAX_SNAP {
             return Err(format!("max_snap must be 1..={MAX_SNAP}"));

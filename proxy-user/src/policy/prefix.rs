@@ -20,7 +20,7 @@ impl Prefix {
         }
     }
 
-    pub fn len(&self) -> u8 {
+    pub fn prefix_len(&self) -> u8 {
         match *self {
             Prefix::V4 { len, .. } | Prefix::V6 { len, .. } => len,
         }
@@ -148,7 +148,10 @@ mod tests {
                 len: 8
             })
         );
-        assert_eq!("192.0.2.1".parse::<Prefix>().map(|p| p.len()), Ok(32));
+        assert_eq!(
+            "192.0.2.1".parse::<Prefix>().map(|p| p.prefix_len()),
+            Ok(32)
+        );
         assert_eq!(
             "2001:db8::/32".parse::<Prefix>().map(|p| p.to_string()),
             Ok("2001:db8::/32".into())
