@@ -22,6 +22,11 @@ pub const DATAPLANE_STATS_MAP: &str = "DATAPLANE_STATS";
 pub const RECORDS_MAP: &str = "RECORDS";
 /// Size of the record ring buffer in bytes (a power of two, a multiple of the page size).
 pub const RECORDS_BYTES: u32 = 1 << 22;
+/// Unread bytes at which the data plane wakes the record consumer; below that the
+/// consumer finds records on its poll timeout ([`RECORDS_POLL_MS`]).
+pub const RECORDS_WAKEUP_BYTES: u32 = 64 * 1024;
+/// The record consumer's poll timeout: the most a record waits when traffic is light.
+pub const RECORDS_POLL_MS: u16 = 10;
 
 /// What the data plane recognised a packet as. The discriminant is the index into
 /// [`PROTO_COUNTERS_MAP`].

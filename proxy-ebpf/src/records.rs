@@ -1,7 +1,11 @@
 //! Sampled and captured packets into the record ring. Reservations have a constant size
 //! (the verifier's rule), so captures pick the smallest bucket that fits. A full ring
 //! never changes the verdict logic beyond what the caller decides: it is counted.
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::bpf_ktime_get_ns,
+    programs::XdpContext,
+};
 use proxy_common::{
     DataplaneStat,
     policy::{CAPTURE_BUCKETS, MAX_SNAP, RecordHeader, RecordKind},
@@ -11,6 +15,9 @@ use crate::{
     maps::{RECORDS, bump},
     parse::Parsed,
 };
+
+/// Unread bytes in the ring at which a submit wakes the consumer.
+const WAKEUP_BYTES: u64 = proxy_common::RECORDS_WAKEUP_BYTES as u64;
 
 #[repr(C)]
 struct Record<const N: usize> {
@@ -89,7 +96,14 @@ fn push<const N: usize>(
             dst_addr: p.dst,
         });
     }
-    entry.submit(0);
+    // Waking the consumer per record costs more than the rest of the program; wake it
+    // once a batch is waiting, and let its poll timeout pick up smaller amounts.
+    let flags = if RECORDS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    };
+    entry.submit(flags);
     bump(DataplaneStat::RecordsPushed);
     true
 }

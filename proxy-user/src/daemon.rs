@@ -37,8 +37,9 @@ pub struct RunOptions {
     pub store_dir: Option<PathBuf>,
 }
 
-/// How long the drain thread sleeps in poll() before re-checking the stop flag.
-const DRAIN_POLL_MS: u16 = 100;
+/// How long the drain thread sleeps in poll(): the data plane only wakes it once a batch
+/// of records is waiting, so this bounds how long a lone record waits.
+const DRAIN_POLL_MS: u16 = proxy_common::RECORDS_POLL_MS;
 
 /// Runs until `stop` resolves. Detaches (by dropping the data plane) before returning.
 pub async fn run(opts: RunOptions, stop: impl Future<Output = ()>) -> anyhow::Result<RunSummary> {

@@ -11,16 +11,59 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use edgeproxy_testbed::{edgeproxy_bin, netns::VethPair, packets, traffic};
+use edgeproxy_testbed::{
+    edgeproxy_bin,
+    netns::VethPair,
+    packets,
+    scratch::{PinRoot, ScratchDir},
+    traffic,
+};
 use nix::sys::socket::{
     AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, sendto, socket,
 };
 
 const UDP4: u64 = 20_000;
 const UDP6: u64 = 5_000;
+const DNS: u64 = 10_000;
 const TCP_CONNS: u64 = 200;
+const BLOCKED_SYNS: u64 = 20;
 const ICMP: u64 = 100;
 const PAYLOAD: usize = 200;
+
+/// The demo's operator policy.
+const POLICY: &str = r#"# edgeproxy demo policy: first match wins; anything else passes.
+default = "pass"
+
+[[rule]]
+name = "block-telnet"
+proto = "tcp"
+dst_port = 23
+action = "drop"
+
+[[rule]]
+name = "syslog"
+proto = "udp"
+dst_port = 514
+action = "capture"
+capture_max = 2048
+then = "drop"
+
+[[rule]]
+name = "dns"
+proto = "udp"
+dst_port = 53
+action = "sample"
+rate = "1/100"
+snap = 128
+
+[[rule]]
+name = "web"
+proto = "tcp"
+dst_port = 8080
+action = "sample"
+rate = "10%"
+snap = 128
+"#;
 
 fn main() -> ExitCode {
     match demo() {
@@ -49,15 +92,40 @@ fn demo() -> anyhow::Result<()> {
         pair.b_v4
     );
     println!(
-        "demo: edgeproxy attaches XDP to {} and counts what arrives from {}",
+        "demo: edgeproxy attaches XDP to {} with the policy below and handles what arrives from {}",
         pair.a_if,
         pair.b.name()
     );
-
-    let mut child = pair
-        .a
-        .command(&bin)
-        .args(["run", "--iface", pair.a_if, "--json", "--bpf-stats"])
+    println!(
+        "{}",
+        POLICY
+            .lines()
+            .map(|l| format!("  | {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let root = PinRoot::new()?;
+    let dir = ScratchDir::new()?;
+    let policy = dir.file("demo-policy.toml", POLICY);
+    let state = dir.path().join("state");
+    let place = |cmd: &mut std::process::Command| {
+        cmd.arg("--pin-root")
+            .arg(root.path())
+            .arg("--state-dir")
+            .arg(&state);
+    };
+    let mut run = pair.a.command(&bin);
+    run.args([
+        "run",
+        "--iface",
+        pair.a_if,
+        "--json",
+        "--bpf-stats",
+        "--policy",
+    ])
+    .arg(&policy);
+    place(&mut run);
+    let mut child = run
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -86,11 +154,17 @@ fn demo() -> anyhow::Result<()> {
     let started = Instant::now();
     traffic::send_udp(&pair.b, (pair.a_v4, 514).into(), UDP4, PAYLOAD)?;
     traffic::send_udp(&pair.b, (pair.a_v6, 514).into(), UDP6, PAYLOAD)?;
+    traffic::send_udp(&pair.b, (pair.a_v4, 53).into(), DNS, 40)?;
     pair.b.run(|| -> anyhow::Result<()> {
         for _ in 0..TCP_CONNS {
             let mut s =
                 TcpStream::connect_timeout(&(pair.a_v4, 8080).into(), Duration::from_secs(5))?;
-            s.write_all(&[b'q'; 100])?;
+            s.write_all(b"GET /demo HTTP/1.1\r\nHost: edge\r\n\r\n")?;
+        }
+        for _ in 0..BLOCKED_SYNS {
+            // Dropped by policy: the SYN is never answered.
+            let r = TcpStream::connect_timeout(&(pair.a_v4, 23).into(), Duration::from_millis(20));
+            anyhow::ensure!(r.is_err(), "telnet must be blocked");
         }
         ping(pair.a_v4, ICMP)
     })?;
@@ -99,6 +173,15 @@ fn demo() -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
     let send_time = started.elapsed();
     std::thread::sleep(Duration::from_millis(300));
+    let mut show = std::process::Command::new(&bin);
+    show.args(["policy", "show", "--iface", pair.a_if]);
+    place(&mut show);
+    let show = show.output()?;
+    println!(
+        "\n$ edgeproxy policy show --iface {}   (while the daemon runs)",
+        pair.a_if
+    );
+    print!("{}", String::from_utf8_lossy(&show.stdout));
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -118,8 +201,23 @@ fn demo() -> anyhow::Result<()> {
     let report: serde_json::Value =
         serde_json::from_str(&out).context("edgeproxy's JSON report")?;
     print_report(&report, served, send_time);
+    let mut detach = std::process::Command::new(&bin);
+    detach.args(["detach", pair.a_if]);
+    place(&mut detach);
+    let detach = detach.output()?;
+    println!(
+        "\n$ edgeproxy detach {}   (edgeproxy had exited; the data plane ran on until now)",
+        pair.a_if
+    );
+    print!("{}", String::from_utf8_lossy(&detach.stdout));
+    anyhow::ensure!(
+        detach.status.success(),
+        "detach failed: {}",
+        String::from_utf8_lossy(&detach.stderr)
+    );
     drop(pair);
-    println!("demo: namespaces and veth removed; nothing left behind");
+    drop(root);
+    println!("demo: namespaces, veth and pins removed; nothing left behind");
     Ok(())
 }
 
@@ -174,21 +272,22 @@ fn ping(dst: Ipv4Addr, n: u64) -> anyhow::Result<()> {
 
 fn print_report(r: &serde_json::Value, served: u64, send_time: Duration) {
     let classes = &r["counters"]["classes"];
-    let records = &r["records"]["by_class"];
+    let verdicts = &r["counters"]["verdicts"];
     let get = |c: &str| classes[c]["packets"].as_u64().unwrap_or(0);
+    let verdict = |v: &str| verdicts[v]["packets"].as_u64().unwrap_or(0);
     println!();
     println!(
-        "edgeproxy report: XDP {} mode on {}, {:.2} s",
+        "edgeproxy report: XDP {} on {}, {:.2} s",
         r["xdp_mode"].as_str().unwrap_or("?"),
         r["iface"].as_str().unwrap_or("?"),
         r["elapsed_s"].as_f64().unwrap_or(0.0)
     );
     println!(
-        "{:<11} {:>10} {:>10} {:>12} {:>10}",
-        "class", "sent", "counted", "bytes", "records"
+        "{:<10} {:>10} {:>10} {:>12}",
+        "class", "sent", "counted", "bytes"
     );
     let sent: [(&str, Option<u64>); 6] = [
-        ("udp4", Some(UDP4)),
+        ("udp4", Some(UDP4 + DNS)),
         ("udp6", Some(UDP6)),
         ("tcp4", None),
         ("icmp4", Some(ICMP)),
@@ -197,41 +296,52 @@ fn print_report(r: &serde_json::Value, served: u64, send_time: Duration) {
     ];
     for (class, n) in sent {
         println!(
-            "{:<11} {:>10} {:>10} {:>12} {:>10}",
+            "{:<10} {:>10} {:>10} {:>12}",
             class,
             n.map_or_else(|| "-".to_owned(), |n| n.to_string()),
             get(class),
-            classes[class]["bytes"].as_u64().unwrap_or(0),
-            records[class].as_u64().unwrap_or(0)
+            classes[class]["bytes"].as_u64().unwrap_or(0)
         );
     }
-    let other: u64 = ["non_ip", "ipv4_other", "tcp6", "ipv6_other", "malformed"]
-        .iter()
-        .map(|c| get(c))
-        .sum();
-    println!("{:<11} {:>10} {:>10}", "other", "-", other);
+    println!("\n{:<22} {:>10}", "verdict", "packets");
+    for v in [
+        "pass",
+        "drop_policy",
+        "drop_captured",
+        "pass_sample_rule",
+        "pass_captured",
+        "pass_capture_failed",
+        "drop_malformed",
+    ] {
+        if verdict(v) > 0 {
+            println!("{:<22} {:>10}", v, verdict(v));
+        }
+    }
+    let captures = r["records"]["captures"].as_u64().unwrap_or(0);
+    let samples = r["records"]["samples"].as_u64().unwrap_or(0);
     println!(
-        "tcp4: {served} connections served ({} segments seen on ingress, handshakes and data)",
-        get("tcp4")
+        "\ncaptured syslog datagrams drained: {captures} of {} sent ({} lost); samples drained: {samples}; ring-full drops: {}",
+        UDP4 + UDP6,
+        (UDP4 + UDP6) as i64 - captures as i64,
+        r["counters"]["stats"]["ringbuf_full"]
+    );
+    println!(
+        "samples: dns at 1/100 of {DNS} datagrams plus web at 10% of its {} segments: expected about {:.0}",
+        get("tcp4"),
+        DNS as f64 / 100.0 + get("tcp4").saturating_sub(BLOCKED_SYNS * 2) as f64 / 10.0
+    );
+    println!(
+        "web: {served} connections served through the sample rule; telnet: {} SYNs dropped by policy",
+        verdict("drop_policy")
     );
     let total_packets: u64 = classes
         .as_object()
         .map(|m| m.values().filter_map(|v| v["packets"].as_u64()).sum())
         .unwrap_or(0);
     println!(
-        "records drained {} of {} pushed; ring full drops {}",
-        r["records"]["total"],
-        r["counters"]["stats"]["records_pushed"],
-        r["counters"]["stats"]["ringbuf_full"]
-    );
-    let lost4 = UDP4 as i64 - get("udp4") as i64;
-    let lost6 = UDP6 as i64 - get("udp6") as i64;
-    println!("loss: udp4 {lost4}, udp6 {lost6} (sent - counted, measured)");
-    println!(
-        "perf: {} packets in {:.2} s of sending ({:.0} pkt/s offered, paced); XDP cost {} ns/packet (kernel BPF stats over {} runs)",
+        "perf: {} packets in {:.2} s of paced sending; XDP program cost {} ns/packet (kernel BPF stats over {} runs)",
         total_packets,
         send_time.as_secs_f64(),
-        total_packets as f64 / send_time.as_secs_f64().max(1e-9),
         r["xdp_cost"]["ns_per_packet"]
             .as_f64()
             .map_or_else(|| "?".to_owned(), |v| format!("{v:.1}")),
