@@ -126,6 +126,17 @@ pub struct VethPair {
     pub b_v4: Ipv4Addr,
     pub a_v6: Ipv6Addr,
     pub b_v6: Ipv6Addr,
+    /// Fixed, locally administered MACs so crafted frames (trafgen) can address them.
+    pub a_mac: [u8; 6],
+    pub b_mac: [u8; 6],
+}
+
+/// `aa:bb:…` for `ip link set … address` and trafgen.
+pub fn mac_string(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 impl VethPair {
@@ -143,6 +154,8 @@ impl VethPair {
             b_v4: Ipv4Addr::new(10, 200, s, 2),
             a_v6: Ipv6Addr::new(0xfd00, 0x200, 0, u16::from(s), 0, 0, 0, 1),
             b_v6: Ipv6Addr::new(0xfd00, 0x200, 0, u16::from(s), 0, 0, 0, 2),
+            a_mac: [0x02, 0xe9, 0, 0, s, 1],
+            b_mac: [0x02, 0xe9, 0, 0, s, 2],
         };
         // Created directly inside the namespaces: no name ever appears in the host's.
         tools::run(
@@ -163,11 +176,15 @@ impl VethPair {
             ],
         )
         .context("creating the veth pair")?;
-        for (ns, ifname, v4, v6) in [
-            (&pair.a, pair.a_if, pair.a_v4, pair.a_v6),
-            (&pair.b, pair.b_if, pair.b_v4, pair.b_v6),
+        for (ns, ifname, v4, v6, mac) in [
+            (&pair.a, pair.a_if, pair.a_v4, pair.a_v6, pair.a_mac),
+            (&pair.b, pair.b_if, pair.b_v4, pair.b_v6, pair.b_mac),
         ] {
             let n = ns.name();
+            tools::run(
+                "ip",
+                ["-n", n, "link", "set", ifname, "address", &mac_string(&mac)],
+            )?;
             tools::run(
                 "ip",
                 ["-n", n, "addr", "add", &format!("{v4}/24"), "dev", ifname],

@@ -6,6 +6,14 @@ use crate::{
     test::TEST_TOOLS,
 };
 
+/// The bench also compares against peers and drives trafgen.
+const BENCH_TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("xdp-filter", "xdp-tools"),
+    ("nft", "nftables"),
+    ("trafgen", "netsniff-ng"),
+];
+
 /// A driver binary of the `edgeproxy-testbed` crate.
 #[derive(Clone, Copy)]
 pub enum Driver {
@@ -25,7 +33,10 @@ impl Driver {
 pub fn run(driver: Driver, args: &[String]) -> anyhow::Result<()> {
     let tc = bootstrap::run(&Needs {
         privileged: true,
-        apt: TEST_TOOLS,
+        apt: match driver {
+            Driver::Demo => TEST_TOOLS,
+            Driver::Bench => BENCH_TOOLS,
+        },
     })?;
     cargo(
         &tc.user,
