@@ -11,6 +11,8 @@ pub mod reference;
 
 /// Name of the XDP program in the eBPF object.
 pub const EDGE_XDP_PROGRAM: &str = "edge_xdp";
+/// The same logic as a TC ingress classifier (tcx where available).
+pub const EDGE_TC_PROGRAM: &str = "edge_tc";
 /// An XDP program that returns `XDP_PASS` and does nothing else: the floor for benchmarks.
 pub const FLOOR_XDP_PROGRAM: &str = "xdp_pass_floor";
 

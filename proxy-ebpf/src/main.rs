@@ -1,19 +1,25 @@
-//! edgeproxy's XDP data plane.
+//! edgeproxy's data plane: the same per-packet logic on two hooks.
 //!
-//! `edge_xdp` is thin: parse ([`parse`]), pick the first matching rule of the active
-//! policy slot ([`policy`]), count, then act (pass, drop, sample or capture into the
-//! record ring, [`records`]). A parse error is an explicit, counted class (`Malformed`)
-//! that gets the policy's `malformed` action, never a crash or a misread.
+//! `edge_xdp` (XDP, native or generic) and `edge_tc` (TC ingress, tcx where available;
+//! for NICs whose zero-copy receive excludes XDP) are thin: [`edge`] parses
+//! ([`parse`]), picks the first matching rule of the active policy slot ([`policy`]),
+//! counts, then acts (pass, drop, sample or capture into the record ring, [`records`]).
+//! A parse error is an explicit, counted class (`Malformed`) that gets the policy's
+//! `malformed` action, never a crash or a misread.
 #![no_std]
 #![no_main]
 
+mod hook;
 mod maps;
 mod parse;
 mod policy;
 mod records;
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_get_prandom_u32, macros::xdp, programs::XdpContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::bpf_get_prandom_u32,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
 use proxy_common::{
@@ -23,29 +29,49 @@ use proxy_common::{
 };
 
 use crate::{
+    hook::Hook,
     maps::{
         POLICY_STATE, PROTO_COUNTERS, RULE_ACTIONS, RULE_COUNTERS, SLOT_COUNTERS, VERDICT_COUNTERS,
         add, bump,
     },
-    parse::{Frame, Packet, Parsed},
+    parse::{Packet, Parsed},
     records::RecordMeta,
 };
 
-impl Frame for XdpContext {
-    #[inline(always)]
-    fn data(&self) -> usize {
-        XdpContext::data(self)
-    }
-    #[inline(always)]
-    fn data_end(&self) -> usize {
-        XdpContext::data_end(self)
+#[xdp]
+pub fn edge_xdp(ctx: XdpContext) -> u32 {
+    if edge(&ctx).is_drop() {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
     }
 }
 
-#[xdp]
-pub fn edge_xdp(ctx: XdpContext) -> u32 {
-    let pkt = Packet::new(&ctx);
-    let wire_len = pkt.len() as u32;
+/// Headers made linear for direct access (an IPv6 extension chain fits).
+const TC_PULL: u32 = 640;
+
+#[classifier]
+pub fn edge_tc(ctx: TcContext) -> i32 {
+    // Direct access only sees the linear part; a failed pull (a shorter packet) is fine,
+    // the parser then bounds-checks against what is there.
+    let want = if ctx.len() < TC_PULL {
+        ctx.len()
+    } else {
+        TC_PULL
+    };
+    let _ = ctx.pull_data(want);
+    if edge(&ctx).is_drop() {
+        TC_ACT_SHOT as i32
+    } else {
+        TC_ACT_OK as i32
+    }
+}
+
+/// Classify, count and act on one packet; the hook maps the verdict to its return code.
+#[inline(always)]
+fn edge<H: Hook>(ctx: &H) -> Verdict {
+    let pkt = Packet::new(ctx);
+    let wire_len = ctx.wire_len();
     // One read of the slot index per packet; everything below uses only that slot.
     let (slot, tag, generation) = match POLICY_STATE.get(0) {
         Some(s) => {
@@ -63,7 +89,7 @@ pub fn edge_xdp(ctx: XdpContext) -> u32 {
             (p, idx)
         }
         Err(parse::Malformed) => {
-            debug!(&ctx, "malformed packet: {} bytes", wire_len);
+            debug!(ctx, "malformed packet: {} bytes", wire_len);
             (Parsed::of(ProtoClass::Malformed), MALFORMED_ACTION)
         }
     };
@@ -72,18 +98,14 @@ pub fn edge_xdp(ctx: XdpContext) -> u32 {
     let action_index = policy::action_index(slot, idx);
     add(&RULE_COUNTERS, action_index, wire_len);
     let action = RULE_ACTIONS.get(action_index).copied().unwrap_or_default();
-    let verdict = act(&ctx, &parsed, &action, idx, slot, generation);
+    let verdict = act(ctx, &parsed, &action, idx, slot, generation);
     add(&VERDICT_COUNTERS, verdict as u32, wire_len);
-    if verdict.is_drop() {
-        xdp_action::XDP_DROP
-    } else {
-        xdp_action::XDP_PASS
-    }
+    verdict
 }
 
 #[inline(always)]
-fn act(
-    ctx: &XdpContext,
+fn act<H: Hook>(
+    ctx: &H,
     p: &Parsed,
     action: &RuleAction,
     rule: u32,

@@ -15,7 +15,7 @@ use proxy_common::{
 /// The packet is truncated or has an impossible field.
 pub struct Malformed;
 
-/// Direct packet access for a hook (XDP today).
+/// Direct packet access (the linear part, for TC) of a hook.
 pub trait Frame {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
@@ -87,10 +87,6 @@ impl<'a, F: Frame> Packet<'a, F> {
             return Err(Malformed);
         }
         Ok(())
-    }
-
-    pub fn len(&self) -> usize {
-        self.frame.data_end() - self.frame.data()
     }
 }
 

@@ -4,7 +4,6 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::bpf_ktime_get_ns,
-    programs::XdpContext,
 };
 use proxy_common::{
     DataplaneStat,
@@ -12,6 +11,7 @@ use proxy_common::{
 };
 
 use crate::{
+    hook::Hook,
     maps::{RECORDS, bump},
     parse::Parsed,
 };
@@ -37,8 +37,8 @@ pub struct RecordMeta {
 /// Copies `len` (≤ `N`) bytes at `off` of the frame into a reserved record and submits it.
 /// Returns false (and counts why) when the ring is full.
 #[inline(always)]
-fn push<const N: usize>(
-    ctx: &XdpContext,
+fn push<const N: usize, H: Hook>(
+    ctx: &H,
     p: &Parsed,
     meta: &RecordMeta,
     off: usize,
@@ -57,14 +57,7 @@ fn push<const N: usize>(
     } else {
         // SAFETY: `rec` is an exclusive reservation of `size_of::<Record<N>>()` bytes and
         // `len <= N` bytes are written into its `data` array.
-        let rc = unsafe {
-            aya_ebpf::helpers::bpf_xdp_load_bytes(
-                ctx.ctx,
-                off as u32,
-                (&raw mut (*rec).data).cast(),
-                len as u32,
-            )
-        };
+        let rc = unsafe { ctx.load_bytes(off as u32, (&raw mut (*rec).data).cast(), len as u32) };
         if rc != 0 {
             bump(DataplaneStat::LoadBytesFailed);
             0
@@ -77,10 +70,10 @@ fn push<const N: usize>(
         (&raw mut (*rec).hdr).write(RecordHeader {
             ts_ns: bpf_ktime_get_ns(),
             generation: meta.generation,
-            ifindex: ctx.ingress_ifindex() as u32,
-            rx_queue: ctx.rx_queue_index(),
+            ifindex: ctx.ifindex(),
+            rx_queue: ctx.rx_queue(),
             rule: meta.rule,
-            wire_len: (ctx.data_end() - ctx.data()) as u32,
+            wire_len: ctx.wire_len(),
             cap_len: copied as u32,
             truncated,
             kind: meta.kind as u8,
@@ -110,17 +103,17 @@ fn push<const N: usize>(
 
 /// The first `snap_len` bytes of the frame.
 #[inline(always)]
-pub fn sample(ctx: &XdpContext, p: &Parsed, meta: &RecordMeta, snap_len: u16) -> bool {
-    let wire = ctx.data_end() - ctx.data();
+pub fn sample<H: Hook>(ctx: &H, p: &Parsed, meta: &RecordMeta, snap_len: u16) -> bool {
+    let wire = ctx.wire_len() as usize;
     let want = usize::from(snap_len).min(MAX_SNAP as usize);
     let len = if want > wire { wire } else { want };
-    push::<{ MAX_SNAP as usize }>(ctx, p, meta, 0, len, 0)
+    push::<{ MAX_SNAP as usize }, H>(ctx, p, meta, 0, len, 0)
 }
 
 /// The UDP payload, up to `max` bytes. The caller checked the packet is UDP.
 #[inline(always)]
-pub fn capture(ctx: &XdpContext, p: &Parsed, meta: &RecordMeta, max: u16) -> bool {
-    let wire = ctx.data_end() - ctx.data();
+pub fn capture<H: Hook>(ctx: &H, p: &Parsed, meta: &RecordMeta, max: u16) -> bool {
+    let wire = ctx.wire_len() as usize;
     let payload_off = p.l4_off + 8;
     let available = wire
         .saturating_sub(payload_off)
@@ -131,10 +124,10 @@ pub fn capture(ctx: &XdpContext, p: &Parsed, meta: &RecordMeta, max: u16) -> boo
         bump(DataplaneStat::CaptureTruncated);
     }
     if len <= CAPTURE_BUCKETS[0] {
-        push::<{ CAPTURE_BUCKETS[0] }>(ctx, p, meta, payload_off, len, truncated)
+        push::<{ CAPTURE_BUCKETS[0] }, H>(ctx, p, meta, payload_off, len, truncated)
     } else if len <= CAPTURE_BUCKETS[1] {
-        push::<{ CAPTURE_BUCKETS[1] }>(ctx, p, meta, payload_off, len, truncated)
+        push::<{ CAPTURE_BUCKETS[1] }, H>(ctx, p, meta, payload_off, len, truncated)
     } else {
-        push::<{ CAPTURE_BUCKETS[2] }>(ctx, p, meta, payload_off, len, truncated)
+        push::<{ CAPTURE_BUCKETS[2] }, H>(ctx, p, meta, payload_off, len, truncated)
     }
 }

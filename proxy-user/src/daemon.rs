@@ -17,7 +17,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::path::PathBuf;
 
 use crate::{
-    dataplane::{Dataplane, EbpfLogDrain, LoadOptions, RecordTally, Records, XdpModeChoice},
+    dataplane::{Dataplane, EbpfLogDrain, HookChoice, LoadOptions, RecordTally, Records},
     policy::{Policy, loader::PolicyLoader},
     report::RunSummary,
 };
@@ -25,7 +25,7 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub iface: String,
-    pub mode: XdpModeChoice,
+    pub mode: HookChoice,
     pub load: LoadOptions,
     /// Log a one-line progress summary this often.
     pub progress_every: Option<Duration>,

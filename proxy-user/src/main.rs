@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use proxy_user::{
     cli::{self, DEFAULT_PIN_ROOT, DEFAULT_STATE_ROOT, Output, Paths},
     daemon::{self, RunOptions},
-    dataplane::{LoadOptions, XdpModeChoice},
+    dataplane::{HookChoice, LoadOptions},
     policy::PolicyLimits,
     telemetry,
 };
@@ -75,9 +75,10 @@ enum Command {
         /// Interface to attach to (in this process's network namespace).
         #[arg(long)]
         iface: String,
-        /// auto (native, falling back to generic with a logged reason), native or generic.
-        #[arg(long, default_value = "auto")]
-        xdp_mode: XdpModeChoice,
+        /// auto (native XDP, else generic XDP, else TC; each fallback logged with its
+        /// reason), native, generic or tc.
+        #[arg(long, alias = "xdp-mode", default_value = "auto")]
+        hook: HookChoice,
         /// Load this policy before attaching (otherwise the pinned policy, or pass-all).
         #[arg(long)]
         policy: Option<PathBuf>,
@@ -205,7 +206,7 @@ fn real_main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run {
             iface,
-            xdp_mode,
+            hook,
             policy,
             ephemeral,
             place,
@@ -222,7 +223,7 @@ fn real_main() -> anyhow::Result<()> {
                 .transpose()?;
             let paths = paths(&place, &iface);
             let opts = RunOptions {
-                mode: xdp_mode,
+                mode: hook,
                 load: LoadOptions {
                     ebpf_log_level: telemetry::max_log_level(),
                     pin_dir: (!ephemeral).then(|| paths.pin_dir.clone()),

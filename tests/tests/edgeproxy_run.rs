@@ -46,7 +46,7 @@ fn edgeproxy_run_reports_exact_counts_as_json() {
     let out = child.take().wait_with_output().expect("wait");
     assert!(out.status.success(), "edgeproxy exited with {}", out.status);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
-    assert_eq!(report["xdp_mode"], "native");
+    assert_eq!(report["hook"], "native");
     assert_eq!(report["counters"]["classes"]["udp4"]["packets"], 500);
     assert_eq!(
         report["counters"]["classes"]["udp4"]["bytes"],

@@ -19,13 +19,27 @@ use edgeproxy_testbed::{
 const DROP_PORT: u16 = 7000;
 const OPEN_PORT: u16 = 7001;
 
-fn spawn_run(pair: &VethPair, root: &Path, state: &Path, policy: Option<&Path>) -> Reaped {
+fn spawn_run(
+    pair: &VethPair,
+    hook: &str,
+    root: &Path,
+    state: &Path,
+    policy: Option<&Path>,
+) -> Reaped {
     let bin = edgeproxy_bin().expect("binary");
     let mut cmd = pair.a.command(&bin);
-    cmd.args(["run", "--iface", pair.a_if, "--json", "--pin-root"])
-        .arg(root)
-        .arg("--state-dir")
-        .arg(state);
+    cmd.args([
+        "run",
+        "--iface",
+        pair.a_if,
+        "--hook",
+        hook,
+        "--json",
+        "--pin-root",
+    ])
+    .arg(root)
+    .arg("--state-dir")
+    .arg(state);
     if let Some(p) = policy {
         cmd.arg("--policy").arg(p);
     }
@@ -59,10 +73,21 @@ fn stop(mut child: Reaped) -> serde_json::Value {
 }
 
 #[test]
-fn kill_9_keeps_policy_restart_readopts_detach_removes() {
-    if !require_root("kill_9_keeps_policy_restart_readopts_detach_removes") {
-        return;
+fn xdp_kill_9_keeps_policy_restart_readopts_detach_removes() {
+    if require_root("xdp_kill_9_keeps_policy_restart_readopts_detach_removes") {
+        lifecycle("native");
     }
+}
+
+/// The TC hook (tcx on this kernel) under the same lifecycle.
+#[test]
+fn tc_kill_9_keeps_policy_restart_readopts_detach_removes() {
+    if require_root("tc_kill_9_keeps_policy_restart_readopts_detach_removes") {
+        lifecycle("tc");
+    }
+}
+
+fn lifecycle(hook: &str) {
     let pair = VethPair::create().expect("veth pair");
     let root = PinRoot::new().expect("pin root");
     let dir = ScratchDir::new().expect("scratch");
@@ -84,7 +109,7 @@ fn kill_9_keeps_policy_restart_readopts_detach_removes() {
     });
     let send = |port, n| traffic::send_udp(&pair.b, (pair.a_v4, port).into(), n, 32).expect("send");
 
-    let mut first = spawn_run(&pair, root.path(), &state, Some(&policy));
+    let mut first = spawn_run(&pair, hook, root.path(), &state, Some(&policy));
     send(DROP_PORT, 200);
     send(OPEN_PORT, 200);
     assert_eq!(
@@ -105,11 +130,11 @@ fn kill_9_keeps_policy_restart_readopts_detach_removes() {
     );
 
     // Restart without --policy: adopts the link, keeps the policy, counters continue.
-    let second = spawn_run(&pair, root.path(), &state, None);
+    let second = spawn_run(&pair, hook, root.path(), &state, None);
     send(DROP_PORT, 100);
     assert_eq!(received(&blocked), 0);
     let report = stop(second);
-    assert_eq!(report["xdp_mode"], "adopted");
+    assert_eq!(report["hook"], "adopted");
     assert_eq!(
         report["counters"]["verdicts"]["drop_policy"]["packets"], 600,
         "drops counted before the kill, while no daemon ran, and after the restart"

@@ -10,7 +10,7 @@ use edgeproxy_testbed::{
     scratch::{PinRoot, ScratchDir},
 };
 use proxy_common::policy::{RecordKind, Verdict};
-use proxy_user::dataplane::{Dataplane, LoadOptions, RecordTally, XdpModeChoice};
+use proxy_user::dataplane::{Dataplane, HookChoice, LoadOptions, RecordTally};
 
 fn big_rcvbuf(s: &UdpSocket) {
     s.set_nonblocking(true).expect("nonblocking");
@@ -50,7 +50,7 @@ fn capture(then: &str) {
         big_rcvbuf(&sock);
         let mut dp = Dataplane::load(LoadOptions::default()).expect("load");
         policy_util::load(&mut policy_util::loader(&mut dp), &policy);
-        dp.attach(pair.a_if, XdpModeChoice::Auto).expect("attach");
+        dp.attach(pair.a_if, HookChoice::Auto).expect("attach");
         let mut records = dp.take_records().expect("records");
         pair.b.run(|| {
             let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
@@ -115,7 +115,7 @@ fn sample_rule_samples_real_tcp_and_passes_it() {
             &mut policy_util::loader(&mut dp),
             "[[rule]]\nproto = \"tcp\"\ndst_port = 8080\naction = \"sample\"\nrate = \"100%\"\nsnap = 128\n",
         );
-        dp.attach(pair.a_if, XdpModeChoice::Auto).expect("attach");
+        dp.attach(pair.a_if, HookChoice::Auto).expect("attach");
         let mut records = dp.take_records().expect("records");
         pair.b.run(|| {
             use std::io::Write;

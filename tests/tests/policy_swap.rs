@@ -8,7 +8,7 @@ use std::{collections::HashMap, net::UdpSocket, time::Duration};
 
 use edgeproxy_testbed::{netns::VethPair, policy_util, privilege::require_root, traffic};
 use proxy_common::policy::Verdict;
-use proxy_user::dataplane::{Dataplane, LoadOptions, RecordTally, XdpModeChoice};
+use proxy_user::dataplane::{Dataplane, HookChoice, LoadOptions, RecordTally};
 
 const PORT: u16 = 6000;
 const N: u64 = 20_000;
@@ -36,7 +36,7 @@ fn every_packet_is_classified_by_exactly_one_generation() {
         // generation -> the rule index its policy samples under
         let mut rule_of: HashMap<u64, u32> = HashMap::new();
         rule_of.insert(policy_util::load(&mut loader, &a).generation, 0);
-        dp.attach(pair.a_if, XdpModeChoice::Auto).expect("attach");
+        dp.attach(pair.a_if, HookChoice::Auto).expect("attach");
         let mut records = dp.take_records().expect("records");
         let counters = dp.counters().expect("counters");
         let before = counters.snapshot().expect("snapshot");

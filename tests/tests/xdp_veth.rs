@@ -5,7 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use edgeproxy_testbed::{netns::VethPair, policy_util, privilege::require_root, traffic};
 use proxy_common::{DataplaneStat, ProtoClass};
-use proxy_user::dataplane::{Dataplane, LoadOptions, RecordTally, XdpModeChoice};
+use proxy_user::dataplane::{Dataplane, HookChoice, LoadOptions, RecordTally};
 
 /// Every UDP datagram to PORT is sampled (rate 1/1), so records must match datagrams 1:1.
 fn sample_all_to_port() -> String {
@@ -34,7 +34,7 @@ fn count_datagrams(v6: bool) {
         let mut dp = Dataplane::load(LoadOptions::default()).expect("load");
         let mut loader = policy_util::loader(&mut dp);
         policy_util::load(&mut loader, &sample_all_to_port());
-        dp.attach(pair.a_if, XdpModeChoice::Auto).expect("attach");
+        dp.attach(pair.a_if, HookChoice::Auto).expect("attach");
         let mut records = dp.take_records().expect("ring buffer");
         let counters = dp.counters().expect("counters");
 
@@ -107,9 +107,7 @@ fn generic_mode_attach_counts_too() {
     let pair = VethPair::create().expect("veth pair");
     pair.a.run(|| {
         let mut dp = Dataplane::load(LoadOptions::default()).expect("load");
-        let mode = dp
-            .attach(pair.a_if, XdpModeChoice::Generic)
-            .expect("attach");
+        let mode = dp.attach(pair.a_if, HookChoice::Generic).expect("attach");
         assert_eq!(mode.name(), "generic");
         let counters = dp.counters().expect("counters");
         traffic::send_udp(&pair.b, (pair.a_v4, PORT).into(), 100, 16).expect("send");
@@ -134,12 +132,60 @@ fn attaching_to_a_missing_interface_is_a_clear_error() {
     pair.a.run(|| {
         let mut dp = Dataplane::load(LoadOptions::default()).expect("load");
         let err = dp
-            .attach("nosuchif0", XdpModeChoice::Auto)
+            .attach("nosuchif0", HookChoice::Auto)
             .expect_err("must fail");
         let msg = format!("{err}");
         assert!(
             msg.contains("nosuchif0"),
             "error names the interface: {msg}"
+        );
+    });
+}
+
+/// Loopback has no native XDP support: `auto` must fall back (to generic XDP) and say so.
+#[test]
+fn auto_falls_back_where_native_xdp_is_unsupported() {
+    if !require_root("auto_falls_back_where_native_xdp_is_unsupported") {
+        return;
+    }
+    let ns = edgeproxy_testbed::netns::Netns::create().expect("netns");
+    ns.run(|| {
+        let mut dp = Dataplane::load(LoadOptions::default()).expect("load");
+        let native = dp.attach("lo", HookChoice::Native);
+        assert!(native.is_err(), "lo must refuse native XDP");
+        let mode = dp.attach("lo", HookChoice::Auto).expect("auto attach");
+        assert_eq!(mode.name(), "generic");
+    });
+}
+
+/// The TC hook counts and enforces like XDP on real traffic.
+#[test]
+fn tc_hook_counts_and_drops() {
+    if !require_root("tc_hook_counts_and_drops") {
+        return;
+    }
+    let pair = VethPair::create().expect("veth pair");
+    pair.a.run(|| {
+        let mut dp = Dataplane::load(LoadOptions::default()).expect("load");
+        policy_util::load(
+            &mut policy_util::loader(&mut dp),
+            "[[rule]]\nproto = \"udp\"\ndst_port = 7000\naction = \"drop\"\n",
+        );
+        let mode = dp.attach(pair.a_if, HookChoice::Tc).expect("attach tc");
+        assert_eq!(mode.name(), "tc");
+        let counters = dp.counters().expect("counters");
+        traffic::send_udp(&pair.b, (pair.a_v4, 7000).into(), 300, 16).expect("send");
+        traffic::send_udp(&pair.b, (pair.a_v4, 7001).into(), 200, 16).expect("send");
+        let snap = traffic::wait_for(Duration::from_secs(5), || {
+            let s = counters.snapshot().expect("snapshot");
+            (s.class(ProtoClass::Udp4).packets >= 500).then_some(s)
+        })
+        .expect("counted");
+        assert_eq!(snap.class(ProtoClass::Udp4).packets, 500);
+        assert_eq!(
+            snap.verdict(proxy_common::policy::Verdict::DropPolicy)
+                .packets,
+            300
         );
     });
 }

@@ -1,29 +1,46 @@
-//! XDP attach with an explicit, logged fallback from native (driver) to generic mode.
-use std::{ffi::CStr, fmt, str::FromStr};
-
-use aya::programs::{Xdp, XdpMode, xdp::XdpLinkId};
-
-use super::DataplaneError;
+//! Hook choice: native XDP, generic XDP, or TC ingress (tcx where the kernel has it),
+//! with an explicit, logged fallback in `auto` mode.
+use std::{fmt, str::FromStr};
 
 /// What the operator asked for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum XdpModeChoice {
-    /// Native if the driver supports it, otherwise generic (with the reason logged).
+pub enum HookChoice {
+    /// Native XDP, else generic XDP, else TC ingress; each fallback logged with its reason.
     #[default]
     Auto,
     Native,
     Generic,
+    /// TC ingress: for NICs whose io_uring zero-copy receive cannot share the device
+    /// with an XDP program.
+    Tc,
 }
 
-impl FromStr for XdpModeChoice {
+impl HookChoice {
+    /// The hooks to try, in order.
+    pub fn order(self) -> &'static [AttachedMode] {
+        match self {
+            HookChoice::Auto => &[
+                AttachedMode::Native,
+                AttachedMode::Generic,
+                AttachedMode::Tc,
+            ],
+            HookChoice::Native => &[AttachedMode::Native],
+            HookChoice::Generic => &[AttachedMode::Generic],
+            HookChoice::Tc => &[AttachedMode::Tc],
+        }
+    }
+}
+
+impl FromStr for HookChoice {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "auto" => Ok(Self::Auto),
-            "native" | "driver" | "drv" => Ok(Self::Native),
+            "native" | "driver" | "drv" | "xdp" => Ok(Self::Native),
             "generic" | "skb" => Ok(Self::Generic),
+            "tc" | "tcx" => Ok(Self::Tc),
             other => Err(format!(
-                "unknown XDP mode {other:?}: expected auto, native or generic"
+                "unknown hook {other:?}: expected auto, native, generic or tc"
             )),
         }
     }
@@ -34,7 +51,8 @@ impl FromStr for XdpModeChoice {
 pub enum AttachedMode {
     Native,
     Generic,
-    /// A pinned link from an earlier run was re-used (its mode is whatever it was).
+    Tc,
+    /// A pinned link from an earlier run was re-used (its hook is whatever it was).
     Adopted,
 }
 
@@ -43,7 +61,16 @@ impl AttachedMode {
         match self {
             AttachedMode::Native => "native",
             AttachedMode::Generic => "generic",
+            AttachedMode::Tc => "tc",
             AttachedMode::Adopted => "adopted",
+        }
+    }
+
+    /// The pin file of this hook's link in a pin directory (bpffs forbids dots in names).
+    pub const fn link_pin(self) -> &'static str {
+        match self {
+            AttachedMode::Tc => "link_tc",
+            _ => "link_xdp",
         }
     }
 }
@@ -54,46 +81,7 @@ impl fmt::Display for AttachedMode {
     }
 }
 
-pub(super) fn attach_with_fallback(
-    prog: &mut Xdp,
-    name: &CStr,
-    iface: &str,
-    choice: XdpModeChoice,
-) -> Result<(AttachedMode, XdpLinkId), DataplaneError> {
-    let order: &[AttachedMode] = match choice {
-        XdpModeChoice::Auto => &[AttachedMode::Native, AttachedMode::Generic],
-        XdpModeChoice::Native => &[AttachedMode::Native],
-        XdpModeChoice::Generic => &[AttachedMode::Generic],
-    };
-    let mut reasons = Vec::new();
-    for &mode in order {
-        let flags = match mode {
-            AttachedMode::Native => XdpMode::Driver,
-            _ => XdpMode::Skb,
-        };
-        match prog.attach(name, flags) {
-            Ok(link) => {
-                if !reasons.is_empty() {
-                    tracing::warn!(iface, mode = mode.name(), fallback_reason = %reasons.join("; "), "XDP attached in fallback mode");
-                } else {
-                    tracing::info!(iface, mode = mode.name(), "XDP attached");
-                }
-                return Ok((mode, link));
-            }
-            Err(e) => {
-                let reason = format!("{} mode: {}", mode.name(), error_chain(&e));
-                tracing::debug!(iface, %reason, "XDP attach attempt failed");
-                reasons.push(reason);
-            }
-        }
-    }
-    Err(DataplaneError::Attach {
-        iface: iface.to_owned(),
-        reasons: reasons.join("; "),
-    })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(src) = cur {
@@ -109,15 +97,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mode_names_parse_and_unknown_is_explained() {
-        assert_eq!("auto".parse(), Ok(XdpModeChoice::Auto));
-        assert_eq!("native".parse(), Ok(XdpModeChoice::Native));
-        assert_eq!("drv".parse(), Ok(XdpModeChoice::Native));
-        assert_eq!("skb".parse(), Ok(XdpModeChoice::Generic));
-        let err = "offload".parse::<XdpModeChoice>().unwrap_err();
+    fn hook_names_parse_and_unknown_is_explained() {
+        assert_eq!("auto".parse(), Ok(HookChoice::Auto));
+        assert_eq!("native".parse(), Ok(HookChoice::Native));
+        assert_eq!("drv".parse(), Ok(HookChoice::Native));
+        assert_eq!("skb".parse(), Ok(HookChoice::Generic));
+        assert_eq!("tc".parse(), Ok(HookChoice::Tc));
+        let err = "offload".parse::<HookChoice>().unwrap_err();
         assert!(
-            err.contains("offload") && err.contains("auto, native or generic"),
+            err.contains("offload") && err.contains("auto, native, generic or tc"),
             "{err}"
         );
+        assert_eq!(HookChoice::Auto.order().last(), Some(&AttachedMode::Tc));
     }
 }

@@ -15,10 +15,11 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{Xdp, links::FdLink},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink},
 };
 use proxy_common::{
-    DATAPLANE_STATS_MAP, EDGE_XDP_PROGRAM, FLOOR_XDP_PROGRAM, PROTO_COUNTERS_MAP, RECORDS_MAP,
+    DATAPLANE_STATS_MAP, EDGE_TC_PROGRAM, EDGE_XDP_PROGRAM, FLOOR_XDP_PROGRAM, PROTO_COUNTERS_MAP,
+    RECORDS_MAP,
     policy::{
         DPORT_RULES_MAP, DST_V4_MAP, DST_V6_MAP, POLICY_STATE_MAP, PROTO_RULES_MAP,
         RULE_ACTIONS_MAP, RULE_COUNTERS_MAP, SLOT_COUNTERS_MAP, SPORT_RULES_MAP, SRC_V4_MAP,
@@ -45,10 +46,8 @@ pub const PINNED_MAPS: [&str; 15] = [
     SPORT_RULES_MAP,
     RULE_ACTIONS_MAP,
 ];
-/// The pinned XDP link inside a pin directory.
-pub const LINK_PIN: &str = "link";
 
-pub use attach::{AttachedMode, XdpModeChoice};
+pub use attach::{AttachedMode, HookChoice};
 pub use counters::{CounterSnapshot, DataplaneCounters};
 pub use ebpf_log::EbpfLogDrain;
 pub use rawbpf::{
@@ -183,12 +182,36 @@ impl Dataplane {
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
+        dp.tc_mut()?
+            .load()
+            .map_err(|source| DataplaneError::Program {
+                name: EDGE_TC_PROGRAM,
+                source,
+            })?;
         Ok(dp)
     }
 
     fn xdp_mut(&mut self, name: &'static str) -> Result<&mut Xdp, DataplaneError> {
         self.ebpf
             .program_mut(name)
+            .ok_or(DataplaneError::ProgramMissing(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    fn tc_mut(&mut self) -> Result<&mut SchedClassifier, DataplaneError> {
+        let name = EDGE_TC_PROGRAM;
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::ProgramMissing(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    fn tc(&self) -> Result<&SchedClassifier, DataplaneError> {
+        let name = EDGE_TC_PROGRAM;
+        self.ebpf
+            .program(name)
             .ok_or(DataplaneError::ProgramMissing(name))?
             .try_into()
             .map_err(|source| DataplaneError::Program { name, source })
@@ -202,24 +225,131 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program { name, source })
     }
 
-    /// Attaches `edge_xdp` to `iface` (resolved in the calling thread's network namespace).
-    /// Without a pin directory the attachment lives as long as this `Dataplane`; with one,
-    /// the link is pinned (or an existing pinned link adopted) and outlives the process.
+    /// Attaches to `iface` (resolved in the calling thread's network namespace) on the
+    /// first hook of `choice` the kernel accepts; failures before it are logged with
+    /// their reason. Without a pin directory the attachment lives as long as this
+    /// `Dataplane`; with one, the link is pinned, or an existing pinned link adopted
+    /// (its program swapped atomically), and outlives the process.
     pub fn attach(
         &mut self,
         iface: &str,
-        choice: XdpModeChoice,
+        choice: HookChoice,
     ) -> Result<AttachedMode, DataplaneError> {
         let name =
             CString::new(iface).map_err(|_| DataplaneError::BadInterfaceName(iface.into()))?;
-        let pin_dir = self.pin_dir.clone();
-        let prog = self.xdp_mut(EDGE_XDP_PROGRAM)?;
-        let mode = match &pin_dir {
-            None => attach::attach_with_fallback(prog, &name, iface, choice)?.0,
-            Some(dir) => attach_pinned(prog, &name, iface, choice, &dir.join(LINK_PIN))?,
+        if let Some(dir) = self.pin_dir.clone()
+            && let Some(mode) = self.adopt(iface, &dir)?
+        {
+            self.attached = Some(mode);
+            return Ok(mode);
+        }
+        let mut reasons = Vec::new();
+        for &mode in choice.order() {
+            match self.attach_one(&name, mode) {
+                Ok(()) => {
+                    if reasons.is_empty() {
+                        tracing::info!(iface, mode = mode.name(), "XDP attached");
+                    } else {
+                        tracing::warn!(iface, mode = mode.name(), fallback_reason = %reasons.join("; "), "XDP attached in fallback mode");
+                    }
+                    self.attached = Some(mode);
+                    return Ok(mode);
+                }
+                Err(e) => {
+                    let reason = format!("{}: {}", mode.name(), attach::error_chain(&e));
+                    tracing::debug!(iface, %reason, "attach attempt failed");
+                    reasons.push(reason);
+                }
+            }
+        }
+        Err(DataplaneError::Attach {
+            iface: iface.to_owned(),
+            reasons: reasons.join("; "),
+        })
+    }
+
+    /// One hook; pins the link when this data plane is pinned.
+    fn attach_one(
+        &mut self,
+        name: &std::ffi::CStr,
+        mode: AttachedMode,
+    ) -> Result<(), DataplaneError> {
+        let pin = self.pin_dir.as_ref().map(|d| d.join(mode.link_pin()));
+        let prog_err = |name, source| DataplaneError::Program { name, source };
+        let fd_link: Option<FdLink> = match mode {
+            AttachedMode::Native | AttachedMode::Generic => {
+                let flags = if mode == AttachedMode::Native {
+                    XdpMode::Driver
+                } else {
+                    XdpMode::Skb
+                };
+                let prog = self.xdp_mut(EDGE_XDP_PROGRAM)?;
+                let id = prog
+                    .attach(name, flags)
+                    .map_err(|e| prog_err(EDGE_XDP_PROGRAM, e))?;
+                match &pin {
+                    None => None,
+                    Some(_) => {
+                        let link = prog
+                            .take_link(id)
+                            .map_err(|e| prog_err(EDGE_XDP_PROGRAM, e))?;
+                        Some(FdLink::try_from(link).map_err(|e| pin_err(&pin, e))?)
+                    }
+                }
+            }
+            AttachedMode::Tc => {
+                // tcx (kernel >= 6.6) needs no qdisc; the netlink path needs clsact.
+                if let Err(e) = aya::programs::tc::qdisc_add_clsact(name) {
+                    tracing::debug!(error = %e, "clsact qdisc not added (exists already, or tcx is used)");
+                }
+                let prog = self.tc_mut()?;
+                let id = prog
+                    .attach(name, TcAttachType::Ingress)
+                    .map_err(|e| prog_err(EDGE_TC_PROGRAM, e))?;
+                match &pin {
+                    None => None,
+                    Some(_) => {
+                        let link = prog
+                            .take_link(id)
+                            .map_err(|e| prog_err(EDGE_TC_PROGRAM, e))?;
+                        Some(FdLink::try_from(link).map_err(|e| pin_err(&pin, e))?)
+                    }
+                }
+            }
+            AttachedMode::Adopted => unreachable!("adoption is not an attach order entry"),
         };
-        self.attached = Some(mode);
-        Ok(mode)
+        if let (Some(link), Some(path)) = (fd_link, &pin) {
+            link.pin(path).map_err(|e| pin_err(&pin, e))?;
+        }
+        Ok(())
+    }
+
+    /// Re-uses a link pinned by an earlier run: swaps this process's program in
+    /// atomically (BPF_LINK_UPDATE), so filtering never stops and pinned maps carry on.
+    fn adopt(&mut self, iface: &str, dir: &Path) -> Result<Option<AttachedMode>, DataplaneError> {
+        for hook in [AttachedMode::Native, AttachedMode::Tc] {
+            let path = dir.join(hook.link_pin());
+            if !path.exists() {
+                continue;
+            }
+            let link_err = |source| DataplaneError::Link {
+                path: path.clone(),
+                source,
+            };
+            let link = rawbpf::obj_get(&path).map_err(link_err)?;
+            let prog_fd = match hook {
+                AttachedMode::Tc => self.tc()?.fd(),
+                _ => self.xdp(EDGE_XDP_PROGRAM)?.fd(),
+            }
+            .map_err(|source| DataplaneError::Program {
+                name: EDGE_XDP_PROGRAM,
+                source,
+            })?;
+            rawbpf::link_update(link.as_fd(), prog_fd.as_fd()).map_err(link_err)?;
+            tracing::info!(iface, link = %path.display(), "XDP attached: adopted the pinned link, program replaced atomically");
+            return Ok(Some(AttachedMode::Adopted));
+        }
+        Ok(None)
     }
 
     pub fn attached_mode(&self) -> Option<AttachedMode> {
@@ -274,52 +404,25 @@ impl Dataplane {
         })
     }
 
-    /// Runs `edge_xdp` (or the floor program) on crafted packets through BPF_PROG_TEST_RUN.
+    /// Runs `edge_xdp`, `edge_tc` or the floor program on crafted packets through
+    /// BPF_PROG_TEST_RUN.
     pub fn test_runner(&self, program: &'static str) -> Result<XdpTestRunner<'_>, DataplaneError> {
-        Ok(XdpTestRunner::new(self.xdp(program)?, program))
+        let prog = if program == EDGE_TC_PROGRAM {
+            testrun::Prog::Tc(self.tc()?)
+        } else {
+            testrun::Prog::Xdp(self.xdp(program)?)
+        };
+        Ok(XdpTestRunner::new(prog, program))
     }
 }
 
-/// Attaches through the link pinned at `link_path`, or creates and pins one. An existing
-/// link keeps its hook and gets this process's program swapped in atomically
-/// (BPF_LINK_UPDATE), so the data plane never stops and pinned maps carry on.
-fn attach_pinned(
-    prog: &mut Xdp,
-    name: &std::ffi::CStr,
-    iface: &str,
-    choice: XdpModeChoice,
-    link_path: &Path,
-) -> Result<AttachedMode, DataplaneError> {
-    let link_err = |source| DataplaneError::Link {
-        path: link_path.to_owned(),
-        source,
-    };
-    if link_path.exists() {
-        let link = rawbpf::obj_get(link_path).map_err(link_err)?;
-        let prog_fd = prog.fd().map_err(|source| DataplaneError::Program {
-            name: EDGE_XDP_PROGRAM,
-            source,
-        })?;
-        rawbpf::link_update(link.as_fd(), prog_fd.as_fd()).map_err(link_err)?;
-        tracing::info!(iface, link = %link_path.display(), "XDP attached: adopted the pinned link, program replaced atomically");
-        return Ok(AttachedMode::Adopted);
+fn pin_err(path: &Option<PathBuf>, e: impl std::fmt::Display) -> DataplaneError {
+    DataplaneError::Link {
+        path: path.clone().unwrap_or_default(),
+        source: std::io::Error::other(format!(
+            "cannot pin the link (a netlink attachment cannot be pinned): {e}"
+        )),
     }
-    let (mode, id) = attach::attach_with_fallback(prog, name, iface, choice)?;
-    let link = prog
-        .take_link(id)
-        .map_err(|source| DataplaneError::Program {
-            name: EDGE_XDP_PROGRAM,
-            source,
-        })?;
-    let fd_link = FdLink::try_from(link).map_err(|e| {
-        link_err(std::io::Error::other(format!(
-            "the kernel attached XDP through netlink, which cannot be pinned: {e}"
-        )))
-    })?;
-    fd_link
-        .pin(link_path)
-        .map_err(|e| link_err(std::io::Error::other(e)))?;
-    Ok(mode)
 }
 
 /// What `edgeproxy detach` removed.
@@ -333,8 +436,11 @@ pub struct DetachReport {
 /// every pin and the directory.
 pub fn detach_pinned(pin_dir: &Path) -> Result<DetachReport, DataplaneError> {
     let mut report = DetachReport::default();
-    let link_path = pin_dir.join(LINK_PIN);
-    if link_path.exists() {
+    for hook in [AttachedMode::Native, AttachedMode::Tc] {
+        let link_path = pin_dir.join(hook.link_pin());
+        if !link_path.exists() {
+            continue;
+        }
         let link_err = |source| DataplaneError::Link {
             path: link_path.clone(),
             source,

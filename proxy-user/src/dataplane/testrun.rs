@@ -2,7 +2,7 @@
 //! no network, and read back the verdict, the output packet and the time per run.
 use std::fmt;
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp};
 
 use super::DataplaneError;
 
@@ -54,13 +54,20 @@ pub struct TestRunOutcome {
     pub mean_ns: u64,
 }
 
+/// The program a runner drives: XDP, or the TC twin whose return codes are translated
+/// into XDP terms (TC_ACT_OK → pass, TC_ACT_SHOT → drop).
+pub(super) enum Prog<'a> {
+    Xdp(&'a Xdp),
+    Tc(&'a SchedClassifier),
+}
+
 pub struct XdpTestRunner<'a> {
-    prog: &'a Xdp,
+    prog: Prog<'a>,
     name: &'static str,
 }
 
 impl<'a> XdpTestRunner<'a> {
-    pub(super) fn new(prog: &'a Xdp, name: &'static str) -> Self {
+    pub(super) fn new(prog: Prog<'a>, name: &'static str) -> Self {
         Self { prog, name }
     }
 
@@ -74,16 +81,25 @@ impl<'a> XdpTestRunner<'a> {
             repeat: repeat.max(1),
             ..TestRunOptions::default()
         };
-        let res = self
-            .prog
-            .test_run(opts)
-            .map_err(|source| DataplaneError::Program {
-                name: self.name,
-                source,
-            })?;
+        let res: TestRunResult = match self.prog {
+            Prog::Xdp(p) => p.test_run(opts),
+            Prog::Tc(p) => p.test_run(opts),
+        }
+        .map_err(|source| DataplaneError::Program {
+            name: self.name,
+            source,
+        })?;
         out.truncate((res.data_size_out as usize).min(MAX_OUT));
+        let verdict = match self.prog {
+            Prog::Xdp(_) => XdpVerdict::from_u32(res.return_value),
+            Prog::Tc(_) => match res.return_value {
+                0 => XdpVerdict::Pass,
+                2 => XdpVerdict::Drop,
+                other => XdpVerdict::Unknown(other),
+            },
+        };
         Ok(TestRunOutcome {
-            verdict: XdpVerdict::from_u32(res.return_value),
+            verdict,
             packet: out,
             mean_ns: u64::try_from(res.duration.as_nanos()).unwrap_or(u64::MAX),
         })

@@ -24,7 +24,7 @@ impl RunSummary {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "edgeproxy on {} (XDP {}), {:.1} s",
+            "edgeproxy on {} (hook {}), {:.1} s",
             self.iface, self.mode, secs
         );
         let _ = writeln!(
@@ -101,7 +101,7 @@ impl RunSummary {
             .collect();
         serde_json::json!({
             "iface": self.iface,
-            "xdp_mode": self.mode.name(),
+            "hook": self.mode.name(),
             "elapsed_s": self.elapsed.as_secs_f64(),
             "counters": self.counters.to_json(),
             "records": {

@@ -21,7 +21,7 @@ use edgeproxy_testbed::{
 };
 use proxy_common::{EDGE_XDP_PROGRAM, FLOOR_XDP_PROGRAM, policy::Verdict, reference::ETH_P_IP};
 use proxy_user::dataplane::{
-    Dataplane, LoadOptions, RecordTally, XdpModeChoice, enable_run_time_stats,
+    Dataplane, HookChoice, LoadOptions, RecordTally, enable_run_time_stats,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -278,7 +278,7 @@ fn veth_cost() -> anyhow::Result<()> {
             if let Some(p) = policy {
                 policy_util::load(&mut policy_util::loader(&mut dp), p);
             }
-            dp.attach(pair.a_if, XdpModeChoice::Native)?;
+            dp.attach(pair.a_if, HookChoice::Native)?;
             let _stats = enable_run_time_stats()?;
             let before = dp.program_stats()?;
             traffic::send_udp(&pair.b, (pair.a_v4, 9).into(), n, 18)?;
@@ -415,7 +415,7 @@ fn drop_one(d: Dropper, burst: u64) -> anyhow::Result<(u64, f64, f64)> {
                     &mut policy_util::loader(&mut p),
                     "[[rule]]\nproto = \"udp\"\ndst_port = 7000\naction = \"drop\"\n",
                 );
-                p.attach(pair.a_if, XdpModeChoice::Native)?;
+                p.attach(pair.a_if, HookChoice::Native)?;
                 Ok(p)
             })?;
             let _ = p.take_records()?;

@@ -277,8 +277,8 @@ fn print_report(r: &serde_json::Value, served: u64, send_time: Duration) {
     let verdict = |v: &str| verdicts[v]["packets"].as_u64().unwrap_or(0);
     println!();
     println!(
-        "edgeproxy report: XDP {} on {}, {:.2} s",
-        r["xdp_mode"].as_str().unwrap_or("?"),
+        "edgeproxy report: hook {} on {}, {:.2} s",
+        r["hook"].as_str().unwrap_or("?"),
         r["iface"].as_str().unwrap_or("?"),
         r["elapsed_s"].as_f64().unwrap_or(0.0)
     );
