@@ -51,7 +51,7 @@ pub fn edge_xdp(ctx: XdpContext) -> u32 {
 const TC_PULL: u32 = 640;
 
 #[classifier]
-pub fn edge_tc(ctx: TcContext) -> i32 {
+fn edge_tc(ctx: TcContext) -> i32 {
     // Direct access only sees the linear part; a failed pull (a shorter packet) is fine,
     // the parser then bounds-checks against what is there.
     let want = if ctx.len() < TC_PULL {
@@ -61,9 +61,9 @@ pub fn edge_tc(ctx: TcContext) -> i32 {
     };
     let _ = ctx.pull_data(want);
     if edge(&ctx).is_drop() {
-        TC_ACT_SHOT as i32
+        TC_ACT_SHOT
     } else {
-        TC_ACT_OK as i32
+        TC_ACT_OK
     }
 }
 
