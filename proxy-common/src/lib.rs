@@ -24,6 +24,13 @@ pub const DATAPLANE_STATS_MAP: &str = "DATAPLANE_STATS";
 pub const RECORDS_MAP: &str = "RECORDS";
 /// Size of the record ring buffer in bytes (a power of two, a multiple of the page size).
 pub const RECORDS_BYTES: u32 = 1 << 22;
+/// Array-of-maps holding one record ring per CPU (when the kernel allows ring buffers
+/// as inner maps); an empty slot makes that CPU use [`RECORDS_MAP`].
+pub const RECORD_RINGS_MAP: &str = "RECORD_RINGS";
+/// CPUs the per-CPU ring array covers; a machine with more uses the shared ring.
+pub const RECORD_RINGS_MAX_CPUS: u32 = 256;
+/// Size of each per-CPU ring.
+pub const RECORD_RING_PER_CPU_BYTES: u32 = 1 << 21;
 /// Unread bytes at which the data plane wakes the record consumer; below that the
 /// consumer finds records on its poll timeout ([`RECORDS_POLL_MS`]).
 pub const RECORDS_WAKEUP_BYTES: u32 = 64 * 1024;

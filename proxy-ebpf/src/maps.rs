@@ -2,11 +2,13 @@
 //! at load time, and test loads stay private to their process.
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
-    macros::map,
+    btf_maps::{ArrayOfMaps, RingBuf as BtfRingBuf},
+    macros::{btf_map, map},
     maps::{Array, LpmTrie, PerCpuArray, RingBuf},
 };
 use proxy_common::{
-    Counter, DataplaneStat, ProtoClass, RECORDS_BYTES,
+    Counter, DataplaneStat, ProtoClass, RECORD_RING_PER_CPU_BYTES, RECORD_RINGS_MAX_CPUS,
+    RECORDS_BYTES,
     policy::{
         ACTIONS_PER_SLOT, DEFAULT_LPM_ENTRIES, LpmV4, LpmV6, PORT_ENTRIES, PROTO_ENTRIES,
         PolicyState, RuleAction, RuleSet, SLOTS, Verdict,
@@ -34,6 +36,14 @@ pub static RULE_COUNTERS: PerCpuArray<Counter> =
 
 #[map(name = "RECORDS")]
 pub static RECORDS: RingBuf = RingBuf::with_byte_size(RECORDS_BYTES, 0);
+
+/// One ring per CPU, filled by userspace when the kernel supports ring buffers as inner
+/// maps; a CPU without an entry uses `RECORDS`.
+#[btf_map(name = "RECORD_RINGS")]
+pub static RECORD_RINGS: ArrayOfMaps<
+    BtfRingBuf<u8, { RECORD_RING_PER_CPU_BYTES as usize }>,
+    { RECORD_RINGS_MAX_CPUS as usize },
+> = ArrayOfMaps::new();
 
 #[map(name = "POLICY_STATE")]
 pub static POLICY_STATE: Array<PolicyState> = Array::with_max_entries(1, 0);

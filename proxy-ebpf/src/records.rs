@@ -3,7 +3,7 @@
 //! never changes the verdict logic beyond what the caller decides: it is counted.
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_ringbuf_query},
 };
 use proxy_common::{
     DataplaneStat,
@@ -12,7 +12,7 @@ use proxy_common::{
 
 use crate::{
     hook::Hook,
-    maps::{RECORDS, bump},
+    maps::{RECORD_RINGS, RECORDS, bump},
     parse::Parsed,
 };
 
@@ -45,11 +45,31 @@ fn push<const N: usize, H: Hook>(
     len: usize,
     truncated: u32,
 ) -> bool {
-    let Some(mut entry) = RECORDS.reserve::<Record<N>>(0) else {
+    // This CPU's ring when userspace installed one, else the shared ring.
+    // SAFETY: bpf_get_smp_processor_id has no preconditions.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let size = size_of::<Record<N>>();
+    let (entry, avail) = match RECORD_RINGS.get(cpu) {
+        Some(ring) => (
+            ring.reserve_bytes(size, 0),
+            // SAFETY: an inner-map lookup returns the map itself; the helper only reads it.
+            unsafe {
+                bpf_ringbuf_query(
+                    core::ptr::from_ref(ring).cast_mut().cast(),
+                    u64::from(BPF_RB_AVAIL_DATA),
+                )
+            },
+        ),
+        None => (
+            RECORDS.reserve_bytes(size, 0),
+            RECORDS.query(u64::from(BPF_RB_AVAIL_DATA)),
+        ),
+    };
+    let Some(mut entry) = entry else {
         bump(DataplaneStat::RingbufFull);
         return false;
     };
-    let rec = entry.as_mut_ptr();
+    let rec = entry.as_mut_ptr().cast::<Record<N>>();
     // Clamp in a form the verifier can follow: the copy never exceeds the data room.
     let len = if len > N { N } else { len };
     let copied = if len == 0 {
@@ -91,7 +111,7 @@ fn push<const N: usize, H: Hook>(
     }
     // Waking the consumer per record costs more than the rest of the program; wake it
     // once a batch is waiting, and let its poll timeout pick up smaller amounts.
-    let flags = if RECORDS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES {
+    let flags = if avail >= WAKEUP_BYTES {
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
         u64::from(BPF_RB_NO_WAKEUP)

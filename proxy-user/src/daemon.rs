@@ -136,10 +136,12 @@ fn drain_loop(
         // request are always counted.
         let stop = stopping.load(Ordering::Acquire);
         {
-            let mut fds = [
-                PollFd::new(records.as_fd(), PollFlags::POLLIN),
-                PollFd::new(logger.as_fd(), PollFlags::POLLIN),
-            ];
+            let mut fds: Vec<PollFd<'_>> = records
+                .fds()
+                .into_iter()
+                .chain(std::iter::once(logger.as_fd()))
+                .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
+                .collect();
             let timeout = if stop {
                 PollTimeout::ZERO
             } else {

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use proxy_user::{
     cli::{self, DEFAULT_PIN_ROOT, DEFAULT_STATE_ROOT, Output, Paths},
     daemon::{self, RunOptions},
-    dataplane::{HookChoice, LoadOptions},
+    dataplane::{HookChoice, LoadOptions, RingMode},
     policy::PolicyLimits,
     telemetry,
 };
@@ -85,6 +85,10 @@ enum Command {
         /// Pin nothing and detach on exit.
         #[arg(long)]
         ephemeral: bool,
+        /// Record rings: auto (one per CPU when the kernel allows ring buffers as inner
+        /// maps, else shared, the reason logged), per-cpu or shared.
+        #[arg(long, default_value = "auto")]
+        rings: RingMode,
         #[command(flatten)]
         place: Place,
         #[command(flatten)]
@@ -209,6 +213,7 @@ fn real_main() -> anyhow::Result<()> {
             hook,
             policy,
             ephemeral,
+            rings,
             place,
             limits,
             duration,
@@ -227,6 +232,7 @@ fn real_main() -> anyhow::Result<()> {
                 load: LoadOptions {
                     ebpf_log_level: telemetry::max_log_level(),
                     pin_dir: (!ephemeral).then(|| paths.pin_dir.clone()),
+                    rings,
                 },
                 progress_every: (!progress.is_zero()).then_some(progress),
                 bpf_stats,

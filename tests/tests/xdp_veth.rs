@@ -5,7 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use edgeproxy_testbed::{netns::VethPair, policy_util, privilege::require_root, traffic};
 use proxy_common::{DataplaneStat, ProtoClass};
-use proxy_user::dataplane::{Dataplane, HookChoice, LoadOptions, RecordTally};
+use proxy_user::dataplane::{Dataplane, HookChoice, LoadOptions, RecordTally, RingMode};
 
 /// Every UDP datagram to PORT is sampled (rate 1/1), so records must match datagrams 1:1.
 fn sample_all_to_port() -> String {
@@ -17,7 +17,7 @@ fn sample_all_to_port() -> String {
 const N: u64 = 1000;
 const PORT: u16 = 5140;
 
-fn count_datagrams(v6: bool) {
+fn count_datagrams(v6: bool, rings: RingMode) {
     let pair = VethPair::create().expect("veth pair");
     let dst: SocketAddr = if v6 {
         (pair.a_v6, PORT).into()
@@ -31,11 +31,31 @@ fn count_datagrams(v6: bool) {
     };
 
     pair.a.run(|| {
-        let mut dp = Dataplane::load(LoadOptions::default()).expect("load");
+        let mut dp = Dataplane::load(LoadOptions {
+            rings,
+            ..LoadOptions::default()
+        })
+        .expect("load");
+        // This kernel allows ring buffers as inner maps: auto must pick per-CPU rings.
+        let want = if rings == RingMode::Shared {
+            RingMode::Shared
+        } else {
+            RingMode::PerCpu
+        };
+        assert_eq!(dp.ring_mode(), want);
         let mut loader = policy_util::loader(&mut dp);
         policy_util::load(&mut loader, &sample_all_to_port());
         dp.attach(pair.a_if, HookChoice::Auto).expect("attach");
         let mut records = dp.take_records().expect("ring buffer");
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if want == RingMode::PerCpu {
+            assert!(
+                records.ring_count() > cpus,
+                "a ring per CPU plus the shared one"
+            );
+        } else {
+            assert_eq!(records.ring_count(), 1);
+        }
         let counters = dp.counters().expect("counters");
 
         let sent = traffic::send_udp(&pair.b, dst, N, 64).expect("send");
@@ -67,6 +87,15 @@ fn count_datagrams(v6: bool) {
             (to_port >= N).then_some(())
         });
         assert_eq!(to_port, N, "one record per datagram to port {PORT}");
+        if want == RingMode::PerCpu {
+            let per_ring = records.drained_per_ring();
+            assert_eq!(per_ring[0], 0, "nothing in the shared ring: {per_ring:?}");
+            assert_eq!(
+                per_ring[1..].iter().sum::<u64>(),
+                tally.total(),
+                "{per_ring:?}"
+            );
+        }
         assert_eq!(tally.bad, 0);
 
         let snap = counters.snapshot().expect("snapshot");
@@ -88,7 +117,15 @@ fn veth_counts_every_udp4_datagram_and_drains_one_record_each() {
     if !require_root("veth_counts_every_udp4_datagram_and_drains_one_record_each") {
         return;
     }
-    count_datagrams(false);
+    count_datagrams(false, RingMode::Auto);
+}
+
+#[test]
+fn veth_counts_every_udp4_datagram_with_a_shared_ring() {
+    if !require_root("veth_counts_every_udp4_datagram_with_a_shared_ring") {
+        return;
+    }
+    count_datagrams(false, RingMode::Shared);
 }
 
 #[test]
@@ -96,7 +133,7 @@ fn veth_counts_every_udp6_datagram_and_drains_one_record_each() {
     if !require_root("veth_counts_every_udp6_datagram_and_drains_one_record_each") {
         return;
     }
-    count_datagrams(true);
+    count_datagrams(true, RingMode::PerCpu);
 }
 
 #[test]

@@ -19,7 +19,7 @@ use aya::{
 };
 use proxy_common::{
     DATAPLANE_STATS_MAP, EDGE_TC_PROGRAM, EDGE_XDP_PROGRAM, FLOOR_XDP_PROGRAM, PROTO_COUNTERS_MAP,
-    RECORDS_MAP,
+    RECORD_RING_PER_CPU_BYTES, RECORD_RINGS_MAP, RECORD_RINGS_MAX_CPUS, RECORDS_MAP,
     policy::{
         DPORT_RULES_MAP, DST_V4_MAP, DST_V6_MAP, POLICY_STATE_MAP, PROTO_RULES_MAP,
         RULE_ACTIONS_MAP, RULE_COUNTERS_MAP, SLOT_COUNTERS_MAP, SPORT_RULES_MAP, SRC_V4_MAP,
@@ -29,7 +29,8 @@ use proxy_common::{
 
 /// Maps that live in the pin directory and so survive the daemon: policy, counters and
 /// the record ring. (aya-log's ring is per process and is not pinned.)
-pub const PINNED_MAPS: [&str; 15] = [
+pub const PINNED_MAPS: [&str; 16] = [
+    RECORD_RINGS_MAP,
     PROTO_COUNTERS_MAP,
     DATAPLANE_STATS_MAP,
     VERDICT_COUNTERS_MAP,
@@ -97,6 +98,8 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("per-CPU record rings")]
+    Rings(#[source] std::io::Error),
     #[error("aya-log")]
     Log(#[source] aya_log::Error),
 }
@@ -128,6 +131,31 @@ pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd, DataplaneError> {
     aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(DataplaneError::Stats)
 }
 
+/// Where records go: a ring per CPU (no cross-CPU contention, one consumer per CPU) or
+/// one shared ring. The kernel must allow ring buffers as inner maps for per-CPU rings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RingMode {
+    /// Per-CPU rings when the probe succeeds, else the shared ring (the reason logged).
+    #[default]
+    Auto,
+    PerCpu,
+    Shared,
+}
+
+impl std::str::FromStr for RingMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "per-cpu" | "percpu" => Ok(Self::PerCpu),
+            "shared" => Ok(Self::Shared),
+            other => Err(format!(
+                "unknown ring mode {other:?}: expected auto, per-cpu or shared"
+            )),
+        }
+    }
+}
+
 /// How to load the object.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -136,6 +164,7 @@ pub struct LoadOptions {
     /// Pin maps (and, on attach, the XDP link) here, reusing what is already pinned.
     /// `None`: everything is private to this process and goes away with it.
     pub pin_dir: Option<PathBuf>,
+    pub rings: RingMode,
 }
 
 impl Default for LoadOptions {
@@ -143,6 +172,7 @@ impl Default for LoadOptions {
         Self {
             ebpf_log_level: log::LevelFilter::Warn,
             pin_dir: None,
+            rings: RingMode::Auto,
         }
     }
 }
@@ -152,6 +182,8 @@ pub struct Dataplane {
     ebpf: Ebpf,
     attached: Option<AttachedMode>,
     pin_dir: Option<PathBuf>,
+    /// Per-CPU record rings installed in RECORD_RINGS (empty: the shared ring is used).
+    per_cpu_rings: Vec<aya::maps::MapData>,
 }
 
 impl Dataplane {
@@ -176,6 +208,7 @@ impl Dataplane {
             ebpf,
             attached: None,
             pin_dir: opts.pin_dir,
+            per_cpu_rings: Vec::new(),
         };
         for name in [EDGE_XDP_PROGRAM, FLOOR_XDP_PROGRAM] {
             dp.xdp_mut(name)?
@@ -188,6 +221,26 @@ impl Dataplane {
                 name: EDGE_TC_PROGRAM,
                 source,
             })?;
+        match opts.rings {
+            RingMode::Shared => {
+                dp.clear_per_cpu_rings()?;
+                tracing::info!("records: one shared ring (as configured)");
+            }
+            RingMode::PerCpu => {
+                let n = dp.install_per_cpu_rings()?;
+                tracing::info!(rings = n, "records: one ring per CPU");
+            }
+            RingMode::Auto => match dp.install_per_cpu_rings() {
+                Ok(n) => tracing::info!(rings = n, "records: one ring per CPU"),
+                Err(e) => {
+                    dp.per_cpu_rings.clear();
+                    tracing::warn!(
+                        reason = %attach::error_chain(&e),
+                        "records: per-CPU rings unavailable, using one shared ring"
+                    );
+                }
+            },
+        }
         Ok(dp)
     }
 
@@ -361,13 +414,96 @@ impl Dataplane {
         DataplaneCounters::new(&self.ebpf)
     }
 
-    /// Takes the record ring buffer (samples and captures); there is one consumer per ring.
-    pub fn take_records(&mut self) -> Result<Records, DataplaneError> {
+    /// Fills RECORD_RINGS with one ring per possible CPU, re-using rings already there
+    /// (a pinned array from an earlier run). Returns how many rings are in use.
+    fn install_per_cpu_rings(&mut self) -> Result<usize, DataplaneError> {
+        use aya::maps::{ArrayOfMaps, MapData};
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, source)| DataplaneError::Rings(source))?
+            .get() as u32;
+        if cpus > RECORD_RINGS_MAX_CPUS {
+            return Err(DataplaneError::Rings(std::io::Error::other(format!(
+                "{cpus} possible CPUs, the ring array holds {RECORD_RINGS_MAX_CPUS}"
+            ))));
+        }
         let map = self
+            .ebpf
+            .map_mut(RECORD_RINGS_MAP)
+            .ok_or(DataplaneError::MapMissing(RECORD_RINGS_MAP))?;
+        let mut outer: ArrayOfMaps<&mut MapData, MapData> =
+            ArrayOfMaps::try_from(map).map_err(|source| DataplaneError::Map {
+                name: RECORD_RINGS_MAP,
+                source,
+            })?;
+        let mut rings = Vec::with_capacity(cpus as usize);
+        for cpu in 0..cpus {
+            let ring = match outer.get(&cpu, 0) {
+                Ok(existing) => existing,
+                Err(_) => {
+                    let fd = rawbpf::create_ringbuf(RECORD_RING_PER_CPU_BYTES, "ep_rec_cpu")
+                        .map_err(DataplaneError::Rings)?;
+                    let ring = MapData::from_fd(fd).map_err(|source| DataplaneError::Map {
+                        name: RECORD_RINGS_MAP,
+                        source,
+                    })?;
+                    outer
+                        .set(cpu, &ring, 0)
+                        .map_err(|source| DataplaneError::Map {
+                            name: RECORD_RINGS_MAP,
+                            source,
+                        })?;
+                    ring
+                }
+            };
+            rings.push(ring);
+        }
+        self.per_cpu_rings = rings;
+        Ok(self.per_cpu_rings.len())
+    }
+
+    /// Empties RECORD_RINGS so every CPU uses the shared ring.
+    fn clear_per_cpu_rings(&mut self) -> Result<(), DataplaneError> {
+        self.per_cpu_rings.clear();
+        let map = self
+            .ebpf
+            .map(RECORD_RINGS_MAP)
+            .ok_or(DataplaneError::MapMissing(RECORD_RINGS_MAP))?;
+        let aya::maps::Map::ArrayOfMaps(data) = map else {
+            return Err(DataplaneError::MapMissing(RECORD_RINGS_MAP));
+        };
+        for cpu in 0..RECORD_RINGS_MAX_CPUS {
+            match rawbpf::delete_elem(data, &cpu.to_ne_bytes()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(DataplaneError::Rings(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether records go to per-CPU rings (else the shared ring).
+    pub fn ring_mode(&self) -> RingMode {
+        if self.per_cpu_rings.is_empty() {
+            RingMode::Shared
+        } else {
+            RingMode::PerCpu
+        }
+    }
+
+    /// Takes the record rings (samples and captures): the per-CPU rings when installed,
+    /// else the shared ring. There is one consumer per ring.
+    pub fn take_records(&mut self) -> Result<Records, DataplaneError> {
+        let shared = self
             .ebpf
             .take_map(RECORDS_MAP)
             .ok_or(DataplaneError::MapMissing(RECORDS_MAP))?;
-        Records::new(map)
+        if self.per_cpu_rings.is_empty() {
+            return Records::new(vec![shared]);
+        }
+        // The shared ring is still drained: a CPU beyond the array would use it.
+        let mut maps = vec![shared];
+        maps.extend(self.per_cpu_rings.drain(..).map(aya::maps::Map::RingBuf));
+        Records::new(maps)
     }
 
     /// Takes the policy maps out of this object for a [`crate::policy::loader::PolicyLoader`].

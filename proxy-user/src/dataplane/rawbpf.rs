@@ -311,3 +311,62 @@ pub fn link_detach(link: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     };
     bpf_cmd(BPF_LINK_DETACH, &mut attr).map(drop)
 }
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+
+/// Creates a standalone BPF ring buffer of `bytes` (aya 0.16 creates other map types,
+/// not ring buffers).
+pub fn create_ringbuf(bytes: u32, name: &str) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+        numa_node: u32,
+        map_name: [u8; 16],
+    }
+    let mut map_name = [0u8; 16];
+    for (d, s) in map_name.iter_mut().zip(name.bytes().take(15)) {
+        *d = s;
+    }
+    let mut attr = MapCreate {
+        map_type: BPF_MAP_TYPE_RINGBUF,
+        key_size: 0,
+        value_size: 0,
+        max_entries: bytes,
+        map_flags: 0,
+        inner_map_fd: 0,
+        numa_node: 0,
+        map_name,
+    };
+    let fd = bpf_cmd(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: BPF_MAP_CREATE returned a new file descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+
+/// Deletes one element (aya 0.16 has no delete for arrays of maps).
+pub fn delete_elem(map: &MapData, key: &[u8]) -> io::Result<()> {
+    #[repr(C)]
+    struct Elem {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut attr = Elem {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: 0,
+        flags: 0,
+    };
+    bpf_cmd(BPF_MAP_DELETE_ELEM, &mut attr).map(drop)
+}

@@ -18,40 +18,60 @@ pub struct RecordView<'a> {
     pub data: &'a [u8],
 }
 
+/// The record rings: one per CPU, or the one shared ring (see [`super::RingMode`]).
 pub struct Records {
-    ring: RingBuf<MapData>,
+    /// Index 0 is the shared ring; per-CPU rings, when installed, follow in CPU order.
+    rings: Vec<RingBuf<MapData>>,
+    per_ring: Vec<u64>,
 }
 
 impl Records {
-    pub(super) fn new(map: Map) -> Result<Self, DataplaneError> {
-        let ring = RingBuf::try_from(map).map_err(|source| DataplaneError::Map {
-            name: RECORDS_MAP,
-            source,
-        })?;
-        Ok(Self { ring })
+    pub(super) fn new(maps: Vec<Map>) -> Result<Self, DataplaneError> {
+        let rings = maps
+            .into_iter()
+            .map(|m| {
+                RingBuf::try_from(m).map_err(|source| DataplaneError::Map {
+                    name: RECORDS_MAP,
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let per_ring = vec![0; rings.len()];
+        Ok(Self { rings, per_ring })
     }
 
-    /// Hands every record now in the ring to `f`; returns how many there were. Records
+    /// Records drained from each ring so far (index 0: the shared ring).
+    pub fn drained_per_ring(&self) -> &[u64] {
+        &self.per_ring
+    }
+
+    pub fn ring_count(&self) -> usize {
+        self.rings.len()
+    }
+
+    /// Hands every record now in the rings to `f`; returns how many there were. Records
     /// that do not parse (a mismatched eBPF object) are counted in `tally.bad`, never misread.
     pub fn drain(&mut self, tally: &mut RecordTally, mut f: impl FnMut(&RecordView<'_>)) -> usize {
         let mut n = 0;
-        while let Some(item) = self.ring.next() {
-            n += 1;
-            match parse_record(&item) {
-                Some(view) => {
-                    tally.add(&view.header);
-                    f(&view);
+        for (ring, count) in self.rings.iter_mut().zip(self.per_ring.iter_mut()) {
+            while let Some(item) = ring.next() {
+                n += 1;
+                *count += 1;
+                match parse_record(&item) {
+                    Some(view) => {
+                        tally.add(&view.header);
+                        f(&view);
+                    }
+                    None => tally.bad += 1,
                 }
-                None => tally.bad += 1,
             }
         }
         n
     }
-}
 
-impl AsFd for Records {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.ring.as_fd()
+    /// One fd per ring, readable when the data plane woke its consumer.
+    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.rings.iter().map(AsFd::as_fd).collect()
     }
 }
 
