@@ -21,6 +21,17 @@ pub mod traffic;
 
 use std::path::PathBuf;
 
+/// The seed for a randomized test: `$EDGEPROXY_SEED` to replay a run, else random.
+/// Printed either way, so a failure can be replayed.
+pub fn seed() -> u64 {
+    let seed = std::env::var("EDGEPROXY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (set EDGEPROXY_SEED to replay)");
+    seed
+}
+
 /// The `edgeproxy` binary next to the running test or tool (target/<profile>/edgeproxy),
 /// or `$EDGEPROXY_BIN`. `cargo xtask test` builds it before the tests run.
 pub fn edgeproxy_bin() -> anyhow::Result<PathBuf> {

@@ -25,15 +25,6 @@ fn packets_per_policy() -> usize {
     }
 }
 
-fn seed() -> u64 {
-    let seed = std::env::var("EDGEPROXY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (set EDGEPROXY_SEED to replay)");
-    seed
-}
-
 /// The same matching, every rule turned into "sample everything": every packet that
 /// matches a rule leaves a record naming the rule.
 fn shadow(p: &Policy) -> Policy {
@@ -78,7 +69,7 @@ fn tc_agrees_with_reference_on_generated_packets_and_policies() {
 
 /// Returns the number of test runs compared.
 fn differential(program: &'static str, policies: usize, n: usize) -> u64 {
-    let mut g = Gen::new(seed());
+    let mut g = Gen::new(edgeproxy_testbed::seed());
     let mut dp = Dataplane::load(LoadOptions::default()).expect("load");
     let mut loader = PolicyLoader::new(dp.take_policy_maps().expect("maps"), None);
     let mut records = dp.take_records().expect("records");

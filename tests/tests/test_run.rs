@@ -340,12 +340,7 @@ fn xdp_agrees_with_reference_on_truncated_and_random_packets() {
     if !require_root("xdp_agrees_with_reference_on_truncated_and_random_packets") {
         return;
     }
-    let seed: u64 = std::env::var("EDGEPROXY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (set EDGEPROXY_SEED to replay)");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = StdRng::seed_from_u64(edgeproxy_testbed::seed());
 
     let mut inputs: Vec<Vec<u8>> = Vec::new();
     for (_, pkt, ..) in crafted() {

@@ -58,7 +58,33 @@ fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
     }
 }
 
-/// Inserts or replaces `keys.len() / key_size` entries in one syscall per chunk.
+/// Entries per batch syscall.
+const BATCH: usize = 8192;
+
+/// Runs `cmd` over `n` entries in chunks of [`BATCH`]; `fill` points the attribute at
+/// the chunk starting at the given entry.
+fn batched(
+    cmd: libc::c_long,
+    map: &MapData,
+    n: usize,
+    mut fill: impl FnMut(&mut BatchAttr, usize),
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < n {
+        let count = (n - done).min(BATCH);
+        let mut attr = BatchAttr {
+            count: count as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        fill(&mut attr, done);
+        bpf_batch(cmd, &mut attr)?;
+        done += count;
+    }
+    Ok(())
+}
+
+/// Inserts or replaces `keys.len() / key_size` entries, one syscall per chunk.
 pub fn update_batch(
     map: &MapData,
     keys: &[u8],
@@ -68,39 +94,21 @@ pub fn update_batch(
 ) -> io::Result<()> {
     let n = keys.len() / key_size;
     assert_eq!(values.len(), n * value_size, "one value per key");
-    const CHUNK: usize = 8192;
-    let mut done = 0;
-    while done < n {
-        let count = (n - done).min(CHUNK);
-        let mut attr = BatchAttr {
-            keys: keys[done * key_size..].as_ptr() as u64,
-            values: values[done * value_size..].as_ptr() as u64,
-            count: count as u32,
-            map_fd: map.fd().as_fd().as_raw_fd() as u32,
-            ..Default::default()
-        };
-        bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr)?;
-        done += count;
-    }
-    Ok(())
+    batched(BPF_MAP_UPDATE_BATCH, map, n, |attr, at| {
+        attr.keys = keys[at * key_size..].as_ptr() as u64;
+        attr.values = values[at * value_size..].as_ptr() as u64;
+    })
 }
 
 pub fn delete_batch(map: &MapData, keys: &[u8], key_size: usize) -> io::Result<()> {
-    let n = keys.len() / key_size;
-    const CHUNK: usize = 8192;
-    let mut done = 0;
-    while done < n {
-        let count = (n - done).min(CHUNK);
-        let mut attr = BatchAttr {
-            keys: keys[done * key_size..].as_ptr() as u64,
-            count: count as u32,
-            map_fd: map.fd().as_fd().as_raw_fd() as u32,
-            ..Default::default()
-        };
-        bpf_batch(BPF_MAP_DELETE_BATCH, &mut attr)?;
-        done += count;
-    }
-    Ok(())
+    batched(
+        BPF_MAP_DELETE_BATCH,
+        map,
+        keys.len() / key_size,
+        |attr, at| {
+            attr.keys = keys[at * key_size..].as_ptr() as u64;
+        },
+    )
 }
 
 /// Every key in the map, `key_size` bytes each, concatenated.
