@@ -79,3 +79,76 @@ fn a_thousandth_of_a_percent_is_honoured() {
     let p = 42_950.0 / 4_294_967_296.0;
     within_six_sigma(sampled("0.001%", 10_000_000), 1e7, p);
 }
+
+/// A full ring never changes a verdict it should not: samples are dropped and counted,
+/// and a capture that cannot be written passes the packet instead of dropping it.
+#[test]
+fn a_full_ring_is_counted_and_never_drops_what_it_could_not_capture() {
+    if !require_root("a_full_ring_is_counted_and_never_drops_what_it_could_not_capture") {
+        return;
+    }
+    use proxy_common::policy::Verdict;
+    use proxy_user::dataplane::{RingMode, XdpVerdict};
+    const RUNS: u32 = 50_000;
+    for (rule, full_verdict) in [
+        (
+            "action = \"sample\"\nrate = \"1/1\"\nsnap = 256\n",
+            Verdict::PassSampleRule,
+        ),
+        (
+            "action = \"capture\"\nthen = \"drop\"\n",
+            Verdict::PassCaptureFailed,
+        ),
+    ] {
+        let mut dp = Dataplane::load(LoadOptions {
+            rings: RingMode::Shared,
+            ..LoadOptions::default()
+        })
+        .expect("load");
+        policy_util::load(
+            &mut policy_util::loader(&mut dp),
+            &format!("[[rule]]\nproto = \"udp\"\n{rule}"),
+        );
+        let pkt = packets::eth_ipv4(&L4::udp(1000, 514, 64));
+        // Nothing drains: the ring fills long before RUNS.
+        let out = dp
+            .test_runner(EDGE_XDP_PROGRAM)
+            .expect("runner")
+            .run(&pkt, RUNS)
+            .expect("run");
+        let s = dp
+            .counters()
+            .expect("counters")
+            .snapshot()
+            .expect("snapshot");
+        let pushed = s.stat(DataplaneStat::RecordsPushed);
+        let full = s.stat(DataplaneStat::RingbufFull);
+        eprintln!("{rule:?}: {pushed} pushed, {full} ring-full");
+        assert!(pushed > 0 && full > 0, "the ring filled");
+        assert_eq!(
+            pushed + full,
+            u64::from(RUNS),
+            "every run either pushed or counted"
+        );
+        assert_eq!(
+            out.verdict,
+            XdpVerdict::Pass,
+            "the last run (ring full) passes the packet"
+        );
+        if full_verdict == Verdict::PassCaptureFailed {
+            assert_eq!(
+                s.verdict(Verdict::PassCaptureFailed).packets,
+                full,
+                "uncaptured ones passed"
+            );
+            assert_eq!(
+                s.verdict(Verdict::DropCaptured).packets,
+                pushed,
+                "captured ones were dropped"
+            );
+        } else {
+            // Sampled or not, a sample rule passes every packet.
+            assert_eq!(s.verdict(Verdict::PassSampleRule).packets, u64::from(RUNS));
+        }
+    }
+}
