@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod daemon;
 pub mod dataplane;
+pub mod logs;
 pub mod policy;
 pub mod report;
 pub mod telemetry;

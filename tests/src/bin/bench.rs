@@ -29,6 +29,7 @@ struct Options {
     runs: usize,
     repeat: u32,
     burst: u64,
+    suites: Vec<String>,
 }
 
 fn parse_args() -> anyhow::Result<Options> {
@@ -37,6 +38,7 @@ fn parse_args() -> anyhow::Result<Options> {
         // Per test-run call; the record ring is drained between calls.
         repeat: 20_000,
         burst: 2_000_000,
+        suites: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     let num = |v: Option<String>, what: &str| -> anyhow::Result<u64> {
@@ -49,11 +51,14 @@ fn parse_args() -> anyhow::Result<Options> {
             "--runs" => o.runs = num(args.next(), "--runs")? as usize,
             "--repeat" => o.repeat = num(args.next(), "--repeat")? as u32,
             "--burst" => o.burst = num(args.next(), "--burst")?,
-            "xdp" => {}
+            "xdp" | "logs-decode" => o.suites.push(a),
             other => bail!(
-                "unknown argument {other:?} (suites: xdp; options: --runs N, --repeat N, --burst N)"
+                "unknown argument {other:?} (suites: xdp, logs-decode; options: --runs N, --repeat N, --burst N)"
             ),
         }
+    }
+    if o.suites.is_empty() {
+        o.suites = vec!["xdp".into(), "logs-decode".into()];
     }
     Ok(o)
 }
@@ -73,10 +78,82 @@ fn run() -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("benchmarks need root (BPF_PROG_TEST_RUN, namespaces, XDP)");
     }
-    test_run_scenarios(&o)?;
-    apply_time()?;
-    veth_cost()?;
-    drop_rates(&o)?;
+    if o.suites.iter().any(|s| s == "xdp") {
+        test_run_scenarios(&o)?;
+        apply_time()?;
+        veth_cost()?;
+        drop_rates(&o)?;
+    }
+    if o.suites.iter().any(|s| s == "logs-decode") {
+        logs_decode(&o)?;
+    }
+    Ok(())
+}
+
+/// Decoding throughput on one core: edgeproxy's zero-copy decoder against syslog_loose
+/// (the parser Vector uses), on the same corpus, interleaved run by run.
+fn logs_decode(o: &Options) -> anyhow::Result<()> {
+    use proxy_user::logs::decode::decode;
+    let mut rng = StdRng::seed_from_u64(11);
+    let apps = ["nginx", "sshd", "kernel", "api", "cron"];
+    let lines: Vec<String> = (0..100_000)
+        .map(|i| {
+            let app = apps[i % apps.len()];
+            let pid = rng.random_range(1..65535);
+            let n: u32 = rng.random();
+            if i % 2 == 0 {
+                format!("<{}>1 2026-11-24T02:43:{:02}.{:06}Z edge{} {app} {pid} ID{} - request {n} served in {} ms", 8 + i % 8, i % 60, n % 1_000_000, i % 16, i % 100, n % 997)
+            } else {
+                format!("<{}>Nov 24 02:43:{:02} edge{} {app}[{pid}]: request {n} served in {} ms", 8 + i % 8, i % 60, i % 16, n % 997)
+            }
+        })
+        .collect();
+    let rx = 1_795_315_380_000_000_000i64;
+    let bytes: usize = lines.iter().map(String::len).sum();
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    let mut sink = 0usize;
+    for round in 0..=o.runs.min(9) {
+        let t = Instant::now();
+        for l in &lines {
+            let r = decode(l.as_bytes(), rx);
+            sink += r.message.len() + usize::from(r.severity.unwrap_or(0));
+        }
+        let a = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for l in &lines {
+            let m = syslog_loose::parse_message(l, syslog_loose::Variant::Either);
+            sink += m.msg.len() + m.severity.map_or(0, |s| s as usize);
+        }
+        let b = t.elapsed().as_secs_f64();
+        if round > 0 {
+            ours.push(lines.len() as f64 / a);
+            theirs.push(lines.len() as f64 / b);
+        }
+    }
+    let (a, b) = (spread(ours), spread(theirs));
+    println!(
+        "bench logs-decode: {} lines ({} MB, half RFC 5424, half RFC 3164), one core, {} interleaved runs (checksum {sink})",
+        lines.len(),
+        bytes / 1_000_000,
+        o.runs.min(9)
+    );
+    println!(
+        "{:<28} {:>12} {:>14} {:>12}",
+        "decoder", "min lines/s", "median lines/s", "max lines/s"
+    );
+    println!(
+        "{:<28} {:>12.0} {:>14.0} {:>12.0}",
+        "edgeproxy (zero-copy)", a.min, a.median, a.max
+    );
+    println!(
+        "{:<28} {:>12.0} {:>14.0} {:>12.0}",
+        "syslog_loose 0.23", b.min, b.median, b.max
+    );
+    println!(
+        "ratio edgeproxy/syslog_loose (medians): {:.2}x\n",
+        a.median / b.median.max(1.0)
+    );
     Ok(())
 }
 
