@@ -1,5 +1,7 @@
-//! The log pipeline. Today: framing ([`framing`]) and decoding ([`decode`]) of log
+//! The log pipeline. Today: framing ([`framing`]), decoding ([`decode`]) and window
+//! aggregation ([`aggregate`]) of log
 //! datagrams, zero-copy; aggregation, sinks and the io_uring receive path follow.
+pub mod aggregate;
 pub mod decode;
 pub mod framing;
 pub mod time;
