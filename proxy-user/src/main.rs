@@ -112,6 +112,16 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// What this host supports: kernel, BTF, bpffs, io_uring features, CPUs, and per
+    /// interface the driver, XDP modes (with --probe-xdp) and zero-copy receive.
+    Doctor {
+        /// Attach and detach an inert XDP program on every interface to test native and
+        /// generic mode (some drivers briefly reset the link).
+        #[arg(long)]
+        probe_xdp: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Detach the pinned data plane from an interface and remove its pins and state.
     Detach {
         iface: String,
@@ -273,6 +283,15 @@ fn real_main() -> anyhow::Result<()> {
                 print(cli::policy::rollback(&paths(&place, &iface))?, json)
             }
         },
+        Command::Doctor { probe_xdp, json } => {
+            let report = proxy_user::doctor::probe(probe_xdp);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
+            Ok(())
+        }
         Command::Detach { iface, place, json } => {
             print(cli::policy::detach(&paths(&place, &iface))?, json)
         }

@@ -48,7 +48,12 @@ pub const PINNED_MAPS: [&str; 16] = [
     RULE_ACTIONS_MAP,
 ];
 
-pub use attach::{AttachedMode, HookChoice};
+pub use attach::{AttachedMode, HookChoice, error_chain};
+
+/// The embedded eBPF object (for probes that load their own copy).
+pub fn object_bytes() -> &'static [u8] {
+    object::EBPF_OBJECT
+}
 pub use counters::{CounterSnapshot, DataplaneCounters};
 pub use ebpf_log::EbpfLogDrain;
 pub use rawbpf::{

@@ -1,0 +1,359 @@
+//! `edgeproxy doctor`: what this host supports and why a fallback would be chosen.
+//! Every line is measured here (a file read, a syscall, a real probe), except zero-copy
+//! receive support per interface, which is judged by driver until the TCP engine brings
+//! the queue-registration probe; the report says which is which.
+use std::{fs, path::Path};
+
+use serde::Serialize;
+
+/// A probe that may not have run (`None`), succeeded, or failed with the reason.
+pub type ProbeResult = Option<Result<(), String>>;
+
+#[derive(Debug, Serialize)]
+pub struct DoctorReport {
+    pub kernel: Kernel,
+    pub bpffs_mounted: bool,
+    pub io_uring: IoUring,
+    pub cpus: Cpus,
+    pub interfaces: Vec<Interface>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Kernel {
+    pub release: String,
+    pub btf: bool,
+    pub bpf_jit: Option<u32>,
+    pub bpf_stats_sysctl: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IoUring {
+    /// `kernel.io_uring_disabled`: 0 enabled, 1 root/group only, 2 disabled.
+    pub disabled_sysctl: Option<u32>,
+    /// A ring could be created (the reason when not).
+    pub setup: Result<(), String>,
+    pub single_issuer: bool,
+    pub defer_taskrun: bool,
+    pub coop_taskrun: bool,
+    pub fast_poll: bool,
+    pub opcodes: Vec<(&'static str, bool)>,
+    /// Multishot receive is a flag, not an opcode, so the opcode probe cannot see it:
+    /// judged by kernel version (6.0+).
+    pub multishot_recv_by_kernel_version: bool,
+    /// Provided buffer rings could be registered.
+    pub buffer_rings: Result<(), String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Cpus {
+    pub online: String,
+    pub count: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Interface {
+    pub name: String,
+    pub driver: String,
+    pub mtu: Option<u32>,
+    pub operstate: String,
+    /// Native and generic XDP attach results, when probed (`--probe-xdp`).
+    pub xdp_native: ProbeResult,
+    pub xdp_generic: ProbeResult,
+    /// Zero-copy receive (io_uring RecvZc): judged by driver, with the reason.
+    pub zero_copy_receive: (bool, String),
+}
+
+fn read_trim(p: impl AsRef<Path>) -> Option<String> {
+    fs::read_to_string(p).ok().map(|s| s.trim().to_owned())
+}
+
+fn read_u32(p: impl AsRef<Path>) -> Option<u32> {
+    read_trim(p)?.parse().ok()
+}
+
+/// Drivers that implement the netdev queue-management ops io_uring zero-copy receive
+/// needs (with header/data split and flow steering) as of Linux 6.18.
+const ZCRX_DRIVERS: [&str; 4] = ["bnxt_en", "gve", "mlx5_core", "fbnic"];
+
+pub fn probe(probe_xdp: bool) -> DoctorReport {
+    // Interfaces of this process's network namespace (if_nameindex follows it; sysfs
+    // shows the namespace it was mounted in, so it is only trusted when indexes agree).
+    let mut interfaces = Vec::new();
+    if let Ok(list) = nix::net::if_::if_nameindex() {
+        let mut found: Vec<(u32, String)> = list
+            .iter()
+            .map(|i| (i.index(), i.name().to_string_lossy().into_owned()))
+            .collect();
+        found.sort();
+        for (index, name) in found {
+            interfaces.push(interface(&name, index, probe_xdp));
+        }
+    }
+    DoctorReport {
+        kernel: Kernel {
+            release: read_trim("/proc/sys/kernel/osrelease").unwrap_or_default(),
+            btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
+            bpf_jit: read_u32("/proc/sys/net/core/bpf_jit_enable"),
+            bpf_stats_sysctl: read_u32("/proc/sys/kernel/bpf_stats_enabled"),
+        },
+        bpffs_mounted: fs::read_to_string("/proc/mounts").is_ok_and(|m| {
+            m.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(1) == Some(&"/sys/fs/bpf") && f.get(2) == Some(&"bpf")
+            })
+        }),
+        io_uring: io_uring(),
+        cpus: Cpus {
+            online: read_trim("/sys/devices/system/cpu/online").unwrap_or_default(),
+            count: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        },
+        interfaces,
+    }
+}
+
+fn io_uring() -> IoUring {
+    use io_uring::{IoUring as Ring, Probe, opcode};
+    let mut caps = IoUring {
+        disabled_sysctl: read_u32("/proc/sys/kernel/io_uring_disabled"),
+        setup: Ok(()),
+        single_issuer: false,
+        defer_taskrun: false,
+        coop_taskrun: false,
+        fast_poll: false,
+        opcodes: Vec::new(),
+        multishot_recv_by_kernel_version: kernel_at_least(6, 0),
+        buffer_rings: Err("not probed".into()),
+    };
+    let ring: Ring = match Ring::new(8) {
+        Ok(r) => r,
+        Err(e) => {
+            caps.setup = Err(e.to_string());
+            return caps;
+        }
+    };
+    caps.fast_poll = ring.params().is_feature_fast_poll();
+    caps.single_issuer = Ring::<io_uring::squeue::Entry, io_uring::cqueue::Entry>::builder()
+        .setup_single_issuer()
+        .build(8)
+        .is_ok();
+    caps.defer_taskrun = Ring::<io_uring::squeue::Entry, io_uring::cqueue::Entry>::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(8)
+        .is_ok();
+    caps.coop_taskrun = Ring::<io_uring::squeue::Entry, io_uring::cqueue::Entry>::builder()
+        .setup_coop_taskrun()
+        .build(8)
+        .is_ok();
+    let mut probe = Probe::new();
+    if ring.submitter().register_probe(&mut probe).is_ok() {
+        caps.opcodes = vec![
+            ("recv", probe.is_supported(opcode::RecvMulti::CODE)),
+            ("recvmsg", probe.is_supported(opcode::RecvMsgMulti::CODE)),
+            ("send_zc", probe.is_supported(opcode::SendZc::CODE)),
+            ("splice", probe.is_supported(opcode::Splice::CODE)),
+            (
+                "provide_buffers",
+                probe.is_supported(opcode::ProvideBuffers::CODE),
+            ),
+            ("recv_zc", probe.is_supported(opcode::RecvZc::CODE)),
+        ];
+    }
+    caps.buffer_rings = buffer_ring_probe(&ring);
+    caps
+}
+
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = read_trim("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= (major, minor)
+}
+
+/// Registers (then unregisters) a one-page provided-buffer ring.
+fn buffer_ring_probe(ring: &io_uring::IoUring) -> Result<(), String> {
+    use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
+    let len = std::num::NonZeroUsize::new(4096).ok_or("zero length")?;
+    // SAFETY: a fresh private anonymous mapping, unmapped below and never aliased.
+    let mem = unsafe {
+        mmap_anonymous(
+            None,
+            len,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_PRIVATE,
+        )
+    }
+    .map_err(|e| e.to_string())?;
+    // SAFETY: `mem` is page-aligned, 4096 bytes: room for 8 ring entries of 16 bytes;
+    // it stays mapped until the ring is unregistered.
+    let r = unsafe {
+        ring.submitter()
+            .register_buf_ring_with_flags(mem.as_ptr() as u64, 8, 7, 0)
+    }
+    .map_err(|e| e.to_string());
+    if r.is_ok() {
+        let _ = ring.submitter().unregister_buf_ring(7);
+    }
+    // SAFETY: exactly the mapping created above.
+    let _ = unsafe { munmap(mem, 4096) };
+    r
+}
+
+fn interface(name: &str, index: u32, probe_xdp: bool) -> Interface {
+    let base = Path::new("/sys/class/net").join(name);
+    let sysfs_is_ours = read_u32(base.join("ifindex")) == Some(index);
+    let driver = if !sysfs_is_ours {
+        Some("unknown (sysfs shows another network namespace)".to_owned())
+    } else {
+        None
+    };
+    let driver = driver.unwrap_or_else(|| {
+        fs::read_link(base.join("device/driver"))
+            .ok()
+            .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| {
+                if name == "lo" {
+                    "loopback".into()
+                } else if base.join("veth").exists()
+                    || read_trim(base.join("iflink")) != read_trim(base.join("ifindex"))
+                {
+                    "virtual (veth or similar)".into()
+                } else {
+                    "virtual".into()
+                }
+            })
+    });
+    let zero_copy_receive = if ZCRX_DRIVERS.iter().any(|d| *d == driver) {
+        (
+            true,
+            format!(
+                "driver {driver} implements queue management (needs header/data split and flow steering configured; cannot share the device with XDP: use --hook tc)"
+            ),
+        )
+    } else {
+        (
+            false,
+            format!(
+                "driver {driver} lacks the queue-management ops zero-copy receive needs (supported: {})",
+                ZCRX_DRIVERS.join(", ")
+            ),
+        )
+    };
+    let (xdp_native, xdp_generic) = if probe_xdp {
+        xdp_probe(name)
+    } else {
+        (None, None)
+    };
+    Interface {
+        name: name.to_owned(),
+        driver,
+        mtu: sysfs_is_ours.then(|| read_u32(base.join("mtu"))).flatten(),
+        operstate: if sysfs_is_ours {
+            read_trim(base.join("operstate")).unwrap_or_default()
+        } else {
+            "unknown".into()
+        },
+        xdp_native,
+        xdp_generic,
+        zero_copy_receive,
+    }
+}
+
+/// Attaches the benchmark floor (XDP_PASS, touches nothing) natively, then generically,
+/// detaching each at once. Some drivers reset the link when an XDP program is attached,
+/// which is why this runs only on request.
+fn xdp_probe(name: &str) -> (ProbeResult, ProbeResult) {
+    use aya::programs::{Xdp, XdpMode};
+    let mut ebpf = match aya::Ebpf::load(crate::dataplane::object_bytes()) {
+        Ok(e) => e,
+        Err(e) => return (Some(Err(e.to_string())), Some(Err(e.to_string()))),
+    };
+    let Some(Ok(prog)) = ebpf
+        .program_mut(proxy_common::FLOOR_XDP_PROGRAM)
+        .map(<&mut Xdp>::try_from)
+    else {
+        return (Some(Err("no floor program".into())), None);
+    };
+    if let Err(e) = prog.load() {
+        return (Some(Err(e.to_string())), None);
+    }
+    let Ok(cname) = std::ffi::CString::new(name) else {
+        return (None, None);
+    };
+    let mut attempt = |mode| match prog.attach(&cname, mode) {
+        Ok(id) => {
+            let _ = prog.detach(id);
+            Ok(())
+        }
+        Err(e) => Err(crate::dataplane::error_chain(&e)),
+    };
+    (Some(attempt(XdpMode::Driver)), Some(attempt(XdpMode::Skb)))
+}
+
+impl DoctorReport {
+    pub fn text(&self) -> String {
+        use std::fmt::Write as _;
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        let res = |r: &Result<(), String>| match r {
+            Ok(()) => "yes".to_owned(),
+            Err(e) => format!("no ({e})"),
+        };
+        let mut s = String::new();
+        let k = &self.kernel;
+        let _ = writeln!(
+            s,
+            "kernel       {} ; BTF {} ; BPF JIT {} ; bpffs mounted {}",
+            k.release,
+            yes(k.btf),
+            k.bpf_jit.map_or("?".into(), |v| v.to_string()),
+            yes(self.bpffs_mounted)
+        );
+        let u = &self.io_uring;
+        let _ = writeln!(
+            s,
+            "io_uring     setup {} ; io_uring_disabled={} ; SINGLE_ISSUER {} ; DEFER_TASKRUN {} ; COOP_TASKRUN {} ; fast poll {} ; buffer rings {}",
+            res(&u.setup),
+            u.disabled_sysctl.map_or("?".into(), |v| v.to_string()),
+            yes(u.single_issuer),
+            yes(u.defer_taskrun),
+            yes(u.coop_taskrun),
+            yes(u.fast_poll),
+            res(&u.buffer_rings)
+        );
+        let ops: Vec<String> = u
+            .opcodes
+            .iter()
+            .map(|(n, ok)| format!("{n} {}", yes(*ok)))
+            .collect();
+        let _ = writeln!(
+            s,
+            "             opcodes: {} ; multishot receive {} (by kernel version)",
+            ops.join(" ; "),
+            yes(u.multishot_recv_by_kernel_version)
+        );
+        let _ = writeln!(
+            s,
+            "cpus         {} online ({})",
+            self.cpus.count, self.cpus.online
+        );
+        for i in &self.interfaces {
+            let xdp = match (&i.xdp_native, &i.xdp_generic) {
+                (Some(n), Some(g)) => format!("XDP native {} ; generic {}", res(n), res(g)),
+                _ => "XDP not probed (--probe-xdp)".into(),
+            };
+            let _ = writeln!(
+                s,
+                "iface {:<8} driver {} ; mtu {} ; {} ; {} ; zero-copy receive {} ({})",
+                i.name,
+                i.driver,
+                i.mtu.map_or("?".into(), |m| m.to_string()),
+                i.operstate,
+                xdp,
+                yes(i.zero_copy_receive.0),
+                i.zero_copy_receive.1
+            );
+        }
+        s
+    }
+}
