@@ -8,6 +8,7 @@ pub mod cli;
 pub mod daemon;
 pub mod dataplane;
 pub mod doctor;
+pub mod engine;
 pub mod logs;
 pub mod policy;
 pub mod report;

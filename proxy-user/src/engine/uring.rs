@@ -1,0 +1,269 @@
+//! io_uring backend: one multishot `recvmsg` per socket, reading into a provided buffer
+//! ring. A completion names the buffer it filled; the datagram is handed to the caller
+//! in place and the buffer goes straight back into the ring.
+//!
+//! The ring is created with SINGLE_ISSUER and DEFER_TASKRUN when the kernel has them,
+//! so a backend must be created on the worker thread that polls it.
+use std::{
+    io,
+    net::UdpSocket,
+    os::fd::AsRawFd,
+    ptr::NonNull,
+    sync::atomic::{AtomicU16, Ordering},
+    time::Duration,
+};
+
+use io_uring::{IoUring, cqueue, opcode, types};
+
+use super::{BackendStats, Datagram, ReceiveBackend, ReceiveConfig, socket::sockaddr};
+
+const BGID: u16 = 1;
+/// `struct io_uring_recvmsg_out` precedes the name and payload in each buffer.
+const RECVMSG_OUT: usize = 16;
+const NAME_LEN: usize = size_of::<libc::sockaddr_storage>();
+
+/// Why io_uring cannot be used here, if it cannot.
+pub fn unavailable() -> Option<String> {
+    if let Ok(v) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        && v.trim() == "2"
+    {
+        return Some("io_uring is disabled (kernel.io_uring_disabled=2)".into());
+    }
+    IoUring::new(2)
+        .err()
+        .map(|e| format!("io_uring set-up failed: {e}"))
+}
+
+/// A provided-buffer ring: the ring entries in an mmapped, page-aligned region, the
+/// buffers in one allocation owned here.
+struct BufRing {
+    entries: NonNull<types::BufRingEntry>,
+    ring_bytes: usize,
+    count: u16,
+    tail: u16,
+    buf_size: usize,
+    data: Vec<u8>,
+}
+
+impl BufRing {
+    fn new(count: u16, buf_size: usize) -> io::Result<Self> {
+        if !count.is_power_of_two() {
+            return Err(io::Error::other(
+                "the buffer ring size must be a power of two",
+            ));
+        }
+        let ring_bytes =
+            (usize::from(count) * size_of::<types::BufRingEntry>()).next_multiple_of(4096);
+        let len = std::num::NonZeroUsize::new(ring_bytes)
+            .ok_or_else(|| io::Error::other("empty ring"))?;
+        // SAFETY: a fresh private anonymous mapping, owned by this value until drop.
+        let mem = unsafe {
+            nix::sys::mman::mmap_anonymous(
+                None,
+                len,
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_PRIVATE,
+            )
+        }?;
+        let mut r = Self {
+            entries: mem.cast(),
+            ring_bytes,
+            count,
+            tail: 0,
+            buf_size,
+            data: vec![0u8; usize::from(count) * buf_size],
+        };
+        for bid in 0..count {
+            r.push(bid);
+        }
+        r.publish();
+        Ok(r)
+    }
+
+    fn push(&mut self, bid: u16) {
+        let idx = usize::from(self.tail & (self.count - 1));
+        // SAFETY: idx < count, inside the mapping; only this thread writes entries, and
+        // the kernel reads an entry only after the tail that covers it is published.
+        let e = unsafe { &mut *self.entries.as_ptr().add(idx) };
+        e.set_addr(self.data[usize::from(bid) * self.buf_size..].as_ptr() as u64);
+        e.set_len(self.buf_size as u32);
+        e.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    fn publish(&self) {
+        // SAFETY: the tail field lives in the first entry of the ring (io_uring's buf
+        // ring layout); it is a u16 the kernel reads atomically.
+        let tail =
+            unsafe { &*(types::BufRingEntry::tail(self.entries.as_ptr()) as *const AtomicU16) };
+        tail.store(self.tail, Ordering::Release);
+    }
+
+    fn buf(&self, bid: u16, len: usize) -> &[u8] {
+        let start = usize::from(bid) * self.buf_size;
+        &self.data[start..start + len.min(self.buf_size)]
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `new`; the owning backend unregistered it.
+        let _ = unsafe { nix::sys::mman::munmap(self.entries.cast(), self.ring_bytes) };
+    }
+}
+
+pub struct IoUringBackend {
+    ring: IoUring,
+    sockets: Vec<UdpSocket>,
+    armed: Vec<bool>,
+    /// The template every multishot recvmsg uses (only the lengths matter); boxed so its
+    /// address stays put while operations are in flight.
+    msghdr: Box<libc::msghdr>,
+    bufs: BufRing,
+    stats: BackendStats,
+}
+
+// SAFETY: the raw pointers inside (ring entries, msghdr) point into memory this value
+// owns; it is used by one thread at a time (moving it between threads is allowed; for
+// SINGLE_ISSUER rings the caller creates it on the thread that polls it).
+unsafe impl Send for IoUringBackend {}
+
+impl IoUringBackend {
+    pub fn new(sockets: Vec<UdpSocket>, cfg: ReceiveConfig) -> io::Result<Self> {
+        let entries = (sockets.len() as u32 * 2).next_power_of_two().max(8);
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))?;
+        let bufs = BufRing::new(cfg.buffers, RECVMSG_OUT + NAME_LEN + cfg.buffer_size)?;
+        // SAFETY: the region is page-aligned, `cfg.buffers` entries long, and outlives the
+        // registration (unregistered in Drop before the BufRing is dropped).
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                bufs.entries.as_ptr() as u64,
+                cfg.buffers,
+                BGID,
+                0,
+            )?;
+        }
+        // SAFETY: msghdr is plain data; all-zero is a valid value.
+        let mut msghdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        msghdr.msg_namelen = NAME_LEN as libc::socklen_t;
+        let armed = vec![false; sockets.len()];
+        Ok(Self {
+            ring,
+            sockets,
+            armed,
+            msghdr,
+            bufs,
+            stats: BackendStats::default(),
+        })
+    }
+
+    fn arm(&mut self) -> io::Result<()> {
+        for (i, s) in self.sockets.iter().enumerate() {
+            if self.armed[i] {
+                continue;
+            }
+            let sqe = opcode::RecvMsgMulti::new(types::Fd(s.as_raw_fd()), &*self.msghdr, BGID)
+                .build()
+                .user_data(i as u64);
+            // SAFETY: the socket and the msghdr outlive the operation (both owned by self,
+            // which cancels nothing early: the ring is dropped before them).
+            if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+                self.ring.submit()?;
+                // SAFETY: as above; the queue was just flushed.
+                unsafe { self.ring.submission().push(&sqe) }
+                    .map_err(|_| io::Error::other("submission queue full"))?;
+            }
+            self.armed[i] = true;
+        }
+        Ok(())
+    }
+}
+
+impl ReceiveBackend for IoUringBackend {
+    fn poll(&mut self, timeout: Duration, on: &mut dyn FnMut(Datagram<'_>)) -> io::Result<usize> {
+        self.arm()?;
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        let Self {
+            ring,
+            armed,
+            msghdr,
+            bufs,
+            stats,
+            ..
+        } = self;
+        let mut n = 0;
+        let mut recycled = false;
+        for cqe in ring.completion() {
+            let idx = cqe.user_data() as usize;
+            let flags = cqe.flags();
+            if !cqueue::more(flags)
+                && let Some(a) = armed.get_mut(idx)
+            {
+                *a = false;
+            }
+            let res = cqe.result();
+            if res < 0 {
+                if -res == libc::ENOBUFS {
+                    stats.buffer_ring_empty += 1;
+                } else {
+                    stats.errors += 1;
+                }
+                continue;
+            }
+            let Some(bid) = cqueue::buffer_select(flags) else {
+                stats.errors += 1;
+                continue;
+            };
+            if let Ok(out) = types::RecvMsgOut::parse(bufs.buf(bid, res as usize), msghdr) {
+                let payload = out.payload_data();
+                let truncated = out.is_payload_truncated();
+                stats.datagrams += 1;
+                stats.bytes += payload.len() as u64;
+                stats.truncated += u64::from(truncated);
+                on(Datagram {
+                    payload,
+                    source: sockaddr(out.name_data()),
+                    socket: idx,
+                    truncated,
+                });
+                n += 1;
+            } else {
+                stats.errors += 1;
+            }
+            bufs.push(bid);
+            recycled = true;
+        }
+        if recycled {
+            bufs.publish();
+        }
+        Ok(n)
+    }
+
+    fn stats(&self) -> BackendStats {
+        self.stats
+    }
+
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+}
+
+impl Drop for IoUringBackend {
+    fn drop(&mut self) {
+        let _ = self.ring.submitter().unregister_buf_ring(BGID);
+    }
+}
