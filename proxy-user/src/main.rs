@@ -107,6 +107,25 @@ enum Command {
         #[arg(long)]
         bpf_stats: bool,
     },
+    /// Receive, decode and aggregate UDP syslog on pinned workers; one JSON line per
+    /// window on stdout, then a summary with exact accounting.
+    Logs {
+        /// Address to listen on (repeatable), e.g. 0.0.0.0:514 or [::]:514.
+        #[arg(long, required = true)]
+        listen: Vec<std::net::SocketAddr>,
+        /// auto (io_uring, falling back to epoll with the reason), io_uring or epoll.
+        #[arg(long, default_value = "auto")]
+        engine: proxy_user::engine::BackendChoice,
+        /// Number of workers, one per CPU from 0 (default: every online CPU).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Window length in seconds.
+        #[arg(long, default_value_t = 10.0)]
+        window: f64,
+        /// Stop after this many seconds (default: until SIGINT/SIGTERM).
+        #[arg(long)]
+        duration: Option<f64>,
+    },
     /// Manage the operator policy of a running (pinned) data plane.
     Policy {
         #[command(subcommand)]
@@ -283,6 +302,64 @@ fn real_main() -> anyhow::Result<()> {
                 print(cli::policy::rollback(&paths(&place, &iface))?, json)
             }
         },
+        Command::Logs {
+            listen,
+            engine,
+            workers,
+            window,
+            duration,
+        } => {
+            use proxy_user::logs::pipeline::{PipelineConfig, run_to_stdout};
+            let mut cfg = PipelineConfig {
+                listeners: listen,
+                backend: engine,
+                window: seconds("window", window)?,
+                ..PipelineConfig::default()
+            };
+            anyhow::ensure!(!cfg.window.is_zero(), "--window must be positive");
+            if let Some(n) = workers {
+                anyhow::ensure!(n > 0, "--workers must be at least 1");
+                cfg.data_cpus = (0..n).map(|i| i % cfg.data_cpus.len().max(1)).collect();
+            }
+            let duration = duration.map(|d| seconds("duration", d)).transpose()?;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let signal_stop = std::sync::Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("ep-control".into())
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, "control runtime");
+                            signal_stop.store(true, std::sync::atomic::Ordering::Release);
+                            return;
+                        }
+                    };
+                    rt.block_on(async {
+                        let Ok(mut term) = tokio::signal::unix::signal(
+                            tokio::signal::unix::SignalKind::terminate(),
+                        ) else {
+                            return;
+                        };
+                        let timer = async {
+                            match duration {
+                                Some(d) => tokio::time::sleep(d).await,
+                                None => std::future::pending().await,
+                            }
+                        };
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+                            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                            () = timer => {}
+                        }
+                    });
+                    signal_stop.store(true, std::sync::atomic::Ordering::Release);
+                })?;
+            run_to_stdout(&cfg, stop)
+        }
         Command::Doctor { probe_xdp, json } => {
             let report = proxy_user::doctor::probe(probe_xdp);
             if json {

@@ -7,7 +7,7 @@ use crate::{
 };
 
 /// Tools the privileged tests call.
-pub const TEST_TOOLS: &[(&str, &str)] = &[("ip", "iproute2")];
+pub const TEST_TOOLS: &[(&str, &str)] = &[("ip", "iproute2"), ("logger", "bsdutils")];
 
 #[derive(Default, Debug, PartialEq, Eq)]
 struct Tally {

@@ -317,6 +317,11 @@ impl LogWindow {
         self.top_messages.merge(&other.top_messages);
     }
 
+    /// An empty window with the same settings and start (the merge target).
+    pub fn clone_empty(&self) -> LogWindow {
+        LogWindow::new(self.spec, self.limits, self.start_ns)
+    }
+
     /// Records by key, largest first.
     pub fn counts(&self) -> Vec<(&Key, u64)> {
         let mut v: Vec<(&Key, u64)> = self.keys.values().map(|(k, n)| (k, *n)).collect();

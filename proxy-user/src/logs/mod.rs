@@ -4,6 +4,7 @@
 pub mod aggregate;
 pub mod decode;
 pub mod framing;
+pub mod pipeline;
 pub mod time;
 
 #[cfg(test)]

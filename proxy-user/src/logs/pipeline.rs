@@ -1,0 +1,386 @@
+//! Receive → frame → decode → aggregate, on pinned workers; windows merged at close.
+//!
+//! Each worker thread is pinned to one data CPU, owns its sockets (one SO_REUSEPORT
+//! socket per listener) and its receive backend, and keeps a partial [`LogWindow`]. At
+//! each window boundary it sends the partial window through a bounded channel (a slow
+//! consumer blocks the worker, and the kernel's socket queues absorb, then count, the
+//! excess — nothing is dropped unaccounted); the merger combines the partials of one
+//! window once every worker has reported it.
+use std::{
+    collections::BTreeMap,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+
+use super::{
+    aggregate::{KeySpec, LogWindow, WindowLimits},
+    decode::{Format, decode},
+    framing::Frames,
+};
+use crate::engine::{self, BackendChoice, BackendStats, ReceiveConfig, socket};
+
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    pub listeners: Vec<SocketAddr>,
+    /// CPUs to run one worker each on.
+    pub data_cpus: Vec<usize>,
+    pub backend: BackendChoice,
+    pub receive: ReceiveConfig,
+    pub rcvbuf: Option<usize>,
+    pub window: Duration,
+    pub key: KeySpec,
+    pub limits: WindowLimits,
+    /// Longest message kept; longer ones are cut and counted.
+    pub max_message: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            listeners: Vec::new(),
+            data_cpus: (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect(),
+            backend: BackendChoice::Auto,
+            receive: ReceiveConfig::default(),
+            rcvbuf: Some(8 << 20),
+            window: Duration::from_secs(10),
+            key: KeySpec::default(),
+            limits: WindowLimits::default(),
+            max_message: 8192,
+        }
+    }
+}
+
+/// Message-level accounting of one worker for one window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MessageCounts {
+    pub datagrams: u64,
+    pub messages: u64,
+    pub rfc5424: u64,
+    pub rfc3164: u64,
+    pub json: u64,
+    pub plain: u64,
+    pub invalid_utf8: u64,
+    pub truncated: u64,
+}
+
+impl MessageCounts {
+    fn add(&mut self, o: &MessageCounts) {
+        self.datagrams += o.datagrams;
+        self.messages += o.messages;
+        self.rfc5424 += o.rfc5424;
+        self.rfc3164 += o.rfc3164;
+        self.json += o.json;
+        self.plain += o.plain;
+        self.invalid_utf8 += o.invalid_utf8;
+        self.truncated += o.truncated;
+    }
+}
+
+/// One worker's share of one window.
+pub struct Partial {
+    pub worker: usize,
+    pub window: LogWindow,
+    pub counts: MessageCounts,
+}
+
+/// A window, merged over all workers.
+pub struct WindowReport {
+    pub start_ns: i64,
+    pub window: LogWindow,
+    pub counts: MessageCounts,
+}
+
+pub struct WorkerSummary {
+    pub worker: usize,
+    pub cpu: usize,
+    pub backend: &'static str,
+    pub fallback_reason: Option<String>,
+    pub stats: BackendStats,
+    pub kernel_drops: u64,
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+fn pin(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu).is_ok()
+        && let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+    {
+        tracing::warn!(cpu, error = %e, "could not pin the worker");
+    }
+}
+
+/// Starts one worker per data CPU. Partials go to `out`; workers stop when `stop` is set
+/// (after sending their last partial window).
+pub fn spawn(
+    cfg: &PipelineConfig,
+    out: mpsc::SyncSender<Partial>,
+    stop: Arc<AtomicBool>,
+) -> io::Result<Vec<thread::JoinHandle<io::Result<WorkerSummary>>>> {
+    let mut handles = Vec::new();
+    for (worker, &cpu) in cfg.data_cpus.iter().enumerate() {
+        // Sockets are bound here, so a bad address fails the start, not a worker later.
+        let sockets = cfg
+            .listeners
+            .iter()
+            .map(|a| socket::udp_reuseport(*a, cfg.rcvbuf))
+            .collect::<io::Result<Vec<_>>>()?;
+        let cfg = cfg.clone();
+        let out = out.clone();
+        let stop = Arc::clone(&stop);
+        handles.push(
+            thread::Builder::new()
+                .name(format!("ep-worker-{worker}"))
+                .spawn(move || worker_loop(worker, cpu, sockets, &cfg, &out, &stop))?,
+        );
+    }
+    Ok(handles)
+}
+
+fn worker_loop(
+    worker: usize,
+    cpu: usize,
+    sockets: Vec<std::net::UdpSocket>,
+    cfg: &PipelineConfig,
+    out: &mpsc::SyncSender<Partial>,
+    stop: &AtomicBool,
+) -> io::Result<WorkerSummary> {
+    pin(cpu);
+    let probes: Vec<std::net::UdpSocket> = sockets
+        .iter()
+        .map(|s| s.try_clone())
+        .collect::<io::Result<_>>()?;
+    // Created on this thread: an io_uring ring with SINGLE_ISSUER belongs to its creator.
+    let (mut backend, fallback_reason) = engine::open(cfg.backend, sockets, cfg.receive)?;
+    let win_ns = cfg.window.as_nanos().max(1) as i64;
+    let mut start = now_ns().div_euclid(win_ns) * win_ns;
+    let mut window = LogWindow::new(cfg.key, cfg.limits, start);
+    let mut counts = MessageCounts::default();
+    loop {
+        let stopping = stop.load(Ordering::Acquire);
+        let now = now_ns();
+        let until_close = Duration::from_nanos((start + win_ns - now).max(0) as u64);
+        let timeout = if stopping {
+            Duration::ZERO
+        } else {
+            until_close.min(Duration::from_millis(10))
+        };
+        backend.poll(timeout, &mut |d| {
+            counts.datagrams += 1;
+            let rx = now_ns();
+            for frame in Frames::new(d.payload, cfg.max_message) {
+                let rec = decode(frame.bytes, rx);
+                counts.messages += 1;
+                match rec.format {
+                    Format::Rfc5424 => counts.rfc5424 += 1,
+                    Format::Rfc3164 => counts.rfc3164 += 1,
+                    Format::Json => counts.json += 1,
+                    Format::Plain => counts.plain += 1,
+                }
+                counts.invalid_utf8 += u64::from(rec.invalid_utf8);
+                counts.truncated += u64::from(frame.truncated > 0 || d.truncated);
+                window.add(&rec, d.source.map(|s| s.ip()), rx);
+            }
+        })?;
+        let now = now_ns();
+        if now >= start + win_ns || stopping {
+            let next = now.div_euclid(win_ns) * win_ns;
+            let done = std::mem::replace(&mut window, LogWindow::new(cfg.key, cfg.limits, next));
+            let c = std::mem::take(&mut counts);
+            if out
+                .send(Partial {
+                    worker,
+                    window: done,
+                    counts: c,
+                })
+                .is_err()
+            {
+                break;
+            }
+            start = next;
+        }
+        if stopping {
+            break;
+        }
+    }
+    Ok(WorkerSummary {
+        worker,
+        cpu,
+        backend: backend.name(),
+        fallback_reason,
+        stats: backend.stats(),
+        kernel_drops: probes
+            .iter()
+            .map(|s| socket::kernel_drops(s).map_or(0, u64::from))
+            .sum(),
+    })
+}
+
+/// Merges partial windows into whole ones: a window is complete once every worker has
+/// sent its partial for it (or, at shutdown, with whatever arrived).
+pub struct WindowMerger {
+    workers: usize,
+    pending: BTreeMap<i64, (Vec<usize>, WindowReport)>,
+}
+
+impl WindowMerger {
+    pub fn new(workers: usize) -> Self {
+        Self {
+            workers,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a partial; returns the windows it completed, oldest first.
+    pub fn add(&mut self, p: Partial) -> Vec<WindowReport> {
+        let start = p.window.start_ns;
+        let entry = self.pending.entry(start).or_insert_with(|| {
+            (
+                Vec::new(),
+                WindowReport {
+                    start_ns: start,
+                    window: p.window.clone_empty(),
+                    counts: MessageCounts::default(),
+                },
+            )
+        });
+        entry.1.window.merge(&p.window);
+        entry.1.counts.add(&p.counts);
+        if !entry.0.contains(&p.worker) {
+            entry.0.push(p.worker);
+        }
+        let complete: Vec<i64> = self
+            .pending
+            .iter()
+            .filter(|(_, (w, _))| w.len() >= self.workers)
+            .map(|(k, _)| *k)
+            .collect();
+        complete
+            .into_iter()
+            .filter_map(|k| self.pending.remove(&k).map(|(_, r)| r))
+            .collect()
+    }
+
+    /// Everything still pending (at shutdown).
+    pub fn flush(&mut self) -> Vec<WindowReport> {
+        std::mem::take(&mut self.pending)
+            .into_values()
+            .map(|(_, r)| r)
+            .collect()
+    }
+}
+
+impl WindowReport {
+    /// One JSON object per window: totals, counts by key, top messages and keys.
+    pub fn json(&self) -> serde_json::Value {
+        let w = &self.window;
+        let keys: Vec<serde_json::Value> = w
+            .counts()
+            .into_iter()
+            .map(|(k, n)| {
+                serde_json::json!({
+                    "host": k.host, "app": k.app, "severity": k.severity,
+                    "facility": k.facility, "source": k.source.map(|s| s.to_string()), "count": n,
+                })
+            })
+            .collect();
+        let top: Vec<serde_json::Value> = w
+            .top_messages
+            .top()
+            .into_iter()
+            .filter_map(|(id, est, err)| {
+                w.messages.get(&id).map(|d| {
+                    serde_json::json!({
+                        "message": d.message, "count": d.count, "estimate": est, "max_error": err,
+                        "first_ns": d.first_ns, "last_ns": d.last_ns,
+                    })
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "window_start_ns": self.start_ns,
+            "records": w.records,
+            "counts": self.counts,
+            "overflow_keys": w.overflow_keys,
+            "overflow_messages": w.overflow_messages,
+            "keys": keys,
+            "top_messages": top,
+        })
+    }
+}
+
+/// Runs the pipeline until `stop` is set: prints one JSON line per merged window on
+/// stdout, then a summary line with per-worker backend, counters and kernel drops.
+pub fn run_to_stdout(cfg: &PipelineConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    anyhow::ensure!(
+        !cfg.listeners.is_empty(),
+        "no log listener: give --listen ADDR"
+    );
+    anyhow::ensure!(!cfg.data_cpus.is_empty(), "no data CPU");
+    // Room for a few windows per worker before a worker waits on the merger.
+    let (tx, rx) = mpsc::sync_channel(cfg.data_cpus.len() * 4);
+    let handles = spawn(cfg, tx, Arc::clone(&stop))?;
+    tracing::info!(workers = handles.len(), listeners = ?cfg.listeners, "log pipeline started");
+    let mut merger = WindowMerger::new(handles.len());
+    let mut total = MessageCounts::default();
+    let stdout = std::io::stdout();
+    let mut emit = |r: WindowReport, total: &mut MessageCounts| -> anyhow::Result<()> {
+        total.add(&r.counts);
+        let mut out = stdout.lock();
+        writeln!(out, "{}", r.json())?;
+        out.flush()?;
+        Ok(())
+    };
+    // The channel closes when every worker has exited (each drops its sender).
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(p) => {
+                for r in merger.add(p) {
+                    emit(r, &mut total)?;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    for r in merger.flush() {
+        emit(r, &mut total)?;
+    }
+    let mut workers = Vec::new();
+    let mut drops = 0;
+    for h in handles {
+        let s = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a worker panicked"))??;
+        drops += s.kernel_drops;
+        if let Some(reason) = &s.fallback_reason {
+            tracing::warn!(worker = s.worker, %reason, "engine fell back to epoll");
+        }
+        workers.push(serde_json::json!({
+            "worker": s.worker, "cpu": s.cpu, "engine": s.backend,
+            "fallback_reason": s.fallback_reason,
+            "datagrams": s.stats.datagrams, "bytes": s.stats.bytes,
+            "truncated": s.stats.truncated, "buffer_ring_empty": s.stats.buffer_ring_empty,
+            "errors": s.stats.errors, "kernel_drops": s.kernel_drops,
+        }));
+    }
+    println!(
+        "{}",
+        serde_json::json!({"summary": {"counts": total, "kernel_drops": drops, "workers": workers}})
+    );
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! `edgeproxy logs` with real clients: util-linux `logger` (RFC 5424 and RFC 3164 over
+//! UDP, IPv4 and IPv6) and a duplicate-heavy sender of our own. Summed over windows the
+//! counts must be exact: every message decoded in its format, counted under its key,
+//! duplicates counted per message, and the kernel must have dropped nothing.
+use std::{collections::HashMap, io::Read, net::UdpSocket, process::Stdio};
+
+use edgeproxy_testbed::{
+    Reaped, edgeproxy_bin, netns::VethPair, privilege::require_root, scratch::ScratchDir, tools,
+    wait_for_line,
+};
+
+const PORT: u16 = 5514;
+
+#[test]
+fn logger_and_duplicates_are_counted_exactly() {
+    if !require_root("logger_and_duplicates_are_counted_exactly") {
+        return;
+    }
+    tools::run("logger", ["--version"])
+        .expect("util-linux logger (cargo xtask test installs bsdutils)");
+    let pair = VethPair::create().expect("veth pair");
+    let dir = ScratchDir::new().expect("scratch");
+    let lines: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+    let file = dir.file("lines.txt", &lines);
+
+    let mut child = Reaped(Some(
+        pair.a
+            .command(edgeproxy_bin().expect("binary"))
+            .args(["logs", "--window", "1", "--duration", "60", "--listen"])
+            .arg(format!("{}:{PORT}", pair.a_v4))
+            .arg("--listen")
+            .arg(format!("[{}]:{PORT}", pair.a_v6))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    ));
+    let (ok, log) = wait_for_line(child.0.as_mut().expect("child"), "log pipeline started");
+    assert!(ok, "{log:?}");
+
+    let logger = |server: String, proto: &str, tag: &str| {
+        let out = pair
+            .b
+            .command("logger")
+            .args([
+                "--server",
+                &server,
+                "--port",
+                &PORT.to_string(),
+                "--udp",
+                proto,
+                "-t",
+                tag,
+                "-f",
+            ])
+            .arg(&file)
+            .output()
+            .expect("logger");
+        assert!(
+            out.status.success(),
+            "logger: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    logger(pair.a_v4.to_string(), "--rfc5424", "app5424");
+    logger(pair.a_v4.to_string(), "--rfc3164", "app3164");
+    logger(pair.a_v6.to_string(), "--rfc5424", "app6");
+    // Ten distinct messages, 200 times each, interleaved.
+    pair.b.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for i in 0..2000 {
+            let msg = format!("<14>1 - sender dupapp - - - repeated message {}", i % 10);
+            s.send_to(msg.as_bytes(), (pair.a_v4, PORT)).expect("send");
+            if i % 32 == 31 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let mut c = child.take();
+    let mut out = String::new();
+    c.stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read");
+    assert!(c.wait().expect("wait").success());
+
+    let mut records = 0u64;
+    let mut by_app: HashMap<String, u64> = HashMap::new();
+    let mut dup: HashMap<String, u64> = HashMap::new();
+    let mut summary = None;
+    for line in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("JSON line");
+        if v.get("summary").is_some() {
+            summary = Some(v["summary"].clone());
+            continue;
+        }
+        records += v["records"].as_u64().expect("records");
+        for k in v["keys"].as_array().expect("keys") {
+            *by_app
+                .entry(k["app"].as_str().unwrap_or("-").to_owned())
+                .or_default() += k["count"].as_u64().expect("count");
+        }
+        for m in v["top_messages"].as_array().expect("top") {
+            let text = m["message"].as_str().expect("message");
+            if text.starts_with("repeated message") {
+                *dup.entry(text.to_owned()).or_default() += m["count"].as_u64().expect("count");
+            }
+        }
+    }
+    let s = summary.expect("summary line");
+    assert_eq!(s["kernel_drops"], 0, "{s}");
+    assert_eq!(records, 5000, "every message in some window");
+    assert_eq!(s["counts"]["messages"], 5000);
+    assert_eq!(s["counts"]["rfc5424"], 4000);
+    assert_eq!(s["counts"]["rfc3164"], 1000);
+    assert_eq!(by_app.get("app5424"), Some(&1000));
+    assert_eq!(by_app.get("app3164"), Some(&1000));
+    assert_eq!(by_app.get("app6"), Some(&1000));
+    assert_eq!(by_app.get("dupapp"), Some(&2000));
+    assert_eq!(dup.len(), 10, "{dup:?}");
+    assert!(
+        dup.values().all(|&n| n == 200),
+        "each duplicate counted 200 times: {dup:?}"
+    );
+    for w in s["workers"].as_array().expect("workers") {
+        assert_eq!(w["engine"], "io_uring");
+    }
+}
