@@ -338,7 +338,7 @@ pub fn run_to_stdout(cfg: &PipelineConfig, stop: Arc<AtomicBool>) -> anyhow::Res
     let mut merger = WindowMerger::new(handles.len());
     let mut total = MessageCounts::default();
     let stdout = std::io::stdout();
-    let mut emit = |r: WindowReport, total: &mut MessageCounts| -> anyhow::Result<()> {
+    let emit = |r: WindowReport, total: &mut MessageCounts| -> anyhow::Result<()> {
         total.add(&r.counts);
         let mut out = stdout.lock();
         writeln!(out, "{}", r.json())?;
