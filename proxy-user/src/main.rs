@@ -338,24 +338,7 @@ fn real_main() -> anyhow::Result<()> {
                             return;
                         }
                     };
-                    rt.block_on(async {
-                        let Ok(mut term) = tokio::signal::unix::signal(
-                            tokio::signal::unix::SignalKind::terminate(),
-                        ) else {
-                            return;
-                        };
-                        let timer = async {
-                            match duration {
-                                Some(d) => tokio::time::sleep(d).await,
-                                None => std::future::pending().await,
-                            }
-                        };
-                        tokio::select! {
-                            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-                            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                            () = timer => {}
-                        }
-                    });
+                    rt.block_on(stop_signal(duration));
                     signal_stop.store(true, std::sync::atomic::Ordering::Release);
                 })?;
             run_to_stdout(&cfg, stop)
@@ -375,6 +358,33 @@ fn real_main() -> anyhow::Result<()> {
     }
 }
 
+/// Resolves on SIGINT, SIGTERM, or after `duration` (if given), logging which. If
+/// SIGTERM cannot be watched that is logged and the others still apply.
+async fn stop_signal(duration: Option<Duration>) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch SIGTERM; SIGINT still stops");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let timer = async {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        () = term => tracing::info!("SIGTERM: stopping"),
+        () = timer => {}
+    }
+}
+
 fn run(
     opts: RunOptions,
     duration: Option<Duration>,
@@ -388,27 +398,7 @@ fn run(
         .build()
         .context("starting the control runtime")?;
     let summary = rt.block_on(async move {
-        let stop = async move {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot watch SIGTERM");
-                        return;
-                    }
-                };
-            let timer = async {
-                match duration {
-                    Some(d) => tokio::time::sleep(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                () = timer => {}
-            }
-        };
+        let stop = stop_signal(duration);
         daemon::run(opts, stop).await
     })?;
     if !ephemeral {
