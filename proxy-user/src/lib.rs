@@ -5,8 +5,10 @@
 //! - [`report`]: counter tables and JSON for operators.
 //! - [`telemetry`]: `tracing` set-up, including eBPF log lines from aya-log.
 pub mod cli;
+pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod diagnostics;
 pub mod doctor;
 pub mod engine;
 pub mod logs;

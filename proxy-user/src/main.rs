@@ -110,21 +110,29 @@ enum Command {
     /// Receive, decode and aggregate UDP syslog on pinned workers; one JSON line per
     /// window on stdout, then a summary with exact accounting.
     Logs {
-        /// Address to listen on (repeatable), e.g. 0.0.0.0:514 or [::]:514.
-        #[arg(long, required = true)]
+        /// Configuration file (default: the embedded defaults, see `config defaults`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on (repeatable; replaces the configured listeners).
+        #[arg(long)]
         listen: Vec<std::net::SocketAddr>,
         /// auto (io_uring, falling back to epoll with the reason), io_uring or epoll.
-        #[arg(long, default_value = "auto")]
-        engine: proxy_user::engine::BackendChoice,
+        #[arg(long)]
+        engine: Option<proxy_user::engine::BackendChoice>,
         /// Number of workers, one per CPU from 0 (default: every online CPU).
         #[arg(long)]
         workers: Option<usize>,
         /// Window length in seconds.
-        #[arg(long, default_value_t = 10.0)]
-        window: f64,
+        #[arg(long)]
+        window: Option<f64>,
         /// Stop after this many seconds (default: until SIGINT/SIGTERM).
         #[arg(long)]
         duration: Option<f64>,
+    },
+    /// Daemon configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
     },
     /// Manage the operator policy of a running (pinned) data plane.
     Policy {
@@ -149,6 +157,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate FILE: every problem as file:line:column.
+    Check {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the embedded defaults (a complete, commented configuration).
+    Defaults,
 }
 
 #[derive(Subcommand)]
@@ -302,21 +322,61 @@ fn real_main() -> anyhow::Result<()> {
                 print(cli::policy::rollback(&paths(&place, &iface))?, json)
             }
         },
+        Command::Config { command } => match command {
+            ConfigCommand::Check { file, json } => {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                let c = proxy_user::config::parse_config(&file.display().to_string(), &text)?;
+                let out = Output {
+                    text: format!(
+                        "{}: ok: {} listeners, {} workers, {:.1} s windows, {} sinks\n",
+                        file.display(),
+                        c.pipeline.listeners.len(),
+                        c.pipeline.data_cpus.len(),
+                        c.pipeline.window.as_secs_f64(),
+                        c.sinks.len()
+                    ),
+                    json: serde_json::json!({"ok": true, "listeners": c.pipeline.listeners.len(), "sinks": c.sinks.len()}),
+                };
+                print(out, json)
+            }
+            ConfigCommand::Defaults => {
+                print!("{}", proxy_user::config::DEFAULTS);
+                Ok(())
+            }
+        },
         Command::Logs {
+            config,
             listen,
             engine,
             workers,
             window,
             duration,
         } => {
-            use proxy_user::logs::pipeline::{PipelineConfig, run_to_stdout};
-            let mut cfg = PipelineConfig {
-                listeners: listen,
-                backend: engine,
-                window: seconds("window", window)?,
-                ..PipelineConfig::default()
+            use proxy_user::{
+                config::{Config, parse_config},
+                logs::pipeline::run_with_sinks,
             };
-            anyhow::ensure!(!cfg.window.is_zero(), "--window must be positive");
+            let base = match &config {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    parse_config(&path.display().to_string(), &text)?
+                }
+                None => Config::defaults(),
+            };
+            let sinks = base.sinks.clone();
+            let mut cfg = base.pipeline;
+            if !listen.is_empty() {
+                cfg.listeners = listen;
+            }
+            if let Some(e) = engine {
+                cfg.backend = e;
+            }
+            if let Some(w) = window {
+                cfg.window = seconds("window", w)?;
+                anyhow::ensure!(!cfg.window.is_zero(), "--window must be positive");
+            }
             if let Some(n) = workers {
                 anyhow::ensure!(n > 0, "--workers must be at least 1");
                 cfg.data_cpus = (0..n).map(|i| i % cfg.data_cpus.len().max(1)).collect();
@@ -341,7 +401,7 @@ fn real_main() -> anyhow::Result<()> {
                     rt.block_on(stop_signal(duration));
                     signal_stop.store(true, std::sync::atomic::Ordering::Release);
                 })?;
-            run_to_stdout(&cfg, stop)
+            run_with_sinks(&cfg, &sinks, stop)
         }
         Command::Doctor { probe_xdp, json } => {
             let report = proxy_user::doctor::probe(probe_xdp);

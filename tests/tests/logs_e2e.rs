@@ -129,3 +129,78 @@ fn logger_and_duplicates_are_counted_exactly() {
         assert_eq!(w["engine"], "io_uring");
     }
 }
+
+/// From a configuration file: windows go to a file sink that rotates by size, and every
+/// record is in some file, exactly once.
+#[test]
+fn config_file_with_a_rotating_file_sink() {
+    if !require_root("config_file_with_a_rotating_file_sink") {
+        return;
+    }
+    let pair = VethPair::create().expect("veth pair");
+    let dir = ScratchDir::new().expect("scratch");
+    let out_path = dir.path().join("out/agg.jsonl");
+    let cfg = dir.file(
+        "edgeproxy.toml",
+        &format!(
+            "[engine]\nkind = \"epoll\"\n[[listener]]\naddress = \"{}:{PORT}\"\n[window]\nseconds = 0.2\nkey = [\"app\"]\n\
+             [[sink]]\nkind = \"file\"\npath = \"{}\"\nrotate_bytes = 4096\nkeep = 1000\n",
+            pair.a_v4,
+            out_path.display()
+        ),
+    );
+    let mut child = Reaped(Some(
+        pair.a
+            .command(edgeproxy_bin().expect("binary"))
+            .args(["logs", "--duration", "60", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    ));
+    let (ok, log) = wait_for_line(child.0.as_mut().expect("child"), "log pipeline started");
+    assert!(ok, "{log:?}");
+    pair.b.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for i in 0..3000 {
+            let msg = format!("<14>1 - h app{} - - - message {i}", i % 3);
+            s.send_to(msg.as_bytes(), (pair.a_v4, PORT)).expect("send");
+            if i % 100 == 99 {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let mut c = child.take();
+    let mut out = String::new();
+    c.stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read");
+    assert!(c.wait().expect("wait").success());
+    let summary: serde_json::Value =
+        serde_json::from_str(out.lines().last().expect("summary")).expect("json");
+    assert_eq!(summary["summary"]["sinks"][0]["failures"], 0);
+    assert_eq!(summary["summary"]["counts"]["messages"], 3000);
+    // Every rotated file plus the current one: all windows, each record once.
+    let mut files = 0;
+    let mut records = 0u64;
+    for e in std::fs::read_dir(out_path.parent().expect("dir"))
+        .expect("read dir")
+        .flatten()
+    {
+        files += 1;
+        for line in std::fs::read_to_string(e.path()).expect("read").lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("JSON line");
+            records += v["records"].as_u64().expect("records");
+        }
+    }
+    assert_eq!(
+        records, 3000,
+        "every record in exactly one window in one file"
+    );
+    assert!(files > 1, "the sink rotated ({files} files)");
+}

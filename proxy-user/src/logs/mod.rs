@@ -5,6 +5,7 @@ pub mod aggregate;
 pub mod decode;
 pub mod framing;
 pub mod pipeline;
+pub mod sinks;
 pub mod time;
 
 #[cfg(test)]

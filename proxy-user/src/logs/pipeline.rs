@@ -322,35 +322,50 @@ impl WindowReport {
     }
 }
 
-/// Runs the pipeline until `stop` is set: prints one JSON line per merged window on
-/// stdout, then a summary line with per-worker backend, counters and kernel drops.
-pub fn run_to_stdout(cfg: &PipelineConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    use std::io::Write as _;
+/// Runs the pipeline until `stop` is set: every merged window goes, as one JSON line, to
+/// every sink; then a summary line (per-worker engine and counters, kernel drops, sink
+/// results) is printed on stdout. A failing sink is counted and logged, never fatal.
+pub fn run_with_sinks(
+    cfg: &PipelineConfig,
+    sink_cfgs: &[crate::config::SinkConfig],
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
     anyhow::ensure!(
         !cfg.listeners.is_empty(),
-        "no log listener: give --listen ADDR"
+        "no log listener: give --listen ADDR or a config file"
     );
     anyhow::ensure!(!cfg.data_cpus.is_empty(), "no data CPU");
+    let mut sinks: Vec<(Box<dyn super::sinks::Sink>, u64, u64)> = sink_cfgs
+        .iter()
+        .map(|c| super::sinks::open(c).map(|s| (s, 0, 0)))
+        .collect::<io::Result<_>>()
+        .context("opening the sinks")?;
     // Room for a few windows per worker before a worker waits on the merger.
     let (tx, rx) = mpsc::sync_channel(cfg.data_cpus.len() * 4);
     let handles = spawn(cfg, tx, Arc::clone(&stop))?;
     tracing::info!(workers = handles.len(), listeners = ?cfg.listeners, "log pipeline started");
     let mut merger = WindowMerger::new(handles.len());
     let mut total = MessageCounts::default();
-    let stdout = std::io::stdout();
-    let emit = |r: WindowReport, total: &mut MessageCounts| -> anyhow::Result<()> {
+    let mut emit = |r: WindowReport, total: &mut MessageCounts| {
         total.add(&r.counts);
-        let mut out = stdout.lock();
-        writeln!(out, "{}", r.json())?;
-        out.flush()?;
-        Ok(())
+        let line = r.json().to_string();
+        for (sink, written, failed) in &mut sinks {
+            match sink.write_line(&line).and_then(|()| sink.end_window()) {
+                Ok(()) => *written += 1,
+                Err(e) => {
+                    *failed += 1;
+                    tracing::error!(sink = %sink.name(), error = %e, "sink failed to take a window");
+                }
+            }
+        }
     };
     // The channel closes when every worker has exited (each drops its sender).
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(p) => {
                 for r in merger.add(p) {
-                    emit(r, &mut total)?;
+                    emit(r, &mut total);
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -358,8 +373,9 @@ pub fn run_to_stdout(cfg: &PipelineConfig, stop: Arc<AtomicBool>) -> anyhow::Res
         }
     }
     for r in merger.flush() {
-        emit(r, &mut total)?;
+        emit(r, &mut total);
     }
+    drop(emit);
     let mut workers = Vec::new();
     let mut drops = 0;
     for h in handles {
@@ -378,9 +394,13 @@ pub fn run_to_stdout(cfg: &PipelineConfig, stop: Arc<AtomicBool>) -> anyhow::Res
             "errors": s.stats.errors, "kernel_drops": s.kernel_drops,
         }));
     }
+    let sinks: Vec<serde_json::Value> = sinks
+        .iter()
+        .map(|(s, w, f)| serde_json::json!({"sink": s.name(), "windows": w, "failures": f}))
+        .collect();
     println!(
         "{}",
-        serde_json::json!({"summary": {"counts": total, "kernel_drops": drops, "workers": workers}})
+        serde_json::json!({"summary": {"counts": total, "kernel_drops": drops, "workers": workers, "sinks": sinks}})
     );
     Ok(())
 }

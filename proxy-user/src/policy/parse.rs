@@ -1,6 +1,6 @@
 //! Policy TOML → [`Policy`], with every problem reported as `file:line:column: reason`.
 //! Nothing here touches a map: a policy that fails here changes nothing.
-use std::{collections::HashSet, fmt, ops::Range};
+use std::{collections::HashSet, ops::Range};
 
 use serde::Deserialize;
 use toml::{Spanned, Value};
@@ -9,6 +9,7 @@ use super::{
     model::{Action, Policy, PortRange, Rate, Rule},
     prefix::Prefix,
 };
+use crate::diagnostics::{Collector as Ctx, FileErrors};
 use proxy_common::policy::{MAX_CAPTURE, MAX_LPM_PER_POLICY, MAX_RULES, MAX_SNAP};
 
 /// Operator-settable bounds, checked before anything is compiled.
@@ -57,34 +58,8 @@ impl PolicyLimits {
 pub const DEFAULT_SNAP: u16 = 128;
 pub const DEFAULT_CAPTURE_MAX: u16 = 2048;
 
-/// One located problem.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Diagnostic {
-    pub line: usize,
-    pub column: usize,
-    pub message: String,
-}
-
-/// Every problem found in one file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PolicyError {
-    pub file: String,
-    pub diagnostics: Vec<Diagnostic>,
-}
-
-impl fmt::Display for PolicyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, d) in self.diagnostics.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{}:{}:{}: {}", self.file, d.line, d.column, d.message)?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for PolicyError {}
+/// Every problem found in a policy file.
+pub type PolicyError = FileErrors;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -112,45 +87,13 @@ struct RawRule {
     then: Option<Spanned<String>>,
 }
 
-struct Ctx<'a> {
-    src: &'a str,
-    diags: Vec<Diagnostic>,
-}
-
-impl Ctx<'_> {
-    fn err(&mut self, span: Range<usize>, message: impl Into<String>) {
-        let (line, column) = line_col(self.src, span.start);
-        self.diags.push(Diagnostic {
-            line,
-            column,
-            message: message.into(),
-        });
-    }
-}
-
-/// 1-based line and column (in characters) of a byte offset.
-pub fn line_col(src: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(src.len());
-    let before = &src[..offset];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, col)
-}
-
 pub fn parse_policy(file: &str, src: &str, limits: &PolicyLimits) -> Result<Policy, PolicyError> {
-    let mut cx = Ctx {
-        src,
-        diags: Vec::new(),
-    };
+    let mut cx = Ctx::new(file, src);
     let raw: RawPolicy = match toml::from_str(src) {
         Ok(r) => r,
         Err(e) => {
-            let span = e.span().unwrap_or(0..0);
-            cx.err(span, e.message().trim().to_owned());
-            return Err(PolicyError {
-                file: file.into(),
-                diagnostics: cx.diags,
-            });
+            cx.toml(&e);
+            return Err(cx.errors());
         }
     };
     let default = special(&mut cx, raw.default.as_ref(), "default");
@@ -198,13 +141,7 @@ pub fn parse_policy(file: &str, src: &str, limits: &PolicyLimits) -> Result<Poli
         }
         rules.push(rule);
     }
-    if !cx.diags.is_empty() {
-        return Err(PolicyError {
-            file: file.into(),
-            diagnostics: cx.diags,
-        });
-    }
-    Ok(Policy {
+    cx.finish(Policy {
         default,
         malformed,
         non_ip,
@@ -228,7 +165,7 @@ fn special(cx: &mut Ctx, v: Option<&Spanned<String>>, key: &str) -> Action {
 }
 
 fn rule(cx: &mut Ctx, index: usize, r: &RawRule, limits: &PolicyLimits) -> Option<Rule> {
-    let errors_before = cx.diags.len();
+    let errors_before = cx.count();
     let name = r
         .name
         .as_ref()
@@ -310,7 +247,7 @@ fn rule(cx: &mut Ctx, index: usize, r: &RawRule, limits: &PolicyLimits) -> Optio
             Action::Pass
         }
     };
-    (cx.diags.len() == errors_before).then_some(Rule {
+    (cx.count() == errors_before).then_some(Rule {
         name,
         src,
         dst,
@@ -531,12 +468,6 @@ mod tests {
 
     fn parse(src: &str) -> Result<Policy, PolicyError> {
         parse_policy("p.toml", src, &PolicyLimits::default())
-    }
-
-    #[test]
-    fn line_col_counts_from_one() {
-        assert_eq!(line_col("ab\ncd", 0), (1, 1));
-        assert_eq!(line_col("ab\ncd", 4), (2, 2));
     }
 
     #[test]
