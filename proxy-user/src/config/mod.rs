@@ -53,6 +53,12 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SinkConfig {
     Stdout,
+    /// Newline JSON to a TCP upstream, spooled on disk while it is down.
+    Tcp {
+        address: SocketAddr,
+        spool_dir: PathBuf,
+        max_spool_bytes: u64,
+    },
     File {
         path: PathBuf,
         rotate_bytes: Option<u64>,
@@ -113,6 +119,9 @@ struct RawWindow {
 struct RawSink {
     kind: Spanned<String>,
     path: Option<Spanned<String>>,
+    address: Option<Spanned<String>>,
+    spool_dir: Option<Spanned<String>>,
+    max_spool_bytes: Option<Spanned<i64>>,
     rotate_bytes: Option<Spanned<i64>>,
     rotate_seconds: Option<Spanned<i64>>,
     keep: Option<Spanned<i64>>,
@@ -303,9 +312,36 @@ pub fn parse_config(file: &str, src: &str) -> Result<Config, FileErrors> {
                     fsync,
                 });
             }
+            "tcp" => {
+                let Some(addr) = &s.address else {
+                    cx.err(s.kind.span(), "a tcp sink needs address = \"host:port\"");
+                    continue;
+                };
+                let Ok(address) = addr.get_ref().parse::<SocketAddr>() else {
+                    cx.err(
+                        addr.span(),
+                        format!("{:?} is not an address:port", addr.get_ref()),
+                    );
+                    continue;
+                };
+                let spool_dir = s.spool_dir.as_ref().map_or_else(
+                    || PathBuf::from("/var/lib/edgeproxy/spool"),
+                    |d| PathBuf::from(d.get_ref()),
+                );
+                let max_spool_bytes = s
+                    .max_spool_bytes
+                    .as_ref()
+                    .and_then(|v| int(&mut cx, v, "sink.max_spool_bytes", 4096, i64::MAX))
+                    .unwrap_or(1 << 30) as u64;
+                sinks.push(SinkConfig::Tcp {
+                    address,
+                    spool_dir,
+                    max_spool_bytes,
+                });
+            }
             other => cx.err(
                 s.kind.span(),
-                format!("unknown sink kind {other:?}: expected stdout or file"),
+                format!("unknown sink kind {other:?}: expected stdout, file or tcp"),
             ),
         }
     }

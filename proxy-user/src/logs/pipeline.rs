@@ -396,7 +396,7 @@ pub fn run_with_sinks(
     }
     let sinks: Vec<serde_json::Value> = sinks
         .iter()
-        .map(|(s, w, f)| serde_json::json!({"sink": s.name(), "windows": w, "failures": f}))
+        .map(|(s, w, f)| serde_json::json!({"sink": s.name(), "windows": w, "failures": f, "stats": s.stats()}))
         .collect();
     println!(
         "{}",

@@ -15,11 +15,20 @@ pub trait Sink: Send {
     /// End of a window: flush, and fsync if the policy says so.
     fn end_window(&mut self) -> io::Result<()>;
     fn name(&self) -> String;
+    /// Sink-specific counters for the summary.
+    fn stats(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
 
 pub fn open(cfg: &SinkConfig) -> io::Result<Box<dyn Sink>> {
     Ok(match cfg {
         SinkConfig::Stdout => Box::new(StdoutSink),
+        SinkConfig::Tcp {
+            address,
+            spool_dir,
+            max_spool_bytes,
+        } => Box::new(TcpSink::open(*address, spool_dir, *max_spool_bytes)?),
         SinkConfig::File {
             path,
             rotate_bytes,
@@ -154,6 +163,159 @@ impl Sink for FileSink {
     }
 }
 
+/// Newline-delimited JSON over TCP. While the upstream is unreachable, lines go to an
+/// on-disk spool (fsynced per window) and are replayed in order, before anything newer,
+/// once it accepts connections again. Delivery is at-least-once: a crash during a replay
+/// resends the unacknowledged tail. A full spool drops lines, counted (`spool_dropped`).
+pub struct TcpSink {
+    address: std::net::SocketAddr,
+    conn: Option<std::net::TcpStream>,
+    spool_path: PathBuf,
+    spool: File,
+    spool_bytes: u64,
+    max_spool_bytes: u64,
+    next_attempt: Instant,
+    pub spooled: u64,
+    pub spool_dropped: u64,
+    pub replayed: u64,
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+const RETRY_EVERY: Duration = Duration::from_millis(500);
+
+impl TcpSink {
+    pub fn open(
+        address: std::net::SocketAddr,
+        spool_dir: &Path,
+        max_spool_bytes: u64,
+    ) -> io::Result<Self> {
+        std::fs::create_dir_all(spool_dir)?;
+        let spool_path = spool_dir.join(format!(
+            "tcp-{}.spool",
+            address.to_string().replace([':', '[', ']'], "_")
+        ));
+        let spool = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&spool_path)?;
+        let spool_bytes = spool.metadata()?.len();
+        Ok(Self {
+            address,
+            conn: None,
+            spool_path,
+            spool,
+            spool_bytes,
+            max_spool_bytes,
+            next_attempt: Instant::now(),
+            spooled: 0,
+            spool_dropped: 0,
+            replayed: 0,
+        })
+    }
+
+    /// A connection, if one exists or can be made now (rate-limited retries).
+    fn connected(&mut self) -> Option<&mut std::net::TcpStream> {
+        if self.conn.is_none() && Instant::now() >= self.next_attempt {
+            match std::net::TcpStream::connect_timeout(&self.address, CONNECT_TIMEOUT) {
+                Ok(c) => {
+                    let _ = c.set_write_timeout(Some(WRITE_TIMEOUT));
+                    let _ = c.set_nodelay(true);
+                    tracing::info!(upstream = %self.address, "tcp sink connected");
+                    self.conn = Some(c);
+                }
+                Err(e) => {
+                    tracing::debug!(upstream = %self.address, error = %e, "tcp sink: upstream unreachable");
+                    self.next_attempt = Instant::now() + RETRY_EVERY;
+                }
+            }
+        }
+        self.conn.as_mut()
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> bool {
+        let Some(c) = self.connected() else {
+            return false;
+        };
+        if c.write_all(bytes).is_ok() {
+            return true;
+        }
+        tracing::warn!(upstream = %self.address, "tcp sink: connection lost; spooling");
+        self.conn = None;
+        self.next_attempt = Instant::now() + RETRY_EVERY;
+        false
+    }
+
+    fn spool_line(&mut self, line: &str) -> io::Result<()> {
+        let n = line.len() as u64 + 1;
+        if self.spool_bytes + n > self.max_spool_bytes {
+            self.spool_dropped += 1;
+            return Ok(());
+        }
+        self.spool.write_all(line.as_bytes())?;
+        self.spool.write_all(b"\n")?;
+        self.spool_bytes += n;
+        self.spooled += 1;
+        Ok(())
+    }
+
+    /// Sends the whole spool, in order; empties it only once all of it was written.
+    fn replay(&mut self) -> io::Result<()> {
+        if self.spool_bytes == 0 || self.connected().is_none() {
+            return Ok(());
+        }
+        let data = std::fs::read(&self.spool_path)?;
+        if !self.send(&data) {
+            return Ok(());
+        }
+        self.replayed += data.iter().filter(|&&b| b == b'\n').count() as u64;
+        self.spool.set_len(0)?;
+        self.spool.sync_data()?;
+        self.spool_bytes = 0;
+        Ok(())
+    }
+}
+
+impl Sink for TcpSink {
+    fn write_line(&mut self, line: &str) -> io::Result<()> {
+        // Order: nothing new goes out while older lines wait in the spool.
+        self.replay()?;
+        if self.spool_bytes == 0 {
+            let mut buf = Vec::with_capacity(line.len() + 1);
+            buf.extend_from_slice(line.as_bytes());
+            buf.push(b'\n');
+            if self.send(&buf) {
+                return Ok(());
+            }
+        }
+        self.spool_line(line)
+    }
+
+    fn end_window(&mut self) -> io::Result<()> {
+        if self.spool_bytes > 0 {
+            self.spool.sync_data()?;
+        }
+        if let Some(c) = self.conn.as_mut() {
+            let _ = c.flush();
+        }
+        self.replay()
+    }
+
+    fn name(&self) -> String {
+        format!("tcp {}", self.address)
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        serde_json::json!({
+            "spooled": self.spooled,
+            "replayed": self.replayed,
+            "spool_dropped": self.spool_dropped,
+            "spool_bytes": self.spool_bytes,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,5 +399,69 @@ mod tests {
             "{}\n"
         );
         std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tcp_tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+
+    #[test]
+    fn an_outage_is_spooled_and_replayed_in_order() {
+        let dir = std::env::temp_dir().join(format!("ep-tcp-sink-{}", std::process::id()));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener); // the upstream is down at first
+        let mut s = TcpSink::open(addr, &dir, 1 << 20).unwrap();
+        for i in 0..3 {
+            s.write_line(&format!("{{\"n\":{i}}}")).unwrap();
+            s.end_window().unwrap();
+        }
+        assert_eq!(s.spooled, 3);
+        // The upstream comes back on the same port.
+        let listener = std::net::TcpListener::bind(addr).unwrap();
+        std::thread::sleep(RETRY_EVERY);
+        for i in 3..5 {
+            s.write_line(&format!("{{\"n\":{i}}}")).unwrap();
+            s.end_window().unwrap();
+        }
+        drop(s);
+        let (conn, _) = listener.accept().unwrap();
+        let got: Vec<String> = BufReader::new(conn).lines().map(Result::unwrap).collect();
+        assert_eq!(
+            got,
+            (0..5).map(|i| format!("{{\"n\":{i}}}")).collect::<Vec<_>>(),
+            "all, in order"
+        );
+        assert_eq!(
+            std::fs::metadata(dir.join(format!(
+                "tcp-{}.spool",
+                addr.to_string().replace([':', '[', ']'], "_")
+            )))
+            .unwrap()
+            .len(),
+            0,
+            "spool emptied"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_full_spool_drops_and_counts() {
+        let dir = std::env::temp_dir().join(format!("ep-tcp-full-{}", std::process::id()));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let mut s = TcpSink::open(addr, &dir, 20).unwrap();
+        for i in 0..5 {
+            s.write_line(&format!("line-{i}")).unwrap();
+        }
+        assert_eq!(
+            (s.spooled, s.spool_dropped),
+            (2, 3),
+            "7-byte lines in a 20-byte spool"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
