@@ -90,6 +90,8 @@ pub struct Partial {
     pub worker: usize,
     pub window: LogWindow,
     pub counts: MessageCounts,
+    /// How late the worker closed the window after its boundary (timer jitter).
+    pub close_lag_ns: i64,
 }
 
 /// A window, merged over all workers.
@@ -97,6 +99,8 @@ pub struct WindowReport {
     pub start_ns: i64,
     pub window: LogWindow,
     pub counts: MessageCounts,
+    /// The latest any worker closed this window after its boundary.
+    pub close_lag_max_ns: i64,
 }
 
 pub struct WorkerSummary {
@@ -200,11 +204,14 @@ fn worker_loop(
             let next = now.div_euclid(win_ns) * win_ns;
             let done = std::mem::replace(&mut window, LogWindow::new(cfg.key, cfg.limits, next));
             let c = std::mem::take(&mut counts);
+            // A final partial cut short by a stop is not late.
+            let close_lag_ns = (now - (start + win_ns)).max(0);
             if out
                 .send(Partial {
                     worker,
                     window: done,
                     counts: c,
+                    close_lag_ns,
                 })
                 .is_err()
             {
@@ -254,11 +261,13 @@ impl WindowMerger {
                     start_ns: start,
                     window: p.window.clone_empty(),
                     counts: MessageCounts::default(),
+                    close_lag_max_ns: 0,
                 },
             )
         });
         entry.1.window.merge(&p.window);
         entry.1.counts.add(&p.counts);
+        entry.1.close_lag_max_ns = entry.1.close_lag_max_ns.max(p.close_lag_ns);
         if !entry.0.contains(&p.worker) {
             entry.0.push(p.worker);
         }
@@ -312,6 +321,7 @@ impl WindowReport {
             .collect();
         serde_json::json!({
             "window_start_ns": self.start_ns,
+            "close_lag_max_us": self.close_lag_max_ns / 1000,
             "records": w.records,
             "counts": self.counts,
             "overflow_keys": w.overflow_keys,
@@ -347,8 +357,10 @@ pub fn run_with_sinks(
     tracing::info!(workers = handles.len(), listeners = ?cfg.listeners, "log pipeline started");
     let mut merger = WindowMerger::new(handles.len());
     let mut total = MessageCounts::default();
+    let mut lags: Vec<i64> = Vec::new();
     let mut emit = |r: WindowReport, total: &mut MessageCounts| {
         total.add(&r.counts);
+        lags.push(r.close_lag_max_ns);
         let line = r.json().to_string();
         for (sink, written, failed) in &mut sinks {
             match sink.write_line(&line).and_then(|()| sink.end_window()) {
@@ -398,9 +410,19 @@ pub fn run_with_sinks(
         .iter()
         .map(|(s, w, f)| serde_json::json!({"sink": s.name(), "windows": w, "failures": f, "stats": s.stats()}))
         .collect();
+    lags.sort_unstable();
+    let pct = |q: f64| {
+        lags.get(((lags.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0)
+            / 1000
+    };
+    let jitter = serde_json::json!({
+        "windows": lags.len(), "p50_us": pct(0.5), "p99_us": pct(0.99), "max_us": lags.last().copied().unwrap_or(0) / 1000,
+    });
     println!(
         "{}",
-        serde_json::json!({"summary": {"counts": total, "kernel_drops": drops, "workers": workers, "sinks": sinks}})
+        serde_json::json!({"summary": {"counts": total, "kernel_drops": drops, "workers": workers, "sinks": sinks, "window_close_lag": jitter}})
     );
     Ok(())
 }
