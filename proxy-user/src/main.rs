@@ -353,55 +353,17 @@ fn real_main() -> anyhow::Result<()> {
             window,
             duration,
         } => {
-            use proxy_user::{
-                config::{Config, parse_config},
-                logs::pipeline::run_with_sinks,
+            let overrides = LogOverrides {
+                listen,
+                engine,
+                workers,
+                window: window.map(|w| seconds("window", w)).transpose()?,
             };
-            let base = match &config {
-                Some(path) => {
-                    let text = std::fs::read_to_string(path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    parse_config(&path.display().to_string(), &text)?
-                }
-                None => Config::defaults(),
-            };
-            let sinks = base.sinks.clone();
-            let mut cfg = base.pipeline;
-            if !listen.is_empty() {
-                cfg.listeners = listen;
-            }
-            if let Some(e) = engine {
-                cfg.backend = e;
-            }
-            if let Some(w) = window {
-                cfg.window = seconds("window", w)?;
-                anyhow::ensure!(!cfg.window.is_zero(), "--window must be positive");
-            }
-            if let Some(n) = workers {
-                anyhow::ensure!(n > 0, "--workers must be at least 1");
-                cfg.data_cpus = (0..n).map(|i| i % cfg.data_cpus.len().max(1)).collect();
-            }
-            let duration = duration.map(|d| seconds("duration", d)).transpose()?;
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let signal_stop = std::sync::Arc::clone(&stop);
-            std::thread::Builder::new()
-                .name("ep-control".into())
-                .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(rt) => rt,
-                        Err(e) => {
-                            tracing::error!(error = %e, "control runtime");
-                            signal_stop.store(true, std::sync::atomic::Ordering::Release);
-                            return;
-                        }
-                    };
-                    rt.block_on(stop_signal(duration));
-                    signal_stop.store(true, std::sync::atomic::Ordering::Release);
-                })?;
-            run_with_sinks(&cfg, &sinks, stop)
+            logs_command(
+                config,
+                overrides,
+                duration.map(|d| seconds("duration", d)).transpose()?,
+            )
         }
         Command::Doctor { probe_xdp, json } => {
             let report = proxy_user::doctor::probe(probe_xdp);
@@ -416,6 +378,106 @@ fn real_main() -> anyhow::Result<()> {
             print(cli::policy::detach(&paths(&place, &iface))?, json)
         }
     }
+}
+
+/// Command-line settings that take precedence over the configuration file (also after
+/// a reload).
+struct LogOverrides {
+    listen: Vec<std::net::SocketAddr>,
+    engine: Option<proxy_user::engine::BackendChoice>,
+    workers: Option<usize>,
+    window: Option<Duration>,
+}
+
+fn load_log_config(
+    path: Option<&Path>,
+    o: &LogOverrides,
+) -> anyhow::Result<(
+    proxy_user::logs::pipeline::PipelineConfig,
+    Vec<proxy_user::config::SinkConfig>,
+)> {
+    use proxy_user::config::{Config, parse_config};
+    let base = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            parse_config(&path.display().to_string(), &text)?
+        }
+        None => Config::defaults(),
+    };
+    let mut cfg = base.pipeline;
+    if !o.listen.is_empty() {
+        cfg.listeners = o.listen.clone();
+    }
+    if let Some(e) = o.engine {
+        cfg.backend = e;
+    }
+    if let Some(w) = o.window {
+        anyhow::ensure!(!w.is_zero(), "--window must be positive");
+        cfg.window = w;
+    }
+    if let Some(n) = o.workers {
+        anyhow::ensure!(n > 0, "--workers must be at least 1");
+        let online = cfg.data_cpus.len().max(1);
+        cfg.data_cpus = (0..n).map(|i| i % online).collect();
+    }
+    Ok((cfg, base.sinks))
+}
+
+/// `edgeproxy logs`: the pipeline on the main thread's merger, a control thread for
+/// signals: SIGINT/SIGTERM/--duration stop, SIGHUP reloads the configuration file.
+fn logs_command(
+    config: Option<PathBuf>,
+    overrides: LogOverrides,
+    duration: Option<Duration>,
+) -> anyhow::Result<()> {
+    use proxy_user::logs::pipeline::{SharedConfig, run_with_sinks};
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let (cfg, sinks) = load_log_config(config.as_deref(), &overrides)?;
+    let shared = SharedConfig::new(cfg, sinks);
+    let stop = Arc::new(AtomicBool::new(false));
+    let control_stop = Arc::clone(&stop);
+    let control_shared = Arc::clone(&shared);
+    std::thread::Builder::new().name("ep-control".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "control runtime");
+                control_stop.store(true, Ordering::Release);
+                return;
+            }
+        };
+        rt.block_on(async {
+            let stop = stop_signal(duration);
+            tokio::pin!(stop);
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            loop {
+                let hangup = async {
+                    match hup.as_mut() {
+                        Some(h) => {
+                            h.recv().await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = &mut stop => break,
+                    () = hangup => match load_log_config(config.as_deref(), &overrides) {
+                        Ok((cfg, sinks)) => {
+                            let s = control_shared.publish(cfg, sinks, Duration::from_millis(50));
+                            tracing::info!(generation = s.generation, effective_from_ns = s.effective_from_ns, "SIGHUP: configuration reloaded");
+                        }
+                        Err(e) => tracing::error!("SIGHUP: configuration rejected, keeping the running one: {e:#}"),
+                    },
+                }
+            }
+        });
+        control_stop.store(true, Ordering::Release);
+    })?;
+    run_with_sinks(&shared, stop)
 }
 
 /// Resolves on SIGINT, SIGTERM, or after `duration` (if given), logging which. If

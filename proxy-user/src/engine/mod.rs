@@ -38,6 +38,16 @@ pub struct BackendStats {
     pub errors: u64,
 }
 
+impl BackendStats {
+    pub fn add(&mut self, o: &BackendStats) {
+        self.datagrams += o.datagrams;
+        self.bytes += o.bytes;
+        self.truncated += o.truncated;
+        self.buffer_ring_empty += o.buffer_ring_empty;
+        self.errors += o.errors;
+    }
+}
+
 pub trait ReceiveBackend {
     /// Waits up to `timeout` for datagrams and hands each to `on`. Returns how many.
     fn poll(&mut self, timeout: Duration, on: &mut dyn FnMut(Datagram<'_>)) -> io::Result<usize>;

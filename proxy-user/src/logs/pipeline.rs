@@ -59,6 +59,75 @@ impl Default for PipelineConfig {
     }
 }
 
+/// The configuration in force, swapped whole on reload. Workers switch to a new
+/// snapshot exactly at `effective_from_ns`, a window boundary on the old grid, so all of
+/// them change window length, key or listeners at the same boundary and the window in
+/// progress completes under the settings it started with.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub pipeline: PipelineConfig,
+    pub sinks: Vec<crate::config::SinkConfig>,
+    pub effective_from_ns: i64,
+}
+
+/// Where the control thread publishes snapshots and workers pick them up (a lock taken
+/// once per window close, never per message).
+pub struct SharedConfig(std::sync::Mutex<Arc<Snapshot>>);
+
+impl SharedConfig {
+    pub fn new(pipeline: PipelineConfig, sinks: Vec<crate::config::SinkConfig>) -> Arc<Self> {
+        Arc::new(Self(std::sync::Mutex::new(Arc::new(Snapshot {
+            generation: 0,
+            pipeline,
+            sinks,
+            effective_from_ns: 0,
+        }))))
+    }
+
+    pub fn latest(&self) -> Arc<Snapshot> {
+        Arc::clone(
+            &self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Publishes a new configuration, effective from the first boundary of the current
+    /// window grid at least `margin` from now. Worker count changes need a restart.
+    pub fn publish(
+        &self,
+        mut pipeline: PipelineConfig,
+        sinks: Vec<crate::config::SinkConfig>,
+        margin: Duration,
+    ) -> Arc<Snapshot> {
+        let mut cur = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pipeline.data_cpus != cur.pipeline.data_cpus {
+            tracing::warn!(
+                "data_cpus changes need a restart; keeping {:?}",
+                cur.pipeline.data_cpus
+            );
+            pipeline.data_cpus = cur.pipeline.data_cpus.clone();
+        }
+        let win = cur.pipeline.window.as_nanos().max(1) as i64;
+        let anchor = cur.effective_from_ns;
+        let at = now_ns() + margin.as_nanos() as i64;
+        let effective_from_ns = anchor + (at - anchor).div_euclid(win) * win + win;
+        let next = Arc::new(Snapshot {
+            generation: cur.generation + 1,
+            pipeline,
+            sinks,
+            effective_from_ns,
+        });
+        *cur = Arc::clone(&next);
+        next
+    }
+}
+
 /// Message-level accounting of one worker for one window.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MessageCounts {
@@ -130,48 +199,70 @@ fn pin(cpu: usize) {
 /// Starts one worker per data CPU. Partials go to `out`; workers stop when `stop` is set
 /// (after sending their last partial window).
 pub fn spawn(
-    cfg: &PipelineConfig,
+    shared: &Arc<SharedConfig>,
     out: mpsc::SyncSender<Partial>,
     stop: Arc<AtomicBool>,
 ) -> io::Result<Vec<thread::JoinHandle<io::Result<WorkerSummary>>>> {
+    let snap = shared.latest();
+    let cfg = &snap.pipeline;
     let mut handles = Vec::new();
     for (worker, &cpu) in cfg.data_cpus.iter().enumerate() {
         // Sockets are bound here, so a bad address fails the start, not a worker later.
-        let sockets = cfg
-            .listeners
-            .iter()
-            .map(|a| socket::udp_reuseport(*a, cfg.rcvbuf))
-            .collect::<io::Result<Vec<_>>>()?;
-        let cfg = cfg.clone();
+        let sockets = bind_all(&cfg.listeners, cfg.rcvbuf, &mut Vec::new())?;
+        let shared = Arc::clone(shared);
         let out = out.clone();
         let stop = Arc::clone(&stop);
         handles.push(
             thread::Builder::new()
                 .name(format!("ep-worker-{worker}"))
-                .spawn(move || worker_loop(worker, cpu, sockets, &cfg, &out, &stop))?,
+                .spawn(move || worker_loop(worker, cpu, sockets, &shared, &out, &stop))?,
         );
     }
     Ok(handles)
 }
 
+/// One socket per listener, re-using (duplicating) those already open in `have`.
+fn bind_all(
+    listeners: &[SocketAddr],
+    rcvbuf: Option<usize>,
+    have: &mut Vec<(SocketAddr, std::net::UdpSocket)>,
+) -> io::Result<Vec<(SocketAddr, std::net::UdpSocket)>> {
+    listeners
+        .iter()
+        .map(|a| match have.iter().position(|(h, _)| h == a) {
+            Some(i) => Ok((*a, have.swap_remove(i).1)),
+            None => socket::udp_reuseport(*a, rcvbuf).map(|s| (*a, s)),
+        })
+        .collect()
+}
+
+fn open_backend(
+    cfg: &PipelineConfig,
+    sockets: &[(SocketAddr, std::net::UdpSocket)],
+) -> io::Result<(Box<dyn engine::ReceiveBackend + Send>, Option<String>)> {
+    let dups = sockets
+        .iter()
+        .map(|(_, s)| s.try_clone())
+        .collect::<io::Result<Vec<_>>>()?;
+    engine::open(cfg.backend, dups, cfg.receive)
+}
+
 fn worker_loop(
     worker: usize,
     cpu: usize,
-    sockets: Vec<std::net::UdpSocket>,
-    cfg: &PipelineConfig,
+    mut sockets: Vec<(SocketAddr, std::net::UdpSocket)>,
+    shared: &SharedConfig,
     out: &mpsc::SyncSender<Partial>,
     stop: &AtomicBool,
 ) -> io::Result<WorkerSummary> {
     pin(cpu);
-    let probes: Vec<std::net::UdpSocket> = sockets
-        .iter()
-        .map(|s| s.try_clone())
-        .collect::<io::Result<_>>()?;
+    let mut snap = shared.latest();
     // Created on this thread: an io_uring ring with SINGLE_ISSUER belongs to its creator.
-    let (mut backend, fallback_reason) = engine::open(cfg.backend, sockets, cfg.receive)?;
-    let win_ns = cfg.window.as_nanos().max(1) as i64;
-    let mut start = now_ns().div_euclid(win_ns) * win_ns;
-    let mut window = LogWindow::new(cfg.key, cfg.limits, start);
+    let (mut backend, fallback_reason) = open_backend(&snap.pipeline, &sockets)?;
+    let mut stats = BackendStats::default();
+    let mut win_ns = snap.pipeline.window.as_nanos().max(1) as i64;
+    let mut start = grid(&snap, win_ns, now_ns());
+    let mut window = LogWindow::new(snap.pipeline.key, snap.pipeline.limits, start);
     let mut counts = MessageCounts::default();
     loop {
         let stopping = stop.load(Ordering::Acquire);
@@ -182,30 +273,50 @@ fn worker_loop(
         } else {
             until_close.min(Duration::from_millis(10))
         };
-        backend.poll(timeout, &mut |d| {
-            counts.datagrams += 1;
-            let rx = now_ns();
-            for frame in Frames::new(d.payload, cfg.max_message) {
-                let rec = decode(frame.bytes, rx);
-                counts.messages += 1;
-                match rec.format {
-                    Format::Rfc5424 => counts.rfc5424 += 1,
-                    Format::Rfc3164 => counts.rfc3164 += 1,
-                    Format::Json => counts.json += 1,
-                    Format::Plain => counts.plain += 1,
-                }
-                counts.invalid_utf8 += u64::from(rec.invalid_utf8);
-                counts.truncated += u64::from(frame.truncated > 0 || d.truncated);
-                window.add(&rec, d.source.map(|s| s.ip()), rx);
-            }
-        })?;
+        receive(
+            &mut *backend,
+            timeout,
+            &snap.pipeline,
+            &mut window,
+            &mut counts,
+        )?;
         let now = now_ns();
         if now >= start + win_ns || stopping {
-            let next = now.div_euclid(win_ns) * win_ns;
-            let done = std::mem::replace(&mut window, LogWindow::new(cfg.key, cfg.limits, next));
+            let mut next = grid(&snap, win_ns, now);
+            let latest = shared.latest();
+            let switch =
+                latest.generation != snap.generation && start + win_ns >= latest.effective_from_ns;
+            if switch && latest.pipeline.listeners != snap.pipeline.listeners {
+                // Finish what the old sockets hold, into the closing window, then rebuild.
+                while receive(
+                    &mut *backend,
+                    Duration::ZERO,
+                    &snap.pipeline,
+                    &mut window,
+                    &mut counts,
+                )? > 0
+                {}
+                sockets = bind_all(
+                    &latest.pipeline.listeners,
+                    latest.pipeline.rcvbuf,
+                    &mut sockets,
+                )?;
+                stats.add(&backend.stats());
+                backend = open_backend(&latest.pipeline, &sockets)?.0;
+                tracing::info!(worker, listeners = ?latest.pipeline.listeners, "listeners changed");
+            }
             let c = std::mem::take(&mut counts);
             // A final partial cut short by a stop is not late.
             let close_lag_ns = (now - (start + win_ns)).max(0);
+            if switch {
+                snap = latest;
+                win_ns = snap.pipeline.window.as_nanos().max(1) as i64;
+                next = grid(&snap, win_ns, now);
+            }
+            let done = std::mem::replace(
+                &mut window,
+                LogWindow::new(snap.pipeline.key, snap.pipeline.limits, next),
+            );
             if out
                 .send(Partial {
                     worker,
@@ -223,16 +334,50 @@ fn worker_loop(
             break;
         }
     }
+    stats.add(&backend.stats());
     Ok(WorkerSummary {
         worker,
         cpu,
         backend: backend.name(),
         fallback_reason,
-        stats: backend.stats(),
-        kernel_drops: probes
+        stats,
+        kernel_drops: sockets
             .iter()
-            .map(|s| socket::kernel_drops(s).map_or(0, u64::from))
+            .map(|(_, s)| socket::kernel_drops(s).map_or(0, u64::from))
             .sum(),
+    })
+}
+
+/// The start of the window containing `t`, on the grid of `snap` (anchored where that
+/// snapshot took effect, so every worker computes the same boundaries).
+fn grid(snap: &Snapshot, win_ns: i64, t: i64) -> i64 {
+    snap.effective_from_ns + (t - snap.effective_from_ns).div_euclid(win_ns) * win_ns
+}
+
+/// One poll of the backend: frame, decode and count every datagram into `window`.
+fn receive(
+    backend: &mut dyn engine::ReceiveBackend,
+    timeout: Duration,
+    cfg: &PipelineConfig,
+    window: &mut LogWindow,
+    counts: &mut MessageCounts,
+) -> io::Result<usize> {
+    backend.poll(timeout, &mut |d| {
+        counts.datagrams += 1;
+        let rx = now_ns();
+        for frame in Frames::new(d.payload, cfg.max_message) {
+            let rec = decode(frame.bytes, rx);
+            counts.messages += 1;
+            match rec.format {
+                Format::Rfc5424 => counts.rfc5424 += 1,
+                Format::Rfc3164 => counts.rfc3164 += 1,
+                Format::Json => counts.json += 1,
+                Format::Plain => counts.plain += 1,
+            }
+            counts.invalid_utf8 += u64::from(rec.invalid_utf8);
+            counts.truncated += u64::from(frame.truncated > 0 || d.truncated);
+            window.add(&rec, d.source.map(|s| s.ip()), rx);
+        }
     })
 }
 
@@ -335,30 +480,44 @@ impl WindowReport {
 /// Runs the pipeline until `stop` is set: every merged window goes, as one JSON line, to
 /// every sink; then a summary line (per-worker engine and counters, kernel drops, sink
 /// results) is printed on stdout. A failing sink is counted and logged, never fatal.
-pub fn run_with_sinks(
-    cfg: &PipelineConfig,
-    sink_cfgs: &[crate::config::SinkConfig],
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<()> {
+pub fn run_with_sinks(shared: &Arc<SharedConfig>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     use anyhow::Context as _;
+    let first = shared.latest();
+    let cfg = &first.pipeline;
     anyhow::ensure!(
         !cfg.listeners.is_empty(),
         "no log listener: give --listen ADDR or a config file"
     );
     anyhow::ensure!(!cfg.data_cpus.is_empty(), "no data CPU");
-    let mut sinks: Vec<(Box<dyn super::sinks::Sink>, u64, u64)> = sink_cfgs
-        .iter()
-        .map(|c| super::sinks::open(c).map(|s| (s, 0, 0)))
-        .collect::<io::Result<_>>()
-        .context("opening the sinks")?;
+    let open_sinks = |cfgs: &[crate::config::SinkConfig]| {
+        cfgs.iter()
+            .map(|c| super::sinks::open(c).map(|s| (s, 0u64, 0u64)))
+            .collect::<io::Result<Vec<(Box<dyn super::sinks::Sink>, u64, u64)>>>()
+    };
+    let mut sinks = open_sinks(&first.sinks).context("opening the sinks")?;
+    let mut sinks_generation = first.generation;
     // Room for a few windows per worker before a worker waits on the merger.
     let (tx, rx) = mpsc::sync_channel(cfg.data_cpus.len() * 4);
-    let handles = spawn(cfg, tx, Arc::clone(&stop))?;
+    let handles = spawn(shared, tx, Arc::clone(&stop))?;
     tracing::info!(workers = handles.len(), listeners = ?cfg.listeners, "log pipeline started");
     let mut merger = WindowMerger::new(handles.len());
     let mut total = MessageCounts::default();
     let mut lags: Vec<i64> = Vec::new();
     let mut emit = |r: WindowReport, total: &mut MessageCounts| {
+        // Sinks change at the same boundary as the workers' settings.
+        let latest = shared.latest();
+        if latest.generation != sinks_generation && r.start_ns >= latest.effective_from_ns {
+            match open_sinks(&latest.sinks) {
+                Ok(new) => {
+                    tracing::info!(generation = latest.generation, "sinks reloaded");
+                    sinks = new;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reloaded sinks failed to open; keeping the old ones")
+                }
+            }
+            sinks_generation = latest.generation;
+        }
         total.add(&r.counts);
         lags.push(r.close_lag_max_ns);
         let line = r.json().to_string();
