@@ -454,6 +454,20 @@ fn logs_command(
             let stop = stop_signal(duration);
             tokio::pin!(stop);
             let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let watch = config.as_deref().and_then(|p| match ConfigWatch::new(p) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the configuration file; SIGHUP still reloads");
+                    None
+                }
+            });
+            let reload = |why: &str| match load_log_config(config.as_deref(), &overrides) {
+                Ok((cfg, sinks)) => {
+                    let s = control_shared.publish(cfg, sinks, Duration::from_millis(50));
+                    tracing::info!(generation = s.generation, effective_from_ns = s.effective_from_ns, "{why}: configuration reloaded");
+                }
+                Err(e) => tracing::error!("{why}: configuration rejected, keeping the running one: {e:#}"),
+            };
             loop {
                 let hangup = async {
                     match hup.as_mut() {
@@ -463,21 +477,94 @@ fn logs_command(
                         None => std::future::pending().await,
                     }
                 };
+                let changed = async {
+                    match &watch {
+                        Some(w) => w.changed().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     () = &mut stop => break,
-                    () = hangup => match load_log_config(config.as_deref(), &overrides) {
-                        Ok((cfg, sinks)) => {
-                            let s = control_shared.publish(cfg, sinks, Duration::from_millis(50));
-                            tracing::info!(generation = s.generation, effective_from_ns = s.effective_from_ns, "SIGHUP: configuration reloaded");
-                        }
-                        Err(e) => tracing::error!("SIGHUP: configuration rejected, keeping the running one: {e:#}"),
-                    },
+                    () = hangup => reload("SIGHUP"),
+                    () = changed => reload("file changed"),
                 }
             }
         });
         control_stop.store(true, Ordering::Release);
     })?;
     run_with_sinks(&shared, stop)
+}
+
+/// Watches a configuration file (through its directory: editors replace files by
+/// renaming, which a watch on the file itself would miss).
+struct ConfigWatch {
+    fd: tokio::io::unix::AsyncFd<InotifyFd>,
+    name: std::ffi::OsString,
+}
+
+/// nix's Inotify implements AsFd; tokio's AsyncFd wants AsRawFd.
+struct InotifyFd(nix::sys::inotify::Inotify);
+
+impl std::os::fd::AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd as _;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl ConfigWatch {
+    fn new(path: &Path) -> anyhow::Result<Self> {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .context("the configuration path has no file name")?
+            .to_owned();
+        let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        ino.add_watch(
+            dir,
+            AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_MOVED_TO,
+        )?;
+        Ok(Self {
+            // SAFETY: the inotify fd is owned by the InotifyFd moved into the AsyncFd; it
+            // stays open, and as_raw_fd returns that same fd, until the AsyncFd is dropped.
+            fd: unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    InotifyFd(ino),
+                    tokio::io::Interest::READABLE,
+                )
+            }
+            .map_err(|e| anyhow::anyhow!("registering the configuration watch: {e}"))?,
+            name,
+        })
+    }
+
+    /// Resolves when the file was written or replaced.
+    async fn changed(&self) {
+        loop {
+            let Ok(mut guard) = self.fd.readable().await else {
+                return std::future::pending().await;
+            };
+            match guard.get_inner().0.read_events() {
+                Ok(events) => {
+                    if events
+                        .iter()
+                        .any(|e| e.name.as_deref() == Some(self.name.as_os_str()))
+                    {
+                        return;
+                    }
+                }
+                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "configuration watch failed; SIGHUP still reloads");
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
 }
 
 /// Resolves on SIGINT, SIGTERM, or after `duration` (if given), logging which. If

@@ -12,10 +12,20 @@ use edgeproxy_testbed::{
 const PORT: u16 = 5514;
 
 #[test]
-fn logger_and_duplicates_are_counted_exactly() {
-    if !require_root("logger_and_duplicates_are_counted_exactly") {
-        return;
+fn logger_and_duplicates_are_counted_exactly_io_uring() {
+    if require_root("logger_and_duplicates_are_counted_exactly_io_uring") {
+        logger_and_duplicates("io_uring");
     }
+}
+
+#[test]
+fn logger_and_duplicates_are_counted_exactly_epoll() {
+    if require_root("logger_and_duplicates_are_counted_exactly_epoll") {
+        logger_and_duplicates("epoll");
+    }
+}
+
+fn logger_and_duplicates(engine: &str) {
     tools::run("logger", ["--version"])
         .expect("util-linux logger (cargo xtask test installs bsdutils)");
     let pair = VethPair::create().expect("veth pair");
@@ -26,7 +36,16 @@ fn logger_and_duplicates_are_counted_exactly() {
     let mut child = Reaped(Some(
         pair.a
             .command(edgeproxy_bin().expect("binary"))
-            .args(["logs", "--window", "1", "--duration", "60", "--listen"])
+            .args([
+                "logs",
+                "--engine",
+                engine,
+                "--window",
+                "1",
+                "--duration",
+                "60",
+                "--listen",
+            ])
             .arg(format!("{}:{PORT}", pair.a_v4))
             .arg("--listen")
             .arg(format!("[{}]:{PORT}", pair.a_v6))
@@ -126,7 +145,7 @@ fn logger_and_duplicates_are_counted_exactly() {
         "each duplicate counted 200 times: {dup:?}"
     );
     for w in s["workers"].as_array().expect("workers") {
-        assert_eq!(w["engine"], "io_uring");
+        assert_eq!(w["engine"], engine);
     }
 }
 
@@ -418,4 +437,70 @@ fn sighup_reload_changes_key_window_sink_and_listeners_without_loss() {
     }
     assert_eq!(hosts.get(&format!("h{P1}")), Some(&500), "{hosts:?}");
     assert_eq!(hosts.get(&format!("h{P2}")), Some(&800), "{hosts:?}");
+}
+
+/// The configuration file replaced by rename (as editors and config managers do) is
+/// picked up without a signal.
+#[test]
+fn file_watch_reloads_a_replaced_configuration() {
+    if !require_root("file_watch_reloads_a_replaced_configuration") {
+        return;
+    }
+    const P: u16 = 5540;
+    let pair = VethPair::create().expect("veth pair");
+    let dir = ScratchDir::new().expect("scratch");
+    let conf = |key: &str| {
+        format!(
+            "[[listener]]\naddress = \"{}:{P}\"\n[window]\nseconds = 0.2\nkey = [\"{key}\"]\n",
+            pair.a_v4
+        )
+    };
+    let cfg = dir.file("edgeproxy.toml", &conf("app"));
+    let mut child = Reaped(Some(
+        pair.a
+            .command(edgeproxy_bin().expect("binary"))
+            .args(["logs", "--duration", "60", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    ));
+    let (ok, log) = wait_for_line(child.0.as_mut().expect("child"), "log pipeline started");
+    assert!(ok, "{log:?}");
+    let tmp = dir.file("edgeproxy.toml.new", &conf("host"));
+    std::fs::rename(&tmp, &cfg).expect("rename");
+    std::thread::sleep(std::time::Duration::from_millis(900));
+    pair.b.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for i in 0..100 {
+            s.send_to(
+                format!("<14>1 - hw app - - - m {i}").as_bytes(),
+                (pair.a_v4, P),
+            )
+            .expect("send");
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let mut c = child.take();
+    let mut out = String::new();
+    c.stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read");
+    assert!(c.wait().expect("wait").success());
+    let mut keyed_by_host = 0;
+    for line in out.lines().filter(|l| !l.contains("\"summary\"")) {
+        let v: serde_json::Value = serde_json::from_str(line).expect("JSON line");
+        for k in v["keys"].as_array().expect("keys") {
+            assert!(
+                k["host"].is_string() && k["app"].is_null(),
+                "the new key is in force: {k}"
+            );
+            keyed_by_host += k["count"].as_u64().expect("count");
+        }
+    }
+    assert_eq!(keyed_by_host, 100);
 }
