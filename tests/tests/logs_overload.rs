@@ -106,4 +106,13 @@ fn overload_is_accounted_for_exactly() {
         "memory stays bounded under overload ({hwm_kib} KiB)"
     );
     assert!(s["window_close_lag"]["windows"].as_u64().unwrap_or(0) > 0);
+    // The per-listener figure and the kernel's own UDP counter agree with the total.
+    assert_eq!(
+        s["kernel_drops_by_listener"][format!("{}:{PORT}", pair.a_v4)],
+        socket_drops
+    );
+    assert_eq!(
+        s["kernel_udp_counters_delta"]["udp.RcvbufErrors"], socket_drops,
+        "{s}"
+    );
 }

@@ -179,6 +179,8 @@ pub struct WorkerSummary {
     pub fallback_reason: Option<String>,
     pub stats: BackendStats,
     pub kernel_drops: u64,
+    /// SO_MEMINFO drops of this worker's socket for each listener.
+    pub drops_by_listener: Vec<(SocketAddr, u64)>,
 }
 
 fn now_ns() -> i64 {
@@ -345,6 +347,10 @@ fn worker_loop(
             .iter()
             .map(|(_, s)| socket::kernel_drops(s).map_or(0, u64::from))
             .sum(),
+        drops_by_listener: sockets
+            .iter()
+            .map(|(a, s)| (*a, socket::kernel_drops(s).map_or(0, u64::from)))
+            .collect(),
     })
 }
 
@@ -498,6 +504,7 @@ pub fn run_with_sinks(shared: &Arc<SharedConfig>, stop: Arc<AtomicBool>) -> anyh
     let mut sinks_generation = first.generation;
     // Room for a few windows per worker before a worker waits on the merger.
     let (tx, rx) = mpsc::sync_channel(cfg.data_cpus.len() * 4);
+    let udp_before = socket::udp_counters();
     let handles = spawn(shared, tx, Arc::clone(&stop))?;
     tracing::info!(workers = handles.len(), listeners = ?cfg.listeners, "log pipeline started");
     let mut merger = WindowMerger::new(handles.len());
@@ -549,11 +556,15 @@ pub fn run_with_sinks(shared: &Arc<SharedConfig>, stop: Arc<AtomicBool>) -> anyh
     drop(emit);
     let mut workers = Vec::new();
     let mut drops = 0;
+    let mut by_listener: BTreeMap<String, u64> = BTreeMap::new();
     for h in handles {
         let s = h
             .join()
             .map_err(|_| anyhow::anyhow!("a worker panicked"))??;
         drops += s.kernel_drops;
+        for (a, d) in &s.drops_by_listener {
+            *by_listener.entry(a.to_string()).or_default() += d;
+        }
         if let Some(reason) = &s.fallback_reason {
             tracing::warn!(worker = s.worker, %reason, "engine fell back to epoll");
         }
@@ -569,6 +580,12 @@ pub fn run_with_sinks(shared: &Arc<SharedConfig>, stop: Arc<AtomicBool>) -> anyh
         .iter()
         .map(|(s, w, f)| serde_json::json!({"sink": s.name(), "windows": w, "failures": f, "stats": s.stats()}))
         .collect();
+    let udp_after = socket::udp_counters();
+    let udp_delta: BTreeMap<&String, u64> = udp_after
+        .iter()
+        .map(|(k, v)| (k, v.saturating_sub(udp_before.get(k).copied().unwrap_or(0))))
+        .filter(|(k, v)| *v > 0 || k.contains("Errors") || k.contains("NoPorts"))
+        .collect();
     lags.sort_unstable();
     let pct = |q: f64| {
         lags.get(((lags.len() as f64 - 1.0) * q).round() as usize)
@@ -581,7 +598,11 @@ pub fn run_with_sinks(shared: &Arc<SharedConfig>, stop: Arc<AtomicBool>) -> anyh
     });
     println!(
         "{}",
-        serde_json::json!({"summary": {"counts": total, "kernel_drops": drops, "workers": workers, "sinks": sinks, "window_close_lag": jitter}})
+        serde_json::json!({"summary": {
+            "counts": total, "kernel_drops": drops, "kernel_drops_by_listener": by_listener,
+            "kernel_udp_counters_delta": udp_delta, "workers": workers, "sinks": sinks,
+            "window_close_lag": jitter,
+        }})
     );
     Ok(())
 }
