@@ -125,6 +125,10 @@ enum Command {
         /// Window length in seconds.
         #[arg(long)]
         window: Option<f64>,
+        /// Also ingest the datagrams captured by the data plane pinned in this directory
+        /// (e.g. /sys/fs/bpf/edgeproxy/eth0): its record rings are drained by the workers.
+        #[arg(long)]
+        capture_from: Option<PathBuf>,
         /// Stop after this many seconds (default: until SIGINT/SIGTERM).
         #[arg(long)]
         duration: Option<f64>,
@@ -351,6 +355,7 @@ fn real_main() -> anyhow::Result<()> {
             engine,
             workers,
             window,
+            capture_from,
             duration,
         } => {
             let overrides = LogOverrides {
@@ -358,6 +363,7 @@ fn real_main() -> anyhow::Result<()> {
                 engine,
                 workers,
                 window: window.map(|w| seconds("window", w)).transpose()?,
+                capture_from,
             };
             logs_command(
                 config,
@@ -387,6 +393,7 @@ struct LogOverrides {
     engine: Option<proxy_user::engine::BackendChoice>,
     workers: Option<usize>,
     window: Option<Duration>,
+    capture_from: Option<PathBuf>,
 }
 
 fn load_log_config(
@@ -411,6 +418,9 @@ fn load_log_config(
     }
     if let Some(e) = o.engine {
         cfg.backend = e;
+    }
+    if o.capture_from.is_some() {
+        cfg.capture_from.clone_from(&o.capture_from);
     }
     if let Some(w) = o.window {
         anyhow::ensure!(!w.is_zero(), "--window must be positive");

@@ -504,3 +504,100 @@ fn file_watch_reloads_a_replaced_configuration() {
     }
     assert_eq!(keyed_by_host, 100);
 }
+
+/// Both ingest paths at once: datagrams to one port are captured by the XDP program (and
+/// dropped before any socket), datagrams to another arrive on a socket; edgeproxy logs
+/// counts each exactly, tagged with the sender's address either way.
+#[test]
+fn captured_and_socket_datagrams_enter_the_same_pipeline() {
+    if !require_root("captured_and_socket_datagrams_enter_the_same_pipeline") {
+        return;
+    }
+    use edgeproxy_testbed::{policy_util, scratch::PinRoot};
+    use proxy_user::dataplane::{Dataplane, HookChoice, LoadOptions};
+    const CAP: u16 = 5600;
+    const SOCK: u16 = 5601;
+    let pair = VethPair::create().expect("veth pair");
+    let root = PinRoot::new().expect("pin root");
+    let pin_dir = root.path().join(pair.a_if);
+    let _dp = pair.a.run(|| {
+        let mut dp = Dataplane::load(LoadOptions { pin_dir: Some(pin_dir.clone()), ..LoadOptions::default() }).expect("load");
+        policy_util::load(
+            &mut policy_util::loader(&mut dp),
+            &format!("[[rule]]\nproto = \"udp\"\ndst_port = {CAP}\naction = \"capture\"\nthen = \"drop\"\n"),
+        );
+        dp.attach(pair.a_if, HookChoice::Native).expect("attach");
+        dp
+    });
+    let mut child = Reaped(Some(
+        pair.a
+            .command(edgeproxy_bin().expect("binary"))
+            .args([
+                "logs",
+                "--window",
+                "0.3",
+                "--duration",
+                "60",
+                "--capture-from",
+            ])
+            .arg(&pin_dir)
+            .arg("--listen")
+            .arg(format!("{}:{SOCK}", pair.a_v4))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    ));
+    let (ok, log) = wait_for_line(child.0.as_mut().expect("child"), "log pipeline started");
+    assert!(ok, "{log:?}");
+    pair.b.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for i in 0..2000u32 {
+            let (port, app) = if i % 2 == 0 {
+                (CAP, "cap")
+            } else {
+                (SOCK, "sock")
+            };
+            s.send_to(
+                format!("<14>1 - h {app} - - - m {i}").as_bytes(),
+                (pair.a_v4, port),
+            )
+            .expect("send");
+            if i % 50 == 49 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let mut c = child.take();
+    let mut out = String::new();
+    c.stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read");
+    assert!(c.wait().expect("wait").success());
+    let mut by_app: HashMap<String, u64> = HashMap::new();
+    let mut summary = None;
+    for line in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("JSON");
+        if v.get("summary").is_some() {
+            summary = Some(v);
+            continue;
+        }
+        for k in v["keys"].as_array().expect("keys") {
+            *by_app
+                .entry(k["app"].as_str().unwrap_or("-").to_owned())
+                .or_default() += k["count"].as_u64().expect("count");
+        }
+    }
+    let s = &summary.expect("summary")["summary"];
+    assert_eq!(s["counts"]["captured"], 1000, "{s}");
+    assert_eq!(s["counts"]["messages"], 2000, "{s}");
+    assert_eq!(by_app.get("cap"), Some(&1000));
+    assert_eq!(by_app.get("sock"), Some(&1000));
+    for w in s["workers"].as_array().expect("workers") {
+        assert_eq!(w["errors"], 0, "{w}");
+    }
+}

@@ -566,6 +566,31 @@ fn pin_err(path: &Option<PathBuf>, e: impl std::fmt::Display) -> DataplaneError 
     }
 }
 
+/// The record rings of a pinned data plane: per-CPU rings by CPU (when installed), and
+/// the shared ring. For a consumer in another process (`edgeproxy logs --capture-from`).
+pub fn open_pinned_rings(
+    pin_dir: &Path,
+) -> Result<(Vec<(u32, aya::maps::MapData)>, aya::maps::MapData), DataplaneError> {
+    use aya::maps::{ArrayOfMaps, Map, MapData};
+    let open = |name: &'static str| {
+        MapData::from_pin(pin_dir.join(name)).map_err(|source| DataplaneError::Map { name, source })
+    };
+    let shared = open(RECORDS_MAP)?;
+    let outer = open(RECORD_RINGS_MAP)?;
+    let outer: ArrayOfMaps<MapData, MapData> = ArrayOfMaps::try_from(Map::ArrayOfMaps(outer))
+        .map_err(|source| DataplaneError::Map {
+            name: RECORD_RINGS_MAP,
+            source,
+        })?;
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(_, e)| DataplaneError::Rings(e))?
+        .get() as u32;
+    let per_cpu = (0..cpus.min(RECORD_RINGS_MAX_CPUS))
+        .filter_map(|c| outer.get(&c, 0).ok().map(|m| (c, m)))
+        .collect();
+    Ok((per_cpu, shared))
+}
+
 /// What `edgeproxy detach` removed.
 #[derive(Clone, Debug, Default)]
 pub struct DetachReport {

@@ -45,6 +45,11 @@ impl Records {
         &self.per_ring
     }
 
+    /// Consumes rings opened elsewhere (pinned rings of a running data plane).
+    pub fn from_rings(rings: Vec<MapData>) -> Result<Self, DataplaneError> {
+        Self::new(rings.into_iter().map(Map::RingBuf).collect())
+    }
+
     pub fn ring_count(&self) -> usize {
         self.rings.len()
     }

@@ -16,7 +16,11 @@ pub struct EpollBackend {
     iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
     stats: BackendStats,
+    watched: usize,
 }
+
+/// epoll data of watched fds: this bit set, the watch index below it.
+const WATCH_TAG: u64 = 1 << 63;
 
 // SAFETY: the raw pointers in `iovs`/`hdrs` point into `data`/`names`/`iovs`, which this
 // value owns and never reallocates; it is used by one thread at a time.
@@ -42,6 +46,7 @@ impl EpollBackend {
             // SAFETY: as above.
             hdrs: (0..batch).map(|_| unsafe { std::mem::zeroed() }).collect(),
             stats: BackendStats::default(),
+            watched: 0,
         };
         for i in 0..batch {
             b.iovs.push(libc::iovec {
@@ -58,7 +63,7 @@ impl EpollBackend {
         Ok(b)
     }
 
-    fn drain(&mut self, idx: usize, on: &mut dyn FnMut(Datagram<'_>)) -> io::Result<usize> {
+    fn drain(&mut self, idx: usize, on: &mut dyn FnMut(super::Event<'_>)) -> io::Result<usize> {
         let fd = self.sockets[idx].as_raw_fd();
         let mut total = 0;
         loop {
@@ -103,12 +108,12 @@ impl EpollBackend {
                 self.stats.datagrams += 1;
                 self.stats.bytes += len as u64;
                 self.stats.truncated += u64::from(truncated);
-                on(Datagram {
+                on(super::Event::Datagram(Datagram {
                     payload,
                     source: sockaddr(name),
                     socket: idx,
                     truncated,
-                });
+                }));
             }
             total += n;
             if n < self.batch {
@@ -119,7 +124,23 @@ impl EpollBackend {
 }
 
 impl ReceiveBackend for EpollBackend {
-    fn poll(&mut self, timeout: Duration, on: &mut dyn FnMut(Datagram<'_>)) -> io::Result<usize> {
+    fn watch(&mut self, fd: std::os::fd::RawFd) -> io::Result<usize> {
+        // SAFETY: the caller guarantees the fd outlives the backend.
+        let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let n = self.watched;
+        self.epoll.add(
+            bfd,
+            EpollEvent::new(EpollFlags::EPOLLIN, WATCH_TAG | n as u64),
+        )?;
+        self.watched += 1;
+        Ok(n)
+    }
+
+    fn poll_events(
+        &mut self,
+        timeout: Duration,
+        on: &mut dyn FnMut(super::Event<'_>),
+    ) -> io::Result<usize> {
         let mut events = [EpollEvent::empty(); 16];
         let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
         let ready = match self.epoll.wait(&mut events, EpollTimeout::from(ms)) {
@@ -129,7 +150,11 @@ impl ReceiveBackend for EpollBackend {
         };
         let mut n = 0;
         for ev in &events[..ready] {
-            n += self.drain(ev.data() as usize, on)?;
+            if ev.data() & WATCH_TAG != 0 {
+                on(super::Event::Ready((ev.data() & !WATCH_TAG) as usize));
+            } else {
+                n += self.drain(ev.data() as usize, on)?;
+            }
         }
         Ok(n)
     }

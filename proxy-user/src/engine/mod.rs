@@ -48,9 +48,33 @@ impl BackendStats {
     }
 }
 
+/// What a poll reports: a datagram, or that watched fd number `n` became readable.
+#[derive(Clone, Copy, Debug)]
+pub enum Event<'a> {
+    Datagram(Datagram<'a>),
+    Ready(usize),
+}
+
 pub trait ReceiveBackend {
     /// Waits up to `timeout` for datagrams and hands each to `on`. Returns how many.
-    fn poll(&mut self, timeout: Duration, on: &mut dyn FnMut(Datagram<'_>)) -> io::Result<usize>;
+    fn poll(&mut self, timeout: Duration, on: &mut dyn FnMut(Datagram<'_>)) -> io::Result<usize> {
+        self.poll_events(timeout, &mut |e| {
+            if let Event::Datagram(d) = e {
+                on(d);
+            }
+        })
+    }
+
+    /// Like `poll`, also reporting readiness of the fds given to [`ReceiveBackend::watch`].
+    fn poll_events(
+        &mut self,
+        timeout: Duration,
+        on: &mut dyn FnMut(Event<'_>),
+    ) -> io::Result<usize>;
+
+    /// Also wait for `fd` to become readable (a BPF ring buffer, say); reported as
+    /// `Event::Ready(n)` with `n` the order of `watch` calls. The fd must outlive the backend.
+    fn watch(&mut self, fd: std::os::fd::RawFd) -> io::Result<usize>;
     fn stats(&self) -> BackendStats;
     fn name(&self) -> &'static str;
 }

@@ -121,7 +121,12 @@ pub struct IoUringBackend {
     msghdr: Box<libc::msghdr>,
     bufs: BufRing,
     stats: BackendStats,
+    /// Watched fds and whether their multishot poll is armed.
+    watched: Vec<(std::os::fd::RawFd, bool)>,
 }
+
+/// user_data of watched-fd polls: this bit set, the watch index below it.
+const WATCH_TAG: u64 = 1 << 63;
 
 // SAFETY: the raw pointers inside (ring entries, msghdr) point into memory this value
 // owns; it is used by one thread at a time (moving it between threads is allowed; for
@@ -158,25 +163,47 @@ impl IoUringBackend {
             msghdr,
             bufs,
             stats: BackendStats::default(),
+            watched: Vec::new(),
         })
     }
 
+    fn push(&mut self, sqe: &io_uring::squeue::Entry) -> io::Result<()> {
+        // SAFETY: every operation pushed refers to fds and memory owned by self (or, for
+        // watched fds, guaranteed by the caller of `watch` to outlive the backend).
+        if unsafe { self.ring.submission().push(sqe) }.is_err() {
+            self.ring.submit()?;
+            // SAFETY: as above; the queue was just flushed.
+            unsafe { self.ring.submission().push(sqe) }
+                .map_err(|_| io::Error::other("submission queue full"))?;
+        }
+        Ok(())
+    }
+
     fn arm(&mut self) -> io::Result<()> {
-        for (i, s) in self.sockets.iter().enumerate() {
+        for i in 0..self.watched.len() {
+            if !self.watched[i].1 {
+                let sqe = opcode::PollAdd::new(types::Fd(self.watched[i].0), libc::POLLIN as u32)
+                    .multi(true)
+                    .build()
+                    .user_data(WATCH_TAG | i as u64);
+                self.push(&sqe)?;
+                self.watched[i].1 = true;
+            }
+        }
+        for i in 0..self.sockets.len() {
             if self.armed[i] {
                 continue;
             }
-            let sqe = opcode::RecvMsgMulti::new(types::Fd(s.as_raw_fd()), &*self.msghdr, BGID)
-                .build()
-                .user_data(i as u64);
-            // SAFETY: the socket and the msghdr outlive the operation (both owned by self,
-            // which cancels nothing early: the ring is dropped before them).
-            if unsafe { self.ring.submission().push(&sqe) }.is_err() {
-                self.ring.submit()?;
-                // SAFETY: as above; the queue was just flushed.
-                unsafe { self.ring.submission().push(&sqe) }
-                    .map_err(|_| io::Error::other("submission queue full"))?;
-            }
+            // The socket and the msghdr outlive the operation: both are owned by self,
+            // and the ring (dropped first) cancels it.
+            let sqe = opcode::RecvMsgMulti::new(
+                types::Fd(self.sockets[i].as_raw_fd()),
+                &*self.msghdr,
+                BGID,
+            )
+            .build()
+            .user_data(i as u64);
+            self.push(&sqe)?;
             self.armed[i] = true;
         }
         Ok(())
@@ -184,7 +211,16 @@ impl IoUringBackend {
 }
 
 impl ReceiveBackend for IoUringBackend {
-    fn poll(&mut self, timeout: Duration, on: &mut dyn FnMut(Datagram<'_>)) -> io::Result<usize> {
+    fn watch(&mut self, fd: std::os::fd::RawFd) -> io::Result<usize> {
+        self.watched.push((fd, false));
+        Ok(self.watched.len() - 1)
+    }
+
+    fn poll_events(
+        &mut self,
+        timeout: Duration,
+        on: &mut dyn FnMut(super::Event<'_>),
+    ) -> io::Result<usize> {
         self.arm()?;
         let ts = types::Timespec::from(timeout);
         let args = types::SubmitArgs::new().timespec(&ts);
@@ -234,12 +270,12 @@ impl ReceiveBackend for IoUringBackend {
                 stats.datagrams += 1;
                 stats.bytes += payload.len() as u64;
                 stats.truncated += u64::from(truncated);
-                on(Datagram {
+                on(super::Event::Datagram(Datagram {
                     payload,
                     source: sockaddr(out.name_data()),
                     socket: idx,
                     truncated,
-                });
+                }));
                 n += 1;
             } else {
                 stats.errors += 1;

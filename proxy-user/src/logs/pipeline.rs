@@ -41,6 +41,9 @@ pub struct PipelineConfig {
     pub limits: WindowLimits,
     /// Longest message kept; longer ones are cut and counted.
     pub max_message: usize,
+    /// Pin directory of a running data plane whose captured datagrams also enter the
+    /// pipeline (from its record rings), tagged with their source address.
+    pub capture_from: Option<std::path::PathBuf>,
 }
 
 impl Default for PipelineConfig {
@@ -55,6 +58,7 @@ impl Default for PipelineConfig {
             key: KeySpec::default(),
             limits: WindowLimits::default(),
             max_message: 8192,
+            capture_from: None,
         }
     }
 }
@@ -132,6 +136,10 @@ impl SharedConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MessageCounts {
     pub datagrams: u64,
+    /// Datagrams that came from the data plane's capture rings (also in `datagrams`).
+    pub captured: u64,
+    /// Sample records in the rings (not log traffic; counted, skipped).
+    pub samples_skipped: u64,
     pub messages: u64,
     pub rfc5424: u64,
     pub rfc3164: u64,
@@ -144,6 +152,8 @@ pub struct MessageCounts {
 impl MessageCounts {
     fn add(&mut self, o: &MessageCounts) {
         self.datagrams += o.datagrams;
+        self.captured += o.captured;
+        self.samples_skipped += o.samples_skipped;
         self.messages += o.messages;
         self.rfc5424 += o.rfc5424;
         self.rfc3164 += o.rfc3164;
@@ -207,17 +217,48 @@ pub fn spawn(
 ) -> io::Result<Vec<thread::JoinHandle<io::Result<WorkerSummary>>>> {
     let snap = shared.latest();
     let cfg = &snap.pipeline;
+    let workers = cfg.data_cpus.len().max(1);
+    // Ring of CPU c to the worker pinned to c if there is one, else to c mod workers; the
+    // shared fallback ring to worker 0. Every ring has exactly one consumer.
+    let mut rings: Vec<Vec<aya::maps::MapData>> = (0..workers).map(|_| Vec::new()).collect();
+    if let Some(dir) = &cfg.capture_from {
+        let (per_cpu, shared_ring) = crate::dataplane::open_pinned_rings(dir).map_err(|e| {
+            io::Error::other(format!(
+                "opening the capture rings in {}: {e}",
+                dir.display()
+            ))
+        })?;
+        for (c, ring) in per_cpu {
+            let w = cfg
+                .data_cpus
+                .iter()
+                .position(|&d| d == c as usize)
+                .unwrap_or(c as usize % workers);
+            rings[w].push(ring);
+        }
+        rings[0].push(shared_ring);
+        tracing::info!(
+            rings_per_worker = ?rings.iter().map(Vec::len).collect::<Vec<_>>(),
+            pin_dir = %dir.display(),
+            "capture rings assigned"
+        );
+    }
     let mut handles = Vec::new();
-    for (worker, &cpu) in cfg.data_cpus.iter().enumerate() {
+    for ((worker, &cpu), worker_rings) in cfg.data_cpus.iter().enumerate().zip(rings) {
         // Sockets are bound here, so a bad address fails the start, not a worker later.
         let sockets = bind_all(&cfg.listeners, cfg.rcvbuf, &mut Vec::new())?;
+        let records = if worker_rings.is_empty() {
+            None
+        } else {
+            Some(crate::dataplane::Records::from_rings(worker_rings).map_err(io::Error::other)?)
+        };
         let shared = Arc::clone(shared);
         let out = out.clone();
         let stop = Arc::clone(&stop);
         handles.push(
             thread::Builder::new()
                 .name(format!("ep-worker-{worker}"))
-                .spawn(move || worker_loop(worker, cpu, sockets, &shared, &out, &stop))?,
+                .spawn(move || worker_loop(worker, cpu, sockets, records, &shared, &out, &stop))?,
         );
     }
     Ok(handles)
@@ -253,6 +294,7 @@ fn worker_loop(
     worker: usize,
     cpu: usize,
     mut sockets: Vec<(SocketAddr, std::net::UdpSocket)>,
+    mut records: Option<crate::dataplane::Records>,
     shared: &SharedConfig,
     out: &mpsc::SyncSender<Partial>,
     stop: &AtomicBool,
@@ -261,6 +303,13 @@ fn worker_loop(
     let mut snap = shared.latest();
     // Created on this thread: an io_uring ring with SINGLE_ISSUER belongs to its creator.
     let (mut backend, fallback_reason) = open_backend(&snap.pipeline, &sockets)?;
+    let ring_fds: Vec<std::os::fd::RawFd> = records.as_ref().map_or_else(Vec::new, |r| {
+        use std::os::fd::AsRawFd as _;
+        r.fds().iter().map(|f| f.as_raw_fd()).collect()
+    });
+    for fd in &ring_fds {
+        backend.watch(*fd)?;
+    }
     let mut stats = BackendStats::default();
     let mut win_ns = snap.pipeline.window.as_nanos().max(1) as i64;
     let mut start = grid(&snap, win_ns, now_ns());
@@ -282,6 +331,11 @@ fn worker_loop(
             &mut window,
             &mut counts,
         )?;
+        if let Some(r) = records.as_mut() {
+            // Readiness only wakes the poll; records below the wake-up threshold are read
+            // on every pass anyway (a memory load when the ring is empty).
+            drain_captures(r, &snap.pipeline, &mut window, &mut counts);
+        }
         let now = now_ns();
         if now >= start + win_ns || stopping {
             let mut next = grid(&snap, win_ns, now);
@@ -305,6 +359,9 @@ fn worker_loop(
                 )?;
                 stats.add(&backend.stats());
                 backend = open_backend(&latest.pipeline, &sockets)?.0;
+                for fd in &ring_fds {
+                    backend.watch(*fd)?;
+                }
                 tracing::info!(worker, listeners = ?latest.pipeline.listeners, "listeners changed");
             }
             let c = std::mem::take(&mut counts);
@@ -360,6 +417,53 @@ fn grid(snap: &Snapshot, win_ns: i64, t: i64) -> i64 {
     snap.effective_from_ns + (t - snap.effective_from_ns).div_euclid(win_ns) * win_ns
 }
 
+/// Capture records from the data plane's rings, read in place, into `window`.
+fn drain_captures(
+    records: &mut crate::dataplane::Records,
+    cfg: &PipelineConfig,
+    window: &mut LogWindow,
+    counts: &mut MessageCounts,
+) {
+    use proxy_common::policy::RecordKind;
+    let mut tally = crate::dataplane::RecordTally::default();
+    records.drain(&mut tally, |r| {
+        if r.header.kind != RecordKind::Capture as u8 {
+            counts.samples_skipped += 1;
+            return;
+        }
+        let source = match r.header.family {
+            4 => Some(std::net::IpAddr::from([
+                r.header.src_addr[0],
+                r.header.src_addr[1],
+                r.header.src_addr[2],
+                r.header.src_addr[3],
+            ])),
+            6 => Some(std::net::IpAddr::from(r.header.src_addr)),
+            _ => None,
+        };
+        counts.datagrams += 1;
+        counts.captured += 1;
+        let rx = now_ns();
+        for frame in Frames::new(r.data, cfg.max_message) {
+            let rec = decode(frame.bytes, rx);
+            count_message(counts, &rec, frame.truncated > 0 || r.header.truncated > 0);
+            window.add(&rec, source, rx);
+        }
+    });
+}
+
+fn count_message(counts: &mut MessageCounts, rec: &super::decode::LogRecord<'_>, truncated: bool) {
+    counts.messages += 1;
+    match rec.format {
+        Format::Rfc5424 => counts.rfc5424 += 1,
+        Format::Rfc3164 => counts.rfc3164 += 1,
+        Format::Json => counts.json += 1,
+        Format::Plain => counts.plain += 1,
+    }
+    counts.invalid_utf8 += u64::from(rec.invalid_utf8);
+    counts.truncated += u64::from(truncated);
+}
+
 /// One poll of the backend: frame, decode and count every datagram into `window`.
 fn receive(
     backend: &mut dyn engine::ReceiveBackend,
@@ -373,15 +477,7 @@ fn receive(
         let rx = now_ns();
         for frame in Frames::new(d.payload, cfg.max_message) {
             let rec = decode(frame.bytes, rx);
-            counts.messages += 1;
-            match rec.format {
-                Format::Rfc5424 => counts.rfc5424 += 1,
-                Format::Rfc3164 => counts.rfc3164 += 1,
-                Format::Json => counts.json += 1,
-                Format::Plain => counts.plain += 1,
-            }
-            counts.invalid_utf8 += u64::from(rec.invalid_utf8);
-            counts.truncated += u64::from(frame.truncated > 0 || d.truncated);
+            count_message(counts, &rec, frame.truncated > 0 || d.truncated);
             window.add(&rec, d.source.map(|s| s.ip()), rx);
         }
     })
