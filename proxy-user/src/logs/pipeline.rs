@@ -677,6 +677,13 @@ pub fn run_with_sinks(shared: &Arc<SharedConfig>, stop: Arc<AtomicBool>) -> anyh
         .map(|(s, w, f)| serde_json::json!({"sink": s.name(), "windows": w, "failures": f, "stats": s.stats()}))
         .collect();
     let udp_after = socket::udp_counters();
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let cpu_s = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    };
     let udp_delta: BTreeMap<&String, u64> = udp_after
         .iter()
         .map(|(k, v)| (k, v.saturating_sub(udp_before.get(k).copied().unwrap_or(0))))
@@ -697,7 +704,7 @@ pub fn run_with_sinks(shared: &Arc<SharedConfig>, stop: Arc<AtomicBool>) -> anyh
         serde_json::json!({"summary": {
             "counts": total, "kernel_drops": drops, "kernel_drops_by_listener": by_listener,
             "kernel_udp_counters_delta": udp_delta, "workers": workers, "sinks": sinks,
-            "window_close_lag": jitter,
+            "window_close_lag": jitter, "process_cpu_s": cpu_s,
         }})
     );
     Ok(())
