@@ -710,11 +710,10 @@ fn logs_point(engine: &str, rate: u64, seconds: f64) -> anyhow::Result<(u64, u64
     nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM)?;
     let mut c = child.take();
     let mut out = String::new();
-    c.stdout
-        .take()
-        .context("stdout")?
-        .read_to_string(&mut out)?;
+    let read = c.stdout.take().map(|mut so| so.read_to_string(&mut out));
+    // Reap before looking at what was read, so no early return leaves a zombie.
     c.wait()?;
+    read.context("no stdout pipe")??;
     let summary: serde_json::Value =
         serde_json::from_str(out.lines().last().context("no summary")?)?;
     let s = &summary["summary"];
