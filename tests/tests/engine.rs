@@ -173,3 +173,45 @@ fn io_uring_buffer_ring_exhaustion_loses_nothing_silently() {
         "the exhausted path ran ({stats:?})"
     );
 }
+
+/// A watched fd (a pipe here, a BPF ring buffer in the daemon) is reported as
+/// `Event::Ready` on each backend, again after it was drained and written to once more,
+/// and its readiness is never mistaken for a datagram or counted as an error.
+fn watched_fd_readiness(choice: BackendChoice) {
+    use std::io::{Read as _, Write as _};
+    use std::os::fd::AsRawFd as _;
+    let sock = socket::udp_reuseport("127.0.0.1:0".parse().expect("addr"), None).expect("socket");
+    let (backend, _) = engine::open(choice, vec![sock], ReceiveConfig::default()).expect("open");
+    let mut backend = backend;
+    let (mut rx, mut tx) = std::io::pipe().expect("pipe");
+    let _unrelated = backend.watch(rx.as_raw_fd()).expect("watch");
+    for round in 0..3 {
+        tx.write_all(b"x").expect("write");
+        let mut ready = 0;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while ready == 0 && Instant::now() < deadline {
+            let datagrams = backend
+                .poll_events(Duration::from_millis(50), &mut |e| match e {
+                    engine::Event::Ready(0) => ready += 1,
+                    other => panic!("unexpected event {other:?}"),
+                })
+                .expect("poll");
+            assert_eq!(datagrams, 0);
+        }
+        assert!(ready > 0, "round {round}: readiness reported");
+        let mut b = [0u8; 8];
+        assert_eq!(rx.read(&mut b).expect("read"), 1);
+    }
+    assert_eq!(backend.stats().errors, 0, "{:?}", backend.stats());
+    assert_eq!(backend.stats().datagrams, 0);
+}
+
+#[test]
+fn io_uring_reports_watched_fd_readiness() {
+    watched_fd_readiness(BackendChoice::IoUring);
+}
+
+#[test]
+fn epoll_reports_watched_fd_readiness() {
+    watched_fd_readiness(BackendChoice::Epoll);
+}

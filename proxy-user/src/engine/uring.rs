@@ -239,13 +239,30 @@ impl ReceiveBackend for IoUringBackend {
             msghdr,
             bufs,
             stats,
+            watched,
             ..
         } = self;
         let mut n = 0;
         let mut recycled = false;
         for cqe in ring.completion() {
-            let idx = cqe.user_data() as usize;
             let flags = cqe.flags();
+            if cqe.user_data() & WATCH_TAG != 0 {
+                // A multishot poll on a watched fd: readiness, not data. It is re-armed on
+                // the next pass once the kernel ends it (no MORE flag).
+                let w = (cqe.user_data() & !WATCH_TAG) as usize;
+                if !cqueue::more(flags)
+                    && let Some(entry) = watched.get_mut(w)
+                {
+                    entry.1 = false;
+                }
+                if cqe.result() >= 0 {
+                    on(super::Event::Ready(w));
+                } else if cqe.result() != -libc::ECANCELED {
+                    stats.errors += 1;
+                }
+                continue;
+            }
+            let idx = cqe.user_data() as usize;
             if !cqueue::more(flags)
                 && let Some(a) = armed.get_mut(idx)
             {
