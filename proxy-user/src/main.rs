@@ -401,7 +401,7 @@ fn load_log_config(
     o: &LogOverrides,
 ) -> anyhow::Result<(
     proxy_user::logs::pipeline::PipelineConfig,
-    Vec<proxy_user::config::SinkConfig>,
+    Vec<proxy_user::config::SinkSpec>,
 )> {
     use proxy_user::config::{Config, parse_config};
     let base = match path {

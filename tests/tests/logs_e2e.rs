@@ -601,3 +601,141 @@ fn captured_and_socket_datagrams_enter_the_same_pipeline() {
         assert_eq!(w["errors"], 0, "{w}");
     }
 }
+
+/// Raw routing: one file sink takes every message as a JSON line (`what = "raw"`), a
+/// second takes raw lines and window reports (`what = "both"`). Each message appears
+/// exactly once per raw sink with its decoded fields and sender, and in the `both` file
+/// a window report never precedes the raw lines it counts.
+#[test]
+fn raw_messages_are_routed_to_sinks_exactly_once() {
+    if !require_root("raw_messages_are_routed_to_sinks_exactly_once") {
+        return;
+    }
+    const N: u64 = 3000;
+    let pair = VethPair::create().expect("veth pair");
+    let dir = ScratchDir::new().expect("scratch");
+    let raw_path = dir.path().join("raw.jsonl");
+    let both_path = dir.path().join("both.jsonl");
+    let cfg = dir.file(
+        "edgeproxy.toml",
+        &format!(
+            "[[listener]]\naddress = \"{}:{PORT}\"\n[window]\nseconds = 0.2\nkey = [\"app\"]\n\
+             [[sink]]\nkind = \"file\"\nwhat = \"raw\"\npath = \"{}\"\n\
+             [[sink]]\nkind = \"file\"\nwhat = \"both\"\npath = \"{}\"\n",
+            pair.a_v4,
+            raw_path.display(),
+            both_path.display()
+        ),
+    );
+    let mut child = Reaped(Some(
+        pair.a
+            .command(edgeproxy_bin().expect("binary"))
+            .args(["logs", "--duration", "60", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    ));
+    let (ok, log) = wait_for_line(child.0.as_mut().expect("child"), "log pipeline started");
+    assert!(ok, "{log:?}");
+    pair.b.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        // Pairs of messages per datagram (newline-framed), alternating RFC 5424 and 3164.
+        for i in (0..N).step_by(2) {
+            let d = format!(
+                "<{}>1 2026-11-24T10:00:00Z h{} app{} 42 ID7 - raw {i}\n<13>Nov 24 10:00:00 bsd app3: raw {}",
+                8 * 16 + (i % 8),
+                i % 5,
+                i % 3,
+                i + 1
+            );
+            s.send_to(d.as_bytes(), (pair.a_v4, PORT)).expect("send");
+            if i % 100 == 98 {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let mut c = child.take();
+    let mut out = String::new();
+    c.stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read");
+    assert!(c.wait().expect("wait").success());
+    let summary: serde_json::Value =
+        serde_json::from_str(out.lines().last().expect("summary")).expect("json");
+    let s = &summary["summary"];
+    assert_eq!(s["counts"]["messages"], N, "{s}");
+    for sink in s["sinks"].as_array().expect("sinks") {
+        assert_eq!(sink["raw_lines"], N, "{sink}");
+        assert_eq!(sink["failures"], 0, "{sink}");
+    }
+    assert_eq!(
+        s["sinks"][0]["windows"], 0,
+        "a raw-only sink takes no windows"
+    );
+
+    let check_raw = |v: &serde_json::Value, seen: &mut Vec<bool>| {
+        let msg = v["msg"].as_str().expect("msg");
+        let i: u64 = msg.strip_prefix("raw ").expect("raw i").parse().expect("i");
+        assert!(!seen[i as usize], "message {i} twice");
+        seen[i as usize] = true;
+        assert_eq!(v["source"], pair.b_v4.to_string());
+        assert_eq!(v["captured"], false);
+        assert!(v["received_ns"].as_i64().expect("received_ns") > 0);
+        if i.is_multiple_of(2) {
+            assert_eq!(v["format"], "rfc5424", "{v}");
+            assert_eq!(v["facility"], 16);
+            assert_eq!(v["severity"], i % 8);
+            assert_eq!(v["host"], format!("h{}", i % 5));
+            assert_eq!(v["app"], format!("app{}", i % 3));
+            assert_eq!(v["procid"], "42");
+            assert_eq!(v["msgid"], "ID7");
+            assert_eq!(v["ts_ns"], 1_795_514_400_000_000_000i64, "{v}");
+        } else {
+            assert_eq!(v["format"], "rfc3164", "{v}");
+            assert_eq!(
+                (v["facility"].clone(), v["severity"].clone()),
+                (1.into(), 5.into())
+            );
+            assert_eq!(v["host"], "bsd");
+            assert_eq!(v["app"], "app3");
+        }
+    };
+    let mut seen = vec![false; N as usize];
+    for line in std::fs::read_to_string(&raw_path)
+        .expect("raw file")
+        .lines()
+    {
+        let v: serde_json::Value = serde_json::from_str(line).expect("JSON line");
+        check_raw(&v, &mut seen);
+    }
+    assert!(seen.iter().all(|&b| b), "every message in the raw sink");
+
+    let mut seen = vec![false; N as usize];
+    let (mut raw_before, mut counted, mut windows) = (0u64, 0u64, 0);
+    for line in std::fs::read_to_string(&both_path)
+        .expect("both file")
+        .lines()
+    {
+        let v: serde_json::Value = serde_json::from_str(line).expect("JSON line");
+        if v.get("msg").is_some() {
+            check_raw(&v, &mut seen);
+            raw_before += 1;
+        } else {
+            windows += 1;
+            counted += v["records"].as_u64().expect("records");
+            assert!(
+                counted <= raw_before,
+                "a window report ({counted} counted so far) came before its raw lines ({raw_before})"
+            );
+        }
+    }
+    assert!(seen.iter().all(|&b| b), "every message in the both sink");
+    assert_eq!(counted, N);
+    assert!(windows > 0);
+}

@@ -47,7 +47,32 @@ kind = "stdout"
 #[derive(Clone, Debug)]
 pub struct Config {
     pub pipeline: PipelineConfig,
-    pub sinks: Vec<SinkConfig>,
+    pub sinks: Vec<SinkSpec>,
+}
+
+/// A sink and what it receives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SinkSpec {
+    pub what: SinkContent,
+    pub sink: SinkConfig,
+}
+
+/// Window reports, every raw message, or both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SinkContent {
+    #[default]
+    Windows,
+    Raw,
+    Both,
+}
+
+impl SinkContent {
+    pub fn windows(self) -> bool {
+        matches!(self, SinkContent::Windows | SinkContent::Both)
+    }
+    pub fn raw(self) -> bool {
+        matches!(self, SinkContent::Raw | SinkContent::Both)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,6 +143,7 @@ struct RawWindow {
 #[serde(deny_unknown_fields)]
 struct RawSink {
     kind: Spanned<String>,
+    what: Option<Spanned<String>>,
     path: Option<Spanned<String>>,
     address: Option<Spanned<String>>,
     spool_dir: Option<Spanned<String>>,
@@ -274,8 +300,21 @@ pub fn parse_config(file: &str, src: &str) -> Result<Config, FileErrors> {
     };
     for s in &raw.sink {
         let s = s.get_ref();
+        let what = match s.what.as_ref().map(|w| (w.get_ref().as_str(), w.span())) {
+            None | Some(("windows", _)) => SinkContent::Windows,
+            Some(("raw", _)) => SinkContent::Raw,
+            Some(("both", _)) => SinkContent::Both,
+            Some((other, span)) => {
+                cx.err(
+                    span,
+                    format!("what must be \"windows\", \"raw\" or \"both\", not {other:?}"),
+                );
+                SinkContent::Windows
+            }
+        };
+        let push = |sinks: &mut Vec<SinkSpec>, sink| sinks.push(SinkSpec { what, sink });
         match s.kind.get_ref().as_str() {
-            "stdout" => sinks.push(SinkConfig::Stdout),
+            "stdout" => push(&mut sinks, SinkConfig::Stdout),
             "file" => {
                 let Some(path) = &s.path else {
                     cx.err(s.kind.span(), "a file sink needs path = \"…\"");
@@ -292,25 +331,28 @@ pub fn parse_config(file: &str, src: &str) -> Result<Config, FileErrors> {
                         FsyncPolicy::Window
                     }
                 };
-                sinks.push(SinkConfig::File {
-                    path: PathBuf::from(path.get_ref()),
-                    rotate_bytes: s
-                        .rotate_bytes
-                        .as_ref()
-                        .and_then(|v| int(&mut cx, v, "sink.rotate_bytes", 4096, i64::MAX))
-                        .map(|n| n as u64),
-                    rotate_every: s
-                        .rotate_seconds
-                        .as_ref()
-                        .and_then(|v| int(&mut cx, v, "sink.rotate_seconds", 1, 365 * 86_400))
-                        .map(|n| Duration::from_secs(n as u64)),
-                    keep: s
-                        .keep
-                        .as_ref()
-                        .and_then(|v| int(&mut cx, v, "sink.keep", 0, 10_000))
-                        .unwrap_or(5) as usize,
-                    fsync,
-                });
+                push(
+                    &mut sinks,
+                    SinkConfig::File {
+                        path: PathBuf::from(path.get_ref()),
+                        rotate_bytes: s
+                            .rotate_bytes
+                            .as_ref()
+                            .and_then(|v| int(&mut cx, v, "sink.rotate_bytes", 4096, i64::MAX))
+                            .map(|n| n as u64),
+                        rotate_every: s
+                            .rotate_seconds
+                            .as_ref()
+                            .and_then(|v| int(&mut cx, v, "sink.rotate_seconds", 1, 365 * 86_400))
+                            .map(|n| Duration::from_secs(n as u64)),
+                        keep: s
+                            .keep
+                            .as_ref()
+                            .and_then(|v| int(&mut cx, v, "sink.keep", 0, 10_000))
+                            .unwrap_or(5) as usize,
+                        fsync,
+                    },
+                );
             }
             "tcp" => {
                 let Some(addr) = &s.address else {
@@ -333,11 +375,14 @@ pub fn parse_config(file: &str, src: &str) -> Result<Config, FileErrors> {
                     .as_ref()
                     .and_then(|v| int(&mut cx, v, "sink.max_spool_bytes", 4096, i64::MAX))
                     .unwrap_or(1 << 30) as u64;
-                sinks.push(SinkConfig::Tcp {
-                    address,
-                    spool_dir,
-                    max_spool_bytes,
-                });
+                push(
+                    &mut sinks,
+                    SinkConfig::Tcp {
+                        address,
+                        spool_dir,
+                        max_spool_bytes,
+                    },
+                );
             }
             other => cx.err(
                 s.kind.span(),
@@ -366,7 +411,10 @@ impl Config {
                 limits: WindowLimits::default(),
                 ..PipelineConfig::default()
             },
-            sinks: vec![SinkConfig::Stdout],
+            sinks: vec![SinkSpec {
+                what: SinkContent::Windows,
+                sink: SinkConfig::Stdout,
+            }],
         }
     }
 }
@@ -408,7 +456,7 @@ mod tests {
         assert_eq!(c.pipeline.window, Duration::from_millis(2500));
         assert!(c.pipeline.key.app && c.pipeline.key.source && !c.pipeline.key.host);
         assert!(matches!(
-            &c.sinks[0],
+            &c.sinks[0].sink,
             SinkConfig::File {
                 rotate_bytes: Some(1_048_576),
                 fsync: FsyncPolicy::Never,
@@ -419,8 +467,37 @@ mod tests {
     }
 
     #[test]
+    fn sinks_say_what_they_take() {
+        let c = parse_config(
+            "c",
+            "[[sink]]\nkind = \"stdout\"\n[[sink]]\nkind = \"stdout\"\nwhat = \"raw\"\n[[sink]]\nkind = \"stdout\"\nwhat = \"both\"\n[[sink]]\nkind = \"stdout\"\nwhat = \"windows\"\n",
+        )
+        .expect("valid");
+        let what: Vec<SinkContent> = c.sinks.iter().map(|s| s.what).collect();
+        assert_eq!(
+            what,
+            [
+                SinkContent::Windows,
+                SinkContent::Raw,
+                SinkContent::Both,
+                SinkContent::Windows
+            ]
+        );
+        assert_eq!(
+            what.iter()
+                .map(|w| (w.windows(), w.raw()))
+                .collect::<Vec<_>>(),
+            [(true, false), (false, true), (true, true), (true, false)]
+        );
+    }
+
+    #[test]
     fn every_problem_is_located() {
-        let cases: [(&str, &str); 9] = [
+        let cases: [(&str, &str); 10] = [
+            (
+                "[[sink]]\nkind = \"stdout\"\nwhat = \"everything\"\n",
+                "c:3:8: what must be \"windows\", \"raw\" or \"both\"",
+            ),
             (
                 "[engine]\nkind = \"kqueue\"\n",
                 "c:2:8: unknown engine \"kqueue\"",

@@ -71,7 +71,7 @@ impl Default for PipelineConfig {
 pub struct Snapshot {
     pub generation: u64,
     pub pipeline: PipelineConfig,
-    pub sinks: Vec<crate::config::SinkConfig>,
+    pub sinks: Vec<crate::config::SinkSpec>,
     pub effective_from_ns: i64,
 }
 
@@ -80,7 +80,7 @@ pub struct Snapshot {
 pub struct SharedConfig(std::sync::Mutex<Arc<Snapshot>>);
 
 impl SharedConfig {
-    pub fn new(pipeline: PipelineConfig, sinks: Vec<crate::config::SinkConfig>) -> Arc<Self> {
+    pub fn new(pipeline: PipelineConfig, sinks: Vec<crate::config::SinkSpec>) -> Arc<Self> {
         Arc::new(Self(std::sync::Mutex::new(Arc::new(Snapshot {
             generation: 0,
             pipeline,
@@ -103,7 +103,7 @@ impl SharedConfig {
     pub fn publish(
         &self,
         mut pipeline: PipelineConfig,
-        sinks: Vec<crate::config::SinkConfig>,
+        sinks: Vec<crate::config::SinkSpec>,
         margin: Duration,
     ) -> Arc<Snapshot> {
         let mut cur = self
@@ -164,6 +164,101 @@ impl MessageCounts {
     }
 }
 
+/// What workers send the merger, in order per worker.
+pub enum ToMerger {
+    Partial(Box<Partial>),
+    /// Complete JSON lines of raw messages, for sinks that want them.
+    Raw(Vec<u8>),
+}
+
+/// Raw messages of one worker, batched so a sink write (and a channel send) covers many.
+struct RawOut {
+    batch: Vec<u8>,
+    out: mpsc::SyncSender<ToMerger>,
+}
+
+const RAW_BATCH: usize = 64 * 1024;
+
+impl RawOut {
+    fn add(
+        &mut self,
+        rec: &super::decode::LogRecord<'_>,
+        source: Option<std::net::IpAddr>,
+        rx: i64,
+        captured: bool,
+    ) {
+        #[derive(Serialize)]
+        struct RawLine<'a> {
+            received_ns: i64,
+            ts_ns: Option<i64>,
+            source: Option<std::net::IpAddr>,
+            captured: bool,
+            format: &'static str,
+            facility: Option<u8>,
+            severity: Option<u8>,
+            host: Option<&'a str>,
+            app: Option<&'a str>,
+            procid: Option<&'a str>,
+            msgid: Option<&'a str>,
+            msg: &'a str,
+        }
+        let line = RawLine {
+            received_ns: rx,
+            ts_ns: rec.timestamp,
+            source,
+            captured,
+            format: rec.format.name(),
+            facility: rec.facility,
+            severity: rec.severity,
+            host: rec.hostname.as_deref(),
+            app: rec.app_name.as_deref(),
+            procid: rec.procid,
+            msgid: rec.msgid,
+            msg: &rec.message,
+        };
+        // Writing into a Vec cannot fail; serialisation of these types cannot either.
+        if serde_json::to_writer(&mut self.batch, &line).is_ok() {
+            self.batch.push(b'\n');
+        }
+        if self.batch.len() >= RAW_BATCH {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.batch.is_empty() {
+            let b = std::mem::replace(&mut self.batch, Vec::with_capacity(RAW_BATCH + 4096));
+            // A closed channel means the merger is gone (shutdown); nothing to deliver to.
+            let _ = self.out.send(ToMerger::Raw(b));
+        }
+    }
+}
+
+/// Everything a worker accumulates per window; both ingest paths (sockets and capture
+/// rings) feed it through [`Acc::add`].
+struct Acc {
+    window: LogWindow,
+    counts: MessageCounts,
+    raw: Option<RawOut>,
+}
+
+impl Acc {
+    fn add(
+        &mut self,
+        rec: &super::decode::LogRecord<'_>,
+        source: Option<std::net::IpAddr>,
+        rx: i64,
+        truncated: bool,
+        captured: bool,
+    ) {
+        count_message(&mut self.counts, rec, truncated);
+        self.window.add(rec, source, rx);
+        if let Some(raw) = self.raw.as_mut() {
+            raw.add(rec, source, rx, captured);
+        }
+    }
+}
+
 /// One worker's share of one window.
 pub struct Partial {
     pub worker: usize,
@@ -212,7 +307,7 @@ fn pin(cpu: usize) {
 /// (after sending their last partial window).
 pub fn spawn(
     shared: &Arc<SharedConfig>,
-    out: mpsc::SyncSender<Partial>,
+    out: mpsc::SyncSender<ToMerger>,
     stop: Arc<AtomicBool>,
 ) -> io::Result<Vec<thread::JoinHandle<io::Result<WorkerSummary>>>> {
     let snap = shared.latest();
@@ -296,7 +391,7 @@ fn worker_loop(
     mut sockets: Vec<(SocketAddr, std::net::UdpSocket)>,
     mut records: Option<crate::dataplane::Records>,
     shared: &SharedConfig,
-    out: &mpsc::SyncSender<Partial>,
+    out: &mpsc::SyncSender<ToMerger>,
     stop: &AtomicBool,
 ) -> io::Result<WorkerSummary> {
     pin(cpu);
@@ -313,8 +408,18 @@ fn worker_loop(
     let mut stats = BackendStats::default();
     let mut win_ns = snap.pipeline.window.as_nanos().max(1) as i64;
     let mut start = grid(&snap, win_ns, now_ns());
-    let mut window = LogWindow::new(snap.pipeline.key, snap.pipeline.limits, start);
-    let mut counts = MessageCounts::default();
+    let wants_raw = |snap: &Snapshot| snap.sinks.iter().any(|s| s.what.raw());
+    let new_raw = |snap: &Snapshot| {
+        wants_raw(snap).then(|| RawOut {
+            batch: Vec::with_capacity(RAW_BATCH + 4096),
+            out: out.clone(),
+        })
+    };
+    let mut acc = Acc {
+        window: LogWindow::new(snap.pipeline.key, snap.pipeline.limits, start),
+        counts: MessageCounts::default(),
+        raw: new_raw(&snap),
+    };
     loop {
         let stopping = stop.load(Ordering::Acquire);
         let now = now_ns();
@@ -324,17 +429,11 @@ fn worker_loop(
         } else {
             until_close.min(Duration::from_millis(10))
         };
-        receive(
-            &mut *backend,
-            timeout,
-            &snap.pipeline,
-            &mut window,
-            &mut counts,
-        )?;
+        receive(&mut *backend, timeout, &snap.pipeline, &mut acc)?;
         if let Some(r) = records.as_mut() {
             // Readiness only wakes the poll; records below the wake-up threshold are read
             // on every pass anyway (a memory load when the ring is empty).
-            drain_captures(r, &snap.pipeline, &mut window, &mut counts);
+            drain_captures(r, &snap.pipeline, &mut acc);
         }
         let now = now_ns();
         if now >= start + win_ns || stopping {
@@ -344,14 +443,7 @@ fn worker_loop(
                 latest.generation != snap.generation && start + win_ns >= latest.effective_from_ns;
             if switch && latest.pipeline.listeners != snap.pipeline.listeners {
                 // Finish what the old sockets hold, into the closing window, then rebuild.
-                while receive(
-                    &mut *backend,
-                    Duration::ZERO,
-                    &snap.pipeline,
-                    &mut window,
-                    &mut counts,
-                )? > 0
-                {}
+                while receive(&mut *backend, Duration::ZERO, &snap.pipeline, &mut acc)? > 0 {}
                 sockets = bind_all(
                     &latest.pipeline.listeners,
                     latest.pipeline.rcvbuf,
@@ -364,25 +456,30 @@ fn worker_loop(
                 }
                 tracing::info!(worker, listeners = ?latest.pipeline.listeners, "listeners changed");
             }
-            let c = std::mem::take(&mut counts);
+            // Raw lines of this window go out before its aggregate.
+            if let Some(raw) = acc.raw.as_mut() {
+                raw.flush();
+            }
+            let c = std::mem::take(&mut acc.counts);
             // A final partial cut short by a stop is not late.
             let close_lag_ns = (now - (start + win_ns)).max(0);
             if switch {
                 snap = latest;
                 win_ns = snap.pipeline.window.as_nanos().max(1) as i64;
                 next = grid(&snap, win_ns, now);
+                acc.raw = new_raw(&snap);
             }
             let done = std::mem::replace(
-                &mut window,
+                &mut acc.window,
                 LogWindow::new(snap.pipeline.key, snap.pipeline.limits, next),
             );
             if out
-                .send(Partial {
+                .send(ToMerger::Partial(Box::new(Partial {
                     worker,
                     window: done,
                     counts: c,
                     close_lag_ns,
-                })
+                })))
                 .is_err()
             {
                 break;
@@ -418,17 +515,12 @@ fn grid(snap: &Snapshot, win_ns: i64, t: i64) -> i64 {
 }
 
 /// Capture records from the data plane's rings, read in place, into `window`.
-fn drain_captures(
-    records: &mut crate::dataplane::Records,
-    cfg: &PipelineConfig,
-    window: &mut LogWindow,
-    counts: &mut MessageCounts,
-) {
+fn drain_captures(records: &mut crate::dataplane::Records, cfg: &PipelineConfig, acc: &mut Acc) {
     use proxy_common::policy::RecordKind;
     let mut tally = crate::dataplane::RecordTally::default();
     records.drain(&mut tally, |r| {
         if r.header.kind != RecordKind::Capture as u8 {
-            counts.samples_skipped += 1;
+            acc.counts.samples_skipped += 1;
             return;
         }
         let source = match r.header.family {
@@ -441,13 +533,18 @@ fn drain_captures(
             6 => Some(std::net::IpAddr::from(r.header.src_addr)),
             _ => None,
         };
-        counts.datagrams += 1;
-        counts.captured += 1;
+        acc.counts.datagrams += 1;
+        acc.counts.captured += 1;
         let rx = now_ns();
         for frame in Frames::new(r.data, cfg.max_message) {
             let rec = decode(frame.bytes, rx);
-            count_message(counts, &rec, frame.truncated > 0 || r.header.truncated > 0);
-            window.add(&rec, source, rx);
+            acc.add(
+                &rec,
+                source,
+                rx,
+                frame.truncated > 0 || r.header.truncated > 0,
+                true,
+            );
         }
     });
 }
@@ -469,18 +566,118 @@ fn receive(
     backend: &mut dyn engine::ReceiveBackend,
     timeout: Duration,
     cfg: &PipelineConfig,
-    window: &mut LogWindow,
-    counts: &mut MessageCounts,
+    acc: &mut Acc,
 ) -> io::Result<usize> {
     backend.poll(timeout, &mut |d| {
-        counts.datagrams += 1;
+        acc.counts.datagrams += 1;
         let rx = now_ns();
         for frame in Frames::new(d.payload, cfg.max_message) {
             let rec = decode(frame.bytes, rx);
-            count_message(counts, &rec, frame.truncated > 0 || d.truncated);
-            window.add(&rec, d.source.map(|s| s.ip()), rx);
+            acc.add(
+                &rec,
+                d.source.map(|s| s.ip()),
+                rx,
+                frame.truncated > 0 || d.truncated,
+                false,
+            );
         }
     })
+}
+
+/// The sinks in force, each with what it takes and its counters.
+struct SinkSet {
+    generation: u64,
+    sinks: Vec<OpenSink>,
+}
+
+struct OpenSink {
+    sink: Box<dyn super::sinks::Sink>,
+    what: crate::config::SinkContent,
+    windows: u64,
+    raw_lines: u64,
+    /// Raw lines a failing sink did not take (each failure also counts in `failures`).
+    raw_lines_failed: u64,
+    failures: u64,
+}
+
+impl SinkSet {
+    fn open(snap: &Snapshot) -> io::Result<Self> {
+        let sinks = snap
+            .sinks
+            .iter()
+            .map(|spec| {
+                super::sinks::open(&spec.sink).map(|sink| OpenSink {
+                    sink,
+                    what: spec.what,
+                    windows: 0,
+                    raw_lines: 0,
+                    raw_lines_failed: 0,
+                    failures: 0,
+                })
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(Self {
+            generation: snap.generation,
+            sinks,
+        })
+    }
+
+    /// Switches to a reloaded sink list once windows reach its boundary. (Raw lines go to
+    /// the sinks in force when they reach the merger, which may be a window early.)
+    fn follow(&mut self, shared: &SharedConfig, window_start: i64) {
+        let latest = shared.latest();
+        if latest.generation == self.generation || window_start < latest.effective_from_ns {
+            return;
+        }
+        match SinkSet::open(&latest) {
+            Ok(new) => {
+                tracing::info!(generation = latest.generation, "sinks reloaded");
+                *self = new;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reloaded sinks failed to open; keeping the old ones");
+                self.generation = latest.generation;
+            }
+        }
+    }
+
+    fn window(&mut self, line: &str) {
+        for s in self.sinks.iter_mut().filter(|s| s.what.windows()) {
+            match s.sink.write_line(line).and_then(|()| s.sink.end_window()) {
+                Ok(()) => s.windows += 1,
+                Err(e) => {
+                    s.failures += 1;
+                    tracing::error!(sink = %s.sink.name(), error = %e, "sink failed to take a window");
+                }
+            }
+        }
+    }
+
+    fn raw(&mut self, lines: &[u8]) {
+        let n = lines.iter().filter(|&&b| b == b'\n').count() as u64;
+        for s in self.sinks.iter_mut().filter(|s| s.what.raw()) {
+            match s.sink.write_raw(lines) {
+                Ok(()) => s.raw_lines += n,
+                Err(e) => {
+                    s.failures += 1;
+                    s.raw_lines_failed += n;
+                    tracing::error!(sink = %s.sink.name(), error = %e, lines = n, "sink failed to take raw lines");
+                }
+            }
+        }
+    }
+
+    fn summary(&self) -> Vec<serde_json::Value> {
+        self.sinks
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "sink": s.sink.name(), "windows": s.windows, "raw_lines": s.raw_lines, "raw_lines_failed": s.raw_lines_failed,
+                    "failures": s.failures, "stats": s.sink.stats(),
+                })
+            })
+            .collect()
+    }
 }
 
 /// Merges partial windows into whole ones: a window is complete once every worker has
@@ -591,13 +788,7 @@ pub fn run_with_sinks(shared: &Arc<SharedConfig>, stop: Arc<AtomicBool>) -> anyh
         "no log listener: give --listen ADDR or a config file"
     );
     anyhow::ensure!(!cfg.data_cpus.is_empty(), "no data CPU");
-    let open_sinks = |cfgs: &[crate::config::SinkConfig]| {
-        cfgs.iter()
-            .map(|c| super::sinks::open(c).map(|s| (s, 0u64, 0u64)))
-            .collect::<io::Result<Vec<(Box<dyn super::sinks::Sink>, u64, u64)>>>()
-    };
-    let mut sinks = open_sinks(&first.sinks).context("opening the sinks")?;
-    let mut sinks_generation = first.generation;
+    let mut sinks = SinkSet::open(&first).context("opening the sinks")?;
     // Room for a few windows per worker before a worker waits on the merger.
     let (tx, rx) = mpsc::sync_channel(cfg.data_cpus.len() * 4);
     let udp_before = socket::udp_counters();
@@ -606,48 +797,27 @@ pub fn run_with_sinks(shared: &Arc<SharedConfig>, stop: Arc<AtomicBool>) -> anyh
     let mut merger = WindowMerger::new(handles.len());
     let mut total = MessageCounts::default();
     let mut lags: Vec<i64> = Vec::new();
-    let mut emit = |r: WindowReport, total: &mut MessageCounts| {
-        // Sinks change at the same boundary as the workers' settings.
-        let latest = shared.latest();
-        if latest.generation != sinks_generation && r.start_ns >= latest.effective_from_ns {
-            match open_sinks(&latest.sinks) {
-                Ok(new) => {
-                    tracing::info!(generation = latest.generation, "sinks reloaded");
-                    sinks = new;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "reloaded sinks failed to open; keeping the old ones")
-                }
-            }
-            sinks_generation = latest.generation;
-        }
+    let mut emit = |r: WindowReport, total: &mut MessageCounts, sinks: &mut SinkSet| {
+        sinks.follow(shared, r.start_ns);
         total.add(&r.counts);
         lags.push(r.close_lag_max_ns);
-        let line = r.json().to_string();
-        for (sink, written, failed) in &mut sinks {
-            match sink.write_line(&line).and_then(|()| sink.end_window()) {
-                Ok(()) => *written += 1,
-                Err(e) => {
-                    *failed += 1;
-                    tracing::error!(sink = %sink.name(), error = %e, "sink failed to take a window");
-                }
-            }
-        }
+        sinks.window(&r.json().to_string());
     };
     // The channel closes when every worker has exited (each drops its sender).
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(p) => {
-                for r in merger.add(p) {
-                    emit(r, &mut total);
+            Ok(ToMerger::Partial(p)) => {
+                for r in merger.add(*p) {
+                    emit(r, &mut total, &mut sinks);
                 }
             }
+            Ok(ToMerger::Raw(lines)) => sinks.raw(&lines),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
     for r in merger.flush() {
-        emit(r, &mut total);
+        emit(r, &mut total, &mut sinks);
     }
     drop(emit);
     let mut workers = Vec::new();
@@ -672,10 +842,7 @@ pub fn run_with_sinks(shared: &Arc<SharedConfig>, stop: Arc<AtomicBool>) -> anyh
             "errors": s.stats.errors, "kernel_drops": s.kernel_drops,
         }));
     }
-    let sinks: Vec<serde_json::Value> = sinks
-        .iter()
-        .map(|(s, w, f)| serde_json::json!({"sink": s.name(), "windows": w, "failures": f, "stats": s.stats()}))
-        .collect();
+    let sinks = sinks.summary();
     let udp_after = socket::udp_counters();
     // SAFETY: getrusage writes into the zeroed struct it is given.
     let cpu_s = unsafe {

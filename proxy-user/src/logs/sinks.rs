@@ -12,6 +12,8 @@ use crate::config::{FsyncPolicy, SinkConfig};
 pub trait Sink: Send {
     /// Writes one line (without its newline).
     fn write_line(&mut self, line: &str) -> io::Result<()>;
+    /// Writes complete lines (each ending in a newline), as one chunk.
+    fn write_raw(&mut self, lines: &[u8]) -> io::Result<()>;
     /// End of a window: flush, and fsync if the policy says so.
     fn end_window(&mut self) -> io::Result<()>;
     fn name(&self) -> String;
@@ -52,6 +54,9 @@ impl Sink for StdoutSink {
         let mut out = io::stdout().lock();
         out.write_all(line.as_bytes())?;
         out.write_all(b"\n")
+    }
+    fn write_raw(&mut self, lines: &[u8]) -> io::Result<()> {
+        io::stdout().lock().write_all(lines)
     }
     fn end_window(&mut self) -> io::Result<()> {
         io::stdout().lock().flush()
@@ -143,6 +148,12 @@ impl Sink for FileSink {
         self.file.write_all(line.as_bytes())?;
         self.file.write_all(b"\n")?;
         self.written += line.len() as u64 + 1;
+        Ok(())
+    }
+
+    fn write_raw(&mut self, lines: &[u8]) -> io::Result<()> {
+        self.file.write_all(lines)?;
+        self.written += lines.len() as u64;
         Ok(())
     }
 
@@ -247,16 +258,18 @@ impl TcpSink {
         false
     }
 
-    fn spool_line(&mut self, line: &str) -> io::Result<()> {
-        let n = line.len() as u64 + 1;
-        if self.spool_bytes + n > self.max_spool_bytes {
-            self.spool_dropped += 1;
-            return Ok(());
+    /// Appends complete lines to the spool; lines that do not fit are dropped and counted.
+    fn spool_lines(&mut self, lines: &[u8]) -> io::Result<()> {
+        for line in lines.split_inclusive(|&b| b == b'\n') {
+            let n = line.len() as u64;
+            if self.spool_bytes + n > self.max_spool_bytes {
+                self.spool_dropped += 1;
+                continue;
+            }
+            self.spool.write_all(line)?;
+            self.spool_bytes += n;
+            self.spooled += 1;
         }
-        self.spool.write_all(line.as_bytes())?;
-        self.spool.write_all(b"\n")?;
-        self.spool_bytes += n;
-        self.spooled += 1;
         Ok(())
     }
 
@@ -277,19 +290,28 @@ impl TcpSink {
     }
 }
 
-impl Sink for TcpSink {
-    fn write_line(&mut self, line: &str) -> io::Result<()> {
+impl TcpSink {
+    /// Complete lines: sent, or spooled when the upstream is down or older lines wait.
+    fn write_lines(&mut self, lines: &[u8]) -> io::Result<()> {
         // Order: nothing new goes out while older lines wait in the spool.
         self.replay()?;
-        if self.spool_bytes == 0 {
-            let mut buf = Vec::with_capacity(line.len() + 1);
-            buf.extend_from_slice(line.as_bytes());
-            buf.push(b'\n');
-            if self.send(&buf) {
-                return Ok(());
-            }
+        if self.spool_bytes == 0 && self.send(lines) {
+            return Ok(());
         }
-        self.spool_line(line)
+        self.spool_lines(lines)
+    }
+}
+
+impl Sink for TcpSink {
+    fn write_line(&mut self, line: &str) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line.as_bytes());
+        buf.push(b'\n');
+        self.write_lines(&buf)
+    }
+
+    fn write_raw(&mut self, lines: &[u8]) -> io::Result<()> {
+        self.write_lines(lines)
     }
 
     fn end_window(&mut self) -> io::Result<()> {

@@ -141,21 +141,72 @@ pub fn parse_bsd(b: &[u8], received_ns: i64) -> Option<(i64, usize)> {
 
 /// The Gregorian year of a Unix time in seconds.
 pub fn year_of(secs: i64) -> i64 {
+    civil_from_days(secs.div_euclid(86_400)).0
+}
+
+/// Unix nanoseconds as RFC 3339 UTC with microseconds (`2026-11-24T10:00:00.000000Z`),
+/// the form RFC 5424 TIMESTAMP allows (at most six fractional digits).
+pub fn format_rfc3339_micros(ns: i64, out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    let secs = ns.div_euclid(NANOS);
+    let micros = ns.rem_euclid(NANOS) / 1000;
     let days = secs.div_euclid(86_400);
-    // civil_from_days, year only
-    let z = days + 719_468;
+    let tod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        out,
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        tod / 3600,
+        tod % 3600 / 60,
+        tod % 60
+    );
+}
+
+/// The inverse of [`days_from_civil`] (Howard Hinnant's algorithm).
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    yoe + era * 400 + i64::from(m <= 2)
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formatting_round_trips_through_the_parser() {
+        let mut out = Vec::new();
+        format_rfc3339_micros(1_795_514_400_000_000_000, &mut out);
+        assert_eq!(out, b"2026-11-24T10:00:00.000000Z");
+        // Leap days, century rules, before 1970, microsecond truncation.
+        let mut x: i64 = 0x2545_f491_4f6c_dd1d;
+        for t in [
+            0i64,
+            951_782_400_123_456_000,
+            4_107_456_000_000_001_000,
+            -2_208_988_800_999_999_000,
+        ]
+        .into_iter()
+        .chain((0..10_000).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.rem_euclid(8_000_000_000_000_000_000) - 2_000_000_000_000_000_000
+        })) {
+            out.clear();
+            format_rfc3339_micros(t, &mut out);
+            let s = std::str::from_utf8(&out).expect("ascii");
+            assert_eq!(parse_rfc3339(s), Some(t - t.rem_euclid(1000)), "{s}");
+        }
+    }
 
     #[test]
     fn rfc3339_examples_from_rfc5424() {
