@@ -227,19 +227,35 @@ fn config_file_with_a_rotating_file_sink() {
 /// A TCP upstream that is down when traffic starts and comes up a second later: the
 /// windows meanwhile are spooled on disk and replayed, in order, before newer ones.
 #[test]
-fn tcp_sink_outage_is_spooled_and_replayed_in_order() {
-    if !require_root("tcp_sink_outage_is_spooled_and_replayed_in_order") {
+fn tcp_sink_outage_is_spooled_and_replayed_in_order_json() {
+    if !require_root("tcp_sink_outage_is_spooled_and_replayed_in_order_json") {
         return;
     }
-    use std::io::{BufRead, BufReader};
+    tcp_sink_outage("json");
+}
+
+/// The same outage with RFC 5424 octet-counted output carrying both the raw messages and
+/// the window reports: every message arrives once, in order, with its header fields and
+/// the sender as `origin`, and each window report after its own raw messages.
+#[test]
+fn tcp_sink_outage_is_spooled_and_replayed_in_order_rfc5424() {
+    if !require_root("tcp_sink_outage_is_spooled_and_replayed_in_order_rfc5424") {
+        return;
+    }
+    tcp_sink_outage("rfc5424");
+}
+
+fn tcp_sink_outage(format: &str) {
     const UPSTREAM: u16 = 6514;
     let pair = VethPair::create().expect("veth pair");
     let dir = ScratchDir::new().expect("scratch");
+    let what = if format == "json" { "windows" } else { "both" };
     let cfg = dir.file(
         "edgeproxy.toml",
         &format!(
             "[[listener]]\naddress = \"{}:{PORT}\"\n[window]\nseconds = 0.2\n\
-             [[sink]]\nkind = \"tcp\"\naddress = \"{}:{UPSTREAM}\"\nspool_dir = \"{}\"\n",
+             [[sink]]\nkind = \"tcp\"\naddress = \"{}:{UPSTREAM}\"\nspool_dir = \"{}\"\n\
+             format = \"{format}\"\nwhat = \"{what}\"\n",
             pair.a_v4,
             pair.b_v4,
             dir.path().join("spool").display()
@@ -278,11 +294,10 @@ fn tcp_sink_outage_is_spooled_and_replayed_in_order() {
         .b
         .run(|| std::net::TcpListener::bind((pair.b_v4, UPSTREAM)).expect("listen"));
     let reader = std::thread::spawn(move || {
-        let (conn, _) = listener.accept().expect("accept");
-        BufReader::new(conn)
-            .lines()
-            .map(|l| l.expect("line"))
-            .collect::<Vec<String>>()
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut bytes = Vec::new();
+        conn.read_to_end(&mut bytes).expect("read upstream");
+        bytes
     });
     send(1500, 3000); // upstream up: replay, then live
     std::thread::sleep(std::time::Duration::from_millis(800));
@@ -295,11 +310,69 @@ fn tcp_sink_outage_is_spooled_and_replayed_in_order() {
         .read_to_string(&mut out)
         .expect("read");
     assert!(c.wait().expect("wait").success());
-    let lines = reader.join().expect("reader");
+    let bytes = reader.join().expect("reader");
+    let mut windows: Vec<serde_json::Value> = Vec::new();
+    let mut raw_seen: Vec<u64> = Vec::new();
+    if format == "json" {
+        for l in String::from_utf8(bytes).expect("utf-8").lines() {
+            windows.push(serde_json::from_str(l).expect("JSON line"));
+        }
+    } else {
+        use proxy_user::logs::{decode::decode, framing::Frames};
+        let mut raw_before_window = 0u64;
+        for f in Frames::new(&bytes, usize::MAX) {
+            assert_eq!(f.truncated, 0);
+            let r = decode(f.bytes, 0);
+            assert_eq!(
+                r.format.name(),
+                "rfc5424",
+                "{:?}",
+                String::from_utf8_lossy(f.bytes)
+            );
+            if r.msgid == Some("window") {
+                assert_eq!(r.app_name.as_deref(), Some("edgeproxy"));
+                let w: serde_json::Value = serde_json::from_str(&r.message).expect("report");
+                let before: u64 = windows
+                    .iter()
+                    .map(|w| w["records"].as_u64().expect("records"))
+                    .sum();
+                assert!(
+                    raw_before_window >= before + w["records"].as_u64().expect("records"),
+                    "a window report follows its raw messages"
+                );
+                windows.push(w);
+                continue;
+            }
+            assert_eq!(
+                (
+                    r.facility,
+                    r.severity,
+                    r.hostname.as_deref(),
+                    r.app_name.as_deref()
+                ),
+                (Some(1), Some(6), Some("h"), Some("app"))
+            );
+            assert_eq!(
+                r.structured_data,
+                Some(format!("[origin ip=\"{}\"]", pair.b_v4).as_str())
+            );
+            let n: u64 = r
+                .message
+                .strip_prefix("message ")
+                .and_then(|n| n.parse().ok())
+                .expect("message N");
+            raw_seen.push(n);
+            raw_before_window += 1;
+        }
+        assert_eq!(
+            raw_seen,
+            (0..3000).collect::<Vec<u64>>(),
+            "every raw message once, in order"
+        );
+    }
     let mut records = 0u64;
     let mut last_start = i64::MIN;
-    for l in &lines {
-        let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
+    for v in &windows {
         records += v["records"].as_u64().expect("records");
         let start = v["window_start_ns"].as_i64().expect("start");
         assert!(start >= last_start, "windows arrive in order");

@@ -41,6 +41,8 @@ max_message_len = 8192
 
 [[sink]]
 kind = "stdout"
+what = "windows"
+format = "json"
 "#;
 
 /// A validated configuration.
@@ -54,7 +56,28 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SinkSpec {
     pub what: SinkContent,
+    pub format: OutputFormat,
     pub sink: SinkConfig,
+}
+
+/// How a sink frames what it writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// RFC 5424 messages with RFC 6587 octet counting (`LEN SP <PRI>1 …`), the framing
+    /// syslog receivers (rsyslog imtcp/imptcp, syslog-ng `syslog()`) accept over TCP.
+    Rfc5424,
+}
+
+impl OutputFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputFormat::Json => "json",
+            OutputFormat::Rfc5424 => "rfc5424",
+        }
+    }
 }
 
 /// Window reports, every raw message, or both.
@@ -144,6 +167,7 @@ struct RawWindow {
 struct RawSink {
     kind: Spanned<String>,
     what: Option<Spanned<String>>,
+    format: Option<Spanned<String>>,
     path: Option<Spanned<String>>,
     address: Option<Spanned<String>>,
     spool_dir: Option<Spanned<String>>,
@@ -312,7 +336,18 @@ pub fn parse_config(file: &str, src: &str) -> Result<Config, FileErrors> {
                 SinkContent::Windows
             }
         };
-        let push = |sinks: &mut Vec<SinkSpec>, sink| sinks.push(SinkSpec { what, sink });
+        let format = match s.format.as_ref().map(|f| (f.get_ref().as_str(), f.span())) {
+            None | Some(("json", _)) => OutputFormat::Json,
+            Some(("rfc5424", _)) => OutputFormat::Rfc5424,
+            Some((other, span)) => {
+                cx.err(
+                    span,
+                    format!("format must be \"json\" or \"rfc5424\", not {other:?}"),
+                );
+                OutputFormat::Json
+            }
+        };
+        let push = |sinks: &mut Vec<SinkSpec>, sink| sinks.push(SinkSpec { what, format, sink });
         match s.kind.get_ref().as_str() {
             "stdout" => push(&mut sinks, SinkConfig::Stdout),
             "file" => {
@@ -413,6 +448,7 @@ impl Config {
             },
             sinks: vec![SinkSpec {
                 what: SinkContent::Windows,
+                format: OutputFormat::Json,
                 sink: SinkConfig::Stdout,
             }],
         }
@@ -470,7 +506,7 @@ mod tests {
     fn sinks_say_what_they_take() {
         let c = parse_config(
             "c",
-            "[[sink]]\nkind = \"stdout\"\n[[sink]]\nkind = \"stdout\"\nwhat = \"raw\"\n[[sink]]\nkind = \"stdout\"\nwhat = \"both\"\n[[sink]]\nkind = \"stdout\"\nwhat = \"windows\"\n",
+            "[[sink]]\nkind = \"stdout\"\n[[sink]]\nkind = \"stdout\"\nwhat = \"raw\"\nformat = \"rfc5424\"\n[[sink]]\nkind = \"stdout\"\nwhat = \"both\"\nformat = \"json\"\n[[sink]]\nkind = \"stdout\"\nwhat = \"windows\"\n",
         )
         .expect("valid");
         let what: Vec<SinkContent> = c.sinks.iter().map(|s| s.what).collect();
@@ -489,11 +525,25 @@ mod tests {
                 .collect::<Vec<_>>(),
             [(true, false), (false, true), (true, true), (true, false)]
         );
+        let formats: Vec<OutputFormat> = c.sinks.iter().map(|s| s.format).collect();
+        assert_eq!(
+            formats,
+            [
+                OutputFormat::Json,
+                OutputFormat::Rfc5424,
+                OutputFormat::Json,
+                OutputFormat::Json
+            ]
+        );
     }
 
     #[test]
     fn every_problem_is_located() {
-        let cases: [(&str, &str); 10] = [
+        let cases: [(&str, &str); 11] = [
+            (
+                "[[sink]]\nkind = \"tcp\"\naddress = \"127.0.0.1:1\"\nformat = \"gelf\"\n",
+                "c:4:10: format must be \"json\" or \"rfc5424\"",
+            ),
             (
                 "[[sink]]\nkind = \"stdout\"\nwhat = \"everything\"\n",
                 "c:3:8: what must be \"windows\", \"raw\" or \"both\"",

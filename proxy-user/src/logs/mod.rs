@@ -3,6 +3,7 @@
 //! datagrams, zero-copy; aggregation, sinks and the io_uring receive path follow.
 pub mod aggregate;
 pub mod decode;
+pub mod encode;
 pub mod framing;
 pub mod pipeline;
 pub mod sinks;

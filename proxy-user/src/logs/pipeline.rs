@@ -24,8 +24,10 @@ use serde::Serialize;
 use super::{
     aggregate::{KeySpec, LogWindow, WindowLimits},
     decode::{Format, decode},
+    encode::{RawMessage, Rfc5424Encoder},
     framing::Frames,
 };
+use crate::config::OutputFormat;
 use crate::engine::{self, BackendChoice, BackendStats, ReceiveConfig, socket};
 
 #[derive(Clone, Debug)]
@@ -167,70 +169,96 @@ impl MessageCounts {
 /// What workers send the merger, in order per worker.
 pub enum ToMerger {
     Partial(Box<Partial>),
-    /// Complete JSON lines of raw messages, for sinks that want them.
-    Raw(Vec<u8>),
+    Raw(RawBatch),
+}
+
+/// Raw messages of one worker, encoded in each format a sink of `generation` wants.
+pub struct RawBatch {
+    /// The configuration the messages were received under: they go to its sinks.
+    pub generation: u64,
+    pub records: u64,
+    pub json: Option<Vec<u8>>,
+    pub rfc5424: Option<Vec<u8>>,
+}
+
+impl RawBatch {
+    fn bytes(&self, format: OutputFormat) -> Option<&[u8]> {
+        match format {
+            OutputFormat::Json => self.json.as_deref(),
+            OutputFormat::Rfc5424 => self.rfc5424.as_deref(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.json.as_ref().map_or(0, Vec::len) + self.rfc5424.as_ref().map_or(0, Vec::len)
+    }
 }
 
 /// Raw messages of one worker, batched so a sink write (and a channel send) covers many.
 struct RawOut {
-    batch: Vec<u8>,
+    batch: RawBatch,
+    rfc5424: Rfc5424Encoder,
     out: mpsc::SyncSender<ToMerger>,
 }
 
 const RAW_BATCH: usize = 64 * 1024;
 
 impl RawOut {
-    fn add(
-        &mut self,
-        rec: &super::decode::LogRecord<'_>,
-        source: Option<std::net::IpAddr>,
-        rx: i64,
-        captured: bool,
-    ) {
-        #[derive(Serialize)]
-        struct RawLine<'a> {
-            received_ns: i64,
-            ts_ns: Option<i64>,
-            source: Option<std::net::IpAddr>,
-            captured: bool,
-            format: &'static str,
-            facility: Option<u8>,
-            severity: Option<u8>,
-            host: Option<&'a str>,
-            app: Option<&'a str>,
-            procid: Option<&'a str>,
-            msgid: Option<&'a str>,
-            msg: &'a str,
-        }
-        let line = RawLine {
-            received_ns: rx,
-            ts_ns: rec.timestamp,
-            source,
-            captured,
-            format: rec.format.name(),
-            facility: rec.facility,
-            severity: rec.severity,
-            host: rec.hostname.as_deref(),
-            app: rec.app_name.as_deref(),
-            procid: rec.procid,
-            msgid: rec.msgid,
-            msg: &rec.message,
+    /// `None` when no sink of `snap` takes raw messages.
+    fn new(snap: &Snapshot, out: &mpsc::SyncSender<ToMerger>) -> Option<Self> {
+        let wants = |f: OutputFormat| {
+            snap.sinks
+                .iter()
+                .any(|s| s.what.raw() && s.format == f)
+                .then(|| Vec::with_capacity(RAW_BATCH + 4096))
         };
-        // Writing into a Vec cannot fail; serialisation of these types cannot either.
-        if serde_json::to_writer(&mut self.batch, &line).is_ok() {
-            self.batch.push(b'\n');
+        let batch = RawBatch {
+            generation: snap.generation,
+            records: 0,
+            json: wants(OutputFormat::Json),
+            rfc5424: wants(OutputFormat::Rfc5424),
+        };
+        (batch.json.is_some() || batch.rfc5424.is_some()).then(|| RawOut {
+            batch,
+            rfc5424: Rfc5424Encoder::default(),
+            out: out.clone(),
+        })
+    }
+
+    fn add(&mut self, m: &RawMessage<'_, '_>) {
+        let b = &mut self.batch;
+        if let Some(out) = b.json.as_mut() {
+            super::encode::json(m, out);
         }
-        if self.batch.len() >= RAW_BATCH {
+        if let Some(out) = b.rfc5424.as_mut() {
+            self.rfc5424.message(m, out);
+        }
+        b.records += 1;
+        if b.len() >= RAW_BATCH {
             self.flush();
         }
     }
 
     fn flush(&mut self) {
-        if !self.batch.is_empty() {
-            let b = std::mem::replace(&mut self.batch, Vec::with_capacity(RAW_BATCH + 4096));
-            // A closed channel means the merger is gone (shutdown); nothing to deliver to.
-            let _ = self.out.send(ToMerger::Raw(b));
+        if self.batch.records == 0 {
+            return;
         }
+        let b = &mut self.batch;
+        let fresh = RawBatch {
+            generation: b.generation,
+            records: 0,
+            json: b
+                .json
+                .as_ref()
+                .map(|_| Vec::with_capacity(RAW_BATCH + 4096)),
+            rfc5424: b
+                .rfc5424
+                .as_ref()
+                .map(|_| Vec::with_capacity(RAW_BATCH + 4096)),
+        };
+        let full = std::mem::replace(b, fresh);
+        // A closed channel means the merger is gone (shutdown); nothing to deliver to.
+        let _ = self.out.send(ToMerger::Raw(full));
     }
 }
 
@@ -254,7 +282,12 @@ impl Acc {
         count_message(&mut self.counts, rec, truncated);
         self.window.add(rec, source, rx);
         if let Some(raw) = self.raw.as_mut() {
-            raw.add(rec, source, rx, captured);
+            raw.add(&RawMessage {
+                rec,
+                source,
+                received_ns: rx,
+                captured,
+            });
         }
     }
 }
@@ -408,13 +441,7 @@ fn worker_loop(
     let mut stats = BackendStats::default();
     let mut win_ns = snap.pipeline.window.as_nanos().max(1) as i64;
     let mut start = grid(&snap, win_ns, now_ns());
-    let wants_raw = |snap: &Snapshot| snap.sinks.iter().any(|s| s.what.raw());
-    let new_raw = |snap: &Snapshot| {
-        wants_raw(snap).then(|| RawOut {
-            batch: Vec::with_capacity(RAW_BATCH + 4096),
-            out: out.clone(),
-        })
-    };
+    let new_raw = |snap: &Snapshot| RawOut::new(snap, out);
     let mut acc = Acc {
         window: LogWindow::new(snap.pipeline.key, snap.pipeline.limits, start),
         counts: MessageCounts::default(),
@@ -587,12 +614,16 @@ fn receive(
 /// The sinks in force, each with what it takes and its counters.
 struct SinkSet {
     generation: u64,
+    /// HOSTNAME of window reports in RFC 5424.
+    host: String,
+    encoder: Rfc5424Encoder,
     sinks: Vec<OpenSink>,
 }
 
 struct OpenSink {
     sink: Box<dyn super::sinks::Sink>,
     what: crate::config::SinkContent,
+    format: OutputFormat,
     windows: u64,
     raw_lines: u64,
     /// Raw lines a failing sink did not take (each failure also counts in `failures`).
@@ -606,9 +637,10 @@ impl SinkSet {
             .sinks
             .iter()
             .map(|spec| {
-                super::sinks::open(&spec.sink).map(|sink| OpenSink {
+                super::sinks::open(&spec.sink, spec.format).map(|sink| OpenSink {
                     sink,
                     what: spec.what,
+                    format: spec.format,
                     windows: 0,
                     raw_lines: 0,
                     raw_lines_failed: 0,
@@ -618,15 +650,18 @@ impl SinkSet {
             .collect::<io::Result<_>>()?;
         Ok(Self {
             generation: snap.generation,
+            host: super::encode::local_hostname(),
+            encoder: Rfc5424Encoder::default(),
             sinks,
         })
     }
 
-    /// Switches to a reloaded sink list once windows reach its boundary. (Raw lines go to
-    /// the sinks in force when they reach the merger, which may be a window early.)
-    fn follow(&mut self, shared: &SharedConfig, window_start: i64) {
+    /// Switches to a reloaded sink list once windows reach its boundary (`None`: now).
+    fn follow(&mut self, shared: &SharedConfig, window_start: Option<i64>) {
         let latest = shared.latest();
-        if latest.generation == self.generation || window_start < latest.effective_from_ns {
+        if latest.generation == self.generation
+            || window_start.is_some_and(|w| w < latest.effective_from_ns)
+        {
             return;
         }
         match SinkSet::open(&latest) {
@@ -642,8 +677,22 @@ impl SinkSet {
     }
 
     fn window(&mut self, line: &str) {
+        let json = format!("{line}\n");
+        let mut rfc5424 = Vec::new();
+        if self
+            .sinks
+            .iter()
+            .any(|s| s.what.windows() && s.format == OutputFormat::Rfc5424)
+        {
+            self.encoder
+                .window(line, now_ns(), &self.host, &mut rfc5424);
+        }
         for s in self.sinks.iter_mut().filter(|s| s.what.windows()) {
-            match s.sink.write_line(line).and_then(|()| s.sink.end_window()) {
+            let bytes = match s.format {
+                OutputFormat::Json => json.as_bytes(),
+                OutputFormat::Rfc5424 => &rfc5424,
+            };
+            match s.sink.write(bytes, 1).and_then(|()| s.sink.end_window()) {
                 Ok(()) => s.windows += 1,
                 Err(e) => {
                     s.failures += 1;
@@ -653,10 +702,19 @@ impl SinkSet {
         }
     }
 
-    fn raw(&mut self, lines: &[u8]) {
-        let n = lines.iter().filter(|&&b| b == b'\n').count() as u64;
+    fn raw(&mut self, batch: &RawBatch) {
+        let n = batch.records;
         for s in self.sinks.iter_mut().filter(|s| s.what.raw()) {
-            match s.sink.write_raw(lines) {
+            let Some(bytes) = batch.bytes(s.format) else {
+                // Only when reloads outran the merger (sinks skipped a generation whose
+                // workers encoded other formats): counted, never silent.
+                s.failures += 1;
+                s.raw_lines_failed += n;
+                tracing::error!(sink = %s.sink.name(), format = s.format.name(), lines = n,
+                    "raw lines were encoded for another configuration's formats");
+                continue;
+            };
+            match s.sink.write(bytes, n) {
                 Ok(()) => s.raw_lines += n,
                 Err(e) => {
                     s.failures += 1;
@@ -672,11 +730,54 @@ impl SinkSet {
             .iter()
             .map(|s| {
                 serde_json::json!({
-                    "sink": s.sink.name(), "windows": s.windows, "raw_lines": s.raw_lines, "raw_lines_failed": s.raw_lines_failed,
+                    "sink": s.sink.name(), "format": s.format.name(), "windows": s.windows,
+                    "raw_lines": s.raw_lines, "raw_lines_failed": s.raw_lines_failed,
                     "failures": s.failures, "stats": s.sink.stats(),
                 })
             })
             .collect()
+    }
+}
+
+/// Raw batches encoded under a configuration whose sinks are not in force yet (a worker
+/// crossed the reload boundary before the merger closed the last old window). They wait
+/// here, in order, up to a bound; past it the sinks switch early rather than grow memory.
+struct HeldRaw {
+    batches: std::collections::VecDeque<RawBatch>,
+    bytes: usize,
+}
+
+const MAX_HELD_RAW_BYTES: usize = 64 << 20;
+
+impl HeldRaw {
+    fn take(&mut self, b: RawBatch, shared: &SharedConfig, sinks: &mut SinkSet) {
+        if b.generation <= sinks.generation && self.batches.is_empty() {
+            sinks.raw(&b);
+            return;
+        }
+        self.bytes += b.len();
+        self.batches.push_back(b);
+        if self.bytes > MAX_HELD_RAW_BYTES {
+            tracing::warn!(
+                held_bytes = self.bytes,
+                "raw lines of a reloaded configuration piled up; switching sinks before the boundary"
+            );
+            sinks.follow(shared, None);
+        }
+        self.release(sinks);
+    }
+
+    /// Writes the batches whose sinks are now in force.
+    fn release(&mut self, sinks: &mut SinkSet) {
+        while let Some(b) = self.batches.front() {
+            if b.generation > sinks.generation {
+                break;
+            }
+            self.bytes -= b.len();
+            if let Some(b) = self.batches.pop_front() {
+                sinks.raw(&b);
+            }
+        }
     }
 }
 
@@ -797,8 +898,12 @@ pub fn run_with_sinks(shared: &Arc<SharedConfig>, stop: Arc<AtomicBool>) -> anyh
     let mut merger = WindowMerger::new(handles.len());
     let mut total = MessageCounts::default();
     let mut lags: Vec<i64> = Vec::new();
+    let mut held = HeldRaw {
+        batches: Default::default(),
+        bytes: 0,
+    };
     let mut emit = |r: WindowReport, total: &mut MessageCounts, sinks: &mut SinkSet| {
-        sinks.follow(shared, r.start_ns);
+        sinks.follow(shared, Some(r.start_ns));
         total.add(&r.counts);
         lags.push(r.close_lag_max_ns);
         sinks.window(&r.json().to_string());
@@ -810,8 +915,9 @@ pub fn run_with_sinks(shared: &Arc<SharedConfig>, stop: Arc<AtomicBool>) -> anyh
                 for r in merger.add(*p) {
                     emit(r, &mut total, &mut sinks);
                 }
+                held.release(&mut sinks);
             }
-            Ok(ToMerger::Raw(lines)) => sinks.raw(&lines),
+            Ok(ToMerger::Raw(b)) => held.take(b, shared, &mut sinks),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
@@ -820,6 +926,10 @@ pub fn run_with_sinks(shared: &Arc<SharedConfig>, stop: Arc<AtomicBool>) -> anyh
         emit(r, &mut total, &mut sinks);
     }
     drop(emit);
+    if !held.batches.is_empty() {
+        sinks.follow(shared, None);
+        held.release(&mut sinks);
+    }
     let mut workers = Vec::new();
     let mut drops = 0;
     let mut by_listener: BTreeMap<String, u64> = BTreeMap::new();

@@ -1,5 +1,6 @@
-//! Where window reports go. One JSON object per line; each sink flushes (and, per its
-//! policy, fsyncs) after every window, so a crash loses at most the window in flight.
+//! Where window reports and raw messages go, already encoded (JSON lines or octet-counted
+//! RFC 5424, see [`super::encode`]); each sink flushes (and, per its policy, fsyncs)
+//! after every window, so a crash loses at most the window in flight.
 use std::{
     fs::{File, OpenOptions},
     io::{self, Write},
@@ -7,13 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::config::{FsyncPolicy, SinkConfig};
+use crate::config::{FsyncPolicy, OutputFormat, SinkConfig};
 
 pub trait Sink: Send {
-    /// Writes one line (without its newline).
-    fn write_line(&mut self, line: &str) -> io::Result<()>;
-    /// Writes complete lines (each ending in a newline), as one chunk.
-    fn write_raw(&mut self, lines: &[u8]) -> io::Result<()>;
+    /// Writes `records` complete encoded records, as one chunk.
+    fn write(&mut self, bytes: &[u8], records: u64) -> io::Result<()>;
     /// End of a window: flush, and fsync if the policy says so.
     fn end_window(&mut self) -> io::Result<()>;
     fn name(&self) -> String;
@@ -23,14 +22,19 @@ pub trait Sink: Send {
     }
 }
 
-pub fn open(cfg: &SinkConfig) -> io::Result<Box<dyn Sink>> {
+pub fn open(cfg: &SinkConfig, format: OutputFormat) -> io::Result<Box<dyn Sink>> {
     Ok(match cfg {
         SinkConfig::Stdout => Box::new(StdoutSink),
         SinkConfig::Tcp {
             address,
             spool_dir,
             max_spool_bytes,
-        } => Box::new(TcpSink::open(*address, spool_dir, *max_spool_bytes)?),
+        } => Box::new(TcpSink::open(
+            *address,
+            spool_dir,
+            *max_spool_bytes,
+            format,
+        )?),
         SinkConfig::File {
             path,
             rotate_bytes,
@@ -50,13 +54,8 @@ pub fn open(cfg: &SinkConfig) -> io::Result<Box<dyn Sink>> {
 pub struct StdoutSink;
 
 impl Sink for StdoutSink {
-    fn write_line(&mut self, line: &str) -> io::Result<()> {
-        let mut out = io::stdout().lock();
-        out.write_all(line.as_bytes())?;
-        out.write_all(b"\n")
-    }
-    fn write_raw(&mut self, lines: &[u8]) -> io::Result<()> {
-        io::stdout().lock().write_all(lines)
+    fn write(&mut self, bytes: &[u8], _records: u64) -> io::Result<()> {
+        io::stdout().lock().write_all(bytes)
     }
     fn end_window(&mut self) -> io::Result<()> {
         io::stdout().lock().flush()
@@ -66,7 +65,7 @@ impl Sink for StdoutSink {
     }
 }
 
-/// A JSON-lines file rotated by size and/or age: `path` is renamed to `path.1`, older
+/// A file rotated by size and/or age: `path` is renamed to `path.1`, older
 /// ones shift up, and beyond `keep` they are deleted.
 pub struct FileSink {
     path: PathBuf,
@@ -144,16 +143,9 @@ impl FileSink {
 }
 
 impl Sink for FileSink {
-    fn write_line(&mut self, line: &str) -> io::Result<()> {
-        self.file.write_all(line.as_bytes())?;
-        self.file.write_all(b"\n")?;
-        self.written += line.len() as u64 + 1;
-        Ok(())
-    }
-
-    fn write_raw(&mut self, lines: &[u8]) -> io::Result<()> {
-        self.file.write_all(lines)?;
-        self.written += lines.len() as u64;
+    fn write(&mut self, bytes: &[u8], _records: u64) -> io::Result<()> {
+        self.file.write_all(bytes)?;
+        self.written += bytes.len() as u64;
         Ok(())
     }
 
@@ -174,16 +166,19 @@ impl Sink for FileSink {
     }
 }
 
-/// Newline-delimited JSON over TCP. While the upstream is unreachable, lines go to an
-/// on-disk spool (fsynced per window) and are replayed in order, before anything newer,
-/// once it accepts connections again. Delivery is at-least-once: a crash during a replay
-/// resends the unacknowledged tail. A full spool drops lines, counted (`spool_dropped`).
+/// Records over TCP (JSON lines or octet-counted RFC 5424). While the upstream is
+/// unreachable, batches go to an on-disk spool (fsynced per window) and are replayed in
+/// order, before anything newer, once it accepts connections again. Delivery is
+/// at-least-once: a crash during a replay resends the unacknowledged tail. A batch that
+/// does not fit in the spool is dropped whole, its records counted (`spool_dropped`).
 pub struct TcpSink {
     address: std::net::SocketAddr,
     conn: Option<std::net::TcpStream>,
     spool_path: PathBuf,
     spool: File,
     spool_bytes: u64,
+    /// Records in the spool (counted on open by splitting it as the receive path does).
+    spool_records: u64,
     max_spool_bytes: u64,
     next_attempt: Instant,
     pub spooled: u64,
@@ -200,24 +195,29 @@ impl TcpSink {
         address: std::net::SocketAddr,
         spool_dir: &Path,
         max_spool_bytes: u64,
+        format: OutputFormat,
     ) -> io::Result<Self> {
         std::fs::create_dir_all(spool_dir)?;
-        let spool_path = spool_dir.join(format!(
-            "tcp-{}.spool",
-            address.to_string().replace([':', '[', ']'], "_")
-        ));
+        // One spool per upstream and format, so a format change never replays the other.
+        let spool_path = spool_dir.join(spool_name(address, format));
         let spool = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
             .open(&spool_path)?;
         let spool_bytes = spool.metadata()?.len();
+        let spool_records = if spool_bytes == 0 {
+            0
+        } else {
+            super::framing::Frames::new(&std::fs::read(&spool_path)?, usize::MAX).count() as u64
+        };
         Ok(Self {
             address,
             conn: None,
             spool_path,
             spool,
             spool_bytes,
+            spool_records,
             max_spool_bytes,
             next_attempt: Instant::now(),
             spooled: 0,
@@ -258,18 +258,16 @@ impl TcpSink {
         false
     }
 
-    /// Appends complete lines to the spool; lines that do not fit are dropped and counted.
-    fn spool_lines(&mut self, lines: &[u8]) -> io::Result<()> {
-        for line in lines.split_inclusive(|&b| b == b'\n') {
-            let n = line.len() as u64;
-            if self.spool_bytes + n > self.max_spool_bytes {
-                self.spool_dropped += 1;
-                continue;
-            }
-            self.spool.write_all(line)?;
-            self.spool_bytes += n;
-            self.spooled += 1;
+    /// Appends a batch to the spool, or drops and counts it when it does not fit.
+    fn spool_batch(&mut self, bytes: &[u8], records: u64) -> io::Result<()> {
+        if self.spool_bytes + bytes.len() as u64 > self.max_spool_bytes {
+            self.spool_dropped += records;
+            return Ok(());
         }
+        self.spool.write_all(bytes)?;
+        self.spool_bytes += bytes.len() as u64;
+        self.spool_records += records;
+        self.spooled += records;
         Ok(())
     }
 
@@ -282,36 +280,32 @@ impl TcpSink {
         if !self.send(&data) {
             return Ok(());
         }
-        self.replayed += data.iter().filter(|&&b| b == b'\n').count() as u64;
+        self.replayed += self.spool_records;
         self.spool.set_len(0)?;
         self.spool.sync_data()?;
         self.spool_bytes = 0;
+        self.spool_records = 0;
         Ok(())
     }
 }
 
-impl TcpSink {
-    /// Complete lines: sent, or spooled when the upstream is down or older lines wait.
-    fn write_lines(&mut self, lines: &[u8]) -> io::Result<()> {
-        // Order: nothing new goes out while older lines wait in the spool.
-        self.replay()?;
-        if self.spool_bytes == 0 && self.send(lines) {
-            return Ok(());
-        }
-        self.spool_lines(lines)
-    }
+fn spool_name(address: std::net::SocketAddr, format: OutputFormat) -> String {
+    format!(
+        "tcp-{}-{}.spool",
+        address.to_string().replace([':', '[', ']'], "_"),
+        format.name()
+    )
 }
 
 impl Sink for TcpSink {
-    fn write_line(&mut self, line: &str) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(line.len() + 1);
-        buf.extend_from_slice(line.as_bytes());
-        buf.push(b'\n');
-        self.write_lines(&buf)
-    }
-
-    fn write_raw(&mut self, lines: &[u8]) -> io::Result<()> {
-        self.write_lines(lines)
+    /// Sent, or spooled when the upstream is down or older records wait.
+    fn write(&mut self, bytes: &[u8], records: u64) -> io::Result<()> {
+        // Order: nothing new goes out while older records wait in the spool.
+        self.replay()?;
+        if self.spool_bytes == 0 && self.send(bytes) {
+            return Ok(());
+        }
+        self.spool_batch(bytes, records)
     }
 
     fn end_window(&mut self) -> io::Result<()> {
@@ -362,10 +356,10 @@ mod tests {
         let mut s = FileSink::open(&path, Some(100), None, 2, FsyncPolicy::Window).unwrap();
         for w in 0..5 {
             for i in 0..3 {
-                s.write_line(&format!(
-                    "{{\"w\":{w},\"i\":{i},\"pad\":\"{}\"}}",
-                    "x".repeat(20)
-                ))
+                s.write(
+                    format!("{{\"w\":{w},\"i\":{i},\"pad\":\"{}\"}}\n", "x".repeat(20)).as_bytes(),
+                    1,
+                )
                 .unwrap();
             }
             s.end_window().unwrap();
@@ -391,7 +385,8 @@ mod tests {
         let path = d.join("agg.jsonl");
         for round in 0..2 {
             let mut s = FileSink::open(&path, None, None, 5, FsyncPolicy::Never).unwrap();
-            s.write_line(&format!("{{\"round\":{round}}}")).unwrap();
+            s.write(format!("{{\"round\":{round}}}\n").as_bytes(), 1)
+                .unwrap();
             s.end_window().unwrap();
         }
         assert_eq!(
@@ -413,7 +408,7 @@ mod tests {
             FsyncPolicy::Never,
         )
         .unwrap();
-        s.write_line("{}").unwrap();
+        s.write(b"{}\n", 1).unwrap();
         std::thread::sleep(Duration::from_millis(5));
         s.end_window().unwrap();
         assert_eq!(
@@ -435,9 +430,9 @@ mod tcp_tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener); // the upstream is down at first
-        let mut s = TcpSink::open(addr, &dir, 1 << 20).unwrap();
+        let mut s = TcpSink::open(addr, &dir, 1 << 20, OutputFormat::Json).unwrap();
         for i in 0..3 {
-            s.write_line(&format!("{{\"n\":{i}}}")).unwrap();
+            s.write(format!("{{\"n\":{i}}}\n").as_bytes(), 1).unwrap();
             s.end_window().unwrap();
         }
         assert_eq!(s.spooled, 3);
@@ -445,7 +440,7 @@ mod tcp_tests {
         let listener = std::net::TcpListener::bind(addr).unwrap();
         std::thread::sleep(RETRY_EVERY);
         for i in 3..5 {
-            s.write_line(&format!("{{\"n\":{i}}}")).unwrap();
+            s.write(format!("{{\"n\":{i}}}\n").as_bytes(), 1).unwrap();
             s.end_window().unwrap();
         }
         drop(s);
@@ -457,12 +452,9 @@ mod tcp_tests {
             "all, in order"
         );
         assert_eq!(
-            std::fs::metadata(dir.join(format!(
-                "tcp-{}.spool",
-                addr.to_string().replace([':', '[', ']'], "_")
-            )))
-            .unwrap()
-            .len(),
+            std::fs::metadata(dir.join(spool_name(addr, OutputFormat::Json)))
+                .unwrap()
+                .len(),
             0,
             "spool emptied"
         );
@@ -475,15 +467,21 @@ mod tcp_tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let mut s = TcpSink::open(addr, &dir, 20).unwrap();
+        let mut s = TcpSink::open(addr, &dir, 20, OutputFormat::Json).unwrap();
         for i in 0..5 {
-            s.write_line(&format!("line-{i}")).unwrap();
+            s.write(format!("line-{i}\n").as_bytes(), 1).unwrap();
         }
+        // A batch of three records that does not fit is dropped whole.
+        s.write(b"aa\nb\nc\n", 3).unwrap();
         assert_eq!(
             (s.spooled, s.spool_dropped),
-            (2, 3),
-            "7-byte lines in a 20-byte spool"
+            (2, 6),
+            "7-byte lines in a 20-byte spool, then a 7-byte batch of 3"
         );
+        drop(s);
+        // Reopened, the spool's records are counted from its contents.
+        let s = TcpSink::open(addr, &dir, 20, OutputFormat::Json).unwrap();
+        assert_eq!(s.spool_records, 2);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,0 +1,318 @@
+//! What sinks write, in either output format: raw messages and window reports as JSON
+//! lines, or as RFC 5424 messages framed with RFC 6587 octet counting (`LEN SP MSG`, no
+//! newline), which syslog receivers take over TCP and which survives newlines inside
+//! messages.
+use std::{io::Write as _, net::IpAddr};
+
+use serde::Serialize;
+
+use super::{decode::LogRecord, time::format_rfc3339_micros};
+
+/// One received message with what the pipeline knows about its arrival.
+pub struct RawMessage<'r, 'a> {
+    pub rec: &'r LogRecord<'a>,
+    pub source: Option<IpAddr>,
+    pub received_ns: i64,
+    /// It came through the data plane's capture ring rather than a socket.
+    pub captured: bool,
+}
+
+/// Appends `m` as one JSON line.
+pub fn json(m: &RawMessage<'_, '_>, out: &mut Vec<u8>) {
+    #[derive(Serialize)]
+    struct RawLine<'a> {
+        received_ns: i64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ts_ns: Option<i64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        source: Option<IpAddr>,
+        captured: bool,
+        format: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        facility: Option<u8>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        severity: Option<u8>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        host: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        app: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        procid: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        msgid: Option<&'a str>,
+        msg: &'a str,
+    }
+    let r = m.rec;
+    let line = RawLine {
+        received_ns: m.received_ns,
+        ts_ns: r.timestamp,
+        source: m.source,
+        captured: m.captured,
+        format: r.format.name(),
+        facility: r.facility,
+        severity: r.severity,
+        host: r.hostname.as_deref(),
+        app: r.app_name.as_deref(),
+        procid: r.procid,
+        msgid: r.msgid,
+        msg: &r.message,
+    };
+    // Serialising these types into a Vec cannot fail.
+    if serde_json::to_writer(&mut *out, &line).is_ok() {
+        out.push(b'\n');
+    }
+}
+
+/// Facility `user`, severity `notice`: what RFC 3164 §4.3.3 has relays assume when a
+/// message carries no PRI.
+const DEFAULT_FACILITY: u8 = 1;
+const DEFAULT_SEVERITY: u8 = 5;
+
+/// Header field limits from RFC 5424 §6 (HOSTNAME, APP-NAME, PROCID, MSGID).
+const MAX_HOST: usize = 255;
+const MAX_APP: usize = 48;
+const MAX_PROCID: usize = 128;
+const MAX_MSGID: usize = 32;
+
+/// Encodes RFC 5424 frames; keeps a scratch buffer so steady state allocates nothing.
+#[derive(Default)]
+pub struct Rfc5424Encoder {
+    scratch: Vec<u8>,
+}
+
+impl Rfc5424Encoder {
+    /// Appends `m` as one octet-counted RFC 5424 message. Fields the original lacks get
+    /// defaults (PRI 13, the receive time, the sender's address as HOSTNAME); header
+    /// fields are cut to RFC 5424's lengths and anything outside PRINTUSASCII becomes
+    /// `_`. The sender's address is added as `[origin ip="…"]` unless the message
+    /// already has an `origin` element. MSG is the decoded text without a BOM.
+    pub fn message(&mut self, m: &RawMessage<'_, '_>, out: &mut Vec<u8>) {
+        let r = m.rec;
+        let s = &mut self.scratch;
+        s.clear();
+        let facility = r.facility.filter(|f| *f <= 23).unwrap_or(DEFAULT_FACILITY);
+        let severity = r.severity.filter(|v| *v <= 7).unwrap_or(DEFAULT_SEVERITY);
+        let _ = write!(s, "<{}>1 ", u16::from(facility) * 8 + u16::from(severity));
+        format_rfc3339_micros(r.timestamp.unwrap_or(m.received_ns), s);
+        s.push(b' ');
+        match (r.hostname.as_deref(), m.source) {
+            (Some(h), _) => header_field(h, MAX_HOST, s),
+            (None, Some(ip)) => {
+                let _ = write!(s, "{ip}");
+            }
+            (None, None) => s.push(b'-'),
+        }
+        s.push(b' ');
+        header_field(r.app_name.as_deref().unwrap_or("-"), MAX_APP, s);
+        s.push(b' ');
+        header_field(r.procid.unwrap_or("-"), MAX_PROCID, s);
+        s.push(b' ');
+        header_field(r.msgid.unwrap_or("-"), MAX_MSGID, s);
+        s.push(b' ');
+        let sd = r.structured_data.filter(|sd| *sd != "-");
+        if let Some(sd) = sd {
+            s.extend_from_slice(sd.as_bytes());
+        }
+        let has_origin = sd.is_some_and(|sd| sd.contains("[origin ") || sd.contains("[origin]"));
+        match m.source {
+            Some(ip) if !has_origin => {
+                let _ = write!(s, "[origin ip=\"{ip}\"]");
+            }
+            _ if sd.is_none() => s.push(b'-'),
+            _ => {}
+        }
+        if !r.message.is_empty() {
+            s.push(b' ');
+            s.extend_from_slice(r.message.as_bytes());
+        }
+        let _ = write!(out, "{} ", s.len());
+        out.extend_from_slice(s);
+    }
+
+    /// Appends a window report (its JSON) as one octet-counted RFC 5424 message from
+    /// `host`, APP-NAME `edgeproxy`, MSGID `window`, facility syslog, severity info.
+    pub fn window(&mut self, report_json: &str, now_ns: i64, host: &str, out: &mut Vec<u8>) {
+        let s = &mut self.scratch;
+        s.clear();
+        s.extend_from_slice(b"<46>1 ");
+        format_rfc3339_micros(now_ns, s);
+        s.push(b' ');
+        header_field(host, MAX_HOST, s);
+        let _ = write!(s, " edgeproxy {} window - ", std::process::id());
+        s.extend_from_slice(report_json.as_bytes());
+        let _ = write!(out, "{} ", s.len());
+        out.extend_from_slice(s);
+    }
+}
+
+/// A header field: PRINTUSASCII only (others become `_`), at most `max` characters,
+/// NILVALUE when empty.
+fn header_field(v: &str, max: usize, out: &mut Vec<u8>) {
+    if v.is_empty() {
+        out.push(b'-');
+        return;
+    }
+    for c in v.chars().take(max) {
+        out.push(if c.is_ascii_graphic() { c as u8 } else { b'_' });
+    }
+}
+
+/// This machine's host name for the RFC 5424 HOSTNAME of window reports.
+pub fn local_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "-".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logs::{decode::decode, framing::Frames};
+
+    const RX: i64 = 1_795_514_400_000_000_000; // 2026-11-24T10:00:00Z
+
+    fn encode(line: &[u8], source: Option<IpAddr>) -> Vec<u8> {
+        let rec = decode(line, RX);
+        let mut out = Vec::new();
+        Rfc5424Encoder::default().message(
+            &RawMessage {
+                rec: &rec,
+                source,
+                received_ns: RX,
+                captured: false,
+            },
+            &mut out,
+        );
+        out
+    }
+
+    #[test]
+    fn rfc5424_input_keeps_its_header_and_gains_an_origin() {
+        let ip: IpAddr = "10.200.0.2".parse().unwrap();
+        let out = encode(
+            b"<165>1 2003-10-11T22:14:15.003Z mymachine.example.com evntslog - ID47 [exampleSDID@32473 iut=\"3\"] An application event",
+            Some(ip),
+        );
+        let body = "<165>1 2003-10-11T22:14:15.003000Z mymachine.example.com evntslog - ID47 [exampleSDID@32473 iut=\"3\"][origin ip=\"10.200.0.2\"] An application event";
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("{} {body}", body.len())
+        );
+        // An existing origin element is not duplicated; NILVALUE SD stays NILVALUE
+        // without a source.
+        let out = encode(b"<13>1 - h a - - [origin ip=\"192.0.2.1\"] x", Some(ip));
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .ends_with(" h a - - [origin ip=\"192.0.2.1\"] x")
+        );
+        let out = encode(b"<13>1 - h a - - - x", None);
+        let body = "<13>1 2026-11-24T10:00:00.000000Z h a - - - x";
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("{} {body}", body.len())
+        );
+    }
+
+    #[test]
+    fn bsd_and_plain_input_get_defaults_and_clean_header_fields() {
+        // RFC 3164 with a tag and pid: facility/severity kept, year-less time resolved.
+        let out = encode(
+            b"<34>Oct 11 22:14:15 mymachine su[42]: 'su root' failed",
+            None,
+        );
+        let s = String::from_utf8(out).unwrap();
+        let body = s.split_once(' ').unwrap().1;
+        assert_eq!(
+            body,
+            "<34>1 2026-10-11T22:14:15.000000Z mymachine su 42 - - 'su root' failed"
+        );
+        // Plain text: PRI 13, received time, the source as HOSTNAME.
+        let out = encode(b"just text", Some("fd00:200::2".parse::<IpAddr>().unwrap()));
+        let s = String::from_utf8(out).unwrap();
+        assert_eq!(
+            s.split_once(' ').unwrap().1,
+            "<13>1 2026-11-24T10:00:00.000000Z fd00:200::2 - - - [origin ip=\"fd00:200::2\"] just text"
+        );
+        // JSON input whose app has spaces and non-ASCII, longer than APP-NAME allows.
+        let app = format!("my app é{}", "x".repeat(60));
+        let line = format!("{{\"app\":\"{app}\",\"msg\":\"m\"}}");
+        let s = String::from_utf8(encode(line.as_bytes(), None)).unwrap();
+        let fields: Vec<&str> = s.split(' ').collect();
+        assert_eq!(fields[4].len(), MAX_APP, "{s}");
+        assert!(fields[4].starts_with("my_app__xx"), "{s}");
+    }
+
+    #[test]
+    fn frames_round_trip_through_our_own_receive_path() {
+        // Many messages, some with newlines inside: split back by octet counting and
+        // decoded to the same fields.
+        let inputs: Vec<String> = (0..200)
+            .map(|i| match i % 3 {
+                0 => format!(
+                    "<{}>1 2026-11-24T09:00:00Z host{i} app{i} {i} M{i} - line {i}\nsecond line",
+                    i % 192
+                ),
+                1 => format!("<{}>Nov 24 09:00:00 host{i} app{i}[{i}]: bsd {i}", i % 192),
+                _ => format!(
+                    "{{\"host\":\"h{i}\",\"app\":\"a{i}\",\"level\":\"warn\",\"msg\":\"json {i}\"}}"
+                ),
+            })
+            .collect();
+        let mut enc = Rfc5424Encoder::default();
+        let mut out = Vec::new();
+        let recs: Vec<LogRecord<'_>> = inputs.iter().map(|l| decode(l.as_bytes(), RX)).collect();
+        for rec in &recs {
+            enc.message(
+                &RawMessage {
+                    rec,
+                    source: None,
+                    received_ns: RX,
+                    captured: false,
+                },
+                &mut out,
+            );
+        }
+        let back: Vec<LogRecord<'_>> = Frames::new(&out, usize::MAX)
+            .map(|f| {
+                assert_eq!(f.truncated, 0);
+                decode(f.bytes, RX)
+            })
+            .collect();
+        assert_eq!(back.len(), recs.len());
+        for (a, b) in recs.iter().zip(&back) {
+            assert_eq!(b.format, super::super::decode::Format::Rfc5424);
+            assert_eq!(
+                (a.facility.unwrap_or(1), a.severity.unwrap_or(5)),
+                (b.facility.unwrap(), b.severity.unwrap())
+            );
+            assert_eq!(a.timestamp.or(Some(RX)), b.timestamp);
+            assert_eq!(a.hostname, b.hostname);
+            assert_eq!(a.app_name, b.app_name);
+            assert_eq!(a.procid, b.procid);
+            assert_eq!(a.msgid, b.msgid);
+            assert_eq!(a.message, b.message);
+        }
+    }
+
+    #[test]
+    fn window_reports_are_framed_messages() {
+        let mut out = Vec::new();
+        Rfc5424Encoder::default().window("{\"total\":3}", RX, "edge 1", &mut out);
+        let s = String::from_utf8(out).unwrap();
+        let (len, body) = s.split_once(' ').unwrap();
+        assert_eq!(len.parse::<usize>().unwrap(), body.len());
+        assert_eq!(
+            body,
+            format!(
+                "<46>1 2026-11-24T10:00:00.000000Z edge_1 edgeproxy {} window - {{\"total\":3}}",
+                std::process::id()
+            )
+        );
+        let back = decode(body.as_bytes(), RX);
+        assert_eq!(back.message, "{\"total\":3}");
+        assert_eq!(back.msgid, Some("window"));
+    }
+}
