@@ -65,10 +65,14 @@ impl Netns {
     /// `ip netns exec`, only the network namespace changes: `ip netns exec` also makes a
     /// new mount namespace with a fresh /sys, which hides bpffs at /sys/fs/bpf.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        self.wrap(Command::new(program))
+    }
+
+    /// `cmd`, made to start inside this network namespace (see [`Netns::command`]).
+    pub fn wrap(&self, mut cmd: Command) -> Command {
         use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
         let path = format!("/run/netns/{}", self.name);
         let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        let mut cmd = Command::new(program);
         // SAFETY: the closure runs in the forked child before exec and only calls setns(2),
         // which is async-signal-safe; `file` is moved in and outlives the call.
         unsafe {

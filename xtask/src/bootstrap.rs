@@ -264,3 +264,85 @@ pub fn ensure_apt(wanted: &[(&str, &str)]) -> anyhow::Result<bool> {
     }
     Ok(true)
 }
+
+/// rsyslog and syslog-ng, the log benchmark's peers, with the libraries they need that a
+/// minimal Debian lacks. As packages they conflict (both provide `system-log-daemon`), so
+/// they are unpacked side by side into `prefix` rather than installed: the machine's own
+/// logger, if any, is left alone.
+pub const PEER_PACKAGES: &[&str] = &[
+    "rsyslog",
+    "syslog-ng-core",
+    "libestr0",
+    "libfastjson4",
+    "libivykis0",
+    "libpcre3",
+    "libnet1",
+    "libwrap0",
+];
+
+/// Downloads and unpacks [`PEER_PACKAGES`] into `prefix` unless a previous run did.
+pub fn ensure_peers(prefix: &Path) -> anyhow::Result<bool> {
+    let stamp = prefix.join(".unpacked");
+    let want = PEER_PACKAGES.join("\n");
+    if fs::read_to_string(&stamp).is_ok_and(|s| s == want) {
+        return Ok(false);
+    }
+    require_root()?;
+    for tool in ["apt-get", "dpkg-deb"] {
+        if which(tool).is_none() {
+            bail!("{tool} is not on PATH: the log benchmark's peers come from Debian packages");
+        }
+    }
+    let debs = prefix.join(".debs");
+    let _ = fs::remove_dir_all(&debs);
+    fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
+    let download = |update: bool| -> anyhow::Result<()> {
+        if update {
+            Cmd::new("apt-get", ["update", "-q"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .say("apt-get update (to download the benchmark's peers)")
+                .run()
+                .context("apt-get update failed: are the Debian mirrors reachable?")?;
+        }
+        let mut args = vec!["download", "-q"];
+        args.extend(PEER_PACKAGES);
+        Cmd::new("apt-get", args)
+            .dir(&debs)
+            .say(format!(
+                "download {} (unpacked into {}, not installed)",
+                PEER_PACKAGES.join(", "),
+                prefix.display()
+            ))
+            .run()
+    };
+    // Without package lists (a fresh machine) the download fails; update once and retry.
+    if download(false).is_err() {
+        download(true).context("could not download the benchmark's peers")?;
+    }
+    let mut files: Vec<PathBuf> = fs::read_dir(&debs)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+        .collect();
+    files.sort();
+    if files.len() != PEER_PACKAGES.len() {
+        bail!(
+            "apt-get download gave {} packages for {} asked ({})",
+            files.len(),
+            PEER_PACKAGES.len(),
+            debs.display()
+        );
+    }
+    for deb in &files {
+        Cmd::new("dpkg-deb", ["-x"])
+            .arg(deb)
+            .arg(prefix)
+            .say(format!(
+                "unpack {}",
+                deb.file_name().unwrap_or_default().to_string_lossy()
+            ))
+            .run()?;
+    }
+    fs::remove_dir_all(&debs).ok();
+    fs::write(&stamp, want).with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(true)
+}

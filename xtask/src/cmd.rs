@@ -36,6 +36,11 @@ impl Cmd {
         self
     }
 
+    pub fn dir(mut self, d: impl AsRef<Path>) -> Self {
+        self.cmd.current_dir(d);
+        self
+    }
+
     pub fn arg(mut self, a: impl AsRef<OsStr>) -> Self {
         self.cmd.arg(a);
         self

@@ -57,7 +57,13 @@ pub fn run(driver: Driver, args: &[String]) -> anyhow::Result<()> {
     ))
     .run()?;
     let bin = crate::root().join("target/release").join(driver.bin());
+    let peers = crate::root().join("target/peers");
+    let wants_peers = args.is_empty() || args.iter().any(|a| a == "logs");
+    if matches!(driver, Driver::Bench) && wants_peers {
+        bootstrap::ensure_peers(&peers)?;
+    }
     Cmd::new(bin, args)
+        .env("EDGEPROXY_PEERS", &peers)
         .say(format!("run the {}", driver.bin()))
         .run()
 }

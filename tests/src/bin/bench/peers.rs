@@ -1,0 +1,383 @@
+//! edgeproxy against rsyslog (imudp) and syslog-ng (udp `syslog()` source), each a
+//! receiver on one core writing every message to a file, fed the same traffic by the same
+//! generator in the same run.
+//!
+//! Both peers are Debian packages that conflict with each other (each provides
+//! `system-log-daemon`), so `cargo xtask bench` unpacks them and their libraries side by
+//! side into a private prefix (`EDGEPROXY_PEERS`, default `target/peers`) instead of
+//! installing them: the machine's own logger is left alone.
+use std::{
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use edgeproxy_testbed::{netns::VethPair, scratch::ScratchDir};
+
+use super::logs::flood;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Receiver {
+    Edgeproxy,
+    Rsyslog,
+    SyslogNg,
+}
+
+impl Receiver {
+    const ALL: [Receiver; 3] = [Receiver::Edgeproxy, Receiver::Rsyslog, Receiver::SyslogNg];
+
+    fn name(self) -> &'static str {
+        match self {
+            Receiver::Edgeproxy => "edgeproxy",
+            Receiver::Rsyslog => "rsyslog",
+            Receiver::SyslogNg => "syslog-ng",
+        }
+    }
+}
+
+/// Where the unpacked peers live, and how to run them from there.
+struct Peers {
+    root: PathBuf,
+}
+
+impl Peers {
+    fn locate() -> anyhow::Result<Self> {
+        let root = std::env::var_os("EDGEPROXY_PEERS").map_or_else(
+            || {
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../target/peers")
+                    .to_path_buf()
+            },
+            PathBuf::from,
+        );
+        if !root.join("usr/sbin/rsyslogd").exists() || !root.join("usr/sbin/syslog-ng").exists() {
+            bail!(
+                "rsyslog and syslog-ng are not unpacked under {}: run `cargo xtask bench logs`, which unpacks them",
+                root.display()
+            );
+        }
+        Ok(Self { root })
+    }
+
+    fn ld_library_path(&self) -> std::ffi::OsString {
+        std::env::join_paths(
+            [
+                "usr/lib/syslog-ng",
+                "usr/lib/x86_64-linux-gnu",
+                "lib/x86_64-linux-gnu",
+            ]
+            .iter()
+            .map(|d| self.root.join(d)),
+        )
+        .unwrap_or_default()
+    }
+
+    fn command(&self, r: Receiver) -> Command {
+        let bin = match r {
+            Receiver::Rsyslog => self.root.join("usr/sbin/rsyslogd"),
+            _ => self.root.join("usr/sbin/syslog-ng"),
+        };
+        let mut c = Command::new(bin);
+        c.env("LD_LIBRARY_PATH", self.ld_library_path());
+        c
+    }
+
+    fn rsyslog_modules(&self) -> PathBuf {
+        self.root.join("usr/lib/x86_64-linux-gnu/rsyslog")
+    }
+
+    fn syslog_ng_modules(&self) -> PathBuf {
+        self.root.join("usr/lib/syslog-ng/3.38")
+    }
+
+    /// The version line of each peer; a binary that does not run is an error here, not
+    /// a silent zero in the table.
+    fn versions(&self) -> anyhow::Result<(String, String)> {
+        let first_line = |mut c: Command, what: &str| -> anyhow::Result<String> {
+            let out = c.output().with_context(|| format!("running {what}"))?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            if !out.status.success() {
+                bail!("{what} failed ({}): {text}", out.status);
+            }
+            text.lines()
+                .next()
+                .map(|l| l.trim_end_matches("compiled with:").trim().to_owned())
+                .with_context(|| format!("{what} printed no version"))
+        };
+        let mut rs = self.command(Receiver::Rsyslog);
+        rs.arg("-v");
+        let mut sng = self.command(Receiver::SyslogNg);
+        sng.arg("--module-path")
+            .arg(self.syslog_ng_modules())
+            .arg("--version");
+        Ok((
+            first_line(rs, "rsyslogd -v")?,
+            first_line(sng, "syslog-ng --version")?,
+        ))
+    }
+}
+
+struct Point {
+    sent: u64,
+    written: u64,
+    cpu_s: f64,
+}
+
+pub fn logs_peers() -> anyhow::Result<()> {
+    const SECONDS: f64 = 3.0;
+    let peers = Peers::locate()?;
+    let (rs, sng) = peers.versions()?;
+    println!(
+        "bench logs (peers): each receiver on CPU 0 writing every message to a file, generator on CPU 1, {SECONDS} s per point"
+    );
+    println!("  rsyslog: {rs} (imudp, omfile, default template)");
+    println!("  syslog-ng: {sng} (syslog() udp source, file destination)");
+    println!("  edgeproxy: io_uring, 1 worker, raw messages as JSON lines to a file sink");
+    println!(
+        "{:<10} {:>10} {:>10} {:>10} {:>8} {:>12} {:>14}",
+        "receiver", "offered/s", "sent", "written", "loss", "written/s", "lines/CPU-s"
+    );
+    // (receiver, written/s, lines per CPU-s, lost lines) at the flat-out point.
+    let mut at_max: Vec<(Receiver, f64, f64, u64)> = Vec::new();
+    for rate in [100_000u64, 250_000, 0] {
+        for r in Receiver::ALL {
+            let p = point(&peers, r, rate, SECONDS)
+                .with_context(|| format!("{} at {rate}/s", r.name()))?;
+            let per_cpu = p.written as f64 / p.cpu_s.max(1e-9);
+            let per_s = p.written as f64 / SECONDS;
+            println!(
+                "{:<10} {:>10} {:>10} {:>10} {:>7.2}% {:>12.0} {:>14.0}",
+                r.name(),
+                if rate == 0 {
+                    "max".to_owned()
+                } else {
+                    rate.to_string()
+                },
+                p.sent,
+                p.written,
+                100.0 * p.sent.saturating_sub(p.written) as f64 / p.sent.max(1) as f64,
+                per_s,
+                per_cpu
+            );
+            anyhow::ensure!(
+                p.written <= p.sent,
+                "{} wrote {} lines for {} sent: the output holds something else",
+                r.name(),
+                p.written,
+                p.sent
+            );
+            if rate == 0 {
+                at_max.push((r, per_s, per_cpu, p.sent - p.written));
+            }
+        }
+    }
+    let ours = at_max
+        .iter()
+        .find(|(r, ..)| *r == Receiver::Edgeproxy)
+        .context("no edgeproxy point")?;
+    let best_rate = at_max
+        .iter()
+        .filter(|(r, ..)| *r != Receiver::Edgeproxy)
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .context("no peer point")?;
+    let best_cpu = at_max
+        .iter()
+        .filter(|(r, ..)| *r != Receiver::Edgeproxy)
+        .max_by(|a, b| a.2.total_cmp(&b.2))
+        .context("no peer point")?;
+    println!(
+        "flat out: edgeproxy writes {:.2}x the lines/s of the best peer ({}) and {:.2}x the lines per CPU-second of the best peer ({})",
+        ours.1 / best_rate.1.max(1e-9),
+        best_rate.0.name(),
+        ours.2 / best_cpu.2.max(1e-9),
+        best_cpu.0.name()
+    );
+    if ours.3 == 0 {
+        println!(
+            "(edgeproxy lost nothing flat out: its written/s is the generator's limit, not its own; lines per CPU-second is the capacity comparison)"
+        );
+    }
+    println!(
+        "(written = lines in the receiver's output file after a clean stop; loss = sent - written; CPU = the receiver process's user+system time from /proc, softirq receive work excluded for all alike)\n"
+    );
+    Ok(())
+}
+
+/// One receiver at one offered rate, on a fresh veth pair.
+fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<Point> {
+    const PORT: u16 = 5560;
+    let pair = VethPair::create()?;
+    let dir = ScratchDir::new()?;
+    let out = dir.path().join("out.log");
+    let addr = pair.a_v4;
+    let mut cmd = match r {
+        Receiver::Edgeproxy => {
+            let cfg = dir.file(
+                "edgeproxy.toml",
+                &format!(
+                    "[engine]\nkind = \"io_uring\"\ndata_cpus = [0]\n\
+                     [[listener]]\naddress = \"{addr}:{PORT}\"\nrcvbuf = 8388608\n\
+                     [window]\nseconds = 1\n\
+                     [[sink]]\nkind = \"file\"\npath = \"{}\"\nwhat = \"raw\"\nfsync = \"never\"\n",
+                    out.display()
+                ),
+            );
+            let mut c = pair.a.command(edgeproxy_testbed::edgeproxy_bin()?);
+            c.args(["logs", "--duration", "300", "--config"]).arg(cfg);
+            c
+        }
+        Receiver::Rsyslog => {
+            let cfg = dir.file(
+                "rsyslog.conf",
+                &format!(
+                    "global(workDirectory=\"{}\")\n\
+                     module(load=\"imudp\")\n\
+                     input(type=\"imudp\" address=\"{addr}\" port=\"{PORT}\" rcvbufSize=\"8m\")\n\
+                     *.* action(type=\"omfile\" file=\"{}\")\n",
+                    dir.path().display(),
+                    out.display()
+                ),
+            );
+            let mut c = peers.command(r);
+            c.arg("-n")
+                .arg("-f")
+                .arg(cfg)
+                .arg("-i")
+                .arg(dir.path().join("rsyslogd.pid"))
+                .arg("-M")
+                .arg(peers.rsyslog_modules());
+            // `command` builds a plain Command; enter the namespace the same way the
+            // harness does for its own.
+            pair.a.wrap(c)
+        }
+        Receiver::SyslogNg => {
+            let cfg = dir.file(
+                "syslog-ng.conf",
+                &format!(
+                    "@version: 3.38\n\
+                     options {{ threaded(yes); use_dns(no); use_fqdn(no); keep_hostname(yes); stats_freq(0); }};\n\
+                     source s {{ syslog(ip(\"{addr}\") port({PORT}) transport(\"udp\") so_rcvbuf(8388608)); }};\n\
+                     destination d {{ file(\"{}\"); }};\n\
+                     log {{ source(s); destination(d); }};\n",
+                    out.display()
+                ),
+            );
+            let mut c = peers.command(r);
+            c.arg("--foreground")
+                .arg("--no-caps")
+                .arg("--module-path")
+                .arg(peers.syslog_ng_modules())
+                .arg("--cfgfile")
+                .arg(cfg)
+                .arg("--pidfile")
+                .arg(dir.path().join("syslog-ng.pid"))
+                .arg("--control")
+                .arg(dir.path().join("syslog-ng.ctl"))
+                .arg("--persist-file")
+                .arg(dir.path().join("syslog-ng.persist"));
+            pair.a.wrap(c)
+        }
+    };
+    // SAFETY: runs in the forked child before exec and only calls sched_setaffinity(2),
+    // which is async-signal-safe; every thread the receiver starts inherits CPU 0.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set = nix::sched::CpuSet::new();
+            set.set(0).map_err(std::io::Error::from)?;
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let log = std::fs::File::create(dir.path().join("receiver.log"))?;
+    let mut child = edgeproxy_testbed::Reaped(Some(
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", r.name()))?,
+    ));
+    let pid = child.pid();
+    wait_bound(&pair, PORT, &dir, Duration::from_secs(10))?;
+    let sent = flood(&pair, PORT, rate, seconds)?;
+    settle(&out, Duration::from_millis(1500), Duration::from_secs(30));
+    let cpu_s = process_cpu_s(pid.as_raw())?;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    let status = child.take().wait()?;
+    if !status.success() && r == Receiver::Edgeproxy {
+        bail!(
+            "edgeproxy exited with {status}: {}",
+            std::fs::read_to_string(dir.path().join("receiver.log")).unwrap_or_default()
+        );
+    }
+    let written = std::fs::read(&out)
+        .map(|b| b.iter().filter(|&&c| c == b'\n').count() as u64)
+        .with_context(|| {
+            format!(
+                "{} wrote no output file; its log: {}",
+                r.name(),
+                std::fs::read_to_string(dir.path().join("receiver.log")).unwrap_or_default()
+            )
+        })?;
+    Ok(Point {
+        sent,
+        written,
+        cpu_s,
+    })
+}
+
+/// Waits until a UDP socket in `pair.a` is bound to `port` (read from the namespace's own
+/// /proc/net/udp), so no datagram is sent before the receiver can take it.
+fn wait_bound(pair: &VethPair, port: u16, dir: &ScratchDir, limit: Duration) -> anyhow::Result<()> {
+    let needle = format!(":{port:04X} ");
+    let start = Instant::now();
+    loop {
+        let bound = pair.a.run(|| {
+            std::fs::read_to_string("/proc/thread-self/net/udp")
+                .map(|t| t.lines().skip(1).any(|l| l.contains(&needle)))
+                .unwrap_or(false)
+        });
+        if bound {
+            // Sockets are bound before every receiver's input thread runs its loop.
+            std::thread::sleep(Duration::from_millis(300));
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            bail!(
+                "the receiver never bound UDP port {port}; its log: {}",
+                std::fs::read_to_string(dir.path().join("receiver.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until `path` has not grown for `quiet` (the receiver caught up), at most `limit`.
+fn settle(path: &Path, quiet: Duration, limit: Duration) {
+    let start = Instant::now();
+    let mut last = (0u64, Instant::now());
+    while start.elapsed() < limit {
+        let len = std::fs::metadata(path).map_or(0, |m| m.len());
+        if len != last.0 {
+            last = (len, Instant::now());
+        } else if last.1.elapsed() >= quiet {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// User + system CPU seconds of a whole process (all its threads), from /proc.
+fn process_cpu_s(pid: i32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).context("utime")?;
+    let sticks: u64 = f.get(12).and_then(|v| v.parse().ok()).context("stime")?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok((ticks + sticks) as f64 / hz)
+}
