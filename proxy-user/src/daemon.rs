@@ -1,6 +1,8 @@
 //! `edgeproxy run`: load, attach, drain the packet records and the eBPF log until told
 //! to stop, then report. The drain runs on its own thread (poll on both ring fds); the
-//! caller's async context only waits for the stop condition.
+//! caller's async context only waits for the stop condition. With the log pipeline in
+//! the same process, its pinned workers drain the record rings instead (captured
+//! datagrams go straight into its windows) and the drain thread keeps the eBPF log.
 use std::{
     os::fd::AsFd,
     sync::{
@@ -37,12 +39,23 @@ pub struct RunOptions {
     pub store_dir: Option<PathBuf>,
 }
 
+/// The log pipeline to run beside the data plane: its configuration and the stop flag
+/// its control thread sets.
+pub struct LogPipeline {
+    pub shared: Arc<crate::logs::pipeline::SharedConfig>,
+    pub stop: Arc<AtomicBool>,
+}
+
 /// How long the drain thread sleeps in poll(): the data plane only wakes it once a batch
 /// of records is waiting, so this bounds how long a lone record waits.
 const DRAIN_POLL_MS: u16 = proxy_common::RECORDS_POLL_MS;
 
 /// Runs until `stop` resolves. Detaches (by dropping the data plane) before returning.
-pub async fn run(opts: RunOptions, stop: impl Future<Output = ()>) -> anyhow::Result<RunSummary> {
+pub async fn run(
+    opts: RunOptions,
+    stop: impl Future<Output = ()>,
+    logs: Option<LogPipeline>,
+) -> anyhow::Result<RunSummary> {
     let mut dp = Dataplane::load(opts.load.clone()).context("loading the XDP data plane")?;
     if let Some((policy, text)) = &opts.policy {
         let mut loader = PolicyLoader::new(dp.take_policy_maps()?, opts.store_dir.clone());
@@ -68,6 +81,22 @@ pub async fn run(opts: RunOptions, stop: impl Future<Output = ()>) -> anyhow::Re
     let stats_before = dp.program_stats()?;
     let started = Instant::now();
 
+    let (records, pipeline) = match logs {
+        Some(LogPipeline { shared, stop }) => {
+            let h = thread::Builder::new()
+                .name("ep-logs".into())
+                .spawn(move || {
+                    crate::logs::pipeline::run_with_sinks(
+                        &shared,
+                        crate::logs::pipeline::CaptureSource::Rings(records),
+                        stop,
+                    )
+                })
+                .context("spawning the log pipeline")?;
+            (None, Some(h))
+        }
+        None => (Some(records), None),
+    };
     let stopping = Arc::new(AtomicBool::new(false));
     let drain = {
         let stopping = Arc::clone(&stopping);
@@ -81,6 +110,9 @@ pub async fn run(opts: RunOptions, stop: impl Future<Output = ()>) -> anyhow::Re
     tokio::pin!(stop);
     let mut ticker = opts.progress_every.map(tokio::time::interval);
     let mut last = counters.snapshot()?;
+    // A pipeline that ends on its own (it failed to start, e.g. a listener address in
+    // use) ends the run with its error rather than leaving a half daemon.
+    let mut check = tokio::time::interval(Duration::from_millis(200));
     loop {
         let tick = async {
             match ticker.as_mut() {
@@ -92,6 +124,7 @@ pub async fn run(opts: RunOptions, stop: impl Future<Output = ()>) -> anyhow::Re
         };
         tokio::select! {
             () = &mut stop => break,
+            _ = check.tick(), if pipeline.as_ref().is_some_and(|h| h.is_finished()) => break,
             () = tick => {
                 let now = counters.snapshot()?;
                 let d = now.since(&last);
@@ -107,9 +140,18 @@ pub async fn run(opts: RunOptions, stop: impl Future<Output = ()>) -> anyhow::Re
     }
 
     stopping.store(true, Ordering::Release);
-    let records = drain
+    let mut records = drain
         .join()
         .map_err(|_| anyhow::anyhow!("the drain thread panicked"))??;
+    if let Some(h) = pipeline {
+        let counts = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("the log pipeline panicked"))?
+            .context("the log pipeline")?;
+        // The pipeline's workers read the rings: its counts are the record tally.
+        records.captures = counts.captured;
+        records.samples = counts.samples_skipped;
+    }
     let xdp_cost = match stats_fd {
         Some(_fd) => Some(dp.program_stats()?.since(&stats_before)),
         None => None,
@@ -126,7 +168,7 @@ pub async fn run(opts: RunOptions, stop: impl Future<Output = ()>) -> anyhow::Re
 }
 
 fn drain_loop(
-    mut records: Records,
+    mut records: Option<Records>,
     mut logger: EbpfLogDrain,
     stopping: &AtomicBool,
 ) -> anyhow::Result<RecordTally> {
@@ -137,7 +179,9 @@ fn drain_loop(
         let stop = stopping.load(Ordering::Acquire);
         {
             let mut fds: Vec<PollFd<'_>> = records
-                .fds()
+                .as_ref()
+                .map(Records::fds)
+                .unwrap_or_default()
                 .into_iter()
                 .chain(std::iter::once(logger.as_fd()))
                 .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
@@ -152,7 +196,9 @@ fn drain_loop(
                 Err(e) => return Err(e).context("poll on the ring buffers"),
             }
         }
-        records.drain(&mut tally, |_| {});
+        if let Some(r) = records.as_mut() {
+            r.drain(&mut tally, |_| {});
+        }
         logger.flush();
         if stop {
             return Ok(tally);

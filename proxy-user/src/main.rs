@@ -106,6 +106,17 @@ enum Command {
         /// (BPF_ENABLE_STATS; switched off again when edgeproxy exits).
         #[arg(long)]
         bpf_stats: bool,
+        /// Also run the log pipeline in this process (listeners, windows, sinks from
+        /// --config or the embedded defaults); its workers drain the data plane's record
+        /// rings, so captured datagrams enter it directly.
+        #[arg(long)]
+        logs: bool,
+        /// Log pipeline configuration file (implies --logs; reloaded on SIGHUP or change).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Log listener address (repeatable; implies --logs; replaces the configured ones).
+        #[arg(long)]
+        listen: Vec<std::net::SocketAddr>,
     },
     /// Receive, decode and aggregate UDP syslog on pinned workers; one JSON line per
     /// window on stdout, then a summary with exact accounting.
@@ -273,8 +284,21 @@ fn real_main() -> anyhow::Result<()> {
             progress,
             json,
             bpf_stats,
+            logs,
+            config,
+            listen,
         } => {
             let duration = duration.map(|d| seconds("duration", d)).transpose()?;
+            let logs = (logs || config.is_some() || !listen.is_empty()).then_some(LogSetup {
+                config,
+                overrides: LogOverrides {
+                    listen,
+                    engine: None,
+                    workers: None,
+                    window: None,
+                    capture_from: None,
+                },
+            });
             let progress = seconds("progress", progress)?;
             let policy = policy
                 .map(|p| cli::policy::read_policy(&p, &limits.get()?))
@@ -293,7 +317,7 @@ fn real_main() -> anyhow::Result<()> {
                 store_dir: (!ephemeral).then(|| paths.store_dir.clone()),
                 iface,
             };
-            run(opts, duration, json, ephemeral, &paths.pin_dir)
+            run(opts, logs, duration, json, ephemeral, &paths.pin_dir)
         }
         Command::Policy { command } => match command {
             PolicyCommand::Load {
@@ -434,6 +458,13 @@ fn load_log_config(
     Ok((cfg, base.sinks))
 }
 
+/// The log pipeline's configuration source: a file (or the embedded defaults) and the
+/// command-line settings that override it, re-applied on every reload.
+struct LogSetup {
+    config: Option<PathBuf>,
+    overrides: LogOverrides,
+}
+
 /// `edgeproxy logs`: the pipeline on the main thread's merger, a control thread for
 /// signals: SIGINT/SIGTERM/--duration stop, SIGHUP reloads the configuration file.
 fn logs_command(
@@ -441,11 +472,27 @@ fn logs_command(
     overrides: LogOverrides,
     duration: Option<Duration>,
 ) -> anyhow::Result<()> {
-    use proxy_user::logs::pipeline::{SharedConfig, run_with_sinks};
+    use proxy_user::logs::pipeline::{CaptureSource, run_with_sinks};
+    let (shared, stop) = start_log_control(LogSetup { config, overrides }, duration)?;
+    run_with_sinks(&shared, CaptureSource::None, stop).map(|_| ())
+}
+
+/// Loads the log configuration and starts its control thread (tokio): SIGINT, SIGTERM
+/// or `duration` set the returned stop flag; SIGHUP or a change of the file reload it
+/// (a bad file is logged and the running configuration stays).
+fn start_log_control(
+    setup: LogSetup,
+    duration: Option<Duration>,
+) -> anyhow::Result<(
+    std::sync::Arc<proxy_user::logs::pipeline::SharedConfig>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+)> {
+    use proxy_user::logs::pipeline::SharedConfig;
     use std::sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     };
+    let LogSetup { config, overrides } = setup;
     let (cfg, sinks) = load_log_config(config.as_deref(), &overrides)?;
     let shared = SharedConfig::new(cfg, sinks);
     let stop = Arc::new(AtomicBool::new(false));
@@ -502,7 +549,7 @@ fn logs_command(
         });
         control_stop.store(true, Ordering::Release);
     })?;
-    run_with_sinks(&shared, stop)
+    Ok((shared, stop))
 }
 
 /// Watches a configuration file (through its directory: editors replace files by
@@ -606,19 +653,39 @@ async fn stop_signal(duration: Option<Duration>) {
 
 fn run(
     opts: RunOptions,
+    logs: Option<LogSetup>,
     duration: Option<Duration>,
     json: bool,
     ephemeral: bool,
     pin_dir: &Path,
 ) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
     let iface = opts.iface.clone();
+    // With the log pipeline, its control thread owns the signals (stop and reload) and
+    // the data plane follows its stop flag.
+    let pipeline = logs
+        .map(|setup| {
+            start_log_control(setup, duration)
+                .map(|(shared, stop)| daemon::LogPipeline { shared, stop })
+        })
+        .transpose()?;
+    let stop_flag = pipeline.as_ref().map(|p| std::sync::Arc::clone(&p.stop));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the control runtime")?;
     let summary = rt.block_on(async move {
-        let stop = stop_signal(duration);
-        daemon::run(opts, stop).await
+        match stop_flag {
+            Some(flag) => {
+                let stop = async move {
+                    while !flag.load(Ordering::Acquire) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                };
+                daemon::run(opts, stop, pipeline).await
+            }
+            None => daemon::run(opts, stop_signal(duration), None).await,
+        }
     })?;
     if !ephemeral {
         tracing::info!(

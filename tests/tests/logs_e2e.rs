@@ -586,37 +586,79 @@ fn captured_and_socket_datagrams_enter_the_same_pipeline() {
     if !require_root("captured_and_socket_datagrams_enter_the_same_pipeline") {
         return;
     }
+    both_ingest_paths(false);
+}
+
+/// The same with one daemon: `edgeproxy run --config` attaches the data plane and runs
+/// the log pipeline, whose workers drain the rings of the data plane it just loaded.
+#[test]
+fn run_with_logs_is_one_daemon_for_both_ingest_paths() {
+    if !require_root("run_with_logs_is_one_daemon_for_both_ingest_paths") {
+        return;
+    }
+    both_ingest_paths(true);
+}
+
+fn both_ingest_paths(one_daemon: bool) {
     use edgeproxy_testbed::{policy_util, scratch::PinRoot};
     use proxy_user::dataplane::{Dataplane, HookChoice, LoadOptions};
     const CAP: u16 = 5600;
     const SOCK: u16 = 5601;
     let pair = VethPair::create().expect("veth pair");
     let root = PinRoot::new().expect("pin root");
+    let dir = ScratchDir::new().expect("scratch");
     let pin_dir = root.path().join(pair.a_if);
-    let _dp = pair.a.run(|| {
-        let mut dp = Dataplane::load(LoadOptions { pin_dir: Some(pin_dir.clone()), ..LoadOptions::default() }).expect("load");
-        policy_util::load(
-            &mut policy_util::loader(&mut dp),
-            &format!("[[rule]]\nproto = \"udp\"\ndst_port = {CAP}\naction = \"capture\"\nthen = \"drop\"\n"),
+    let policy = format!(
+        "[[rule]]\nproto = \"udp\"\ndst_port = {CAP}\naction = \"capture\"\nthen = \"drop\"\n"
+    );
+    let mut _dp = None;
+    let mut cmd = pair.a.command(edgeproxy_bin().expect("binary"));
+    if one_daemon {
+        let policy_file = dir.file("policy.toml", &policy);
+        let cfg = dir.file(
+            "edgeproxy.toml",
+            &format!(
+                "[[listener]]\naddress = \"{}:{SOCK}\"\n[window]\nseconds = 0.3\n",
+                pair.a_v4
+            ),
         );
-        dp.attach(pair.a_if, HookChoice::Native).expect("attach");
-        dp
-    });
+        cmd.args([
+            "run",
+            "--iface",
+            pair.a_if,
+            "--ephemeral",
+            "--duration",
+            "60",
+        ])
+        .arg("--policy")
+        .arg(policy_file)
+        .arg("--config")
+        .arg(cfg);
+    } else {
+        _dp = Some(pair.a.run(|| {
+            let mut dp = Dataplane::load(LoadOptions {
+                pin_dir: Some(pin_dir.clone()),
+                ..LoadOptions::default()
+            })
+            .expect("load");
+            policy_util::load(&mut policy_util::loader(&mut dp), &policy);
+            dp.attach(pair.a_if, HookChoice::Native).expect("attach");
+            dp
+        }));
+        cmd.args([
+            "logs",
+            "--window",
+            "0.3",
+            "--duration",
+            "60",
+            "--capture-from",
+        ])
+        .arg(&pin_dir)
+        .arg("--listen")
+        .arg(format!("{}:{SOCK}", pair.a_v4));
+    }
     let mut child = Reaped(Some(
-        pair.a
-            .command(edgeproxy_bin().expect("binary"))
-            .args([
-                "logs",
-                "--window",
-                "0.3",
-                "--duration",
-                "60",
-                "--capture-from",
-            ])
-            .arg(&pin_dir)
-            .arg("--listen")
-            .arg(format!("{}:{SOCK}", pair.a_v4))
-            .stdout(Stdio::piped())
+        cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn"),
@@ -653,7 +695,11 @@ fn captured_and_socket_datagrams_enter_the_same_pipeline() {
     assert!(c.wait().expect("wait").success());
     let mut by_app: HashMap<String, u64> = HashMap::new();
     let mut summary = None;
+    // `run` prints its own report after the pipeline's summary line.
     for line in out.lines() {
+        if summary.is_some() {
+            break;
+        }
         let v: serde_json::Value = serde_json::from_str(line).expect("JSON");
         if v.get("summary").is_some() {
             summary = Some(v);
@@ -672,6 +718,14 @@ fn captured_and_socket_datagrams_enter_the_same_pipeline() {
     assert_eq!(by_app.get("sock"), Some(&1000));
     for w in s["workers"].as_array().expect("workers") {
         assert_eq!(w["errors"], 0, "{w}");
+    }
+    if one_daemon {
+        // The data plane's report follows, its record tally taken from the pipeline.
+        let report = out.split_once("\"summary\"").map_or("", |(_, r)| r);
+        assert!(
+            report.contains("records pushed 1000 / drained 1000 /"),
+            "the run report: {report}"
+        );
     }
 }
 

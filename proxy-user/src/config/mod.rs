@@ -21,6 +21,7 @@ pub const DEFAULTS: &str = r#"# edgeproxy defaults (every key may be overridden)
 kind = "auto"            # auto | io_uring | epoll
 buffer_size = 9216       # largest datagram kept whole
 buffers = 1024           # io_uring buffer ring entries (a power of two) / recvmmsg batch
+merger_queue = 16        # windows/raw batches a worker may have queued for the merger
 # data_cpus = [0, 1]     # default: every online CPU
 
 [[listener]]
@@ -141,6 +142,7 @@ struct RawEngine {
     kind: Option<Spanned<String>>,
     buffer_size: Option<Spanned<i64>>,
     buffers: Option<Spanned<i64>>,
+    merger_queue: Option<Spanned<i64>>,
     data_cpus: Option<Spanned<Vec<i64>>>,
 }
 
@@ -226,6 +228,11 @@ pub fn parse_config(file: &str, src: &str) -> Result<Config, FileErrors> {
                     format!("engine.buffers must be a power of two, not {n}"),
                 );
             }
+        }
+        if let Some(v) = &e.merger_queue
+            && let Some(n) = int(&mut cx, v, "engine.merger_queue", 1, 4096)
+        {
+            p.merger_queue = n as usize;
         }
         if let Some(cpus) = &e.data_cpus {
             let list = cpus.get_ref();
@@ -480,11 +487,12 @@ mod tests {
     fn overrides_apply() {
         let c = parse_config(
             "c",
-            "[engine]\nkind = \"epoll\"\nbuffers = 64\n[[listener]]\naddress = \"127.0.0.1:5514\"\n[window]\nseconds = 2.5\nkey = [\"app\", \"source\"]\n[[sink]]\nkind = \"file\"\npath = \"/tmp/x.jsonl\"\nrotate_bytes = 1048576\nfsync = \"never\"\n",
+            "[engine]\nkind = \"epoll\"\nbuffers = 64\nmerger_queue = 8\n[[listener]]\naddress = \"127.0.0.1:5514\"\n[window]\nseconds = 2.5\nkey = [\"app\", \"source\"]\n[[sink]]\nkind = \"file\"\npath = \"/tmp/x.jsonl\"\nrotate_bytes = 1048576\nfsync = \"never\"\n",
         )
         .expect("valid");
         assert_eq!(c.pipeline.backend, BackendChoice::Epoll);
         assert_eq!(c.pipeline.receive.buffers, 64);
+        assert_eq!(c.pipeline.merger_queue, 8);
         assert_eq!(
             c.pipeline.listeners,
             vec!["127.0.0.1:5514".parse().unwrap()]
@@ -539,7 +547,11 @@ mod tests {
 
     #[test]
     fn every_problem_is_located() {
-        let cases: [(&str, &str); 11] = [
+        let cases: [(&str, &str); 12] = [
+            (
+                "[engine]\nmerger_queue = 0\n",
+                "c:2:16: engine.merger_queue must be 1..=4096, not 0",
+            ),
             (
                 "[[sink]]\nkind = \"tcp\"\naddress = \"127.0.0.1:1\"\nformat = \"gelf\"\n",
                 "c:4:10: format must be \"json\" or \"rfc5424\"",

@@ -22,6 +22,8 @@ pub struct RecordView<'a> {
 pub struct Records {
     /// Index 0 is the shared ring; per-CPU rings, when installed, follow in CPU order.
     rings: Vec<RingBuf<MapData>>,
+    /// The CPU whose packets each ring holds (`None`: the shared ring).
+    cpus: Vec<Option<u32>>,
     per_ring: Vec<u64>,
 }
 
@@ -37,7 +39,14 @@ impl Records {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let per_ring = vec![0; rings.len()];
-        Ok(Self { rings, per_ring })
+        let cpus = (0..rings.len())
+            .map(|i| i.checked_sub(1).map(|c| c as u32))
+            .collect();
+        Ok(Self {
+            rings,
+            cpus,
+            per_ring,
+        })
     }
 
     /// Records drained from each ring so far (index 0: the shared ring).
@@ -45,9 +54,42 @@ impl Records {
         &self.per_ring
     }
 
-    /// Consumes rings opened elsewhere (pinned rings of a running data plane).
-    pub fn from_rings(rings: Vec<MapData>) -> Result<Self, DataplaneError> {
-        Self::new(rings.into_iter().map(Map::RingBuf).collect())
+    /// Rings opened elsewhere (the pinned rings of a running data plane): the shared
+    /// ring and per-CPU rings by CPU.
+    pub fn from_rings(
+        shared: MapData,
+        per_cpu: Vec<(u32, MapData)>,
+    ) -> Result<Self, DataplaneError> {
+        let (cpus, maps): (Vec<Option<u32>>, Vec<Map>) = std::iter::once((None, shared))
+            .chain(per_cpu.into_iter().map(|(c, m)| (Some(c), m)))
+            .map(|(c, m)| (c, Map::RingBuf(m)))
+            .unzip();
+        let mut r = Self::new(maps)?;
+        r.cpus = cpus;
+        Ok(r)
+    }
+
+    /// Splits the rings among `consumers`, `assign` naming the consumer of each ring by
+    /// its CPU (`None`: the shared ring), so that every ring has exactly one reader.
+    /// Consumers given no ring get `None`.
+    pub fn split(
+        self,
+        consumers: usize,
+        assign: impl Fn(Option<u32>) -> usize,
+    ) -> Vec<Option<Records>> {
+        let mut out: Vec<Option<Records>> = (0..consumers).map(|_| None).collect();
+        for (ring, cpu) in self.rings.into_iter().zip(self.cpus) {
+            let i = assign(cpu).min(consumers.saturating_sub(1));
+            let r = out[i].get_or_insert_with(|| Records {
+                rings: Vec::new(),
+                cpus: Vec::new(),
+                per_ring: Vec::new(),
+            });
+            r.rings.push(ring);
+            r.cpus.push(cpu);
+            r.per_ring.push(0);
+        }
+        out
     }
 
     pub fn ring_count(&self) -> usize {

@@ -46,6 +46,10 @@ pub struct PipelineConfig {
     /// Pin directory of a running data plane whose captured datagrams also enter the
     /// pipeline (from its record rings), tagged with their source address.
     pub capture_from: Option<std::path::PathBuf>,
+    /// Messages (partial windows, raw batches) each worker may have queued for the
+    /// merger; a worker whose queue is full waits, and its sockets absorb (then count)
+    /// the excess.
+    pub merger_queue: usize,
 }
 
 impl Default for PipelineConfig {
@@ -61,6 +65,7 @@ impl Default for PipelineConfig {
             limits: WindowLimits::default(),
             max_message: 8192,
             capture_from: None,
+            merger_queue: 16,
         }
     }
 }
@@ -336,50 +341,69 @@ fn pin(cpu: usize) {
     }
 }
 
+/// Where captured datagrams come from, if anywhere.
+pub enum CaptureSource {
+    /// No capture ingest.
+    None,
+    /// The pinned rings of a data plane run by another process (`logs --capture-from`),
+    /// or the configuration's `capture_from`.
+    Pinned(std::path::PathBuf),
+    /// The rings of a data plane in this process (`run` with the log pipeline).
+    Rings(crate::dataplane::Records),
+}
+
 /// Starts one worker per data CPU. Partials go to `out`; workers stop when `stop` is set
 /// (after sending their last partial window).
 pub fn spawn(
     shared: &Arc<SharedConfig>,
+    captures: CaptureSource,
     out: mpsc::SyncSender<ToMerger>,
     stop: Arc<AtomicBool>,
 ) -> io::Result<Vec<thread::JoinHandle<io::Result<WorkerSummary>>>> {
     let snap = shared.latest();
     let cfg = &snap.pipeline;
     let workers = cfg.data_cpus.len().max(1);
+    let records = match captures {
+        CaptureSource::None => None,
+        CaptureSource::Rings(r) => Some(r),
+        CaptureSource::Pinned(dir) => {
+            let (per_cpu, shared_ring) =
+                crate::dataplane::open_pinned_rings(&dir).map_err(|e| {
+                    io::Error::other(format!(
+                        "opening the capture rings in {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+            Some(
+                crate::dataplane::Records::from_rings(shared_ring, per_cpu)
+                    .map_err(io::Error::other)?,
+            )
+        }
+    };
     // Ring of CPU c to the worker pinned to c if there is one, else to c mod workers; the
     // shared fallback ring to worker 0. Every ring has exactly one consumer.
-    let mut rings: Vec<Vec<aya::maps::MapData>> = (0..workers).map(|_| Vec::new()).collect();
-    if let Some(dir) = &cfg.capture_from {
-        let (per_cpu, shared_ring) = crate::dataplane::open_pinned_rings(dir).map_err(|e| {
-            io::Error::other(format!(
-                "opening the capture rings in {}: {e}",
-                dir.display()
-            ))
-        })?;
-        for (c, ring) in per_cpu {
-            let w = cfg
-                .data_cpus
-                .iter()
-                .position(|&d| d == c as usize)
-                .unwrap_or(c as usize % workers);
-            rings[w].push(ring);
+    let per_worker = match records {
+        Some(r) => {
+            let split = r.split(workers, |cpu| match cpu {
+                None => 0,
+                Some(c) => cfg
+                    .data_cpus
+                    .iter()
+                    .position(|&d| d == c as usize)
+                    .unwrap_or(c as usize % workers),
+            });
+            tracing::info!(
+                rings_per_worker = ?split.iter().map(|r| r.as_ref().map_or(0, |r| r.ring_count())).collect::<Vec<_>>(),
+                "capture rings assigned"
+            );
+            split
         }
-        rings[0].push(shared_ring);
-        tracing::info!(
-            rings_per_worker = ?rings.iter().map(Vec::len).collect::<Vec<_>>(),
-            pin_dir = %dir.display(),
-            "capture rings assigned"
-        );
-    }
+        None => (0..workers).map(|_| None).collect(),
+    };
     let mut handles = Vec::new();
-    for ((worker, &cpu), worker_rings) in cfg.data_cpus.iter().enumerate().zip(rings) {
+    for ((worker, &cpu), records) in cfg.data_cpus.iter().enumerate().zip(per_worker) {
         // Sockets are bound here, so a bad address fails the start, not a worker later.
         let sockets = bind_all(&cfg.listeners, cfg.rcvbuf, &mut Vec::new())?;
-        let records = if worker_rings.is_empty() {
-            None
-        } else {
-            Some(crate::dataplane::Records::from_rings(worker_rings).map_err(io::Error::other)?)
-        };
         let shared = Arc::clone(shared);
         let out = out.clone();
         let stop = Arc::clone(&stop);
@@ -880,7 +904,11 @@ impl WindowReport {
 /// Runs the pipeline until `stop` is set: every merged window goes, as one JSON line, to
 /// every sink; then a summary line (per-worker engine and counters, kernel drops, sink
 /// results) is printed on stdout. A failing sink is counted and logged, never fatal.
-pub fn run_with_sinks(shared: &Arc<SharedConfig>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+pub fn run_with_sinks(
+    shared: &Arc<SharedConfig>,
+    captures: CaptureSource,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<MessageCounts> {
     use anyhow::Context as _;
     let first = shared.latest();
     let cfg = &first.pipeline;
@@ -891,9 +919,13 @@ pub fn run_with_sinks(shared: &Arc<SharedConfig>, stop: Arc<AtomicBool>) -> anyh
     anyhow::ensure!(!cfg.data_cpus.is_empty(), "no data CPU");
     let mut sinks = SinkSet::open(&first).context("opening the sinks")?;
     // Room for a few windows per worker before a worker waits on the merger.
-    let (tx, rx) = mpsc::sync_channel(cfg.data_cpus.len() * 4);
+    let (tx, rx) = mpsc::sync_channel(cfg.data_cpus.len() * cfg.merger_queue.max(1));
     let udp_before = socket::udp_counters();
-    let handles = spawn(shared, tx, Arc::clone(&stop))?;
+    let captures = match (captures, &cfg.capture_from) {
+        (CaptureSource::None, Some(dir)) => CaptureSource::Pinned(dir.clone()),
+        (c, _) => c,
+    };
+    let handles = spawn(shared, captures, tx, Arc::clone(&stop))?;
     tracing::info!(workers = handles.len(), listeners = ?cfg.listeners, "log pipeline started");
     let mut merger = WindowMerger::new(handles.len());
     let mut total = MessageCounts::default();
@@ -984,5 +1016,5 @@ pub fn run_with_sinks(shared: &Arc<SharedConfig>, stop: Arc<AtomicBool>) -> anyh
             "window_close_lag": jitter, "process_cpu_s": cpu_s,
         }})
     );
-    Ok(())
+    Ok(total)
 }
