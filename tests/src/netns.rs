@@ -144,6 +144,23 @@ pub fn mac_string(m: &[u8; 6]) -> String {
 }
 
 impl VethPair {
+    /// Packets the two veth devices dropped (rx_dropped + tx_dropped on both ends, from
+    /// `ip -j -s link`): a full veth ring drops before XDP or any socket sees a packet.
+    pub fn device_drops(&self) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for (ns, dev) in [(&self.a, self.a_if), (&self.b, self.b_if)] {
+            let out = tools::run(
+                "ip",
+                ["-n", ns.name(), "-j", "-s", "link", "show", "dev", dev],
+            )?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            let s = &v[0]["stats64"];
+            total +=
+                s["rx"]["dropped"].as_u64().unwrap_or(0) + s["tx"]["dropped"].as_u64().unwrap_or(0);
+        }
+        Ok(total)
+    }
+
     pub fn create() -> anyhow::Result<Self> {
         let a = Netns::create()?;
         let b = Netns::create()?;

@@ -4,23 +4,11 @@
 use std::{io::Read, net::UdpSocket, process::Stdio};
 
 use edgeproxy_testbed::{
-    Reaped, edgeproxy_bin, netns::VethPair, privilege::require_root, scratch::ScratchDir, tools,
+    Reaped, edgeproxy_bin, netns::VethPair, privilege::require_root, scratch::ScratchDir,
     wait_for_line,
 };
 
 const PORT: u16 = 5515;
-
-/// rx_dropped + tx_dropped of a device in a namespace, from `ip -j -s link`.
-fn device_drops(ns: &edgeproxy_testbed::netns::Netns, dev: &str) -> u64 {
-    let out = tools::run(
-        "ip",
-        ["-n", ns.name(), "-j", "-s", "link", "show", "dev", dev],
-    )
-    .expect("ip -s link");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip JSON");
-    let s = &v[0]["stats64"];
-    s["rx"]["dropped"].as_u64().unwrap_or(0) + s["tx"]["dropped"].as_u64().unwrap_or(0)
-}
 
 #[test]
 fn overload_is_accounted_for_exactly() {
@@ -48,7 +36,7 @@ fn overload_is_accounted_for_exactly() {
     ));
     let (ok, log) = wait_for_line(child.0.as_mut().expect("child"), "log pipeline started");
     assert!(ok, "{log:?}");
-    let before = device_drops(&pair.a, pair.a_if) + device_drops(&pair.b, pair.b_if);
+    let before = pair.device_drops().expect("device counters");
     let sent: u64 = pair.b.run(|| {
         let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
         let mut ok = 0;
@@ -82,7 +70,7 @@ fn overload_is_accounted_for_exactly() {
         c.wait().expect("wait").success(),
         "edgeproxy survived the flood"
     );
-    let after = device_drops(&pair.a, pair.a_if) + device_drops(&pair.b, pair.b_if);
+    let after = pair.device_drops().expect("device counters");
     let summary: serde_json::Value =
         serde_json::from_str(out.lines().last().expect("summary")).expect("json");
     let s = &summary["summary"];
