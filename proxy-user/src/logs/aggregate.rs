@@ -62,18 +62,35 @@ pub struct Dedup {
 }
 
 /// Space-Saving top-K over 64-bit item ids.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct TopK {
     k: usize,
     /// id -> (count, error)
     counters: HashMap<u64, (u64, u64), FixedState>,
+    /// Ids that held the minimum count `min` when the counters were last scanned: the
+    /// eviction candidates. Counts only grow and newcomers enter above `min`, so a
+    /// candidate still at `min` is a true minimum; one that grew is skipped. This makes
+    /// an eviction O(1) amortised instead of a scan of K counters per new item.
+    candidates: Vec<u64>,
+    min: u64,
 }
+
+impl PartialEq for TopK {
+    fn eq(&self, other: &Self) -> bool {
+        // The candidate cache is an acceleration, not part of the summary.
+        self.k == other.k && self.counters == other.counters
+    }
+}
+
+impl Eq for TopK {}
 
 impl TopK {
     pub fn new(k: usize) -> Self {
         Self {
             k: k.max(1),
             counters: HashMap::with_capacity_and_hasher(k + 1, FixedState),
+            candidates: Vec::new(),
+            min: 0,
         }
     }
 
@@ -86,11 +103,30 @@ impl TopK {
             self.counters.insert(id, (n, 0));
             return;
         }
-        // Replace the smallest counter; the newcomer inherits its count as error.
-        if let Some((&victim, &(min, _))) = self.counters.iter().min_by_key(|(_, c)| c.0) {
-            self.counters.remove(&victim);
-            self.counters.insert(id, (min + n, min));
+        // Replace a smallest counter; the newcomer inherits its count as error.
+        loop {
+            let Some(victim) = self.candidates.pop() else {
+                self.rescan();
+                continue;
+            };
+            if self.counters.get(&victim).is_some_and(|c| c.0 == self.min) {
+                self.counters.remove(&victim);
+                self.counters.insert(id, (self.min + n, self.min));
+                return;
+            }
         }
+    }
+
+    fn rescan(&mut self) {
+        self.min = self.counters.values().map(|c| c.0).min().unwrap_or(0);
+        let min = self.min;
+        self.candidates.clear();
+        self.candidates.extend(
+            self.counters
+                .iter()
+                .filter(|(_, c)| c.0 == min)
+                .map(|(&id, _)| id),
+        );
     }
 
     /// Items by estimated count, largest first: (id, estimate, maximum over-estimate).
@@ -107,6 +143,7 @@ impl TopK {
     /// Merges another summary (of a disjoint part of the stream): sums shared items,
     /// keeps the K largest. Error bounds add.
     pub fn merge(&mut self, other: &TopK) {
+        self.candidates.clear();
         for (&id, &(c, e)) in &other.counters {
             let entry = self.counters.entry(id).or_insert((0, 0));
             entry.0 += c;
@@ -398,6 +435,26 @@ mod tests {
         assert_eq!(w.messages.len(), 2);
         assert_eq!(w.overflow_messages, 8);
         assert_eq!(w.records, 10, "every record counted");
+    }
+
+    /// Every eviction takes a counter holding the current minimum (what Space-Saving
+    /// requires), though the minimum is found from a cached candidate list.
+    #[test]
+    fn evictions_take_a_true_minimum() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut t = TopK::new(8);
+        for _ in 0..50_000 {
+            let id = rng.random_range(0..40u64);
+            let n = rng.random_range(1..4u64);
+            let full = t.counters.len() == t.k;
+            let min = t.counters.values().map(|c| c.0).min().unwrap_or(0);
+            let fresh = !t.counters.contains_key(&id);
+            t.add(id, n);
+            if full && fresh {
+                assert_eq!(t.counters[&id], (min + n, min));
+                assert_eq!(t.counters.len(), t.k);
+            }
+        }
     }
 
     /// Space-Saving's guarantee on a skewed stream: every item more frequent than N/K is
