@@ -105,3 +105,69 @@ pub fn wait_for_line(child: &mut std::process::Child, needle: &str) -> (bool, Ve
         }
     }
 }
+
+/// `edgeproxy ARGS…` started inside `ns` with piped output, returned once its log says
+/// "log pipeline started"; an error with its log otherwise.
+pub fn try_start_edgeproxy<I, S>(ns: &netns::Netns, args: I) -> anyhow::Result<Reaped>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut child = Reaped(Some(
+        ns.command(edgeproxy_bin()?)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?,
+    ));
+    let Some(c) = child.0.as_mut() else {
+        anyhow::bail!("no child");
+    };
+    let (ok, log) = wait_for_line(c, "log pipeline started");
+    anyhow::ensure!(ok, "edgeproxy did not start: {log:?}");
+    Ok(child)
+}
+
+/// [`try_start_edgeproxy`] for tests: panics on failure.
+pub fn start_edgeproxy<I, S>(ns: &netns::Netns, args: I) -> Reaped
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    try_start_edgeproxy(ns, args).expect("start edgeproxy")
+}
+
+/// `edgeproxy logs --duration 60 --config CFG` inside `ns`, started (see
+/// [`start_edgeproxy`]).
+pub fn start_logs(ns: &netns::Netns, cfg: &std::path::Path) -> Reaped {
+    let mut args = vec![
+        std::ffi::OsString::from("logs"),
+        "--duration".into(),
+        "60".into(),
+        "--config".into(),
+    ];
+    args.push(cfg.into());
+    start_edgeproxy(ns, args)
+}
+
+/// SIGTERM, then the exit status and everything the child printed on stdout. The child
+/// is reaped before any read error is returned.
+pub fn try_stop_and_collect(
+    mut child: Reaped,
+) -> anyhow::Result<(std::process::ExitStatus, String)> {
+    use std::io::Read as _;
+    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM)?;
+    let mut c = child.take();
+    let mut out = String::new();
+    let read = c.stdout.take().map(|mut so| so.read_to_string(&mut out));
+    let status = c.wait()?;
+    anyhow::Context::context(read, "no stdout pipe")??;
+    Ok((status, out))
+}
+
+/// [`try_stop_and_collect`] for tests: panics unless the child exited 0.
+pub fn stop_and_collect(child: Reaped) -> String {
+    let (status, out) = try_stop_and_collect(child).expect("stop edgeproxy");
+    assert!(status.success(), "edgeproxy failed ({status}): {out}");
+    out
+}

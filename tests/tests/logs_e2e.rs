@@ -2,11 +2,11 @@
 //! UDP, IPv4 and IPv6) and a duplicate-heavy sender of our own. Summed over windows the
 //! counts must be exact: every message decoded in its format, counted under its key,
 //! duplicates counted per message, and the kernel must have dropped nothing.
-use std::{collections::HashMap, io::Read, net::UdpSocket, process::Stdio};
+use std::{collections::HashMap, io::Read, net::UdpSocket};
 
 use edgeproxy_testbed::{
-    Reaped, edgeproxy_bin, netns::VethPair, privilege::require_root, scratch::ScratchDir, tools,
-    wait_for_line,
+    netns::VethPair, privilege::require_root, scratch::ScratchDir, start_edgeproxy, start_logs,
+    stop_and_collect, tools,
 };
 
 const PORT: u16 = 5514;
@@ -33,29 +33,22 @@ fn logger_and_duplicates(engine: &str) {
     let lines: String = (0..1000).map(|i| format!("line {i}\n")).collect();
     let file = dir.file("lines.txt", &lines);
 
-    let mut child = Reaped(Some(
-        pair.a
-            .command(edgeproxy_bin().expect("binary"))
-            .args([
-                "logs",
-                "--engine",
-                engine,
-                "--window",
-                "1",
-                "--duration",
-                "60",
-                "--listen",
-            ])
-            .arg(format!("{}:{PORT}", pair.a_v4))
-            .arg("--listen")
-            .arg(format!("[{}]:{PORT}", pair.a_v6))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn"),
-    ));
-    let (ok, log) = wait_for_line(child.0.as_mut().expect("child"), "log pipeline started");
-    assert!(ok, "{log:?}");
+    let child = start_edgeproxy(
+        &pair.a,
+        [
+            "logs",
+            "--engine",
+            engine,
+            "--window",
+            "1",
+            "--duration",
+            "60",
+            "--listen",
+            &format!("{}:{PORT}", pair.a_v4),
+            "--listen",
+            &format!("[{}]:{PORT}", pair.a_v6),
+        ],
+    );
 
     let logger = |server: String, proto: &str, tag: &str| {
         let out = pair
@@ -96,15 +89,7 @@ fn logger_and_duplicates(engine: &str) {
         }
     });
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let mut c = child.take();
-    let mut out = String::new();
-    c.stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("read");
-    assert!(c.wait().expect("wait").success());
+    let out = stop_and_collect(child);
 
     let mut records = 0u64;
     let mut by_app: HashMap<String, u64> = HashMap::new();
@@ -168,18 +153,7 @@ fn config_file_with_a_rotating_file_sink() {
             out_path.display()
         ),
     );
-    let mut child = Reaped(Some(
-        pair.a
-            .command(edgeproxy_bin().expect("binary"))
-            .args(["logs", "--duration", "60", "--config"])
-            .arg(&cfg)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn"),
-    ));
-    let (ok, log) = wait_for_line(child.0.as_mut().expect("child"), "log pipeline started");
-    assert!(ok, "{log:?}");
+    let child = start_logs(&pair.a, &cfg);
     pair.b.run(|| {
         let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
         for i in 0..3000 {
@@ -191,15 +165,7 @@ fn config_file_with_a_rotating_file_sink() {
         }
     });
     std::thread::sleep(std::time::Duration::from_millis(800));
-    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let mut c = child.take();
-    let mut out = String::new();
-    c.stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("read");
-    assert!(c.wait().expect("wait").success());
+    let out = stop_and_collect(child);
     let summary: serde_json::Value =
         serde_json::from_str(out.lines().last().expect("summary")).expect("json");
     assert_eq!(summary["summary"]["sinks"][0]["failures"], 0);
@@ -261,18 +227,7 @@ fn tcp_sink_outage(format: &str) {
             dir.path().join("spool").display()
         ),
     );
-    let mut child = Reaped(Some(
-        pair.a
-            .command(edgeproxy_bin().expect("binary"))
-            .args(["logs", "--duration", "60", "--config"])
-            .arg(&cfg)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn"),
-    ));
-    let (ok, log) = wait_for_line(child.0.as_mut().expect("child"), "log pipeline started");
-    assert!(ok, "{log:?}");
+    let child = start_logs(&pair.a, &cfg);
     let send = |from: u64, to: u64| {
         pair.b.run(|| {
             let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
@@ -301,15 +256,7 @@ fn tcp_sink_outage(format: &str) {
     });
     send(1500, 3000); // upstream up: replay, then live
     std::thread::sleep(std::time::Duration::from_millis(800));
-    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let mut c = child.take();
-    let mut out = String::new();
-    c.stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("read");
-    assert!(c.wait().expect("wait").success());
+    let out = stop_and_collect(child);
     let bytes = reader.join().expect("reader");
     let mut windows: Vec<serde_json::Value> = Vec::new();
     let mut raw_seen: Vec<u64> = Vec::new();
@@ -413,18 +360,7 @@ fn sighup_reload_changes_key_window_sink_and_listeners_without_loss() {
         t
     };
     let cfg = dir.file("edgeproxy.toml", &conf(&[P1], "app", "0.2", &file_a));
-    let mut child = Reaped(Some(
-        pair.a
-            .command(edgeproxy_bin().expect("binary"))
-            .args(["logs", "--duration", "60", "--config"])
-            .arg(&cfg)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn"),
-    ));
-    let (ok, log) = wait_for_line(child.0.as_mut().expect("child"), "log pipeline started");
-    assert!(ok, "{log:?}");
+    let child = start_logs(&pair.a, &cfg);
     let send = |port: u16, app: &str, n: u64| {
         pair.b.run(|| {
             let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
@@ -453,15 +389,7 @@ fn sighup_reload_changes_key_window_sink_and_listeners_without_loss() {
     send(P2, "gamma", 300);
     send(P1, "lost", 200); // no listener any more: refused by the kernel, never accepted
     std::thread::sleep(std::time::Duration::from_millis(500));
-    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let mut c = child.take();
-    let mut out = String::new();
-    c.stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("read");
-    assert!(c.wait().expect("wait").success());
+    let out = stop_and_collect(child);
     let summary: serde_json::Value =
         serde_json::from_str(out.lines().last().expect("summary")).expect("json");
     assert_eq!(summary["summary"]["counts"]["messages"], 1800, "{summary}");
@@ -529,18 +457,7 @@ fn file_watch_reloads_a_replaced_configuration() {
         )
     };
     let cfg = dir.file("edgeproxy.toml", &conf("app"));
-    let mut child = Reaped(Some(
-        pair.a
-            .command(edgeproxy_bin().expect("binary"))
-            .args(["logs", "--duration", "60", "--config"])
-            .arg(&cfg)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn"),
-    ));
-    let (ok, log) = wait_for_line(child.0.as_mut().expect("child"), "log pipeline started");
-    assert!(ok, "{log:?}");
+    let child = start_logs(&pair.a, &cfg);
     let tmp = dir.file("edgeproxy.toml.new", &conf("host"));
     std::fs::rename(&tmp, &cfg).expect("rename");
     std::thread::sleep(std::time::Duration::from_millis(900));
@@ -555,15 +472,7 @@ fn file_watch_reloads_a_replaced_configuration() {
         }
     });
     std::thread::sleep(std::time::Duration::from_millis(500));
-    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let mut c = child.take();
-    let mut out = String::new();
-    c.stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("read");
-    assert!(c.wait().expect("wait").success());
+    let out = stop_and_collect(child);
     let mut keyed_by_host = 0;
     for line in out.lines().filter(|l| !l.contains("\"summary\"")) {
         let v: serde_json::Value = serde_json::from_str(line).expect("JSON line");
@@ -612,7 +521,7 @@ fn both_ingest_paths(one_daemon: bool) {
         "[[rule]]\nproto = \"udp\"\ndst_port = {CAP}\naction = \"capture\"\nthen = \"drop\"\n"
     );
     let mut _dp = None;
-    let mut cmd = pair.a.command(edgeproxy_bin().expect("binary"));
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
     if one_daemon {
         let policy_file = dir.file("policy.toml", &policy);
         let cfg = dir.file(
@@ -622,18 +531,18 @@ fn both_ingest_paths(one_daemon: bool) {
                 pair.a_v4
             ),
         );
-        cmd.args([
+        for a in [
             "run",
             "--iface",
             pair.a_if,
             "--ephemeral",
             "--duration",
             "60",
-        ])
-        .arg("--policy")
-        .arg(policy_file)
-        .arg("--config")
-        .arg(cfg);
+        ] {
+            args.push(a.into());
+        }
+        args.extend(["--policy".into(), policy_file.into()]);
+        args.extend(["--config".into(), cfg.into()]);
     } else {
         _dp = Some(pair.a.run(|| {
             let mut dp = Dataplane::load(LoadOptions {
@@ -645,26 +554,13 @@ fn both_ingest_paths(one_daemon: bool) {
             dp.attach(pair.a_if, HookChoice::Native).expect("attach");
             dp
         }));
-        cmd.args([
-            "logs",
-            "--window",
-            "0.3",
-            "--duration",
-            "60",
-            "--capture-from",
-        ])
-        .arg(&pin_dir)
-        .arg("--listen")
-        .arg(format!("{}:{SOCK}", pair.a_v4));
+        for a in ["logs", "--window", "0.3", "--duration", "60"] {
+            args.push(a.into());
+        }
+        args.extend(["--capture-from".into(), pin_dir.clone().into()]);
+        args.extend(["--listen".into(), format!("{}:{SOCK}", pair.a_v4).into()]);
     }
-    let mut child = Reaped(Some(
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn"),
-    ));
-    let (ok, log) = wait_for_line(child.0.as_mut().expect("child"), "log pipeline started");
-    assert!(ok, "{log:?}");
+    let child = start_edgeproxy(&pair.a, args);
     pair.b.run(|| {
         let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
         for i in 0..2000u32 {
@@ -684,15 +580,7 @@ fn both_ingest_paths(one_daemon: bool) {
         }
     });
     std::thread::sleep(std::time::Duration::from_millis(800));
-    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let mut c = child.take();
-    let mut out = String::new();
-    c.stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("read");
-    assert!(c.wait().expect("wait").success());
+    let out = stop_and_collect(child);
     let mut by_app: HashMap<String, u64> = HashMap::new();
     let mut summary = None;
     // `run` prints its own report after the pipeline's summary line.
@@ -754,18 +642,7 @@ fn raw_messages_are_routed_to_sinks_exactly_once() {
             both_path.display()
         ),
     );
-    let mut child = Reaped(Some(
-        pair.a
-            .command(edgeproxy_bin().expect("binary"))
-            .args(["logs", "--duration", "60", "--config"])
-            .arg(&cfg)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn"),
-    ));
-    let (ok, log) = wait_for_line(child.0.as_mut().expect("child"), "log pipeline started");
-    assert!(ok, "{log:?}");
+    let child = start_logs(&pair.a, &cfg);
     pair.b.run(|| {
         let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
         // Pairs of messages per datagram (newline-framed), alternating RFC 5424 and 3164.
@@ -784,15 +661,7 @@ fn raw_messages_are_routed_to_sinks_exactly_once() {
         }
     });
     std::thread::sleep(std::time::Duration::from_millis(800));
-    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let mut c = child.take();
-    let mut out = String::new();
-    c.stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("read");
-    assert!(c.wait().expect("wait").success());
+    let out = stop_and_collect(child);
     let summary: serde_json::Value =
         serde_json::from_str(out.lines().last().expect("summary")).expect("json");
     let s = &summary["summary"];

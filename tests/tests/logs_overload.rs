@@ -1,11 +1,11 @@
 //! Overload far beyond what one worker can take: every datagram the sender got out is
 //! accounted for — processed, dropped at the socket (SO_MEMINFO, reported by edgeproxy),
 //! or dropped by the veth device (its counters) — exactly; and edgeproxy does not crash.
-use std::{io::Read, net::UdpSocket, process::Stdio};
+use std::net::UdpSocket;
 
 use edgeproxy_testbed::{
-    Reaped, edgeproxy_bin, netns::VethPair, privilege::require_root, scratch::ScratchDir,
-    wait_for_line,
+    netns::VethPair, privilege::require_root, scratch::ScratchDir, start_edgeproxy,
+    stop_and_collect,
 };
 
 const PORT: u16 = 5515;
@@ -24,18 +24,16 @@ fn overload_is_accounted_for_exactly() {
             pair.a_v4
         ),
     );
-    let mut child = Reaped(Some(
-        pair.a
-            .command(edgeproxy_bin().expect("binary"))
-            .args(["logs", "--workers", "1", "--duration", "60", "--config"])
-            .arg(&cfg)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn"),
-    ));
-    let (ok, log) = wait_for_line(child.0.as_mut().expect("child"), "log pipeline started");
-    assert!(ok, "{log:?}");
+    let mut args = vec![
+        std::ffi::OsString::from("logs"),
+        "--workers".into(),
+        "1".into(),
+        "--duration".into(),
+        "60".into(),
+        "--config".into(),
+    ];
+    args.push(cfg.clone().into());
+    let child = start_edgeproxy(&pair.a, args);
     let before = pair.device_drops().expect("device counters");
     let sent: u64 = pair.b.run(|| {
         let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
@@ -58,18 +56,8 @@ fn overload_is_accounted_for_exactly() {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0);
-    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let mut c = child.take();
-    let mut out = String::new();
-    c.stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("read");
-    assert!(
-        c.wait().expect("wait").success(),
-        "edgeproxy survived the flood"
-    );
+    // Exits 0: edgeproxy survived the flood.
+    let out = stop_and_collect(child);
     let after = pair.device_drops().expect("device counters");
     let summary: serde_json::Value =
         serde_json::from_str(out.lines().last().expect("summary")).expect("json");

@@ -167,7 +167,6 @@ struct CapturePoint {
 }
 
 fn capture_point(rate: u64, seconds: f64) -> anyhow::Result<CapturePoint> {
-    use std::io::Read as _;
     const PORT: u16 = 5557;
     let pair = VethPair::create()?;
     let dir = ScratchDir::new()?;
@@ -186,33 +185,23 @@ fn capture_point(rate: u64, seconds: f64) -> anyhow::Result<CapturePoint> {
             PORT + 1
         ),
     );
-    let mut child = edgeproxy_testbed::Reaped(Some(
-        pair.a
-            .command(edgeproxy_testbed::edgeproxy_bin()?)
-            .args(["run", "--iface", pair.a_if, "--ephemeral", "--json"])
-            .args(["--duration", "120", "--policy"])
-            .arg(&policy)
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?,
-    ));
-    let (ok, log) = edgeproxy_testbed::wait_for_line(
-        child.0.as_mut().context("child")?,
-        "log pipeline started",
-    );
-    anyhow::ensure!(ok, "edgeproxy did not start: {log:?}");
+    let mut args: Vec<std::ffi::OsString> = ["run", "--iface", pair.a_if, "--ephemeral", "--json"]
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    args.extend([
+        "--duration".into(),
+        "120".into(),
+        "--policy".into(),
+        policy.into(),
+    ]);
+    args.extend(["--config".into(), cfg.into()]);
+    let child = edgeproxy_testbed::try_start_edgeproxy(&pair.a, args)?;
     let device_before = pair.device_drops()?;
     let sent = flood(&pair, PORT, rate, seconds)?;
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let device = pair.device_drops()? - device_before;
-    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM)?;
-    let mut c = child.take();
-    let mut out = String::new();
-    let read = c.stdout.take().map(|mut so| so.read_to_string(&mut out));
-    c.wait()?;
-    read.context("no stdout pipe")??;
+    let (_, out) = edgeproxy_testbed::try_stop_and_collect(child)?;
     let (summary_line, report) = out
         .split_once("{\"summary\"")
         .and_then(|(_, rest)| rest.split_once('\n'))
@@ -240,7 +229,6 @@ fn pin_to(cpu: usize) {
 
 /// One measurement: returns (sent, processed, socket drops, edgeproxy CPU seconds).
 fn logs_point(engine: &str, rate: u64, seconds: f64) -> anyhow::Result<(u64, u64, u64, f64)> {
-    use std::io::Read as _;
     const PORT: u16 = 5555;
     let pair = VethPair::create()?;
     let dir = ScratchDir::new()?;
@@ -248,29 +236,12 @@ fn logs_point(engine: &str, rate: u64, seconds: f64) -> anyhow::Result<(u64, u64
         "edgeproxy.toml",
         &format!("[engine]\nkind = \"{engine}\"\ndata_cpus = [0]\n[[listener]]\naddress = \"{}:{PORT}\"\nrcvbuf = 8388608\n[window]\nseconds = 1\n", pair.a_v4),
     );
-    let mut child = edgeproxy_testbed::Reaped(Some(
-        pair.a
-            .command(edgeproxy_testbed::edgeproxy_bin()?)
-            .args(["logs", "--duration", "120", "--config"])
-            .arg(&cfg)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?,
-    ));
-    let (ok, log) = edgeproxy_testbed::wait_for_line(
-        child.0.as_mut().context("child")?,
-        "log pipeline started",
-    );
-    anyhow::ensure!(ok, "edgeproxy did not start: {log:?}");
+    let mut args: Vec<std::ffi::OsString> = vec!["logs".into(), "--duration".into(), "120".into()];
+    args.extend(["--config".into(), cfg.into()]);
+    let child = edgeproxy_testbed::try_start_edgeproxy(&pair.a, args)?;
     let sent = flood(&pair, PORT, rate, seconds)?;
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM)?;
-    let mut c = child.take();
-    let mut out = String::new();
-    let read = c.stdout.take().map(|mut so| so.read_to_string(&mut out));
-    // Reap before looking at what was read, so no early return leaves a zombie.
-    c.wait()?;
-    read.context("no stdout pipe")??;
+    let (_, out) = edgeproxy_testbed::try_stop_and_collect(child)?;
     let summary: serde_json::Value =
         serde_json::from_str(out.lines().last().context("no summary")?)?;
     let s = &summary["summary"];
