@@ -129,6 +129,11 @@ impl TopK {
         );
     }
 
+    /// The estimate and maximum over-estimate of one item ((0, 0) when not tracked).
+    pub fn estimate(&self, id: u64) -> (u64, u64) {
+        self.counters.get(&id).copied().unwrap_or((0, 0))
+    }
+
     /// Items by estimated count, largest first: (id, estimate, maximum over-estimate).
     pub fn top(&self) -> Vec<(u64, u64, u64)> {
         let mut v: Vec<(u64, u64, u64)> = self
@@ -216,7 +221,7 @@ pub struct LogWindow {
     pub messages: HashMap<u64, Dedup, FixedState>,
     pub overflow_keys: u64,
     pub overflow_messages: u64,
-    pub top_keys: TopK,
+    /// Space-Saving over the messages that overflowed `messages` (see `top_messages()`).
     pub top_messages: TopK,
 }
 
@@ -231,7 +236,6 @@ impl LogWindow {
             messages: HashMap::with_hasher(FixedState),
             overflow_keys: 0,
             overflow_messages: 0,
-            top_keys: TopK::new(limits.top_k),
             top_messages: TopK::new(limits.top_k),
         }
     }
@@ -294,7 +298,6 @@ impl LogWindow {
         } else {
             self.overflow_keys += 1;
         }
-        self.top_keys.add(key, 1);
         let mut h = FixedState.build_hasher();
         h.write(&key.to_ne_bytes());
         h.write(r.message.as_bytes());
@@ -321,8 +324,8 @@ impl LogWindow {
             );
         } else {
             self.overflow_messages += 1;
+            self.top_messages.add(msg, 1);
         }
-        self.top_messages.add(msg, 1);
     }
 
     /// Folds another worker's window for the same period into this one.
@@ -348,15 +351,39 @@ impl LogWindow {
                 self.messages.insert(id, d.clone());
             } else {
                 self.overflow_messages += d.count;
+                self.top_messages.add(id, d.count);
             }
         }
-        self.top_keys.merge(&other.top_keys);
         self.top_messages.merge(&other.top_messages);
     }
 
     /// An empty window with the same settings and start (the merge target).
     pub fn clone_empty(&self) -> LogWindow {
         LogWindow::new(self.spec, self.limits, self.start_ns)
+    }
+
+    /// The K most frequent messages, largest first: (id, estimate, maximum over-estimate).
+    /// Messages in the exact table count exactly (plus, after a merge, whatever another
+    /// worker could only summarise); the Space-Saving summary covers only what overflowed
+    /// the table, so the common case costs no summary update per record.
+    pub fn top_messages(&self) -> Vec<(u64, u64, u64)> {
+        let mut v: Vec<(u64, u64, u64)> = self
+            .messages
+            .iter()
+            .map(|(&id, d)| {
+                let (est, err) = self.top_messages.estimate(id);
+                (id, d.count + est, err)
+            })
+            .collect();
+        v.extend(
+            self.top_messages
+                .top()
+                .into_iter()
+                .filter(|(id, ..)| !self.messages.contains_key(id)),
+        );
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        v.truncate(self.limits.top_k.max(1));
+        v
     }
 
     /// Records by key, largest first.
@@ -435,6 +462,45 @@ mod tests {
         assert_eq!(w.messages.len(), 2);
         assert_eq!(w.overflow_messages, 8);
         assert_eq!(w.records, 10, "every record counted");
+    }
+
+    /// Top messages come from the exact table (no error) and, for what overflowed it,
+    /// from the Space-Saving summary (with its bound); a heavy hitter that arrives after
+    /// the table filled is still ranked first, and merging two workers keeps both parts.
+    #[test]
+    fn top_messages_combine_exact_counts_and_the_overflow_summary() {
+        let limits = WindowLimits {
+            max_messages: 2,
+            top_k: 3,
+            ..WindowLimits::default()
+        };
+        let msg = |m: &str| line("h", "a", 6, m);
+        let mut w = LogWindow::new(KeySpec::default(), limits, 0);
+        for _ in 0..60 {
+            w.add(&decode(msg("first").as_bytes(), 0), None, 0);
+        }
+        w.add(&decode(msg("second").as_bytes(), 0), None, 0);
+        for i in 0..100 {
+            w.add(&decode(msg("heavy").as_bytes(), 0), None, 0);
+            // Rare overflowed messages churn the summary's other counters.
+            w.add(&decode(msg(&format!("rare {i}")).as_bytes(), 0), None, 0);
+        }
+        let top = w.top_messages();
+        assert_eq!(top.len(), 3);
+        let heavy = top[0];
+        assert!(heavy.1 >= 100 && heavy.1 - heavy.2 <= 100, "{top:?}");
+        let exact: Vec<(u64, u64)> = top[1..].iter().map(|t| (t.1, t.2)).collect();
+        assert!(
+            exact.contains(&(60, 0)),
+            "'first' counts exactly, with no error: {top:?}"
+        );
+        // The merge of two such windows ranks the heavy hitter first with the summed count.
+        let mut m = w.clone_empty();
+        m.merge(&w);
+        m.merge(&w);
+        let merged = m.top_messages();
+        assert!(merged[0].1 >= 200, "{merged:?}");
+        assert_eq!(merged[0].0, heavy.0);
     }
 
     /// Every eviction takes a counter holding the current minimum (what Space-Saving

@@ -569,6 +569,8 @@ fn grid(snap: &Snapshot, win_ns: i64, t: i64) -> i64 {
 fn drain_captures(records: &mut crate::dataplane::Records, cfg: &PipelineConfig, acc: &mut Acc) {
     use proxy_common::policy::RecordKind;
     let mut tally = crate::dataplane::RecordTally::default();
+    // One clock read per drain: the records were waiting together.
+    let mut batch_rx = None;
     records.drain(&mut tally, |r| {
         if r.header.kind != RecordKind::Capture as u8 {
             acc.counts.samples_skipped += 1;
@@ -586,7 +588,7 @@ fn drain_captures(records: &mut crate::dataplane::Records, cfg: &PipelineConfig,
         };
         acc.counts.datagrams += 1;
         acc.counts.captured += 1;
-        let rx = now_ns();
+        let rx = *batch_rx.get_or_insert_with(now_ns);
         for frame in Frames::new(r.data, cfg.max_message) {
             let rec = decode(frame.bytes, rx);
             acc.add(
@@ -619,9 +621,11 @@ fn receive(
     cfg: &PipelineConfig,
     acc: &mut Acc,
 ) -> io::Result<usize> {
+    // One clock read per batch: the completions of one poll were all ready together.
+    let mut batch_rx = None;
     backend.poll(timeout, &mut |d| {
         acc.counts.datagrams += 1;
-        let rx = now_ns();
+        let rx = *batch_rx.get_or_insert_with(now_ns);
         for frame in Frames::new(d.payload, cfg.max_message) {
             let rec = decode(frame.bytes, rx);
             acc.add(
@@ -876,8 +880,7 @@ impl WindowReport {
             })
             .collect();
         let top: Vec<serde_json::Value> = w
-            .top_messages
-            .top()
+            .top_messages()
             .into_iter()
             .filter_map(|(id, est, err)| {
                 w.messages.get(&id).map(|d| {
@@ -921,6 +924,9 @@ pub fn run_with_sinks(
     // Room for a few windows per worker before a worker waits on the merger.
     let (tx, rx) = mpsc::sync_channel(cfg.data_cpus.len() * cfg.merger_queue.max(1));
     let udp_before = socket::udp_counters();
+    // The process may have done other work before (in `run`, loading and verifying the
+    // data plane): the pipeline's own share is measured from here.
+    let cpu_at_start = process_cpu_s();
     let captures = match (captures, &cfg.capture_from) {
         (CaptureSource::None, Some(dir)) => CaptureSource::Pinned(dir.clone()),
         (c, _) => c,
@@ -986,13 +992,7 @@ pub fn run_with_sinks(
     }
     let sinks = sinks.summary();
     let udp_after = socket::udp_counters();
-    // SAFETY: getrusage writes into the zeroed struct it is given.
-    let cpu_s = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
-        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        tv(ru.ru_utime) + tv(ru.ru_stime)
-    };
+    let cpu_s = process_cpu_s();
     let udp_delta: BTreeMap<&String, u64> = udp_after
         .iter()
         .map(|(k, v)| (k, v.saturating_sub(udp_before.get(k).copied().unwrap_or(0))))
@@ -1014,7 +1014,20 @@ pub fn run_with_sinks(
             "counts": total, "kernel_drops": drops, "kernel_drops_by_listener": by_listener,
             "kernel_udp_counters_delta": udp_delta, "workers": workers, "sinks": sinks,
             "window_close_lag": jitter, "process_cpu_s": cpu_s,
+            "pipeline_cpu_s": cpu_s - cpu_at_start,
         }})
     );
     Ok(total)
+}
+
+/// User + system CPU seconds of this whole process so far.
+fn process_cpu_s() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }

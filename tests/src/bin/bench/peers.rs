@@ -21,16 +21,24 @@ use super::logs::flood;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Receiver {
     Edgeproxy,
+    /// edgeproxy taking the datagrams from its XDP capture rule instead of a socket.
+    EdgeproxyXdp,
     Rsyslog,
     SyslogNg,
 }
 
 impl Receiver {
-    const ALL: [Receiver; 3] = [Receiver::Edgeproxy, Receiver::Rsyslog, Receiver::SyslogNg];
+    const ALL: [Receiver; 4] = [
+        Receiver::Edgeproxy,
+        Receiver::EdgeproxyXdp,
+        Receiver::Rsyslog,
+        Receiver::SyslogNg,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Receiver::Edgeproxy => "edgeproxy",
+            Receiver::EdgeproxyXdp => "edgeproxy-xdp",
             Receiver::Rsyslog => "rsyslog",
             Receiver::SyslogNg => "syslog-ng",
         }
@@ -137,7 +145,10 @@ pub fn logs_peers() -> anyhow::Result<()> {
     println!("  syslog-ng: {sng} (syslog() udp source, file destination)");
     println!("  edgeproxy: io_uring, 1 worker, raw messages as JSON lines to a file sink");
     println!(
-        "{:<10} {:>10} {:>10} {:>10} {:>8} {:>12} {:>14}",
+        "  edgeproxy-xdp: the same, fed by an XDP capture rule (edgeproxy run --config); its CPU includes the XDP program's kernel run time (BPF stats)"
+    );
+    println!(
+        "{:<14} {:>10} {:>10} {:>10} {:>8} {:>12} {:>14}",
         "receiver", "offered/s", "sent", "written", "loss", "written/s", "lines/CPU-s"
     );
     // (receiver, written/s, lines per CPU-s, lost lines) at the flat-out point.
@@ -149,7 +160,7 @@ pub fn logs_peers() -> anyhow::Result<()> {
             let per_cpu = p.written as f64 / p.cpu_s.max(1e-9);
             let per_s = p.written as f64 / SECONDS;
             println!(
-                "{:<10} {:>10} {:>10} {:>10} {:>7.2}% {:>12.0} {:>14.0}",
+                "{:<14} {:>10} {:>10} {:>10} {:>7.2}% {:>12.0} {:>14.0}",
                 r.name(),
                 if rate == 0 {
                     "max".to_owned()
@@ -178,14 +189,15 @@ pub fn logs_peers() -> anyhow::Result<()> {
         .iter()
         .find(|(r, ..)| *r == Receiver::Edgeproxy)
         .context("no edgeproxy point")?;
+    let is_peer = |r: &Receiver| matches!(r, Receiver::Rsyslog | Receiver::SyslogNg);
     let best_rate = at_max
         .iter()
-        .filter(|(r, ..)| *r != Receiver::Edgeproxy)
+        .filter(|(r, ..)| is_peer(r))
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .context("no peer point")?;
     let best_cpu = at_max
         .iter()
-        .filter(|(r, ..)| *r != Receiver::Edgeproxy)
+        .filter(|(r, ..)| is_peer(r))
         .max_by(|a, b| a.2.total_cmp(&b.2))
         .context("no peer point")?;
     println!(
@@ -195,13 +207,20 @@ pub fn logs_peers() -> anyhow::Result<()> {
         ours.2 / best_cpu.2.max(1e-9),
         best_cpu.0.name()
     );
+    if let Some(xdp) = at_max.iter().find(|(r, ..)| *r == Receiver::EdgeproxyXdp) {
+        println!(
+            "flat out: edgeproxy-xdp takes {:.2}x the lines per CPU-second of the best peer ({}), XDP run time included",
+            xdp.2 / best_cpu.2.max(1e-9),
+            best_cpu.0.name()
+        );
+    }
     if ours.3 == 0 {
         println!(
             "(edgeproxy lost nothing flat out: its written/s is the generator's limit, not its own; lines per CPU-second is the capacity comparison)"
         );
     }
     println!(
-        "(written = lines in the receiver's output file after a clean stop; loss = sent - written; CPU = the receiver process's user+system time from /proc, softirq receive work excluded for all alike)\n"
+        "(written = lines in the receiver's output file after a clean stop; loss = sent - written; CPU = the receiver process's user+system time from /proc over the flood and until its output settled (start-up excluded for all), softirq receive work excluded for all alike, plus the XDP program's run time for edgeproxy-xdp)\n"
     );
     Ok(())
 }
@@ -227,6 +246,41 @@ fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<
             );
             let mut c = pair.a.command(edgeproxy_testbed::edgeproxy_bin()?);
             c.args(["logs", "--duration", "300", "--config"]).arg(cfg);
+            c
+        }
+        Receiver::EdgeproxyXdp => {
+            // The listener (one port up) only satisfies the pipeline; the traffic is
+            // captured and dropped by XDP before any socket.
+            let cfg = dir.file(
+                "edgeproxy.toml",
+                &format!(
+                    "[engine]\nkind = \"io_uring\"\ndata_cpus = [0]\n\
+                     [[listener]]\naddress = \"{addr}:{}\"\n\
+                     [window]\nseconds = 1\n\
+                     [[sink]]\nkind = \"file\"\npath = \"{}\"\nwhat = \"raw\"\nfsync = \"never\"\n",
+                    PORT + 1,
+                    out.display()
+                ),
+            );
+            let policy = dir.file(
+                "policy.toml",
+                &format!(
+                    "[[rule]]\nproto = \"udp\"\ndst_port = {PORT}\naction = \"capture\"\nthen = \"drop\"\n"
+                ),
+            );
+            let mut c = pair.a.command(edgeproxy_testbed::edgeproxy_bin()?);
+            c.args([
+                "run",
+                "--iface",
+                pair.a_if,
+                "--ephemeral",
+                "--json",
+                "--bpf-stats",
+            ])
+            .args(["--duration", "300", "--policy"])
+            .arg(policy)
+            .arg("--config")
+            .arg(cfg);
             c
         }
         Receiver::Rsyslog => {
@@ -292,25 +346,47 @@ fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<
         });
     }
     let log = std::fs::File::create(dir.path().join("receiver.log"))?;
+    let stdout_path = dir.path().join("stdout");
     let mut child = edgeproxy_testbed::Reaped(Some(
         cmd.stdin(Stdio::null())
-            .stdout(log.try_clone()?)
+            .stdout(std::fs::File::create(&stdout_path)?)
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", r.name()))?,
     ));
     let pid = child.pid();
-    wait_bound(&pair, PORT, &dir, Duration::from_secs(10))?;
+    let bound = if r == Receiver::EdgeproxyXdp {
+        PORT + 1
+    } else {
+        PORT
+    };
+    wait_bound(&pair, bound, &dir, Duration::from_secs(10))?;
+    let cpu_before = process_cpu_s(pid.as_raw())?;
     let sent = flood(&pair, PORT, rate, seconds)?;
     settle(&out, Duration::from_millis(1500), Duration::from_secs(30));
-    let cpu_s = process_cpu_s(pid.as_raw())?;
+    let mut cpu_s = process_cpu_s(pid.as_raw())? - cpu_before;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
     let status = child.take().wait()?;
-    if !status.success() && r == Receiver::Edgeproxy {
+    let is_ours = matches!(r, Receiver::Edgeproxy | Receiver::EdgeproxyXdp);
+    if !status.success() && is_ours {
         bail!(
             "edgeproxy exited with {status}: {}",
             std::fs::read_to_string(dir.path().join("receiver.log")).unwrap_or_default()
         );
+    }
+    if r == Receiver::EdgeproxyXdp {
+        // The run report (pretty JSON after the pipeline's summary line) holds the XDP
+        // program's kernel run time over the run; packets only ran it during the flood.
+        let text = std::fs::read_to_string(&stdout_path)?;
+        let report = text
+            .split_once('\n')
+            .map(|(_, rest)| rest)
+            .context("no run report")?;
+        let v: serde_json::Value = serde_json::from_str(report).context("the run report")?;
+        let ns = v["xdp_cost"]["run_time_ns"]
+            .as_u64()
+            .context("xdp_cost.run_time_ns in the run report")?;
+        cpu_s += ns as f64 / 1e9;
     }
     let written = std::fs::read(&out)
         .map(|b| b.iter().filter(|&&c| c == b'\n').count() as u64)
