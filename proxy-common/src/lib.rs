@@ -31,7 +31,8 @@ pub const RECORD_RINGS_MAP: &str = "RECORD_RINGS";
 pub const RECORD_RINGS_MAX_CPUS: u32 = 256;
 /// Size of each per-CPU ring.
 pub const RECORD_RING_PER_CPU_BYTES: u32 = 1 << 21;
-/// Unread bytes at which the data plane wakes the record consumer; below that the
+/// Unread bytes whose crossing makes the data plane wake the record consumer (once per
+/// crossing, not per record above it); below that the
 /// consumer finds records on its poll timeout ([`RECORDS_POLL_MS`]).
 pub const RECORDS_WAKEUP_BYTES: u32 = 64 * 1024;
 /// The record consumer's poll timeout: the most a record waits when traffic is light.

@@ -110,8 +110,12 @@ fn push<const N: usize, H: Hook>(
         });
     }
     // Waking the consumer per record costs more than the rest of the program; wake it
-    // once a batch is waiting, and let its poll timeout pick up smaller amounts.
-    let flags = if avail >= WAKEUP_BYTES {
+    // once, when this record makes the waiting data cross the batch threshold (`avail`
+    // already counts it), and let its poll timeout pick up smaller amounts. Waking on
+    // every record above the threshold would wake a consumer that is already draining
+    // once per record.
+    let record = size as u64 + 8; // the ring's own 8-byte record header
+    let flags = if avail >= WAKEUP_BYTES && avail < WAKEUP_BYTES + record {
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
         u64::from(BPF_RB_NO_WAKEUP)
