@@ -498,6 +498,9 @@ fn start_log_control(
     let stop = Arc::new(AtomicBool::new(false));
     let control_stop = Arc::clone(&stop);
     let control_shared = Arc::clone(&shared);
+    // The pipeline starts only once the handlers are in place: a SIGHUP or a file change
+    // in between would otherwise kill the process (SIGHUP's default) or go unseen.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
     std::thread::Builder::new().name("ep-control".into()).spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
@@ -510,6 +513,12 @@ fn start_log_control(
         rt.block_on(async {
             let stop = stop_signal(duration);
             tokio::pin!(stop);
+            // One poll installs the SIGINT/SIGTERM handlers before we report ready.
+            let mut stopped = tokio::select! {
+                biased;
+                () = &mut stop => true,
+                () = std::future::ready(()) => false,
+            };
             let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
             let watch = config.as_deref().and_then(|p| match ConfigWatch::new(p) {
                 Ok(w) => Some(w),
@@ -518,6 +527,7 @@ fn start_log_control(
                     None
                 }
             });
+            let _ = ready_tx.send(());
             let reload = |why: &str| match load_log_config(config.as_deref(), &overrides) {
                 Ok((cfg, sinks)) => {
                     let s = control_shared.publish(cfg, sinks, Duration::from_millis(50));
@@ -525,7 +535,7 @@ fn start_log_control(
                 }
                 Err(e) => tracing::error!("{why}: configuration rejected, keeping the running one: {e:#}"),
             };
-            loop {
+            while !stopped {
                 let hangup = async {
                     match hup.as_mut() {
                         Some(h) => {
@@ -541,7 +551,7 @@ fn start_log_control(
                     }
                 };
                 tokio::select! {
-                    () = &mut stop => break,
+                    () = &mut stop => stopped = true,
                     () = hangup => reload("SIGHUP"),
                     () = changed => reload("file changed"),
                 }
@@ -549,6 +559,8 @@ fn start_log_control(
         });
         control_stop.store(true, Ordering::Release);
     })?;
+    // An error means the thread ended before getting ready (it logged why and set stop).
+    let _ = ready_rx.recv_timeout(Duration::from_secs(10));
     Ok((shared, stop))
 }
 

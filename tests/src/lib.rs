@@ -106,9 +106,50 @@ pub fn wait_for_line(child: &mut std::process::Child, needle: &str) -> (bool, Ve
     }
 }
 
+/// A child's stderr, line by line, read on a background thread (so the child never
+/// blocks on a full pipe) for a test to wait on later lines.
+pub struct LogLines(std::sync::mpsc::Receiver<String>);
+
+impl LogLines {
+    fn follow(stderr: std::process::ChildStderr) -> Self {
+        use std::io::BufRead as _;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                // Nobody listening any more: keep draining regardless.
+                let _ = tx.send(line);
+            }
+        });
+        Self(rx)
+    }
+
+    /// The next line containing `needle` within `limit`, or every line seen if none did.
+    pub fn wait_for(
+        &self,
+        needle: &str,
+        limit: std::time::Duration,
+    ) -> Result<String, Vec<String>> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.0.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Ok(line),
+                Ok(line) => seen.push(line),
+                Err(_) => return Err(seen),
+            }
+        }
+    }
+}
+
 /// `edgeproxy ARGS…` started inside `ns` with piped output, returned once its log says
-/// "log pipeline started"; an error with its log otherwise.
-pub fn try_start_edgeproxy<I, S>(ns: &netns::Netns, args: I) -> anyhow::Result<Reaped>
+/// "log pipeline started" (within 30 s), with its log to follow; an error with its log
+/// otherwise.
+pub fn try_start_edgeproxy_logged<I, S>(
+    ns: &netns::Netns,
+    args: I,
+) -> anyhow::Result<(Reaped, LogLines)>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
@@ -120,12 +161,25 @@ where
             .stderr(std::process::Stdio::piped())
             .spawn()?,
     ));
-    let Some(c) = child.0.as_mut() else {
-        anyhow::bail!("no child");
-    };
-    let (ok, log) = wait_for_line(c, "log pipeline started");
-    anyhow::ensure!(ok, "edgeproxy did not start: {log:?}");
-    Ok(child)
+    let stderr = child
+        .0
+        .as_mut()
+        .and_then(|c| c.stderr.take())
+        .ok_or_else(|| anyhow::anyhow!("no stderr pipe"))?;
+    let log = LogLines::follow(stderr);
+    if let Err(seen) = log.wait_for("log pipeline started", std::time::Duration::from_secs(30)) {
+        anyhow::bail!("edgeproxy did not start: {seen:?}");
+    }
+    Ok((child, log))
+}
+
+/// [`try_start_edgeproxy_logged`] without the log.
+pub fn try_start_edgeproxy<I, S>(ns: &netns::Netns, args: I) -> anyhow::Result<Reaped>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    try_start_edgeproxy_logged(ns, args).map(|(child, _log)| child)
 }
 
 /// [`try_start_edgeproxy`] for tests: panics on failure.

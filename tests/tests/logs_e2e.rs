@@ -11,6 +11,24 @@ use edgeproxy_testbed::{
 
 const PORT: u16 = 5514;
 
+/// `edgeproxy logs --config CFG` in `ns`, with its log to wait on.
+fn start_logs_logged(
+    ns: &edgeproxy_testbed::netns::Netns,
+    cfg: &std::path::Path,
+) -> (edgeproxy_testbed::Reaped, edgeproxy_testbed::LogLines) {
+    edgeproxy_testbed::try_start_edgeproxy_logged(
+        ns,
+        [
+            std::ffi::OsStr::new("logs"),
+            "--duration".as_ref(),
+            "60".as_ref(),
+            "--config".as_ref(),
+            cfg.as_os_str(),
+        ],
+    )
+    .expect("start edgeproxy")
+}
+
 #[test]
 fn logger_and_duplicates_are_counted_exactly_io_uring() {
     if require_root("logger_and_duplicates_are_counted_exactly_io_uring") {
@@ -360,7 +378,7 @@ fn sighup_reload_changes_key_window_sink_and_listeners_without_loss() {
         t
     };
     let cfg = dir.file("edgeproxy.toml", &conf(&[P1], "app", "0.2", &file_a));
-    let child = start_logs(&pair.a, &cfg);
+    let (child, log) = start_logs_logged(&pair.a, &cfg);
     let send = |port: u16, app: &str, n: u64| {
         pair.b.run(|| {
             let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
@@ -379,6 +397,10 @@ fn sighup_reload_changes_key_window_sink_and_listeners_without_loss() {
     let hup = |text: String| {
         std::fs::write(&cfg, text).expect("write config");
         nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+        // The reload itself, not a guess of how long it takes on a loaded machine; then
+        // past its boundary (at least 50 ms on, at the end of a window of ≤ 0.3 s).
+        log.wait_for("configuration reloaded", std::time::Duration::from_secs(20))
+            .expect("the configuration is reloaded");
         std::thread::sleep(std::time::Duration::from_millis(900));
     };
     send(P1, "alpha", 500);
@@ -457,10 +479,14 @@ fn file_watch_reloads_a_replaced_configuration() {
         )
     };
     let cfg = dir.file("edgeproxy.toml", &conf("app"));
-    let child = start_logs(&pair.a, &cfg);
+    let (child, log) = start_logs_logged(&pair.a, &cfg);
     let tmp = dir.file("edgeproxy.toml.new", &conf("host"));
     std::fs::rename(&tmp, &cfg).expect("rename");
-    std::thread::sleep(std::time::Duration::from_millis(900));
+    // Wait for the reload itself (not a guess of how long it takes on a loaded machine),
+    // then past its boundary: at least 50 ms on, at the end of a 0.2 s window.
+    log.wait_for("configuration reloaded", std::time::Duration::from_secs(20))
+        .expect("the rename is seen and the file reloaded");
+    std::thread::sleep(std::time::Duration::from_millis(600));
     pair.b.run(|| {
         let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
         for i in 0..100 {

@@ -166,4 +166,8 @@ impl ReceiveBackend for EpollBackend {
     fn name(&self) -> &'static str {
         "epoll"
     }
+
+    fn coalesce_when_busy(&self) -> bool {
+        true
+    }
 }

@@ -77,6 +77,13 @@ pub trait ReceiveBackend {
     fn watch(&mut self, fd: std::os::fd::RawFd) -> io::Result<usize>;
     fn stats(&self) -> BackendStats;
     fn name(&self) -> &'static str;
+    /// Whether a busy worker should sleep a short quantum between non-blocking passes
+    /// instead of waiting to be woken (measured per backend: it pays for epoll, whose
+    /// sockets simply queue meanwhile; a multishot io_uring receive under DEFER_TASKRUN
+    /// only makes progress while the task waits in the ring, and got slower).
+    fn coalesce_when_busy(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

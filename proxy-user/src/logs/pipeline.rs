@@ -471,6 +471,7 @@ fn worker_loop(
         counts: MessageCounts::default(),
         raw: new_raw(&snap),
     };
+    let mut busy = false;
     loop {
         let stopping = stop.load(Ordering::Acquire);
         let now = now_ns();
@@ -480,7 +481,24 @@ fn worker_loop(
         } else {
             until_close.min(Duration::from_millis(10))
         };
-        receive(&mut *backend, timeout, &snap.pipeline, &mut acc)?;
+        let n = if busy && !stopping {
+            // Under load, let the sockets queue for a quantum and take everything at
+            // once: being woken per datagram costs an IPI and a context switch, more
+            // than the datagrams each wake-up brings. Idle, readiness wakes us as usual.
+            thread::sleep(BUSY_QUANTUM.min(until_close));
+            let mut n = 0;
+            loop {
+                let k = receive(&mut *backend, Duration::ZERO, &snap.pipeline, &mut acc)?;
+                n += k;
+                if k == 0 {
+                    break;
+                }
+            }
+            n
+        } else {
+            receive(&mut *backend, timeout, &snap.pipeline, &mut acc)?
+        };
+        busy = n >= BUSY_BATCH && backend.coalesce_when_busy();
         if let Some(r) = records.as_mut() {
             // Readiness only wakes the poll; records below the wake-up threshold are read
             // on every pass anyway (a memory load when the ring is empty).
@@ -558,6 +576,13 @@ fn worker_loop(
             .collect(),
     })
 }
+
+/// A pass that brought at least this many datagrams means the sockets are busy: the
+/// worker then sleeps a quantum between passes instead of waiting to be woken.
+const BUSY_BATCH: usize = 16;
+/// How long a busy worker lets datagrams queue (the most it adds to their latency; the
+/// socket buffers hold far more than a quantum of traffic).
+const BUSY_QUANTUM: Duration = Duration::from_micros(200);
 
 /// The start of the window containing `t`, on the grid of `snap` (anchored where that
 /// snapshot took effect, so every worker computes the same boundaries).
@@ -809,59 +834,50 @@ impl HeldRaw {
     }
 }
 
-/// Merges partial windows into whole ones: a window is complete once every worker has
-/// sent its partial for it (or, at shutdown, with whatever arrived).
+/// Merges partial windows into whole ones. Each worker sends its partials in window
+/// order but may skip windows (a worker that fell more than a window behind closes one
+/// and starts on the current grid), so a window is complete once every worker has sent
+/// a partial for it *or a later one*; completion is then monotone and windows leave in
+/// order. At shutdown the rest goes out as it is.
 pub struct WindowMerger {
-    workers: usize,
-    pending: BTreeMap<i64, (Vec<usize>, WindowReport)>,
+    /// The latest window start each worker has reported.
+    latest: Vec<i64>,
+    pending: BTreeMap<i64, WindowReport>,
 }
 
 impl WindowMerger {
     pub fn new(workers: usize) -> Self {
         Self {
-            workers,
+            latest: vec![i64::MIN; workers.max(1)],
             pending: BTreeMap::new(),
         }
     }
 
-    /// Adds a partial; returns the windows it completed, oldest first.
+    /// Adds a partial; returns the windows now complete, oldest first.
     pub fn add(&mut self, p: Partial) -> Vec<WindowReport> {
         let start = p.window.start_ns;
-        let entry = self.pending.entry(start).or_insert_with(|| {
-            (
-                Vec::new(),
-                WindowReport {
-                    start_ns: start,
-                    window: p.window.clone_empty(),
-                    counts: MessageCounts::default(),
-                    close_lag_max_ns: 0,
-                },
-            )
+        let entry = self.pending.entry(start).or_insert_with(|| WindowReport {
+            start_ns: start,
+            window: p.window.clone_empty(),
+            counts: MessageCounts::default(),
+            close_lag_max_ns: 0,
         });
-        entry.1.window.merge(&p.window);
-        entry.1.counts.add(&p.counts);
-        entry.1.close_lag_max_ns = entry.1.close_lag_max_ns.max(p.close_lag_ns);
-        if !entry.0.contains(&p.worker) {
-            entry.0.push(p.worker);
+        entry.window.merge(&p.window);
+        entry.counts.add(&p.counts);
+        entry.close_lag_max_ns = entry.close_lag_max_ns.max(p.close_lag_ns);
+        if let Some(l) = self.latest.get_mut(p.worker) {
+            *l = (*l).max(start);
         }
-        let complete: Vec<i64> = self
-            .pending
-            .iter()
-            .filter(|(_, (w, _))| w.len() >= self.workers)
-            .map(|(k, _)| *k)
-            .collect();
-        complete
-            .into_iter()
-            .filter_map(|k| self.pending.remove(&k).map(|(_, r)| r))
+        let done_up_to = self.latest.iter().copied().min().unwrap_or(i64::MIN);
+        let later = self.pending.split_off(&done_up_to.saturating_add(1));
+        std::mem::replace(&mut self.pending, later)
+            .into_values()
             .collect()
     }
 
     /// Everything still pending (at shutdown).
     pub fn flush(&mut self) -> Vec<WindowReport> {
-        std::mem::take(&mut self.pending)
-            .into_values()
-            .map(|(_, r)| r)
-            .collect()
+        std::mem::take(&mut self.pending).into_values().collect()
     }
 }
 
@@ -1030,4 +1046,41 @@ fn process_cpu_s() -> f64 {
     };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partial(worker: usize, start_ns: i64, records: u64) -> Partial {
+        let mut window = LogWindow::new(KeySpec::default(), WindowLimits::default(), start_ns);
+        window.records = records;
+        Partial {
+            worker,
+            window,
+            counts: MessageCounts::default(),
+            close_lag_ns: 0,
+        }
+    }
+
+    /// A worker that skips a window (it fell behind) must not hold that window back
+    /// until shutdown, and windows must still leave in order.
+    #[test]
+    fn windows_leave_in_order_when_a_worker_skips_one() {
+        let mut m = WindowMerger::new(2);
+        let starts = |v: Vec<WindowReport>| -> Vec<(i64, u64)> {
+            v.iter().map(|r| (r.start_ns, r.window.records)).collect()
+        };
+        assert!(m.add(partial(0, 10, 1)).is_empty());
+        assert_eq!(starts(m.add(partial(1, 10, 2))), [(10, 3)]);
+        // Worker 1 reports 20 and 30; worker 0 skips 20 and reports 30.
+        assert!(m.add(partial(1, 20, 4)).is_empty());
+        assert!(m.add(partial(1, 30, 8)).is_empty());
+        assert_eq!(starts(m.add(partial(0, 30, 16))), [(20, 4), (30, 24)]);
+        assert!(m.flush().is_empty());
+        // At shutdown whatever is pending goes out, oldest first.
+        assert!(m.add(partial(0, 40, 1)).is_empty());
+        assert!(m.add(partial(0, 50, 1)).is_empty());
+        assert_eq!(starts(m.flush()), [(40, 1), (50, 1)]);
+    }
 }

@@ -21,6 +21,8 @@ use super::logs::flood;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Receiver {
     Edgeproxy,
+    /// edgeproxy with the epoll engine.
+    EdgeproxyEpoll,
     /// edgeproxy taking the datagrams from its XDP capture rule instead of a socket.
     EdgeproxyXdp,
     Rsyslog,
@@ -28,8 +30,9 @@ enum Receiver {
 }
 
 impl Receiver {
-    const ALL: [Receiver; 4] = [
+    const ALL: [Receiver; 5] = [
         Receiver::Edgeproxy,
+        Receiver::EdgeproxyEpoll,
         Receiver::EdgeproxyXdp,
         Receiver::Rsyslog,
         Receiver::SyslogNg,
@@ -38,6 +41,7 @@ impl Receiver {
     fn name(self) -> &'static str {
         match self {
             Receiver::Edgeproxy => "edgeproxy",
+            Receiver::EdgeproxyEpoll => "edgeproxy-epoll",
             Receiver::EdgeproxyXdp => "edgeproxy-xdp",
             Receiver::Rsyslog => "rsyslog",
             Receiver::SyslogNg => "syslog-ng",
@@ -144,11 +148,12 @@ pub fn logs_peers() -> anyhow::Result<()> {
     println!("  rsyslog: {rs} (imudp, omfile, default template)");
     println!("  syslog-ng: {sng} (syslog() udp source, file destination)");
     println!("  edgeproxy: io_uring, 1 worker, raw messages as JSON lines to a file sink");
+    println!("  edgeproxy-epoll: the same with the epoll engine");
     println!(
         "  edgeproxy-xdp: the same, fed by an XDP capture rule (edgeproxy run --config); its CPU includes the XDP program's kernel run time (BPF stats)"
     );
     println!(
-        "{:<14} {:>10} {:>10} {:>10} {:>8} {:>12} {:>14}",
+        "{:<16} {:>10} {:>10} {:>10} {:>8} {:>12} {:>14}",
         "receiver", "offered/s", "sent", "written", "loss", "written/s", "lines/CPU-s"
     );
     // (receiver, written/s, lines per CPU-s, lost lines) at the flat-out point.
@@ -160,7 +165,7 @@ pub fn logs_peers() -> anyhow::Result<()> {
             let per_cpu = p.written as f64 / p.cpu_s.max(1e-9);
             let per_s = p.written as f64 / SECONDS;
             println!(
-                "{:<14} {:>10} {:>10} {:>10} {:>7.2}% {:>12.0} {:>14.0}",
+                "{:<16} {:>10} {:>10} {:>10} {:>7.2}% {:>12.0} {:>14.0}",
                 r.name(),
                 if rate == 0 {
                     "max".to_owned()
@@ -207,6 +212,13 @@ pub fn logs_peers() -> anyhow::Result<()> {
         ours.2 / best_cpu.2.max(1e-9),
         best_cpu.0.name()
     );
+    if let Some(ep) = at_max.iter().find(|(r, ..)| *r == Receiver::EdgeproxyEpoll) {
+        println!(
+            "flat out: edgeproxy-epoll takes {:.2}x the lines per CPU-second of the best peer ({})",
+            ep.2 / best_cpu.2.max(1e-9),
+            best_cpu.0.name()
+        );
+    }
     if let Some(xdp) = at_max.iter().find(|(r, ..)| *r == Receiver::EdgeproxyXdp) {
         println!(
             "flat out: edgeproxy-xdp takes {:.2}x the lines per CPU-second of the best peer ({}), XDP run time included",
@@ -233,11 +245,16 @@ fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<
     let out = dir.path().join("out.log");
     let addr = pair.a_v4;
     let mut cmd = match r {
-        Receiver::Edgeproxy => {
+        Receiver::Edgeproxy | Receiver::EdgeproxyEpoll => {
+            let engine = if r == Receiver::Edgeproxy {
+                "io_uring"
+            } else {
+                "epoll"
+            };
             let cfg = dir.file(
                 "edgeproxy.toml",
                 &format!(
-                    "[engine]\nkind = \"io_uring\"\ndata_cpus = [0]\n\
+                    "[engine]\nkind = \"{engine}\"\ndata_cpus = [0]\n\
                      [[listener]]\naddress = \"{addr}:{PORT}\"\nrcvbuf = 8388608\n\
                      [window]\nseconds = 1\n\
                      [[sink]]\nkind = \"file\"\npath = \"{}\"\nwhat = \"raw\"\nfsync = \"never\"\n",
@@ -367,7 +384,7 @@ fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<
     let mut cpu_s = process_cpu_s(pid.as_raw())? - cpu_before;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
     let status = child.take().wait()?;
-    let is_ours = matches!(r, Receiver::Edgeproxy | Receiver::EdgeproxyXdp);
+    let is_ours = !matches!(r, Receiver::Rsyslog | Receiver::SyslogNg);
     if !status.success() && is_ours {
         bail!(
             "edgeproxy exited with {status}: {}",
