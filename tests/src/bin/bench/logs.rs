@@ -95,14 +95,10 @@ pub fn logs_pipeline() -> anyhow::Result<()> {
             println!(
                 "{:<9} {:>12} {:>12} {:>12} {:>9.2}% {:>16.0}",
                 engine,
-                if rate == 0 {
-                    "max".to_owned()
-                } else {
-                    rate.to_string()
-                },
+                rate_label(rate),
                 sent,
                 processed,
-                100.0 * drops as f64 / sent.max(1) as f64,
+                loss_pct(sent, sent - drops),
                 processed as f64 / cpu.max(1e-9)
             );
             anyhow::ensure!(
@@ -139,14 +135,10 @@ fn capture_path(seconds: f64) -> anyhow::Result<()> {
         println!(
             "{:<9} {:>12} {:>12} {:>12} {:>9.2}% {:>10} {:>10} {:>16.0} {:>12.0}",
             "capture",
-            if rate == 0 {
-                "max".to_owned()
-            } else {
-                rate.to_string()
-            },
+            rate_label(rate),
             p.sent,
             p.processed,
-            100.0 * p.sent.saturating_sub(p.processed) as f64 / p.sent.max(1) as f64,
+            loss_pct(p.sent, p.processed),
             p.ring_full,
             p.device,
             p.processed as f64 / p.cpu_s.max(1e-9),
@@ -326,4 +318,18 @@ pub fn flood(pair: &VethPair, port: u16, rate: u64, seconds: f64) -> anyhow::Res
         }
         Ok(sent)
     })
+}
+
+/// An offered rate for the tables (0 means flat out).
+pub fn rate_label(rate: u64) -> String {
+    if rate == 0 {
+        "max".to_owned()
+    } else {
+        rate.to_string()
+    }
+}
+
+/// Percentage of `sent` that did not arrive as `got`.
+pub fn loss_pct(sent: u64, got: u64) -> f64 {
+    100.0 * sent.saturating_sub(got) as f64 / sent.max(1) as f64
 }

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use edgeproxy_testbed::{netns::VethPair, scratch::ScratchDir};
 
-use super::logs::flood;
+use super::logs::{flood, loss_pct, rate_label};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Receiver {
@@ -167,14 +167,10 @@ pub fn logs_peers() -> anyhow::Result<()> {
             println!(
                 "{:<16} {:>10} {:>10} {:>10} {:>7.2}% {:>12.0} {:>14.0}",
                 r.name(),
-                if rate == 0 {
-                    "max".to_owned()
-                } else {
-                    rate.to_string()
-                },
+                rate_label(rate),
                 p.sent,
                 p.written,
-                100.0 * p.sent.saturating_sub(p.written) as f64 / p.sent.max(1) as f64,
+                loss_pct(p.sent, p.written),
                 per_s,
                 per_cpu
             );
