@@ -75,34 +75,16 @@ impl Drop for Reaped {
 }
 
 /// Reads `child`'s stderr until a line containing `needle` (returns true) or EOF (false);
-/// the lines read are returned for error messages, and the rest keeps being drained on a
-/// background thread so the child never blocks on a full pipe.
+/// the lines read are returned when it never came, and the rest keeps being drained on a
+/// background thread so the child never blocks on a full pipe. (A child that neither
+/// prints the line nor exits fails after 5 minutes rather than hanging the test.)
 pub fn wait_for_line(child: &mut std::process::Child, needle: &str) -> (bool, Vec<String>) {
-    use std::io::BufRead;
     let Some(stderr) = child.stderr.take() else {
         return (false, vec!["no stderr pipe".into()]);
     };
-    let mut reader = std::io::BufReader::new(stderr);
-    let mut lines = Vec::new();
-    let mut line = String::new();
-    loop {
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return (false, lines),
-            Ok(_) => {
-                let done = line.contains(needle);
-                lines.push(line.trim_end().to_owned());
-                if done {
-                    std::thread::spawn(move || {
-                        let mut sink = String::new();
-                        while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                            sink.clear();
-                        }
-                    });
-                    return (true, lines);
-                }
-            }
-        }
+    match LogLines::follow(stderr).wait_for(needle, std::time::Duration::from_secs(300)) {
+        Ok(line) => (true, vec![line]),
+        Err(seen) => (false, seen),
     }
 }
 

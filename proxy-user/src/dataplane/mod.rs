@@ -503,12 +503,12 @@ impl Dataplane {
             .take_map(RECORDS_MAP)
             .ok_or(DataplaneError::MapMissing(RECORDS_MAP))?;
         if self.per_cpu_rings.is_empty() {
-            return Records::new(vec![shared]);
+            return Records::new(vec![shared], None);
         }
         // The shared ring is still drained: a CPU beyond the array would use it.
         let mut maps = vec![shared];
         maps.extend(self.per_cpu_rings.drain(..).map(aya::maps::Map::RingBuf));
-        Records::new(maps)
+        Records::new(maps, None)
     }
 
     /// Takes the policy maps out of this object for a [`crate::policy::loader::PolicyLoader`].

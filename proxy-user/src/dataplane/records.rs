@@ -28,7 +28,11 @@ pub struct Records {
 }
 
 impl Records {
-    pub(super) fn new(maps: Vec<Map>) -> Result<Self, DataplaneError> {
+    /// `cpus` names the CPU of each ring (`None` entries: the shared ring).
+    pub(super) fn new(
+        maps: Vec<Map>,
+        cpus: Option<Vec<Option<u32>>>,
+    ) -> Result<Self, DataplaneError> {
         let rings = maps
             .into_iter()
             .map(|m| {
@@ -39,9 +43,12 @@ impl Records {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let per_ring = vec![0; rings.len()];
-        let cpus = (0..rings.len())
-            .map(|i| i.checked_sub(1).map(|c| c as u32))
-            .collect();
+        // Unless told otherwise: the shared ring first, then one per CPU in order.
+        let cpus = cpus.unwrap_or_else(|| {
+            (0..rings.len())
+                .map(|i| i.checked_sub(1).map(|c| c as u32))
+                .collect()
+        });
         Ok(Self {
             rings,
             cpus,
@@ -64,9 +71,7 @@ impl Records {
             .chain(per_cpu.into_iter().map(|(c, m)| (Some(c), m)))
             .map(|(c, m)| (c, Map::RingBuf(m)))
             .unzip();
-        let mut r = Self::new(maps)?;
-        r.cpus = cpus;
-        Ok(r)
+        Self::new(maps, Some(cpus))
     }
 
     /// Splits the rings among `consumers`, `assign` naming the consumer of each ring by

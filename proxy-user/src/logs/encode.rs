@@ -175,8 +175,7 @@ impl Rfc5424Encoder {
             s.push(b' ');
             s.extend_from_slice(r.message.as_bytes());
         }
-        let _ = write!(out, "{} ", s.len());
-        out.extend_from_slice(s);
+        frame(s, out);
     }
 
     /// Appends a window report (its JSON) as one octet-counted RFC 5424 message from
@@ -190,9 +189,15 @@ impl Rfc5424Encoder {
         header_field(host, MAX_HOST, s);
         let _ = write!(s, " edgeproxy {} window - ", std::process::id());
         s.extend_from_slice(report_json.as_bytes());
-        let _ = write!(out, "{} ", s.len());
-        out.extend_from_slice(s);
+        frame(s, out);
     }
+}
+
+/// RFC 6587 octet counting: `LEN SP MSG`.
+fn frame(msg: &[u8], out: &mut Vec<u8>) {
+    int(msg.len(), out);
+    out.push(b' ');
+    out.extend_from_slice(msg);
 }
 
 /// A header field: PRINTUSASCII only (others become `_`), at most `max` characters,

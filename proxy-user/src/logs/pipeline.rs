@@ -486,15 +486,7 @@ fn worker_loop(
             // once: being woken per datagram costs an IPI and a context switch, more
             // than the datagrams each wake-up brings. Idle, readiness wakes us as usual.
             thread::sleep(BUSY_QUANTUM.min(until_close));
-            let mut n = 0;
-            loop {
-                let k = receive(&mut *backend, Duration::ZERO, &snap.pipeline, &mut acc)?;
-                n += k;
-                if k == 0 {
-                    break;
-                }
-            }
-            n
+            drain_sockets(&mut *backend, &snap.pipeline, &mut acc)?
         } else {
             receive(&mut *backend, timeout, &snap.pipeline, &mut acc)?
         };
@@ -512,7 +504,7 @@ fn worker_loop(
                 latest.generation != snap.generation && start + win_ns >= latest.effective_from_ns;
             if switch && latest.pipeline.listeners != snap.pipeline.listeners {
                 // Finish what the old sockets hold, into the closing window, then rebuild.
-                while receive(&mut *backend, Duration::ZERO, &snap.pipeline, &mut acc)? > 0 {}
+                drain_sockets(&mut *backend, &snap.pipeline, &mut acc)?;
                 sockets = bind_all(
                     &latest.pipeline.listeners,
                     latest.pipeline.rcvbuf,
@@ -662,6 +654,22 @@ fn receive(
             );
         }
     })
+}
+
+/// Non-blocking passes until one brings nothing; returns the datagrams taken.
+fn drain_sockets(
+    backend: &mut dyn engine::ReceiveBackend,
+    cfg: &PipelineConfig,
+    acc: &mut Acc,
+) -> io::Result<usize> {
+    let mut n = 0;
+    loop {
+        let k = receive(backend, Duration::ZERO, cfg, acc)?;
+        if k == 0 {
+            return Ok(n);
+        }
+        n += k;
+    }
 }
 
 /// The sinks in force, each with what it takes and its counters.

@@ -172,39 +172,7 @@ fn capture_point(rate: u64, seconds: f64) -> anyhow::Result<CapturePoint> {
     const PORT: u16 = 5557;
     let pair = VethPair::create()?;
     let dir = ScratchDir::new()?;
-    let policy = dir.file(
-        "policy.toml",
-        &format!(
-            "[[rule]]\nproto = \"udp\"\ndst_port = {PORT}\naction = \"capture\"\nthen = \"drop\"\n"
-        ),
-    );
-    // The pipeline needs a listener; this one receives nothing.
-    let cfg = dir.file(
-        "edgeproxy.toml",
-        &format!(
-            "[engine]\nkind = \"io_uring\"\ndata_cpus = [0]\n[[listener]]\naddress = \"{}:{}\"\n[window]\nseconds = 1\n",
-            pair.a_v4,
-            PORT + 1
-        ),
-    );
-    let mut args: Vec<std::ffi::OsString> = [
-        "run",
-        "--iface",
-        pair.a_if,
-        "--ephemeral",
-        "--json",
-        "--bpf-stats",
-    ]
-    .into_iter()
-    .map(Into::into)
-    .collect();
-    args.extend([
-        "--duration".into(),
-        "120".into(),
-        "--policy".into(),
-        policy.into(),
-    ]);
-    args.extend(["--config".into(), cfg.into()]);
+    let args = capture_daemon_args(&dir, &pair, PORT, "");
     let child = edgeproxy_testbed::try_start_edgeproxy(&pair.a, args)?;
     let device_before = pair.device_drops()?;
     let sent = flood(&pair, PORT, rate, seconds)?;
@@ -332,4 +300,46 @@ pub fn rate_label(rate: u64) -> String {
 /// Percentage of `sent` that did not arrive as `got`.
 pub fn loss_pct(sent: u64, got: u64) -> f64 {
     100.0 * sent.saturating_sub(got) as f64 / sent.max(1) as f64
+}
+
+/// Arguments for an `edgeproxy run` daemon in `pair.a` (ephemeral, BPF stats on, JSON
+/// report) whose XDP program captures UDP to `port` and drops it, feeding a one-worker
+/// pipeline on CPU 0 (io_uring, 1 s windows). The pipeline needs a listener: the one
+/// on `port + 1` receives nothing. `sinks` (TOML) is appended to its configuration.
+pub fn capture_daemon_args(
+    dir: &ScratchDir,
+    pair: &VethPair,
+    port: u16,
+    sinks: &str,
+) -> Vec<std::ffi::OsString> {
+    let policy = dir.file(
+        "policy.toml",
+        &format!(
+            "[[rule]]\nproto = \"udp\"\ndst_port = {port}\naction = \"capture\"\nthen = \"drop\"\n"
+        ),
+    );
+    let cfg = dir.file(
+        "edgeproxy.toml",
+        &format!(
+            "[engine]\nkind = \"io_uring\"\ndata_cpus = [0]\n[[listener]]\naddress = \"{}:{}\"\n[window]\nseconds = 1\n{sinks}",
+            pair.a_v4,
+            port + 1
+        ),
+    );
+    let mut args: Vec<std::ffi::OsString> = [
+        "run",
+        "--iface",
+        pair.a_if,
+        "--ephemeral",
+        "--json",
+        "--bpf-stats",
+        "--duration",
+        "300",
+    ]
+    .into_iter()
+    .map(Into::into)
+    .collect();
+    args.extend(["--policy".into(), policy.into()]);
+    args.extend(["--config".into(), cfg.into()]);
+    args
 }

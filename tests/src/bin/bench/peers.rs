@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use edgeproxy_testbed::{netns::VethPair, scratch::ScratchDir};
 
-use super::logs::{flood, loss_pct, rate_label};
+use super::logs::{capture_daemon_args, flood, loss_pct, rate_label};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Receiver {
@@ -262,38 +262,17 @@ fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<
             c
         }
         Receiver::EdgeproxyXdp => {
-            // The listener (one port up) only satisfies the pipeline; the traffic is
-            // captured and dropped by XDP before any socket.
-            let cfg = dir.file(
-                "edgeproxy.toml",
+            let args = capture_daemon_args(
+                &dir,
+                &pair,
+                PORT,
                 &format!(
-                    "[engine]\nkind = \"io_uring\"\ndata_cpus = [0]\n\
-                     [[listener]]\naddress = \"{addr}:{}\"\n\
-                     [window]\nseconds = 1\n\
-                     [[sink]]\nkind = \"file\"\npath = \"{}\"\nwhat = \"raw\"\nfsync = \"never\"\n",
-                    PORT + 1,
+                    "[[sink]]\nkind = \"file\"\npath = \"{}\"\nwhat = \"raw\"\nfsync = \"never\"\n",
                     out.display()
                 ),
             );
-            let policy = dir.file(
-                "policy.toml",
-                &format!(
-                    "[[rule]]\nproto = \"udp\"\ndst_port = {PORT}\naction = \"capture\"\nthen = \"drop\"\n"
-                ),
-            );
             let mut c = pair.a.command(edgeproxy_testbed::edgeproxy_bin()?);
-            c.args([
-                "run",
-                "--iface",
-                pair.a_if,
-                "--ephemeral",
-                "--json",
-                "--bpf-stats",
-            ])
-            .args(["--duration", "300", "--policy"])
-            .arg(policy)
-            .arg("--config")
-            .arg(cfg);
+            c.args(args);
             c
         }
         Receiver::Rsyslog => {
