@@ -180,6 +180,39 @@ struct RawSink {
     fsync: Option<Spanned<String>>,
 }
 
+/// One of a few named values (the first is the default when the key is absent), or a
+/// located error naming them all (and the default).
+fn choice<T: Copy>(
+    cx: &mut Collector<'_>,
+    v: Option<&Spanned<String>>,
+    what: &str,
+    options: &[(&str, T)],
+) -> T {
+    let Some(v) = v else {
+        return options[0].1;
+    };
+    if let Some(&(_, t)) = options
+        .iter()
+        .find(|(name, _)| *name == v.get_ref().as_str())
+    {
+        return t;
+    }
+    let names: Vec<String> = options.iter().map(|(n, _)| format!("{n:?}")).collect();
+    let (last, rest) = names
+        .split_last()
+        .map_or(("", &[][..]), |(l, r)| (l.as_str(), r));
+    let listed = if rest.is_empty() {
+        last.to_owned()
+    } else {
+        format!("{} or {last}", rest.join(", "))
+    };
+    cx.err(
+        v.span(),
+        format!("{what} must be {listed}, not {:?}", v.get_ref()),
+    );
+    options[0].1
+}
+
 /// An integer within `lo..=hi`, or a located error.
 fn int(cx: &mut Collector<'_>, v: &Spanned<i64>, what: &str, lo: i64, hi: i64) -> Option<i64> {
     let n = *v.get_ref();
@@ -331,29 +364,25 @@ pub fn parse_config(file: &str, src: &str) -> Result<Config, FileErrors> {
     };
     for s in &raw.sink {
         let s = s.get_ref();
-        let what = match s.what.as_ref().map(|w| (w.get_ref().as_str(), w.span())) {
-            None | Some(("windows", _)) => SinkContent::Windows,
-            Some(("raw", _)) => SinkContent::Raw,
-            Some(("both", _)) => SinkContent::Both,
-            Some((other, span)) => {
-                cx.err(
-                    span,
-                    format!("what must be \"windows\", \"raw\" or \"both\", not {other:?}"),
-                );
-                SinkContent::Windows
-            }
-        };
-        let format = match s.format.as_ref().map(|f| (f.get_ref().as_str(), f.span())) {
-            None | Some(("json", _)) => OutputFormat::Json,
-            Some(("rfc5424", _)) => OutputFormat::Rfc5424,
-            Some((other, span)) => {
-                cx.err(
-                    span,
-                    format!("format must be \"json\" or \"rfc5424\", not {other:?}"),
-                );
-                OutputFormat::Json
-            }
-        };
+        let what = choice(
+            &mut cx,
+            s.what.as_ref(),
+            "what",
+            &[
+                ("windows", SinkContent::Windows),
+                ("raw", SinkContent::Raw),
+                ("both", SinkContent::Both),
+            ],
+        );
+        let format = choice(
+            &mut cx,
+            s.format.as_ref(),
+            "format",
+            &[
+                ("json", OutputFormat::Json),
+                ("rfc5424", OutputFormat::Rfc5424),
+            ],
+        );
         let push = |sinks: &mut Vec<SinkSpec>, sink| sinks.push(SinkSpec { what, format, sink });
         match s.kind.get_ref().as_str() {
             "stdout" => push(&mut sinks, SinkConfig::Stdout),
@@ -362,17 +391,15 @@ pub fn parse_config(file: &str, src: &str) -> Result<Config, FileErrors> {
                     cx.err(s.kind.span(), "a file sink needs path = \"…\"");
                     continue;
                 };
-                let fsync = match s.fsync.as_ref().map(|f| (f.get_ref().as_str(), f.span())) {
-                    None | Some(("window", _)) => FsyncPolicy::Window,
-                    Some(("never", _)) => FsyncPolicy::Never,
-                    Some((other, span)) => {
-                        cx.err(
-                            span,
-                            format!("fsync must be \"window\" or \"never\", not {other:?}"),
-                        );
-                        FsyncPolicy::Window
-                    }
-                };
+                let fsync = choice(
+                    &mut cx,
+                    s.fsync.as_ref(),
+                    "fsync",
+                    &[
+                        ("window", FsyncPolicy::Window),
+                        ("never", FsyncPolicy::Never),
+                    ],
+                );
                 push(
                     &mut sinks,
                     SinkConfig::File {
