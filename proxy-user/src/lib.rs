@@ -14,4 +14,5 @@ pub mod engine;
 pub mod logs;
 pub mod policy;
 pub mod report;
+pub mod tcp;
 pub mod telemetry;

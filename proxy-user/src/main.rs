@@ -144,6 +144,27 @@ enum Command {
         #[arg(long)]
         duration: Option<f64>,
     },
+    /// Forward TCP: every `[[route]]` of the configuration (listen address → upstream
+    /// pool) on pinned io_uring workers, with health checks, limits and PROXY protocol,
+    /// until SIGINT/SIGTERM (then drain) or --duration; SIGHUP or a change of the file
+    /// reloads the routes. Prints per-route and per-upstream counters at the end.
+    Proxy {
+        /// Configuration file with `[[route]]` tables (see the README).
+        #[arg(long)]
+        config: PathBuf,
+        /// Number of workers, one per CPU from 0 (default: engine.data_cpus).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Stop after this many seconds (default: until SIGINT/SIGTERM).
+        #[arg(long)]
+        duration: Option<f64>,
+        /// Rewrite this file with the counters as JSON four times a second (atomically).
+        #[arg(long)]
+        stats_file: Option<PathBuf>,
+        /// Print the final report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Daemon configuration files.
     Config {
         #[command(subcommand)]
@@ -395,6 +416,19 @@ fn real_main() -> anyhow::Result<()> {
                 duration.map(|d| seconds("duration", d)).transpose()?,
             )
         }
+        Command::Proxy {
+            config,
+            workers,
+            duration,
+            stats_file,
+            json,
+        } => proxy_command(
+            config,
+            workers,
+            duration.map(|d| seconds("duration", d)).transpose()?,
+            stats_file,
+            json,
+        ),
         Command::Doctor { probe_xdp, json } => {
             let report = proxy_user::doctor::probe(probe_xdp);
             if json {
@@ -408,6 +442,90 @@ fn real_main() -> anyhow::Result<()> {
             print(cli::policy::detach(&paths(&place, &iface))?, json)
         }
     }
+}
+
+fn read_config(path: &Path) -> anyhow::Result<proxy_user::config::Config> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(proxy_user::config::parse_config(
+        &path.display().to_string(),
+        &text,
+    )?)
+}
+
+/// `edgeproxy proxy`: TCP forwarding on pinned workers; the control thread handles
+/// signals, reloads, health checks and the stats file.
+fn proxy_command(
+    config: PathBuf,
+    workers: Option<usize>,
+    duration: Option<Duration>,
+    stats_file: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use proxy_user::tcp::{Routes, SharedRoutes, health};
+    let cfg = read_config(&config)?;
+    anyhow::ensure!(
+        !cfg.routes.is_empty(),
+        "{}: no [[route]]: nothing to forward",
+        config.display()
+    );
+    let mut cpus = cfg.pipeline.data_cpus.clone();
+    if let Some(n) = workers {
+        anyhow::ensure!(n > 0, "--workers must be at least 1");
+        let online = cpus.len().max(1);
+        cpus = (0..n).map(|i| i % online).collect();
+    }
+    let shared = SharedRoutes::new(Routes::build(&cfg.routes, cfg.tcp.clone(), None));
+    let publish_to = std::sync::Arc::clone(&shared);
+    let path = config.clone();
+    let reload = move |why: &str| match read_config(&path) {
+        Ok(c) if c.routes.is_empty() => {
+            tracing::error!("{why}: configuration rejected (no [[route]]), keeping the running one")
+        }
+        Ok(c) => {
+            let r = publish_to.publish(&c.routes, c.tcp);
+            // Logged once every worker serves the new routes (they look every pass).
+            let applied = publish_to.wait_applied(r.generation, Duration::from_secs(2));
+            tracing::info!(
+                generation = r.generation,
+                routes = r.routes.len(),
+                applied,
+                "{why}: configuration reloaded"
+            );
+        }
+        Err(e) => tracing::error!("{why}: configuration rejected, keeping the running one: {e:#}"),
+    };
+    let mut background: Vec<Background> =
+        vec![Box::pin(health::run(std::sync::Arc::clone(&shared)))];
+    if let Some(file) = stats_file {
+        let shared = std::sync::Arc::clone(&shared);
+        background.push(Box::pin(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let body = serde_json::json!({"routes": shared.latest().json()});
+                if let Err(e) = write_atomically(&file, body.to_string().as_bytes()) {
+                    tracing::warn!(file = %file.display(), error = %e, "writing the stats file");
+                }
+            }
+        }));
+    }
+    let stop = start_control(Some(config), duration, Box::new(reload), background)?;
+    let summary = proxy_user::tcp::run(shared, &cpus, stop)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{}", proxy_user::report::tcp_table(&summary));
+    }
+    Ok(())
+}
+
+/// Replaces `path` with `bytes` by writing a sibling file and renaming it over.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Command-line settings that take precedence over the configuration file (also after
@@ -477,9 +595,7 @@ fn logs_command(
     run_with_sinks(&shared, CaptureSource::None, stop).map(|_| ())
 }
 
-/// Loads the log configuration and starts its control thread (tokio): SIGINT, SIGTERM
-/// or `duration` set the returned stop flag; SIGHUP or a change of the file reload it
-/// (a bad file is logged and the running configuration stays).
+/// Loads the log configuration and starts the control thread for it.
 fn start_log_control(
     setup: LogSetup,
     duration: Option<Duration>,
@@ -488,17 +604,45 @@ fn start_log_control(
     std::sync::Arc<std::sync::atomic::AtomicBool>,
 )> {
     use proxy_user::logs::pipeline::SharedConfig;
+    let LogSetup { config, overrides } = setup;
+    let (cfg, sinks) = load_log_config(config.as_deref(), &overrides)?;
+    let shared = SharedConfig::new(cfg, sinks);
+    let publish_to = std::sync::Arc::clone(&shared);
+    let path = config.clone();
+    let reload = move |why: &str| match load_log_config(path.as_deref(), &overrides) {
+        Ok((cfg, sinks)) => {
+            let s = publish_to.publish(cfg, sinks, Duration::from_millis(50));
+            tracing::info!(
+                generation = s.generation,
+                effective_from_ns = s.effective_from_ns,
+                "{why}: configuration reloaded"
+            );
+        }
+        Err(e) => tracing::error!("{why}: configuration rejected, keeping the running one: {e:#}"),
+    };
+    let stop = start_control(config, duration, Box::new(reload), Vec::new())?;
+    Ok((shared, stop))
+}
+
+/// Work the control thread runs beside signal handling (health checks, stats files).
+type Background = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Starts the control thread (tokio): SIGINT, SIGTERM or `duration` set the returned
+/// stop flag; SIGHUP or a change of `config` call `reload` (which logs and keeps the
+/// running configuration when the file is bad); `background` runs until stop.
+fn start_control(
+    config: Option<PathBuf>,
+    duration: Option<Duration>,
+    reload: Box<dyn Fn(&str) + Send>,
+    background: Vec<Background>,
+) -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
     use std::sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     };
-    let LogSetup { config, overrides } = setup;
-    let (cfg, sinks) = load_log_config(config.as_deref(), &overrides)?;
-    let shared = SharedConfig::new(cfg, sinks);
     let stop = Arc::new(AtomicBool::new(false));
     let control_stop = Arc::clone(&stop);
-    let control_shared = Arc::clone(&shared);
-    // The pipeline starts only once the handlers are in place: a SIGHUP or a file change
+    // The workers start only once the handlers are in place: a SIGHUP or a file change
     // in between would otherwise kill the process (SIGHUP's default) or go unseen.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
     std::thread::Builder::new().name("ep-control".into()).spawn(move || {
@@ -527,14 +671,8 @@ fn start_log_control(
                     None
                 }
             });
+            let tasks: Vec<tokio::task::JoinHandle<()>> = background.into_iter().map(tokio::spawn).collect();
             let _ = ready_tx.send(());
-            let reload = |why: &str| match load_log_config(config.as_deref(), &overrides) {
-                Ok((cfg, sinks)) => {
-                    let s = control_shared.publish(cfg, sinks, Duration::from_millis(50));
-                    tracing::info!(generation = s.generation, effective_from_ns = s.effective_from_ns, "{why}: configuration reloaded");
-                }
-                Err(e) => tracing::error!("{why}: configuration rejected, keeping the running one: {e:#}"),
-            };
             while !stopped {
                 let hangup = async {
                     match hup.as_mut() {
@@ -556,12 +694,15 @@ fn start_log_control(
                     () = changed => reload("file changed"),
                 }
             }
+            for t in tasks {
+                t.abort();
+            }
         });
         control_stop.store(true, Ordering::Release);
     })?;
     // An error means the thread ended before getting ready (it logged why and set stop).
     let _ = ready_rx.recv_timeout(Duration::from_secs(10));
-    Ok((shared, stop))
+    Ok(stop)
 }
 
 /// Watches a configuration file (through its directory: editors replace files by

@@ -16,6 +16,7 @@ pub mod packets;
 pub mod policy_util;
 pub mod privilege;
 pub mod scratch;
+pub mod tcp;
 pub mod tools;
 pub mod traffic;
 
@@ -136,6 +137,20 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
+    try_start_edgeproxy_until(ns, args, "log pipeline started")
+}
+
+/// `edgeproxy ARGS…` started inside `ns` with piped output, returned once its log has a
+/// line containing `ready` (within 30 s), with its log to follow.
+pub fn try_start_edgeproxy_until<I, S>(
+    ns: &netns::Netns,
+    args: I,
+    ready: &str,
+) -> anyhow::Result<(Reaped, LogLines)>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
     let mut child = Reaped(Some(
         ns.command(edgeproxy_bin()?)
             .args(args)
@@ -149,7 +164,7 @@ where
         .and_then(|c| c.stderr.take())
         .ok_or_else(|| anyhow::anyhow!("no stderr pipe"))?;
     let log = LogLines::follow(stderr);
-    if let Err(seen) = log.wait_for("log pipeline started", std::time::Duration::from_secs(30)) {
+    if let Err(seen) = log.wait_for(ready, std::time::Duration::from_secs(30)) {
         anyhow::bail!("edgeproxy did not start: {seen:?}");
     }
     Ok((child, log))

@@ -13,6 +13,10 @@ use crate::{
         aggregate::{KeySpec, WindowLimits},
         pipeline::PipelineConfig,
     },
+    tcp::{
+        CopyMode, HealthSpec, RouteSpec, TcpSettings, UpstreamSpec, balance::Algorithm,
+        pool::MAX_UPSTREAMS, proxy_protocol::Version as ProxyVersion,
+    },
 };
 
 /// The configuration with no file: what `edgeproxy logs` uses by default.
@@ -51,6 +55,9 @@ format = "json"
 pub struct Config {
     pub pipeline: PipelineConfig,
     pub sinks: Vec<SinkSpec>,
+    /// TCP forwarding: settings shared by every route, and the routes.
+    pub tcp: TcpSettings,
+    pub routes: Vec<RouteSpec>,
 }
 
 /// A sink and what it receives.
@@ -134,6 +141,55 @@ struct Raw {
     window: Option<Spanned<RawWindow>>,
     #[serde(default)]
     sink: Vec<Spanned<RawSink>>,
+    tcp: Option<Spanned<RawTcp>>,
+    #[serde(default)]
+    route: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTcp {
+    copy: Option<Spanned<String>>,
+    buffer_size: Option<Spanned<i64>>,
+    buffers: Option<Spanned<i64>>,
+    pipe_size: Option<Spanned<i64>>,
+    drain_seconds: Option<Spanned<f64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Option<Spanned<String>>,
+    listen: Spanned<String>,
+    upstreams: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    upstream: Vec<Spanned<RawUpstream>>,
+    balance: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<f64>>,
+    idle_timeout: Option<Spanned<f64>>,
+    max_connections: Option<Spanned<i64>>,
+    send_proxy: Option<Spanned<String>>,
+    accept_proxy: Option<bool>,
+    eject_after: Option<Spanned<i64>>,
+    eject_seconds: Option<Spanned<f64>>,
+    health: Option<Spanned<RawHealth>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    address: Spanned<String>,
+    weight: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    interval: Option<Spanned<f64>>,
+    timeout: Option<Spanned<f64>>,
+    rise: Option<Spanned<i64>>,
+    fall: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -222,6 +278,278 @@ fn int(cx: &mut Collector<'_>, v: &Spanned<i64>, what: &str, lo: i64, hi: i64) -
         cx.err(v.span(), format!("{what} must be {lo}..={hi}, not {n}"));
         None
     }
+}
+
+/// Seconds as a duration within `lo..=hi`, or a located error.
+fn seconds(
+    cx: &mut Collector<'_>,
+    v: &Spanned<f64>,
+    what: &str,
+    lo: f64,
+    hi: f64,
+) -> Option<Duration> {
+    let s = *v.get_ref();
+    if (lo..=hi).contains(&s) {
+        Duration::try_from_secs_f64(s).ok()
+    } else {
+        cx.err(
+            v.span(),
+            format!("{what} must be {lo}..={hi} seconds, not {s}"),
+        );
+        None
+    }
+}
+
+/// `host:port` or `[v6]:port` as given, or a name resolved now (the first address the
+/// resolver returns; a reload resolves again).
+fn resolve(cx: &mut Collector<'_>, v: &Spanned<String>, what: &str) -> Option<SocketAddr> {
+    let text = v.get_ref();
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Some(a);
+    }
+    use std::net::ToSocketAddrs as _;
+    match text.to_socket_addrs() {
+        Ok(mut it) => match it.next() {
+            Some(a) => Some(a),
+            None => {
+                cx.err(v.span(), format!("{what} {text:?} resolves to no address"));
+                None
+            }
+        },
+        Err(e) => {
+            cx.err(
+                v.span(),
+                format!("{what} {text:?} is not an address:port or a resolvable name:port ({e})"),
+            );
+            None
+        }
+    }
+}
+
+fn parse_tcp(cx: &mut Collector<'_>, raw: Option<&Spanned<RawTcp>>) -> TcpSettings {
+    let mut t = TcpSettings::default();
+    let Some(raw) = raw else { return t };
+    let raw = raw.get_ref();
+    if let Some(c) = &raw.copy {
+        match c.get_ref().parse::<CopyMode>() {
+            Ok(m) => t.copy = m,
+            Err(m) => cx.err(c.span(), format!("tcp.{m}")),
+        }
+    }
+    if let Some(v) = &raw.buffer_size
+        && let Some(n) = int(cx, v, "tcp.buffer_size", 1024, 1 << 20)
+    {
+        t.buffer_size = n as usize;
+    }
+    if let Some(v) = &raw.buffers
+        && let Some(n) = int(cx, v, "tcp.buffers", 2, 32_768)
+    {
+        if (n as u64).is_power_of_two() {
+            t.buffers = n as u16;
+        } else {
+            cx.err(
+                v.span(),
+                format!("tcp.buffers must be a power of two, not {n}"),
+            );
+        }
+    }
+    if let Some(v) = &raw.pipe_size
+        && let Some(n) = int(cx, v, "tcp.pipe_size", 4096, 1 << 20)
+    {
+        t.pipe_size = n as usize;
+    }
+    if let Some(v) = &raw.drain_seconds
+        && let Some(d) = seconds(cx, v, "tcp.drain_seconds", 0.0, 86_400.0)
+    {
+        t.drain = d;
+    }
+    t
+}
+
+fn parse_route(cx: &mut Collector<'_>, r: &Spanned<RawRoute>) -> Option<RouteSpec> {
+    let span = r.span();
+    let r = r.get_ref();
+    let listen = match r.listen.get_ref().parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            cx.err(
+                r.listen.span(),
+                format!(
+                    "route.listen {:?} is not an address:port (IPv6 as [addr]:port)",
+                    r.listen.get_ref()
+                ),
+            );
+            None
+        }
+    };
+    let mut upstreams = Vec::new();
+    for u in r.upstreams.iter().flat_map(|l| l.get_ref()) {
+        if let Some(address) = resolve(cx, u, "upstream") {
+            upstreams.push(UpstreamSpec {
+                configured: u.get_ref().clone(),
+                address,
+                weight: 1,
+                max_connections: 0,
+            });
+        }
+    }
+    for u in &r.upstream {
+        let u = u.get_ref();
+        if let Some(address) = resolve(cx, &u.address, "upstream") {
+            upstreams.push(UpstreamSpec {
+                configured: u.address.get_ref().clone(),
+                address,
+                weight: u
+                    .weight
+                    .as_ref()
+                    .and_then(|v| int(cx, v, "upstream.weight", 1, 1000))
+                    .unwrap_or(1) as u32,
+                max_connections: u
+                    .max_connections
+                    .as_ref()
+                    .and_then(|v| int(cx, v, "upstream.max_connections", 0, 10_000_000))
+                    .unwrap_or(0) as u32,
+            });
+        }
+    }
+    if upstreams.is_empty() && r.upstreams.is_none() && r.upstream.is_empty() {
+        cx.err(
+            span.clone(),
+            "a route needs upstreams = [\"host:port\", …] or [[route.upstream]] tables",
+        );
+    }
+    if upstreams.len() > MAX_UPSTREAMS {
+        cx.err(
+            span.clone(),
+            format!("a route may have at most {MAX_UPSTREAMS} upstreams"),
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    for u in &upstreams {
+        if !seen.insert(u.address) {
+            cx.err(
+                span.clone(),
+                format!("upstream {} appears twice", u.address),
+            );
+        }
+    }
+    let balance = match &r.balance {
+        Some(b) => match b.get_ref().parse::<Algorithm>() {
+            Ok(a) => a,
+            Err(m) => {
+                cx.err(b.span(), m);
+                Algorithm::RoundRobin
+            }
+        },
+        None => Algorithm::RoundRobin,
+    };
+    let send_proxy = match &r.send_proxy {
+        None => None,
+        Some(v) => match v.get_ref().as_str() {
+            "v1" => Some(ProxyVersion::V1),
+            "v2" => Some(ProxyVersion::V2),
+            other => {
+                cx.err(
+                    v.span(),
+                    format!("send_proxy must be \"v1\" or \"v2\", not {other:?}"),
+                );
+                None
+            }
+        },
+    };
+    let secs = |cx: &mut Collector<'_>,
+                v: &Option<Spanned<f64>>,
+                what: &str,
+                lo: f64,
+                hi: f64,
+                d: Duration| {
+        v.as_ref()
+            .and_then(|v| seconds(cx, v, what, lo, hi))
+            .unwrap_or(d)
+    };
+    let connect_timeout = secs(
+        cx,
+        &r.connect_timeout,
+        "route.connect_timeout",
+        0.001,
+        3600.0,
+        Duration::from_secs(5),
+    );
+    let idle_timeout = secs(
+        cx,
+        &r.idle_timeout,
+        "route.idle_timeout",
+        0.001,
+        30.0 * 86_400.0,
+        Duration::from_secs(300),
+    );
+    let eject_for = secs(
+        cx,
+        &r.eject_seconds,
+        "route.eject_seconds",
+        0.0,
+        86_400.0,
+        Duration::from_secs(10),
+    );
+    let health = r.health.as_ref().map(|h| {
+        let h = h.get_ref();
+        let interval = secs(
+            cx,
+            &h.interval,
+            "health.interval",
+            0.01,
+            3600.0,
+            Duration::from_secs(2),
+        );
+        let timeout = secs(
+            cx,
+            &h.timeout,
+            "health.timeout",
+            0.001,
+            3600.0,
+            Duration::from_secs(1),
+        );
+        HealthSpec {
+            interval,
+            timeout,
+            rise: h
+                .rise
+                .as_ref()
+                .and_then(|v| int(cx, v, "health.rise", 1, 100))
+                .unwrap_or(2) as u32,
+            fall: h
+                .fall
+                .as_ref()
+                .and_then(|v| int(cx, v, "health.fall", 1, 100))
+                .unwrap_or(3) as u32,
+        }
+    });
+    let listen = listen?;
+    Some(RouteSpec {
+        name: r
+            .name
+            .as_ref()
+            .map_or_else(|| listen.to_string(), |n| n.get_ref().clone()),
+        listen,
+        upstreams,
+        balance,
+        connect_timeout,
+        idle_timeout,
+        max_connections: r
+            .max_connections
+            .as_ref()
+            .and_then(|v| int(cx, v, "route.max_connections", 0, 10_000_000))
+            .unwrap_or(0) as u32,
+        send_proxy,
+        accept_proxy: r.accept_proxy.unwrap_or(false),
+        eject_after: r
+            .eject_after
+            .as_ref()
+            .and_then(|v| int(cx, v, "route.eject_after", 0, 1000))
+            .unwrap_or(3) as u32,
+        eject_for,
+        health,
+    })
 }
 
 /// Parses and validates a configuration; an absent key keeps its default.
@@ -462,7 +790,28 @@ pub fn parse_config(file: &str, src: &str) -> Result<Config, FileErrors> {
     if p.listeners.is_empty() {
         cx.err(0..0, "no listener");
     }
-    cx.finish(Config { pipeline: p, sinks })
+    let tcp = parse_tcp(&mut cx, raw.tcp.as_ref());
+    let mut routes: Vec<RouteSpec> = Vec::new();
+    for r in &raw.route {
+        if let Some(spec) = parse_route(&mut cx, r) {
+            if routes.iter().any(|o| o.listen == spec.listen) {
+                cx.err(
+                    r.get_ref().listen.span(),
+                    format!("two routes listen on {}", spec.listen),
+                );
+            } else if routes.iter().any(|o| o.name == spec.name) {
+                cx.err(r.span(), format!("two routes are named {:?}", spec.name));
+            } else {
+                routes.push(spec);
+            }
+        }
+    }
+    cx.finish(Config {
+        pipeline: p,
+        sinks,
+        tcp,
+        routes,
+    })
 }
 
 impl Config {
@@ -485,6 +834,8 @@ impl Config {
                 format: OutputFormat::Json,
                 sink: SinkConfig::Stdout,
             }],
+            tcp: TcpSettings::default(),
+            routes: Vec::new(),
         }
     }
 }
@@ -570,6 +921,79 @@ mod tests {
                 OutputFormat::Json
             ]
         );
+    }
+
+    #[test]
+    fn routes_parse_with_defaults_and_overrides() {
+        let c = parse_config(
+            "c",
+            "[tcp]\ncopy = \"splice\"\ndrain_seconds = 2.5\n[[route]]\nlisten = \"127.0.0.1:8080\"\nupstreams = [\"127.0.0.1:9000\", \"localhost:9001\"]\n[[route]]\nname = \"web\"\nlisten = \"[::1]:443\"\nbalance = \"maglev\"\nconnect_timeout = 0.5\nmax_connections = 100\nsend_proxy = \"v2\"\naccept_proxy = true\n[[route.upstream]]\naddress = \"[::1]:8443\"\nweight = 3\nmax_connections = 10\n[route.health]\ninterval = 0.5\n",
+        )
+        .expect("valid");
+        assert_eq!(c.tcp.copy, CopyMode::Splice);
+        assert_eq!(c.tcp.drain, Duration::from_millis(2500));
+        let [a, b] = &c.routes[..] else {
+            panic!("{:?}", c.routes)
+        };
+        assert_eq!(a.name, "127.0.0.1:8080");
+        assert_eq!(a.balance, Algorithm::RoundRobin);
+        assert_eq!(a.connect_timeout, Duration::from_secs(5));
+        assert_eq!(a.eject_after, 3);
+        assert!(a.health.is_none() && a.send_proxy.is_none() && !a.accept_proxy);
+        // A name is resolved at load; what was written is kept for reports.
+        assert_eq!(a.upstreams[1].configured, "localhost:9001");
+        assert!(a.upstreams[1].address.ip().is_loopback());
+        assert_eq!(b.name, "web");
+        assert_eq!(b.balance, Algorithm::Maglev);
+        assert_eq!(b.send_proxy, Some(ProxyVersion::V2));
+        assert!(b.accept_proxy);
+        assert_eq!(
+            (b.upstreams[0].weight, b.upstreams[0].max_connections),
+            (3, 10)
+        );
+        let h = b.health.as_ref().expect("health");
+        assert_eq!(
+            (h.interval, h.rise, h.fall),
+            (Duration::from_millis(500), 2, 3)
+        );
+    }
+
+    #[test]
+    fn route_problems_are_located() {
+        let cases: [(&str, &str); 7] = [
+            (
+                "[[route]]\nlisten = \"1.2.3.4\"\nupstreams = [\"127.0.0.1:1\"]\n",
+                "c:2:10: route.listen \"1.2.3.4\" is not an address:port",
+            ),
+            (
+                "[[route]]\nlisten = \"127.0.0.1:1\"\n",
+                "c:1:1: a route needs upstreams",
+            ),
+            (
+                "[[route]]\nlisten = \"127.0.0.1:1\"\nupstreams = [\"no-such-host.invalid:80\"]\n",
+                "c:3:14: upstream \"no-such-host.invalid:80\" is not an address:port or a resolvable name:port",
+            ),
+            (
+                "[[route]]\nlisten = \"127.0.0.1:1\"\nupstreams = [\"127.0.0.1:2\"]\nbalance = \"random\"\n",
+                "c:4:11: balance must be",
+            ),
+            (
+                "[[route]]\nlisten = \"127.0.0.1:1\"\nupstreams = [\"127.0.0.1:2\"]\nsend_proxy = \"v3\"\n",
+                "c:4:14: send_proxy must be \"v1\" or \"v2\"",
+            ),
+            (
+                "[[route]]\nlisten = \"127.0.0.1:1\"\nupstreams = [\"127.0.0.1:2\"]\n[[route]]\nlisten = \"127.0.0.1:1\"\nupstreams = [\"127.0.0.1:3\"]\n",
+                "c:5:10: two routes listen on 127.0.0.1:1",
+            ),
+            (
+                "[tcp]\nbuffers = 1000\n",
+                "c:2:11: tcp.buffers must be a power of two",
+            ),
+        ];
+        for (src, want) in cases {
+            let e = parse_config("c", src).expect_err(src).to_string();
+            assert!(e.starts_with(want), "{src:?}: {e}");
+        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub fn unavailable() -> Option<String> {
 
 /// A provided-buffer ring: the ring entries in an mmapped, page-aligned region, the
 /// buffers in one allocation owned here.
-struct BufRing {
+pub(crate) struct BufRing {
     entries: NonNull<types::BufRingEntry>,
     ring_bytes: usize,
     count: u16,
@@ -46,7 +46,7 @@ struct BufRing {
 }
 
 impl BufRing {
-    fn new(count: u16, buf_size: usize) -> io::Result<Self> {
+    pub(crate) fn new(count: u16, buf_size: usize) -> io::Result<Self> {
         if !count.is_power_of_two() {
             return Err(io::Error::other(
                 "the buffer ring size must be a power of two",
@@ -80,7 +80,7 @@ impl BufRing {
         Ok(r)
     }
 
-    fn push(&mut self, bid: u16) {
+    pub(crate) fn push(&mut self, bid: u16) {
         let idx = usize::from(self.tail & (self.count - 1));
         // SAFETY: idx < count, inside the mapping; only this thread writes entries, and
         // the kernel reads an entry only after the tail that covers it is published.
@@ -91,7 +91,7 @@ impl BufRing {
         self.tail = self.tail.wrapping_add(1);
     }
 
-    fn publish(&self) {
+    pub(crate) fn publish(&self) {
         // SAFETY: the tail field lives in the first entry of the ring (io_uring's buf
         // ring layout); it is a u16 the kernel reads atomically.
         let tail =
@@ -99,9 +99,14 @@ impl BufRing {
         tail.store(self.tail, Ordering::Release);
     }
 
-    fn buf(&self, bid: u16, len: usize) -> &[u8] {
+    pub(crate) fn buf(&self, bid: u16, len: usize) -> &[u8] {
         let start = usize::from(bid) * self.buf_size;
         &self.data[start..start + len.min(self.buf_size)]
+    }
+
+    /// The address of the ring entries, for `register_buf_ring_with_flags`.
+    pub(crate) fn ring_addr(&self) -> u64 {
+        self.entries.as_ptr() as u64
     }
 }
 
@@ -146,7 +151,7 @@ impl IoUringBackend {
         // registration (unregistered in Drop before the BufRing is dropped).
         unsafe {
             ring.submitter().register_buf_ring_with_flags(
-                bufs.entries.as_ptr() as u64,
+                bufs.ring_addr(),
                 cfg.buffers,
                 BGID,
                 0,

@@ -332,7 +332,8 @@ fn now_ns() -> i64 {
         .map_or(0, |d| d.as_nanos() as i64)
 }
 
-fn pin(cpu: usize) {
+/// Pins the calling thread to `cpu` (a warning, not an error, when it cannot).
+pub(crate) fn pin(cpu: usize) {
     let mut set = nix::sched::CpuSet::new();
     if set.set(cpu).is_ok()
         && let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)

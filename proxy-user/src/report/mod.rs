@@ -119,3 +119,61 @@ impl RunSummary {
         })
     }
 }
+
+/// The TCP forwarder's final report as a table: one line per route, one per upstream.
+pub fn tcp_table(s: &crate::tcp::TcpSummary) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let conns: u64 = s.workers.iter().map(|w| w.connections).sum();
+    let waits: u64 = s.workers.iter().map(|w| w.buffer_waits).sum();
+    let _ = writeln!(
+        out,
+        "TCP forwarding: {} workers, copy path {}, {conns} connections, {waits} buffer waits, {:.1} s",
+        s.workers.len(),
+        s.copy,
+        s.elapsed_s
+    );
+    let num =
+        |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let txt = |v: &serde_json::Value, k: &str| v.get(k).map(|x| x.to_string()).unwrap_or_default();
+    for r in s.routes.as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "route {} listen {} balance {} : accepted {} active {} refused {}",
+            r.get("name").and_then(|v| v.as_str()).unwrap_or("?"),
+            r.get("listen").and_then(|v| v.as_str()).unwrap_or("?"),
+            r.get("balance").and_then(|v| v.as_str()).unwrap_or("?"),
+            num(r, "accepted"),
+            num(r, "active"),
+            txt(r, "refused"),
+        );
+        for u in r
+            .get("upstreams")
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let lat = u.get("connect_latency").cloned().unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  upstream {:<24} {:<9} connections {:>8} bytes up {:>12} down {:>12} connect p50 < {} µs p99 < {} µs errors {}",
+                u.get("address").and_then(|v| v.as_str()).unwrap_or("?"),
+                if u.get("healthy")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(false)
+                {
+                    "healthy"
+                } else {
+                    "DOWN"
+                },
+                num(u, "connections"),
+                num(u, "bytes_up"),
+                num(u, "bytes_down"),
+                txt(&lat, "p50_us_below"),
+                txt(&lat, "p99_us_below"),
+                txt(u, "errors"),
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,284 @@
+//! TCP stream forwarding on the io_uring engine: routes (listen address → upstream
+//! pool), one `SO_REUSEPORT` listener per worker with multishot accept, a connect with a
+//! timeout (retried on another upstream before any byte reached the client), then a copy
+//! of each direction until both are closed, through provided buffers or `splice`.
+//!
+//! - [`worker`]: the per-CPU io_uring loop and the per-connection state machines.
+//! - [`pool`] / [`balance`]: upstream health and counters; round robin, least
+//!   connections, Maglev.
+//! - [`health`]: active TCP health checks and the expiry of passive ejections.
+//! - [`proxy_protocol`]: PROXY v1/v2 encoding and parsing.
+//! - [`stats`]: counters, drop reasons, connect latency histograms.
+pub mod balance;
+pub mod health;
+pub mod pool;
+pub mod proxy_protocol;
+pub mod socket;
+pub mod stats;
+pub mod worker;
+
+use std::{
+    net::SocketAddr,
+    str::FromStr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use balance::Algorithm;
+use pool::{Upstream, UpstreamPool};
+use stats::RouteStats;
+
+/// How bytes are moved between the two sockets of a connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CopyMode {
+    /// Provided buffers when the kernel has buffer rings, else splice.
+    #[default]
+    Auto,
+    /// recv into a buffer from the worker's provided buffer ring, send from it.
+    Buffers,
+    /// splice through a pipe per direction (the payload never enters user space).
+    Splice,
+}
+
+impl FromStr for CopyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "buffers" => Ok(Self::Buffers),
+            "splice" => Ok(Self::Splice),
+            other => Err(format!(
+                "copy must be \"auto\", \"buffers\" or \"splice\", not {other:?}"
+            )),
+        }
+    }
+}
+
+/// Settings shared by every route.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TcpSettings {
+    pub copy: CopyMode,
+    /// Size of one provided buffer: the most one direction of a connection holds.
+    pub buffer_size: usize,
+    /// Provided buffers per worker (a power of two): bounds the memory of all
+    /// connections together; a direction waits (counted) when none is free.
+    pub buffers: u16,
+    /// Pipe capacity per direction on the splice path.
+    pub pipe_size: usize,
+    /// How long open connections may finish after SIGTERM before they are reset.
+    pub drain: Duration,
+}
+
+impl Default for TcpSettings {
+    fn default() -> Self {
+        Self {
+            copy: CopyMode::Auto,
+            buffer_size: 16 * 1024,
+            buffers: 4096,
+            pipe_size: 64 * 1024,
+            drain: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamSpec {
+    /// As written (a name is resolved when the configuration is loaded).
+    pub configured: String,
+    pub address: SocketAddr,
+    pub weight: u32,
+    /// 0 = unlimited.
+    pub max_connections: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthSpec {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down upstream up.
+    pub rise: u32,
+    /// Consecutive failures that take an up upstream down.
+    pub fall: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub upstreams: Vec<UpstreamSpec>,
+    pub balance: Algorithm,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// 0 = unlimited.
+    pub max_connections: u32,
+    pub send_proxy: Option<proxy_protocol::Version>,
+    pub accept_proxy: bool,
+    pub eject_after: u32,
+    pub eject_for: Duration,
+    pub health: Option<HealthSpec>,
+}
+
+/// A route as the workers use it: its spec, pool and counters.
+#[derive(Debug)]
+pub struct Route {
+    pub spec: RouteSpec,
+    pub pool: UpstreamPool,
+    pub stats: Arc<RouteStats>,
+}
+
+/// One immutable set of routes; a reload publishes a new one.
+#[derive(Debug)]
+pub struct Routes {
+    pub generation: u64,
+    pub routes: Vec<Arc<Route>>,
+    pub settings: TcpSettings,
+}
+
+impl Routes {
+    /// Builds routes from specs, keeping from `previous` the counters of routes with the
+    /// same name and the upstreams (health, counters) with the same address, weight and
+    /// limit, so a reload neither resets statistics nor forgets an ejection.
+    pub fn build(specs: &[RouteSpec], settings: TcpSettings, previous: Option<&Routes>) -> Self {
+        let routes = specs
+            .iter()
+            .map(|spec| {
+                let old = previous.and_then(|p| p.routes.iter().find(|r| r.spec.name == spec.name));
+                let upstreams = spec
+                    .upstreams
+                    .iter()
+                    .map(|u| {
+                        old.and_then(|r| {
+                            r.pool.upstreams.iter().find(|o| {
+                                o.address == u.address
+                                    && o.weight == u.weight
+                                    && o.max_connections == u.max_connections
+                            })
+                        })
+                        .map_or_else(
+                            || {
+                                Arc::new(Upstream::new(
+                                    u.address,
+                                    u.configured.clone(),
+                                    u.weight,
+                                    u.max_connections,
+                                ))
+                            },
+                            Arc::clone,
+                        )
+                    })
+                    .collect();
+                Arc::new(Route {
+                    spec: spec.clone(),
+                    pool: UpstreamPool::new(upstreams, spec.eject_after, spec.eject_for),
+                    stats: old.map_or_else(Default::default, |r| Arc::clone(&r.stats)),
+                })
+            })
+            .collect();
+        Self {
+            generation: previous.map_or(1, |p| p.generation + 1),
+            routes,
+            settings,
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        self.routes
+            .iter()
+            .map(|r| {
+                let s = &r.stats;
+                serde_json::json!({
+                    "name": r.spec.name,
+                    "listen": r.spec.listen.to_string(),
+                    "balance": r.spec.balance.name(),
+                    "active": s.active.load(Ordering::Relaxed),
+                    "accepted": s.accepted.load(Ordering::Relaxed),
+                    "refused": s.refused.json(),
+                    "upstreams": r.pool.upstreams.iter().map(|u| serde_json::json!({
+                        "address": u.address.to_string(),
+                        "configured": u.configured,
+                        "weight": u.weight,
+                        "healthy": u.healthy(),
+                        "active": u.active.load(Ordering::Relaxed),
+                        "connections": u.stats.connections.load(Ordering::Relaxed),
+                        "bytes_up": u.stats.bytes_up.load(Ordering::Relaxed),
+                        "bytes_down": u.stats.bytes_down.load(Ordering::Relaxed),
+                        "ejections": u.stats.ejections.load(Ordering::Relaxed),
+                        "connect_latency": u.stats.connect_latency.json(),
+                        "errors": u.stats.errors.json(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// The routes workers follow: replaced as a whole on reload.
+pub struct SharedRoutes {
+    current: Mutex<Arc<Routes>>,
+    generation: AtomicU64,
+    /// The generation each worker has applied (so a reload can be confirmed).
+    applied: Mutex<Vec<Arc<AtomicU64>>>,
+}
+
+impl SharedRoutes {
+    pub fn new(routes: Routes) -> Arc<Self> {
+        Arc::new(Self {
+            generation: AtomicU64::new(routes.generation),
+            current: Mutex::new(Arc::new(routes)),
+            applied: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A worker's slot for the generation it has applied.
+    pub fn register_worker(&self, generation: u64) -> Arc<AtomicU64> {
+        let slot = Arc::new(AtomicU64::new(generation));
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::clone(&slot));
+        slot
+    }
+
+    /// Waits (up to `limit`) until every worker applied `generation`; whether they did.
+    pub fn wait_applied(&self, generation: u64, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let done = self
+                .applied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .all(|a| a.load(Ordering::Acquire) >= generation);
+            if done {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Cheap check for workers: has anything been published since `seen`?
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn latest(&self) -> Arc<Routes> {
+        Arc::clone(&self.current.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Publishes routes built from `specs` (counters and health carried over).
+    pub fn publish(&self, specs: &[RouteSpec], settings: TcpSettings) -> Arc<Routes> {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let next = Arc::new(Routes::build(specs, settings, Some(&cur)));
+        *cur = Arc::clone(&next);
+        self.generation.store(next.generation, Ordering::Release);
+        next
+    }
+}
+
+pub use worker::{TcpSummary, WorkerStats, run};

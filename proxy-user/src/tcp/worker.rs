@@ -1,0 +1,1327 @@
+//! One forwarding worker per data CPU, pinned, owning its io_uring ring: multishot accept
+//! on its own `SO_REUSEPORT` listener per route, then per connection a small state
+//! machine (PROXY header in → connect with a linked timeout → PROXY header out → two
+//! copy directions), each step one operation and one completion.
+//!
+//! Each direction is its own state machine, as in linkerd2-proxy's `duplex`: it reads
+//! only once the previous chunk is fully written, so a slow reader stops the reads on
+//! the other side (TCP backpressure) and a connection never holds more than one buffer
+//! (or one pipe) per direction. EOF on one side becomes `shutdown(SHUT_WR)` on the other
+//! while the other direction keeps flowing; a reset becomes a reset; both closed ends it.
+//!
+//! A connection is freed only when none of its operations is in flight: aborting
+//! cancels them (by fd) and closes once the last completion is in.
+use std::{
+    collections::VecDeque,
+    io,
+    net::SocketAddr,
+    os::fd::{AsRawFd, OwnedFd, RawFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use nix::sys::socket::SockaddrLike as _;
+
+use super::{
+    CopyMode, Route, SharedRoutes,
+    balance::{Balancer, NoPick},
+    pool::Tried,
+    proxy_protocol::{self, Parsed},
+    socket::{self, Pipe},
+    stats::Reason,
+};
+use crate::engine::uring::BufRing;
+
+const BGID: u16 = 7;
+/// user_data of listener operations: this bit, then the listener index.
+const LISTENER: u64 = 1 << 63;
+/// user_data of listener cancellations (nothing to do on completion).
+const LISTENER_CANCEL: u64 = 1 << 62;
+
+// Connection operations: user_data = slot << 8 | op.
+const OP_HDR_PEEK: u8 = 1;
+const OP_HDR_READ: u8 = 2;
+const OP_CONNECT: u8 = 3;
+const OP_CONNECT_TIMEOUT: u8 = 4;
+const OP_HDR_SEND: u8 = 5;
+const OP_RECV: u8 = 6; // + direction
+const OP_SEND: u8 = 8; // + direction
+const OP_POLL_IN: u8 = 10; // + direction
+const OP_POLL_OUT: u8 = 12; // + direction
+const OP_CANCEL: u8 = 14;
+
+/// How often idle connections and the drain deadline are checked.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+/// The longest a worker waits in the ring before looking at reloads and the stop flag.
+const WAIT: Duration = Duration::from_millis(50);
+
+/// Direction 0 copies client → upstream, direction 1 upstream → client.
+const UP: usize = 0;
+const DOWN: usize = 1;
+
+/// The copy path in use (after the `auto` probe).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyPath {
+    Buffers,
+    Splice,
+}
+
+impl CopyPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            CopyPath::Buffers => "buffers",
+            CopyPath::Splice => "splice",
+        }
+    }
+}
+
+/// Why provided buffer rings cannot be used here, if they cannot.
+pub fn buffer_ring_unavailable() -> Option<String> {
+    let ring = match IoUring::new(2) {
+        Ok(r) => r,
+        Err(e) => return Some(format!("io_uring set-up failed: {e}")),
+    };
+    let bufs = match BufRing::new(2, 64) {
+        Ok(b) => b,
+        Err(e) => return Some(format!("buffer ring allocation failed: {e}")),
+    };
+    // SAFETY: the ring region is page-aligned and outlives the registration (it is
+    // unregistered right below, before `bufs` drops).
+    let r = unsafe {
+        ring.submitter()
+            .register_buf_ring_with_flags(bufs.ring_addr(), 2, 1, 0)
+    };
+    match r {
+        Ok(()) => {
+            let _ = ring.submitter().unregister_buf_ring(1);
+            None
+        }
+        Err(e) => Some(format!("provided buffer rings are not supported: {e}")),
+    }
+}
+
+pub fn resolve_copy(mode: CopyMode) -> anyhow::Result<(CopyPath, Option<String>)> {
+    match mode {
+        CopyMode::Splice => Ok((CopyPath::Splice, None)),
+        CopyMode::Buffers => match buffer_ring_unavailable() {
+            None => Ok((CopyPath::Buffers, None)),
+            Some(why) => anyhow::bail!("copy = \"buffers\" is not possible here: {why}"),
+        },
+        CopyMode::Auto => Ok(match buffer_ring_unavailable() {
+            None => (CopyPath::Buffers, None),
+            Some(why) => (CopyPath::Splice, Some(why)),
+        }),
+    }
+}
+
+/// What one worker did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct WorkerStats {
+    pub cpu: usize,
+    pub connections: u64,
+    /// Times a direction found the buffer ring empty and waited for a buffer (memory
+    /// bound at work; counted, nothing lost).
+    pub buffer_waits: u64,
+    /// Connections still open when the worker ended (0 unless the drain gave up).
+    pub left_open: usize,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct TcpSummary {
+    pub copy: &'static str,
+    pub workers: Vec<WorkerStats>,
+    pub routes: serde_json::Value,
+    pub elapsed_s: f64,
+}
+
+struct Listener {
+    fd: OwnedFd,
+    route: Arc<Route>,
+    armed: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    ReadHeader,
+    Connecting,
+    SendHeader,
+    Streaming,
+    Closing,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DirState {
+    /// An operation of this direction is in flight.
+    Busy,
+    /// Waiting for a free provided buffer.
+    Starved,
+    /// EOF seen and propagated.
+    Done,
+}
+
+struct Dir {
+    state: DirState,
+    /// Buffers path: the buffer being written (id, written so far, length).
+    held: Option<(u16, usize, usize)>,
+    /// Splice path: the pipe and how many bytes sit in it.
+    pipe: Option<Pipe>,
+    in_pipe: usize,
+    eof: bool,
+}
+
+impl Dir {
+    fn new() -> Self {
+        Self {
+            state: DirState::Busy,
+            held: None,
+            pipe: None,
+            in_pipe: 0,
+            eof: false,
+        }
+    }
+}
+
+struct Conn {
+    route: Arc<Route>,
+    client: OwnedFd,
+    upstream: Option<OwnedFd>,
+    /// The upstream whose `active` count this connection holds.
+    upstream_idx: Option<usize>,
+    /// Where the connection comes from (the PROXY header's source when accepted).
+    client_addr: SocketAddr,
+    /// Where the client connected to (the PROXY header's destination when accepted).
+    local_addr: SocketAddr,
+    tried: Tried,
+    phase: Phase,
+    inflight: u32,
+    last_active: Instant,
+    connect_started: Instant,
+    sockaddr: nix::sys::socket::SockaddrStorage,
+    timeout: types::Timespec,
+    /// PROXY header: read in (accept_proxy) or written out (send_proxy).
+    hdr: Vec<u8>,
+    hdr_done: usize,
+    hdr_parsed: Option<(usize, Option<proxy_protocol::Endpoints>)>,
+    dirs: [Dir; 2],
+    /// Sides to reset when the connection is finally closed.
+    reset_client: bool,
+    reset_upstream: bool,
+}
+
+impl Conn {
+    fn src(&self, d: usize) -> RawFd {
+        if d == UP {
+            self.client.as_raw_fd()
+        } else {
+            self.upstream.as_ref().map_or(-1, AsRawFd::as_raw_fd)
+        }
+    }
+    fn dst(&self, d: usize) -> RawFd {
+        self.src(1 - d)
+    }
+}
+
+/// The reason when the source side of direction `d` failed with `e`.
+fn src_reason(d: usize, e: i32) -> Reason {
+    match (e, d) {
+        (libc::ECONNRESET, UP) => Reason::ClientReset,
+        (libc::ECONNRESET, _) => Reason::UpstreamReset,
+        _ => Reason::SocketError,
+    }
+}
+
+/// The reason when writing direction `d` to its destination failed with `e`.
+fn dst_reason(d: usize, e: i32) -> Reason {
+    match (e, d) {
+        (libc::ECONNRESET | libc::EPIPE, UP) => Reason::UpstreamReset,
+        (libc::ECONNRESET | libc::EPIPE, _) => Reason::ClientReset,
+        _ => Reason::SocketError,
+    }
+}
+
+struct Worker {
+    ring: IoUring,
+    bufs: Option<BufRing>,
+    buf_size: usize,
+    pipe_size: usize,
+    copy: CopyPath,
+    listeners: Vec<Option<Listener>>,
+    conns: Vec<Option<Box<Conn>>>,
+    free: Vec<u32>,
+    starved: VecDeque<(u32, usize)>,
+    balancers: Vec<(Arc<Route>, Balancer)>,
+    shared: Arc<SharedRoutes>,
+    generation: u64,
+    /// Where this worker tells the control thread which generation it applied.
+    applied: Arc<std::sync::atomic::AtomicU64>,
+    idle_sweep: Instant,
+    now: Instant,
+    stats: WorkerStats,
+    completions: Vec<(u64, i32, u32)>,
+}
+
+// SAFETY: the raw pointers inside (buffer ring entries) point into memory the worker
+// owns; it is created on the thread that runs it and never shared.
+unsafe impl Send for Worker {}
+
+impl Worker {
+    fn new(
+        cpu: usize,
+        copy: CopyPath,
+        shared: Arc<SharedRoutes>,
+        listeners: Vec<(OwnedFd, Arc<Route>)>,
+    ) -> io::Result<Self> {
+        let routes = shared.latest();
+        let settings = &routes.settings;
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_cqsize(16_384)
+            .build(4096)
+            .or_else(|_| IoUring::builder().setup_cqsize(16_384).build(4096))?;
+        let bufs = match copy {
+            CopyPath::Buffers => {
+                let b = BufRing::new(settings.buffers, settings.buffer_size)?;
+                // SAFETY: page-aligned ring region owned by the worker; unregistered in
+                // Drop before it is freed.
+                unsafe {
+                    ring.submitter().register_buf_ring_with_flags(
+                        b.ring_addr(),
+                        settings.buffers,
+                        BGID,
+                        0,
+                    )?;
+                }
+                Some(b)
+            }
+            CopyPath::Splice => None,
+        };
+        let now = Instant::now();
+        Ok(Self {
+            ring,
+            bufs,
+            buf_size: settings.buffer_size,
+            pipe_size: settings.pipe_size,
+            copy,
+            listeners: listeners
+                .into_iter()
+                .map(|(fd, route)| {
+                    Some(Listener {
+                        fd,
+                        route,
+                        armed: false,
+                    })
+                })
+                .collect(),
+            conns: Vec::new(),
+            free: Vec::new(),
+            starved: VecDeque::new(),
+            balancers: Vec::new(),
+            generation: routes.generation,
+            applied: shared.register_worker(routes.generation),
+            shared,
+            idle_sweep: now,
+            now,
+            stats: WorkerStats {
+                cpu,
+                ..WorkerStats::default()
+            },
+            completions: Vec::with_capacity(1024),
+        })
+    }
+
+    fn push(&mut self, sqe: &squeue::Entry) -> bool {
+        // SAFETY: every operation refers to fds and memory owned by the worker (conn
+        // fields live in a Box that is freed only once none of its operations is in
+        // flight; buffers live as long as the ring).
+        if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+            return true;
+        }
+        if let Err(e) = self.ring.submit() {
+            tracing::error!(error = %e, "io_uring submit");
+        }
+        // SAFETY: as above.
+        let ok = unsafe { self.ring.submission().push(sqe) }.is_ok();
+        if !ok {
+            tracing::error!("io_uring submission queue full; operation dropped");
+        }
+        ok
+    }
+
+    fn conn(&mut self, slot: u32) -> &mut Conn {
+        self.conns[slot as usize]
+            .as_deref_mut()
+            .expect("a completion names a live connection")
+    }
+
+    fn submit(&mut self, slot: u32, op: u8, sqe: squeue::Entry) {
+        let sqe = sqe.user_data(u64::from(slot) << 8 | u64::from(op));
+        if self.push(&sqe) {
+            self.conn(slot).inflight += 1;
+        }
+    }
+
+    fn run(mut self, stop: &[&AtomicBool]) -> WorkerStats {
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            self.now = Instant::now();
+            if self.shared.generation() != self.generation {
+                self.follow_reload();
+            }
+            if drain_deadline.is_none() && stop.iter().any(|s| s.load(Ordering::Acquire)) {
+                let drain = self.shared.latest().settings.drain;
+                drain_deadline = Some(self.now + drain);
+                for li in 0..self.listeners.len() {
+                    self.close_listener(li);
+                }
+                tracing::debug!(cpu = self.stats.cpu, open = self.open(), "worker draining");
+            }
+            if self.now.duration_since(self.idle_sweep) >= SWEEP_EVERY {
+                self.idle_sweep = self.now;
+                self.sweep(drain_deadline);
+            }
+            if let Some(deadline) = drain_deadline {
+                if self.open() == 0 {
+                    break;
+                }
+                if self.now > deadline + Duration::from_secs(5) {
+                    tracing::error!(
+                        open = self.open(),
+                        "connections did not close after the drain deadline"
+                    );
+                    break;
+                }
+            }
+            self.arm_listeners();
+            self.wait();
+            self.now = Instant::now();
+            self.complete_all();
+            self.feed_starved();
+        }
+        self.stats.left_open = self.open();
+        self.stats.clone()
+    }
+
+    fn open(&self) -> usize {
+        self.conns.len() - self.free.len()
+    }
+
+    fn wait(&mut self) {
+        let ts = types::Timespec::from(WAIT);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(e) => tracing::error!(error = %e, "io_uring wait"),
+        }
+    }
+
+    fn complete_all(&mut self) {
+        let mut batch = std::mem::take(&mut self.completions);
+        batch.clear();
+        batch.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        for &(ud, res, flags) in &batch {
+            if ud & LISTENER_CANCEL != 0 {
+                continue;
+            }
+            if ud & LISTENER != 0 {
+                self.on_accept((ud & !LISTENER) as usize, res, flags);
+            } else {
+                self.on_conn((ud >> 8) as u32, (ud & 0xff) as u8, res, flags);
+            }
+        }
+        self.completions = batch;
+    }
+
+    fn arm_listeners(&mut self) {
+        for li in 0..self.listeners.len() {
+            let Some(l) = &self.listeners[li] else {
+                continue;
+            };
+            if l.armed {
+                continue;
+            }
+            let sqe = opcode::AcceptMulti::new(types::Fd(l.fd.as_raw_fd()))
+                .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+                .build()
+                .user_data(LISTENER | li as u64);
+            if self.push(&sqe)
+                && let Some(l) = self.listeners[li].as_mut()
+            {
+                l.armed = true;
+            }
+        }
+    }
+
+    fn close_listener(&mut self, li: usize) {
+        let Some(l) = self.listeners[li].take() else {
+            return;
+        };
+        if l.armed {
+            let sqe = opcode::AsyncCancel2::new(
+                types::CancelBuilder::fd(types::Fd(l.fd.as_raw_fd())).all(),
+            )
+            .build()
+            .user_data(LISTENER_CANCEL);
+            self.push(&sqe);
+            // The cancellation must reach the kernel while the fd still names the
+            // socket; the accept keeps the socket alive until it completes.
+            if let Err(e) = self.ring.submit() {
+                tracing::warn!(error = %e, "cancelling an accept");
+            }
+        }
+        drop(l);
+    }
+
+    /// A reload: listeners on addresses that stay keep their socket and take the new
+    /// route (new connections use the new pool; open ones keep theirs), new addresses are
+    /// bound, removed ones closed.
+    fn follow_reload(&mut self) {
+        let routes = self.shared.latest();
+        self.generation = routes.generation;
+        let mut keep = vec![false; self.listeners.len()];
+        for r in &routes.routes {
+            let at = self.listeners.iter().position(|l| {
+                l.as_ref()
+                    .is_some_and(|l| l.route.spec.listen == r.spec.listen)
+            });
+            match at {
+                Some(li) => {
+                    if let Some(l) = self.listeners[li].as_mut() {
+                        l.route = Arc::clone(r);
+                    }
+                    keep[li] = true;
+                }
+                None => match socket::listener(r.spec.listen) {
+                    Ok(fd) => {
+                        self.listeners.push(Some(Listener {
+                            fd,
+                            route: Arc::clone(r),
+                            armed: false,
+                        }));
+                        keep.push(true);
+                    }
+                    Err(e) => {
+                        tracing::error!(route = %r.spec.name, listen = %r.spec.listen, error = %e, "cannot listen; the route is not served")
+                    }
+                },
+            }
+        }
+        for (li, k) in keep.into_iter().enumerate() {
+            if !k {
+                self.close_listener(li);
+            }
+        }
+        self.balancers
+            .retain(|(r, _)| routes.routes.iter().any(|n| Arc::ptr_eq(n, r)));
+        self.applied.store(routes.generation, Ordering::Release);
+    }
+
+    fn sweep(&mut self, drain_deadline: Option<Instant>) {
+        let past_deadline = drain_deadline.is_some_and(|d| self.now >= d);
+        for slot in 0..self.conns.len() as u32 {
+            let Some(c) = self.conns[slot as usize].as_deref() else {
+                continue;
+            };
+            if c.phase == Phase::Closing {
+                continue;
+            }
+            if past_deadline {
+                self.abort(slot, Some(Reason::DrainDeadline), true, true);
+            } else if c.phase != Phase::Connecting
+                && self.now.duration_since(c.last_active) > c.route.spec.idle_timeout
+            {
+                self.abort(slot, Some(Reason::IdleTimeout), false, false);
+            }
+        }
+    }
+
+    fn on_accept(&mut self, li: usize, res: i32, flags: u32) {
+        let Some(l) = self.listeners.get_mut(li).and_then(Option::as_mut) else {
+            if res >= 0 {
+                drop(socket::adopt(res)); // accepted as the listener closed
+            }
+            return;
+        };
+        if !cqueue::more(flags) {
+            l.armed = false;
+        }
+        if res < 0 {
+            if res != -libc::ECANCELED {
+                l.route.stats.refused.add(Reason::SocketError, 1);
+                tracing::warn!(error = %io::Error::from_raw_os_error(-res), listen = %l.route.spec.listen, "accept");
+            }
+            return;
+        }
+        let route = Arc::clone(&l.route);
+        let fd = socket::adopt(res);
+        route.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        self.stats.connections += 1;
+        let active = route.stats.active.fetch_add(1, Ordering::AcqRel) + 1;
+        if route.spec.max_connections != 0 && active > u64::from(route.spec.max_connections) {
+            route.stats.active.fetch_sub(1, Ordering::AcqRel);
+            route.stats.refused.add(Reason::RouteLimit, 1);
+            socket::reset_on_close(&fd);
+            return;
+        }
+        if let Err(e) = socket::no_delay(&fd) {
+            tracing::debug!(error = %e, "TCP_NODELAY on a client socket");
+        }
+        let peer = socket::peer_addr(&fd);
+        let local = socket::local_addr(&fd);
+        let (Some(peer), Some(local)) = (peer, local) else {
+            // The client is already gone (reset before we looked).
+            route.stats.active.fetch_sub(1, Ordering::AcqRel);
+            route.stats.refused.add(Reason::ClientReset, 1);
+            return;
+        };
+        let accept_proxy = route.spec.accept_proxy;
+        let conn = Box::new(Conn {
+            route,
+            client: fd,
+            upstream: None,
+            upstream_idx: None,
+            client_addr: peer,
+            local_addr: local,
+            tried: Tried::default(),
+            phase: if accept_proxy {
+                Phase::ReadHeader
+            } else {
+                Phase::Connecting
+            },
+            inflight: 0,
+            last_active: self.now,
+            connect_started: self.now,
+            sockaddr: nix::sys::socket::SockaddrStorage::from(peer),
+            timeout: types::Timespec::new(),
+            hdr: if accept_proxy {
+                vec![0; proxy_protocol::MAX_HEADER]
+            } else {
+                Vec::new()
+            },
+            hdr_done: 0,
+            hdr_parsed: None,
+            dirs: [Dir::new(), Dir::new()],
+            reset_client: false,
+            reset_upstream: false,
+        });
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.conns[s as usize] = Some(conn);
+                s
+            }
+            None => {
+                self.conns.push(Some(conn));
+                (self.conns.len() - 1) as u32
+            }
+        };
+        if accept_proxy {
+            self.peek_header(slot);
+        } else {
+            self.connect(slot);
+        }
+    }
+
+    fn on_conn(&mut self, slot: u32, op: u8, res: i32, flags: u32) {
+        let Some(c) = self
+            .conns
+            .get_mut(slot as usize)
+            .and_then(|c| c.as_deref_mut())
+        else {
+            tracing::error!(slot, op, "completion for a freed connection");
+            return;
+        };
+        c.inflight -= 1;
+        if c.phase == Phase::Closing {
+            // A receive that completed anyway returns its buffer at once.
+            if (op == OP_RECV || op == OP_RECV + 1)
+                && res > 0
+                && let Some(bid) = cqueue::buffer_select(flags)
+            {
+                self.recycle(bid);
+            }
+            self.finish_if_idle(slot);
+            return;
+        }
+        match op {
+            OP_HDR_PEEK => self.on_header_peek(slot, res),
+            OP_HDR_READ => self.on_header_read(slot, res),
+            OP_CONNECT => self.on_connect(slot, res),
+            OP_CONNECT_TIMEOUT | OP_CANCEL => {}
+            OP_HDR_SEND => self.on_header_sent(slot, res),
+            OP_RECV | 7 => self.on_recv(slot, usize::from(op - OP_RECV), res, flags),
+            OP_SEND | 9 => self.on_sent(slot, usize::from(op - OP_SEND), res),
+            OP_POLL_IN | 11 => self.splice_pump(slot, usize::from(op - OP_POLL_IN)),
+            OP_POLL_OUT | 13 => self.splice_pump(slot, usize::from(op - OP_POLL_OUT)),
+            _ => tracing::error!(op, "unknown operation"),
+        }
+    }
+
+    // --- PROXY header from the client -------------------------------------------------
+
+    fn peek_header(&mut self, slot: u32) {
+        let c = self.conn(slot);
+        let have = c.hdr_done;
+        let buf = c.hdr[have..].as_mut_ptr();
+        let len = (c.hdr.len() - have) as u32;
+        let sqe = opcode::Recv::new(types::Fd(c.client.as_raw_fd()), buf, len)
+            .flags(libc::MSG_PEEK)
+            .build();
+        self.submit(slot, OP_HDR_PEEK, sqe);
+    }
+
+    /// Peeked `res` more bytes: if they complete a header, read exactly the header;
+    /// otherwise consume them (all header) and peek again, which waits for more.
+    fn on_header_peek(&mut self, slot: u32, res: i32) {
+        if res <= 0 {
+            let reason = if res == 0 {
+                Reason::ProxyHeaderEof
+            } else {
+                src_reason(UP, -res)
+            };
+            return self.abort(slot, Some(reason), false, false);
+        }
+        let c = self.conn(slot);
+        let seen = c.hdr_done + res as usize;
+        let take = match proxy_protocol::parse(&c.hdr[..seen]) {
+            Ok(Parsed::Header { len, endpoints, .. }) => {
+                c.hdr_parsed = Some((len, endpoints));
+                len - c.hdr_done
+            }
+            Ok(Parsed::Incomplete) if seen < c.hdr.len() => res as usize,
+            Ok(Parsed::Incomplete) => {
+                return self.abort(slot, Some(Reason::ProxyHeaderTooLong), true, false);
+            }
+            Err(e) => {
+                let reason = match e {
+                    proxy_protocol::ProxyHeaderError::NotProxy => Reason::ProxyHeaderMissing,
+                    proxy_protocol::ProxyHeaderError::TooLong => Reason::ProxyHeaderTooLong,
+                    _ => Reason::ProxyHeaderMalformed,
+                };
+                tracing::debug!(client = %c.client_addr, error = %e, "PROXY header refused");
+                return self.abort(slot, Some(reason), true, false);
+            }
+        };
+        let have = c.hdr_done;
+        let buf = c.hdr[have..].as_mut_ptr();
+        let sqe = opcode::Recv::new(types::Fd(c.client.as_raw_fd()), buf, take as u32)
+            .flags(libc::MSG_WAITALL)
+            .build();
+        self.submit(slot, OP_HDR_READ, sqe);
+    }
+
+    fn on_header_read(&mut self, slot: u32, res: i32) {
+        if res <= 0 {
+            let reason = if res == 0 {
+                Reason::ProxyHeaderEof
+            } else {
+                src_reason(UP, -res)
+            };
+            return self.abort(slot, Some(reason), false, false);
+        }
+        let now = self.now;
+        let c = self.conn(slot);
+        c.hdr_done += res as usize;
+        c.last_active = now;
+        match c.hdr_parsed {
+            Some((len, endpoints)) if c.hdr_done >= len => {
+                if let Some(e) = endpoints {
+                    c.client_addr = e.source;
+                    c.local_addr = e.destination;
+                }
+                c.hdr = Vec::new();
+                c.hdr_done = 0;
+                c.phase = Phase::Connecting;
+                self.connect(slot);
+            }
+            _ => self.peek_header(slot),
+        }
+    }
+
+    // --- connecting --------------------------------------------------------------------
+
+    fn balancer(&mut self, route: &Arc<Route>) -> &mut Balancer {
+        let i = match self
+            .balancers
+            .iter()
+            .position(|(r, _)| Arc::ptr_eq(r, route))
+        {
+            Some(i) => i,
+            None => {
+                self.balancers.push((
+                    Arc::clone(route),
+                    Balancer::new(route.spec.balance, route.pool.upstreams.len()),
+                ));
+                self.balancers.len() - 1
+            }
+        };
+        &mut self.balancers[i].1
+    }
+
+    /// Picks an upstream not tried yet and starts connecting to it (or refuses the
+    /// connection with the reason when none is left).
+    fn connect(&mut self, slot: u32) {
+        let (route, client, tried) = {
+            let c = self.conn(slot);
+            (Arc::clone(&c.route), c.client_addr.ip(), c.tried)
+        };
+        let picked = self.balancer(&route).pick(&route.pool, client, &tried);
+        let i = match picked {
+            Ok(i) => i,
+            Err(no) => {
+                let reason = match no {
+                    NoPick::AllAtLimit => Reason::UpstreamLimit,
+                    NoPick::NoHealthy => Reason::NoUpstream,
+                };
+                return self.abort(slot, Some(reason), true, false);
+            }
+        };
+        let upstream = &route.pool.upstreams[i];
+        let fd = match socket::upstream_socket(upstream.address) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(error = %e, "creating an upstream socket");
+                return self.abort(slot, Some(Reason::SocketError), true, false);
+            }
+        };
+        upstream.active.fetch_add(1, Ordering::AcqRel);
+        // Read the clock for the latency itself: the loop's `now` is per batch.
+        let now = Instant::now();
+        let c = self.conn(slot);
+        c.tried.insert(i);
+        c.upstream_idx = Some(i);
+        c.sockaddr = nix::sys::socket::SockaddrStorage::from(upstream.address);
+        c.timeout = types::Timespec::from(route.spec.connect_timeout);
+        c.connect_started = now;
+        c.phase = Phase::Connecting;
+        let connect = opcode::Connect::new(
+            types::Fd(fd.as_raw_fd()),
+            c.sockaddr.as_ptr(),
+            c.sockaddr.len(),
+        )
+        .build()
+        .flags(squeue::Flags::IO_LINK);
+        let timeout = opcode::LinkTimeout::new(&c.timeout).build();
+        c.upstream = Some(fd);
+        self.submit(slot, OP_CONNECT, connect);
+        self.submit(slot, OP_CONNECT_TIMEOUT, timeout);
+    }
+
+    fn on_connect(&mut self, slot: u32, res: i32) {
+        let now = Instant::now();
+        let c = self.conn(slot);
+        let Some(i) = c.upstream_idx else { return };
+        let route = Arc::clone(&c.route);
+        if res < 0 {
+            let reason = match -res {
+                libc::ECANCELED => Reason::ConnectTimeout,
+                libc::ECONNREFUSED => Reason::ConnectRefused,
+                _ => Reason::ConnectError,
+            };
+            tracing::debug!(upstream = %route.pool.upstreams[i].address, reason = reason.name(), "connect failed");
+            c.upstream = None;
+            c.upstream_idx = None;
+            route.pool.upstreams[i]
+                .active
+                .fetch_sub(1, Ordering::AcqRel);
+            route.pool.connect_failed(i, reason);
+            // Nothing was sent to the client yet: try another upstream.
+            return self.connect(slot);
+        }
+        route
+            .pool
+            .connect_succeeded(i, now.duration_since(c.connect_started));
+        route.pool.upstreams[i]
+            .stats
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
+        c.last_active = now;
+        match route.spec.send_proxy {
+            Some(v) => {
+                c.hdr.clear();
+                proxy_protocol::encode(v, c.client_addr, c.local_addr, &mut c.hdr);
+                c.hdr_done = 0;
+                c.phase = Phase::SendHeader;
+                self.send_header(slot);
+            }
+            None => self.stream(slot),
+        }
+    }
+
+    fn send_header(&mut self, slot: u32) {
+        let c = self.conn(slot);
+        let rest = &c.hdr[c.hdr_done..];
+        let sqe = opcode::Send::new(types::Fd(c.dst(UP)), rest.as_ptr(), rest.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build();
+        self.submit(slot, OP_HDR_SEND, sqe);
+    }
+
+    fn on_header_sent(&mut self, slot: u32, res: i32) {
+        if res < 0 {
+            return self.abort(slot, Some(dst_reason(UP, -res)), true, false);
+        }
+        let c = self.conn(slot);
+        c.hdr_done += res as usize;
+        if c.hdr_done < c.hdr.len() {
+            return self.send_header(slot);
+        }
+        c.hdr = Vec::new();
+        self.stream(slot);
+    }
+
+    // --- copying -----------------------------------------------------------------------
+
+    fn stream(&mut self, slot: u32) {
+        let copy = self.copy;
+        let pipe_size = self.pipe_size;
+        let c = self.conn(slot);
+        c.phase = Phase::Streaming;
+        if copy == CopyPath::Splice {
+            for d in [UP, DOWN] {
+                match Pipe::new(pipe_size) {
+                    Ok(p) => c.dirs[d].pipe = Some(p),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "creating a splice pipe");
+                        return self.abort(slot, Some(Reason::SocketError), true, true);
+                    }
+                }
+            }
+        }
+        for d in [UP, DOWN] {
+            match copy {
+                CopyPath::Buffers => self.recv(slot, d),
+                CopyPath::Splice => self.splice_pump(slot, d),
+            }
+            if self.conn(slot).phase == Phase::Closing {
+                return;
+            }
+        }
+    }
+
+    fn recv(&mut self, slot: u32, d: usize) {
+        let size = self.buf_size as u32;
+        let c = self.conn(slot);
+        c.dirs[d].state = DirState::Busy;
+        let sqe = opcode::Recv::new(types::Fd(c.src(d)), std::ptr::null_mut(), size)
+            .buf_group(BGID)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT);
+        self.submit(slot, OP_RECV + d as u8, sqe);
+    }
+
+    fn on_recv(&mut self, slot: u32, d: usize, res: i32, flags: u32) {
+        if res == -libc::ENOBUFS {
+            self.stats.buffer_waits += 1;
+            self.conn(slot).dirs[d].state = DirState::Starved;
+            self.starved.push_back((slot, d));
+            return;
+        }
+        if res < 0 {
+            let reset = -res == libc::ECONNRESET;
+            let (rc, ru) = if d == UP {
+                (false, reset)
+            } else {
+                (reset, false)
+            };
+            return self.abort(slot, Some(src_reason(d, -res)), rc || !reset, ru || !reset);
+        }
+        if res == 0 {
+            return self.end_direction(slot, d);
+        }
+        let Some(bid) = cqueue::buffer_select(flags) else {
+            tracing::error!("a receive completed without a buffer");
+            return self.abort(slot, Some(Reason::SocketError), true, true);
+        };
+        let now = self.now;
+        let c = self.conn(slot);
+        c.dirs[d].held = Some((bid, 0, res as usize));
+        c.last_active = now;
+        self.send(slot, d);
+    }
+
+    fn send(&mut self, slot: u32, d: usize) {
+        let buf_size = self.buf_size;
+        let Some(bufs) = self.bufs.as_ref() else {
+            return;
+        };
+        let c = self.conns[slot as usize]
+            .as_deref()
+            .expect("a live connection");
+        let Some((bid, off, len)) = c.dirs[d].held else {
+            return;
+        };
+        let data = bufs.buf(bid, buf_size);
+        let sqe = opcode::Send::new(
+            types::Fd(c.dst(d)),
+            data[off..len].as_ptr(),
+            (len - off) as u32,
+        )
+        .flags(libc::MSG_NOSIGNAL)
+        .build();
+        self.submit(slot, OP_SEND + d as u8, sqe);
+    }
+
+    fn on_sent(&mut self, slot: u32, d: usize, res: i32) {
+        if res < 0 {
+            let reset = matches!(-res, libc::ECONNRESET | libc::EPIPE);
+            // The destination failed: reset the side we were reading from.
+            let (rc, ru) = if d == UP {
+                (reset, false)
+            } else {
+                (false, reset)
+            };
+            return self.abort(slot, Some(dst_reason(d, -res)), rc || !reset, ru || !reset);
+        }
+        let now = self.now;
+        let c = self.conn(slot);
+        c.last_active = now;
+        let Some((bid, off, len)) = c.dirs[d].held else {
+            return;
+        };
+        let off = off + res as usize;
+        let up = c
+            .upstream_idx
+            .map(|i| Arc::clone(&c.route.pool.upstreams[i]));
+        if let Some(u) = up {
+            let counter = if d == UP {
+                &u.stats.bytes_up
+            } else {
+                &u.stats.bytes_down
+            };
+            counter.fetch_add(res as u64, Ordering::Relaxed);
+        }
+        let c = self.conn(slot);
+        if off < len {
+            c.dirs[d].held = Some((bid, off, len));
+            return self.send(slot, d);
+        }
+        c.dirs[d].held = None;
+        self.recycle(bid);
+        self.recv(slot, d);
+    }
+
+    fn recycle(&mut self, bid: u16) {
+        if let Some(b) = self.bufs.as_mut() {
+            b.push(bid);
+            b.publish();
+        }
+    }
+
+    /// Re-issues the receives that found no buffer, now that some may be back.
+    fn feed_starved(&mut self) {
+        for _ in 0..self.starved.len() {
+            let Some((slot, d)) = self.starved.pop_front() else {
+                break;
+            };
+            let live = self
+                .conns
+                .get(slot as usize)
+                .and_then(|c| c.as_deref())
+                .is_some_and(|c| {
+                    c.phase == Phase::Streaming && c.dirs[d].state == DirState::Starved
+                });
+            if live {
+                self.recv(slot, d);
+            }
+        }
+    }
+
+    /// The splice path: move what the pipe holds to the destination, then refill it from
+    /// the source, until one of them would block (then poll it) or EOF.
+    fn splice_pump(&mut self, slot: u32, d: usize) {
+        let now = self.now;
+        for _ in 0..16 {
+            let c = self.conn(slot);
+            if c.phase != Phase::Streaming {
+                return;
+            }
+            let (src, dst) = (c.src(d), c.dst(d));
+            let dir = &mut c.dirs[d];
+            let Some(pipe) = dir.pipe.as_ref() else {
+                return;
+            };
+            if dir.in_pipe > 0 {
+                match socket::splice(pipe.read.as_raw_fd(), dst, dir.in_pipe) {
+                    Ok(n) => {
+                        dir.in_pipe -= n;
+                        c.last_active = now;
+                        if let Some(i) = c.upstream_idx {
+                            let s = &c.route.pool.upstreams[i].stats;
+                            let counter = if d == UP { &s.bytes_up } else { &s.bytes_down };
+                            counter.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return self.poll(slot, d, false);
+                    }
+                    Err(e) => {
+                        let errno = e.raw_os_error().unwrap_or(0);
+                        let reset = matches!(errno, libc::ECONNRESET | libc::EPIPE);
+                        let (rc, ru) = if d == UP {
+                            (reset, false)
+                        } else {
+                            (false, reset)
+                        };
+                        return self.abort(
+                            slot,
+                            Some(dst_reason(d, errno)),
+                            rc || !reset,
+                            ru || !reset,
+                        );
+                    }
+                }
+            }
+            if dir.eof {
+                return self.end_direction(slot, d);
+            }
+            match socket::splice(src, pipe.write.as_raw_fd(), pipe.capacity) {
+                Ok(0) => dir.eof = true,
+                Ok(n) => {
+                    dir.in_pipe = n;
+                    c.last_active = now;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return self.poll(slot, d, true);
+                }
+                Err(e) => {
+                    let errno = e.raw_os_error().unwrap_or(0);
+                    let reset = errno == libc::ECONNRESET;
+                    let (rc, ru) = if d == UP {
+                        (false, reset)
+                    } else {
+                        (reset, false)
+                    };
+                    return self.abort(
+                        slot,
+                        Some(src_reason(d, errno)),
+                        rc || !reset,
+                        ru || !reset,
+                    );
+                }
+            }
+        }
+        // Fairness: other connections get their turn; this one is ready again at once.
+        let readable = self.conn(slot).dirs[d].in_pipe == 0;
+        self.poll(slot, d, readable);
+    }
+
+    fn poll(&mut self, slot: u32, d: usize, readable: bool) {
+        let c = self.conn(slot);
+        c.dirs[d].state = DirState::Busy;
+        let (fd, events, op) = if readable {
+            (c.src(d), libc::POLLIN, OP_POLL_IN)
+        } else {
+            (c.dst(d), libc::POLLOUT, OP_POLL_OUT)
+        };
+        let sqe = opcode::PollAdd::new(types::Fd(fd), events as u32).build();
+        self.submit(slot, op + d as u8, sqe);
+    }
+
+    /// EOF on the source of direction `d`: half-close its destination; the connection
+    /// ends when both directions have.
+    fn end_direction(&mut self, slot: u32, d: usize) {
+        let c = self.conn(slot);
+        if let Some(dst) = if d == UP {
+            c.upstream.as_ref()
+        } else {
+            Some(&c.client)
+        } {
+            socket::shutdown_write(dst);
+        }
+        c.dirs[d].state = DirState::Done;
+        if c.dirs[1 - d].state == DirState::Done {
+            c.phase = Phase::Closing;
+            self.finish_if_idle(slot);
+        }
+    }
+
+    // --- ending ------------------------------------------------------------------------
+
+    /// Ends the connection abnormally: counts `reason` (on the upstream once one was
+    /// chosen, else on the route), cancels what is in flight, and closes (resetting the
+    /// sides asked for) once nothing is.
+    fn abort(
+        &mut self,
+        slot: u32,
+        reason: Option<Reason>,
+        reset_client: bool,
+        reset_upstream: bool,
+    ) {
+        let c = self.conn(slot);
+        if c.phase == Phase::Closing {
+            return;
+        }
+        c.phase = Phase::Closing;
+        c.reset_client = reset_client;
+        c.reset_upstream = reset_upstream;
+        if let Some(reason) = reason {
+            match c.upstream_idx {
+                Some(i) => c.route.pool.upstreams[i].stats.errors.add(reason, 1),
+                None => c.route.stats.refused.add(reason, 1),
+            }
+        }
+        if c.inflight > 0 {
+            let fds: Vec<RawFd> = std::iter::once(c.client.as_raw_fd())
+                .chain(c.upstream.as_ref().map(AsRawFd::as_raw_fd))
+                .collect();
+            for fd in fds {
+                let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+                    .build();
+                self.submit(slot, OP_CANCEL, sqe);
+            }
+            // Cancel while the fds still name these sockets.
+            if let Err(e) = self.ring.submit() {
+                tracing::warn!(error = %e, "submitting cancellations");
+            }
+        }
+        self.finish_if_idle(slot);
+    }
+
+    /// Closes and frees a closing connection once none of its operations is in flight.
+    fn finish_if_idle(&mut self, slot: u32) {
+        let c = self.conn(slot);
+        if c.phase != Phase::Closing || c.inflight > 0 {
+            return;
+        }
+        let Some(c) = self.conns[slot as usize].take() else {
+            return;
+        };
+        self.free.push(slot);
+        if c.reset_client {
+            socket::reset_on_close(&c.client);
+        }
+        if let Some(u) = &c.upstream
+            && c.reset_upstream
+        {
+            socket::reset_on_close(u);
+        }
+        for d in &c.dirs {
+            if let Some((bid, _, _)) = d.held {
+                self.recycle(bid);
+            }
+        }
+        c.route.stats.active.fetch_sub(1, Ordering::AcqRel);
+        if let Some(i) = c.upstream_idx {
+            c.route.pool.upstreams[i]
+                .active
+                .fetch_sub(1, Ordering::AcqRel);
+        }
+        drop(c); // closes both sockets (and the pipes)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.bufs.is_some() {
+            let _ = self.ring.submitter().unregister_buf_ring(BGID);
+        }
+    }
+}
+
+/// Runs the forwarder on `cpus` (one pinned worker each) until `stop` is set, then
+/// drains: listeners close, open connections get `drain` to finish, the rest are reset.
+pub fn run(
+    shared: Arc<SharedRoutes>,
+    cpus: &[usize],
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<TcpSummary> {
+    if let Some(why) = crate::engine::uring::unavailable() {
+        anyhow::bail!("TCP forwarding runs on io_uring, which is not usable here: {why}");
+    }
+    let started = Instant::now();
+    let routes = shared.latest();
+    let (copy, why) = resolve_copy(routes.settings.copy)?;
+    if let Some(why) = why {
+        tracing::warn!(reason = %why, "copying with splice");
+    }
+    tracing::info!(
+        copy = copy.name(),
+        workers = cpus.len(),
+        routes = routes.routes.len(),
+        "TCP forwarding"
+    );
+    // Every socket is bound before any worker starts: an address in use fails the start.
+    let mut listeners = Vec::with_capacity(cpus.len());
+    for _ in cpus {
+        let mut mine = Vec::new();
+        for r in &routes.routes {
+            let fd = socket::listener(r.spec.listen).with_context(|| {
+                format!("route {}: listening on {}", r.spec.name, r.spec.listen)
+            })?;
+            mine.push((fd, Arc::clone(r)));
+        }
+        listeners.push(mine);
+    }
+    let halt = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let mut handles = Vec::new();
+    for (&cpu, mine) in cpus.iter().zip(listeners) {
+        let shared = Arc::clone(&shared);
+        let stop = Arc::clone(&stop);
+        let halt = Arc::clone(&halt);
+        let ready = ready_tx.clone();
+        handles.push(
+            thread::Builder::new()
+                .name(format!("ep-tcp-{cpu}"))
+                .spawn(move || {
+                    crate::logs::pipeline::pin(cpu);
+                    let worker = match Worker::new(cpu, copy, shared, mine) {
+                        Ok(w) => w,
+                        Err(e) => {
+                            let _ = ready.send(Err(format!("worker on CPU {cpu}: {e}")));
+                            return WorkerStats::default();
+                        }
+                    };
+                    let _ = ready.send(Ok(()));
+                    // Stop when asked, or when another worker failed to start.
+                    worker.run(&[&stop, &halt])
+                })
+                .context("spawning a TCP worker")?,
+        );
+    }
+    drop(ready_tx);
+    let mut failure = None;
+    for _ in 0..handles.len() {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = Some(e),
+            Err(_) => failure = Some("a TCP worker ended before starting".into()),
+        }
+    }
+    match &failure {
+        Some(_) => halt.store(true, Ordering::Release),
+        None => tracing::info!(workers = cpus.len(), "TCP forwarding started"),
+    }
+    let mut workers = Vec::new();
+    for h in handles {
+        workers.push(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a TCP worker panicked"))?,
+        );
+    }
+    if let Some(e) = failure {
+        anyhow::bail!("TCP forwarding could not start: {e}");
+    }
+    Ok(TcpSummary {
+        copy: copy.name(),
+        workers,
+        routes: shared.latest().json(),
+        elapsed_s: started.elapsed().as_secs_f64(),
+    })
+}

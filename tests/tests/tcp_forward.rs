@@ -1,0 +1,1095 @@
+//! `edgeproxy proxy` end to end, in a namespace per test: real sockets on both sides of
+//! the proxy, upstream servers with scripted behaviour, the proxy's counters read from
+//! its stats file. Covers the copy paths (buffers and splice), half-close, resets, retry
+//! and ejection, limits, the balancing algorithms, health checks, PROXY v1/v2, reloads,
+//! idle timeout, graceful drain and memory under a slow reader.
+use std::{
+    hash::Hasher as _,
+    io::{Read, Write},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream},
+    os::fd::AsFd,
+    path::PathBuf,
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use edgeproxy_testbed::{
+    LogLines, Reaped,
+    netns::Netns,
+    privilege::require_root,
+    scratch::ScratchDir,
+    tcp::{
+        Handler, Upstream, connect, connect_from, echo, identify, namespace, read_line, rss_kib,
+        start_proxy, upstream_stats, wait_stats,
+    },
+    try_stop_and_collect,
+};
+use proxy_user::tcp::proxy_protocol;
+use rand::{RngCore, SeedableRng};
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("address literal")
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip literal")
+}
+
+/// A namespace, a scratch directory and a running proxy on `config`.
+struct Bed {
+    ns: Netns,
+    dir: ScratchDir,
+    cfg: PathBuf,
+    stats: PathBuf,
+    proxy: Option<Reaped>,
+    log: Option<LogLines>,
+}
+
+impl Bed {
+    fn new() -> Self {
+        let ns = namespace().expect("namespace");
+        let dir = ScratchDir::new().expect("scratch");
+        let cfg = dir.path().join("proxy.toml");
+        let stats = dir.path().join("stats.json");
+        Self {
+            ns,
+            dir,
+            cfg,
+            stats,
+            proxy: None,
+            log: None,
+        }
+    }
+
+    fn start(&mut self, config: &str, args: &[&str]) {
+        std::fs::write(&self.cfg, config).expect("write config");
+        let (p, log) = start_proxy(&self.ns, &self.cfg, &self.stats, args).expect("start proxy");
+        self.proxy = Some(p);
+        self.log = Some(log);
+    }
+
+    /// Replaces the configuration file and waits for the reload to be logged.
+    fn reload(&self, config: &str) {
+        let tmp = self.dir.path().join("proxy.toml.new");
+        std::fs::write(&tmp, config).expect("write config");
+        std::fs::rename(&tmp, &self.cfg).expect("replace config");
+        self.log
+            .as_ref()
+            .expect("running")
+            .wait_for("configuration reloaded", Duration::from_secs(10))
+            .expect("reload logged");
+    }
+
+    fn upstream(&self, addr: &str, h: Handler) -> Upstream {
+        Upstream::spawn(&self.ns, sa(addr), h).expect("upstream")
+    }
+
+    fn stats_when(&self, ready: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        wait_stats(&self.stats, Duration::from_secs(10), ready).expect("stats")
+    }
+
+    /// The routes once `accepted` connections were accepted in all and none is open.
+    fn settled(&self, accepted: u64) -> serde_json::Value {
+        self.stats_when(|r| {
+            r.as_array().is_some_and(|a| {
+                a.iter().map(|r| num(r, "accepted")).sum::<u64>() == accepted
+                    && a.iter().all(|r| num(r, "active") == 0)
+            })
+        })
+    }
+
+    /// SIGTERM; the final JSON report.
+    fn stop(&mut self) -> serde_json::Value {
+        let (status, out) =
+            try_stop_and_collect(self.proxy.take().expect("running")).expect("stop");
+        assert!(status.success(), "edgeproxy failed ({status}): {out}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("report {e}: {out}"))
+    }
+}
+
+fn route(listen: &str, upstreams: &[&str], extra: &str) -> String {
+    let ups: Vec<String> = upstreams.iter().map(|u| format!("{u:?}")).collect();
+    format!(
+        "[[route]]\nname = \"r\"\nlisten = \"{listen}\"\nupstreams = [{}]\n{extra}\n",
+        ups.join(", ")
+    )
+}
+
+fn copy_section(copy: &str) -> String {
+    format!("[tcp]\ncopy = \"{copy}\"\n")
+}
+
+fn num(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or(0)
+}
+
+fn set_reset_on_close(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    nix::sys::socket::setsockopt(&s.as_fd(), nix::sys::socket::sockopt::Linger, &l)
+        .expect("SO_LINGER");
+}
+
+// --- 100 MB each way ------------------------------------------------------------------
+
+const BIG: u64 = 100 * 1024 * 1024;
+
+/// Writes `len` seeded random bytes to `w`; returns their digest.
+fn send_random(w: &mut impl Write, seed: u64, len: u64) -> std::io::Result<u64> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut h = std::hash::DefaultHasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill_bytes(&mut buf[..n]);
+        h.write(&buf[..n]);
+        w.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(h.finish())
+}
+
+/// Reads `r` to EOF; returns (bytes, digest).
+fn drain_digest(r: &mut impl Read) -> std::io::Result<(u64, u64)> {
+    let mut h = std::hash::DefaultHasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok((total, h.finish()));
+        }
+        h.write(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+fn hundred_megabytes_each_way(copy: &str) {
+    let mut bed = Bed::new();
+    let (tx, rx) = mpsc::channel::<(u64, u64, u64)>();
+    let tx = Mutex::new(tx);
+    // The upstream sends 100 MB while it receives 100 MB, then reports what it got.
+    let _up = bed.upstream(
+        "10.200.0.1:7001",
+        Arc::new(move |s: TcpStream| {
+            let mut w = s.try_clone().expect("clone");
+            let sender = std::thread::spawn(move || {
+                let d = send_random(&mut w, 2, BIG).expect("upstream send");
+                w.shutdown(Shutdown::Write).expect("shutdown");
+                d
+            });
+            let mut r = s;
+            let (n, got) = drain_digest(&mut r).expect("upstream receive");
+            let sent = sender.join().expect("sender");
+            let _ = tx.lock().expect("lock").send((n, got, sent));
+        }),
+    );
+    bed.start(
+        &format!(
+            "{}{}",
+            copy_section(copy),
+            route("10.200.0.1:7000", &["10.200.0.1:7001"], "")
+        ),
+        &[],
+    );
+    let started = Instant::now();
+    let s = connect(&bed.ns, sa("10.200.0.1:7000")).expect("connect");
+    let mut w = s.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        let d = send_random(&mut w, 1, BIG).expect("client send");
+        w.shutdown(Shutdown::Write).expect("shutdown");
+        d
+    });
+    let mut r = s;
+    let (down_n, down_digest) = drain_digest(&mut r).expect("client receive");
+    let up_digest = sender.join().expect("sender");
+    let (up_n, up_got, down_sent) = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("upstream report");
+    drop(r);
+    println!(
+        "{copy}: 100 MB each way in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!((up_n, down_n), (BIG, BIG), "byte counts");
+    assert_eq!(up_got, up_digest, "client → upstream checksum");
+    assert_eq!(down_digest, down_sent, "upstream → client checksum");
+    let routes = bed.settled(1);
+    let u = upstream_stats(&routes, "r", "10.200.0.1:7001").expect("upstream stats");
+    assert_eq!(
+        (num(u, "bytes_up"), num(u, "bytes_down")),
+        (BIG, BIG),
+        "{u}"
+    );
+    let report = bed.stop();
+    assert_eq!(report["copy"], copy);
+}
+
+#[test]
+fn hundred_megabytes_each_way_buffers() {
+    if require_root("hundred_megabytes_each_way_buffers") {
+        hundred_megabytes_each_way("buffers");
+    }
+}
+
+#[test]
+fn hundred_megabytes_each_way_splice() {
+    if require_root("hundred_megabytes_each_way_splice") {
+        hundred_megabytes_each_way("splice");
+    }
+}
+
+// --- half-close and resets ------------------------------------------------------------
+
+fn half_close_and_resets(copy: &str) {
+    let mut bed = Bed::new();
+    let (tx, rx) = mpsc::channel::<String>();
+    let tx = Arc::new(Mutex::new(tx));
+    let report = move |m: String| {
+        let _ = tx.lock().expect("lock").send(m);
+    };
+    // 7101: reads to EOF, then answers with the count (client half-closed first).
+    let _a = bed.upstream(
+        "10.200.0.1:7101",
+        Arc::new(|mut s: TcpStream| {
+            let mut all = Vec::new();
+            s.read_to_end(&mut all).expect("read");
+            s.write_all(format!("got {}", all.len()).as_bytes())
+                .expect("write");
+        }),
+    );
+    // 7102: sends 1 MB and half-closes first, then reads what the client sends after.
+    let r2 = report.clone();
+    let _b = bed.upstream(
+        "10.200.0.1:7102",
+        Arc::new(move |mut s: TcpStream| {
+            s.write_all(&vec![7u8; 1 << 20]).expect("write");
+            s.shutdown(Shutdown::Write).expect("shutdown");
+            let mut all = Vec::new();
+            let r = s.read_to_end(&mut all);
+            r2(format!(
+                "after eof {} {:?}",
+                all.len(),
+                r.err().map(|e| e.kind())
+            ));
+        }),
+    );
+    // 7103: reads 10 bytes, then resets.
+    let _c = bed.upstream(
+        "10.200.0.1:7103",
+        Arc::new(|mut s: TcpStream| {
+            let mut b = [0u8; 10];
+            let _ = s.read_exact(&mut b);
+            set_reset_on_close(&s);
+        }),
+    );
+    // 7104: reads until an error; reports how it ended.
+    let r4 = report.clone();
+    let _d = bed.upstream(
+        "10.200.0.1:7104",
+        Arc::new(move |mut s: TcpStream| {
+            let mut all = Vec::new();
+            let r = s.read_to_end(&mut all);
+            r4(format!("client end {:?}", r.err().map(|e| e.kind())));
+        }),
+    );
+    // 7106 (IPv6): echo.
+    let _e = bed.upstream("[::1]:7106", echo());
+    let config = format!(
+        "{}{}{}{}{}{}",
+        copy_section(copy),
+        route("10.200.0.1:7001", &["10.200.0.1:7101"], "name = \"a\"")
+            .replace("name = \"r\"\n", ""),
+        route("10.200.0.1:7002", &["10.200.0.1:7102"], "name = \"b\"")
+            .replace("name = \"r\"\n", ""),
+        route("10.200.0.1:7003", &["10.200.0.1:7103"], "name = \"c\"")
+            .replace("name = \"r\"\n", ""),
+        route("10.200.0.1:7004", &["10.200.0.1:7104"], "name = \"d\"")
+            .replace("name = \"r\"\n", ""),
+        route("[::1]:7006", &["[::1]:7106"], "name = \"e\"").replace("name = \"r\"\n", ""),
+    );
+    bed.start(&config, &[]);
+
+    // Client half-closes first; the response still arrives, then EOF.
+    let mut s = connect(&bed.ns, sa("10.200.0.1:7001")).expect("connect a");
+    s.write_all(&vec![1u8; 1 << 20]).expect("write");
+    s.shutdown(Shutdown::Write).expect("shutdown");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read answer");
+    assert_eq!(answer, format!("got {}", 1 << 20));
+
+    // Upstream half-closes first; the client still sends afterwards.
+    let mut s = connect(&bed.ns, sa("10.200.0.1:7002")).expect("connect b");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).expect("read to EOF");
+    assert_eq!(got.len(), 1 << 20);
+    s.write_all(&[9u8; 5000]).expect("write after EOF");
+    s.shutdown(Shutdown::Write).expect("shutdown");
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).expect("report"),
+        "after eof 5000 None"
+    );
+
+    // The upstream resets: the client sees a reset, not an EOF.
+    let mut s = connect(&bed.ns, sa("10.200.0.1:7003")).expect("connect c");
+    s.write_all(b"0123456789").expect("write");
+    let mut b = [0u8; 16];
+    let e = s.read(&mut b).expect_err("a reset, not data or EOF");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+
+    // The client resets: the upstream sees a reset.
+    let s = connect(&bed.ns, sa("10.200.0.1:7004")).expect("connect d");
+    (&s).write_all(b"hello").expect("write");
+    std::thread::sleep(Duration::from_millis(100));
+    set_reset_on_close(&s);
+    drop(s);
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).expect("report"),
+        "client end Some(ConnectionReset)"
+    );
+
+    // IPv6 on both sides.
+    let mut s = connect(&bed.ns, sa("[::1]:7006")).expect("connect e");
+    s.write_all(b"over v6").expect("write");
+    s.shutdown(Shutdown::Write).expect("shutdown");
+    let mut back = String::new();
+    s.read_to_string(&mut back).expect("read");
+    assert_eq!(back, "over v6");
+
+    let routes = bed.settled(5);
+    let errs = |route: &str, up: &str| {
+        upstream_stats(&routes, route, up).expect("upstream")["errors"].clone()
+    };
+    assert_eq!(
+        errs("c", "10.200.0.1:7103")["upstream_reset"],
+        1,
+        "{routes}"
+    );
+    assert_eq!(errs("d", "10.200.0.1:7104")["client_reset"], 1, "{routes}");
+    assert_eq!(
+        errs("a", "10.200.0.1:7101"),
+        serde_json::json!({}),
+        "a clean close is no error"
+    );
+    assert_eq!(errs("b", "10.200.0.1:7102"), serde_json::json!({}));
+    bed.stop();
+}
+
+#[test]
+fn half_close_and_resets_propagate_buffers() {
+    if require_root("half_close_and_resets_propagate_buffers") {
+        half_close_and_resets("buffers");
+    }
+}
+
+#[test]
+fn half_close_and_resets_propagate_splice() {
+    if require_root("half_close_and_resets_propagate_splice") {
+        half_close_and_resets("splice");
+    }
+}
+
+/// An upstream that goes away mid-stream (closes with unread data, as a killed process
+/// does): the client's transfer ends with an error instead of hanging, and the proxy
+/// holds nothing afterwards.
+#[test]
+fn upstream_dying_mid_stream_ends_the_client_connection() {
+    if !require_root("upstream_dying_mid_stream_ends_the_client_connection") {
+        return;
+    }
+    let mut bed = Bed::new();
+    let _up = bed.upstream(
+        "10.200.0.1:7201",
+        Arc::new(|mut s: TcpStream| {
+            let mut b = vec![0u8; 1 << 20];
+            let _ = s.read_exact(&mut b);
+            // Dropped with the rest unread: the kernel answers with a reset.
+        }),
+    );
+    bed.start(&route("10.200.0.1:7200", &["10.200.0.1:7201"], ""), &[]);
+    let mut s = connect(&bed.ns, sa("10.200.0.1:7200")).expect("connect");
+    s.set_write_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let started = Instant::now();
+    let r = send_random(&mut s, 3, 200 << 20);
+    assert!(r.is_err(), "200 MB went through a dead upstream");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the client hung"
+    );
+    drop(s);
+    let routes = bed.settled(1);
+    let u = upstream_stats(&routes, "r", "10.200.0.1:7201").expect("upstream");
+    assert_eq!(num(u, "active"), 0);
+    assert_eq!(u["errors"]["upstream_reset"], 1, "{u}");
+    bed.stop();
+}
+
+// --- connect failures, retry, ejection, timeouts ---------------------------------------
+
+#[test]
+fn refused_upstreams_are_retried_then_ejected() {
+    if !require_root("refused_upstreams_are_retried_then_ejected") {
+        return;
+    }
+    let mut bed = Bed::new();
+    let _b = bed.upstream("10.200.0.1:7302", identify("b"));
+    let config = format!(
+        "{}{}",
+        route(
+            "10.200.0.1:7300",
+            &["10.200.0.1:7301", "10.200.0.1:7302"],
+            "eject_after = 2\neject_seconds = 60"
+        ),
+        route("10.200.0.1:7310", &["10.200.0.1:7311"], "")
+            .replace("name = \"r\"", "name = \"dead\""),
+    );
+    bed.start(&config, &[]);
+    for k in 0..10 {
+        let mut s = connect(&bed.ns, sa("10.200.0.1:7300")).expect("connect");
+        assert_eq!(read_line(&mut s).expect("id"), "b", "connection {k}");
+    }
+    // Nothing listens behind "dead": the client is reset, the reason counted.
+    let mut s = connect(&bed.ns, sa("10.200.0.1:7310")).expect("connect");
+    let mut b = [0u8; 4];
+    assert!(
+        matches!(s.read(&mut b), Ok(0) | Err(_)),
+        "no upstream: no data"
+    );
+    drop(s);
+    let routes = bed.settled(11);
+    let a = upstream_stats(&routes, "r", "10.200.0.1:7301").expect("a");
+    let refused = a["errors"]["connect_refused"].as_u64().unwrap_or(0);
+    // Two workers may each try before the ejection lands.
+    assert!((2..=3).contains(&refused), "{a}");
+    assert_eq!(a["healthy"], false, "{a}");
+    assert_eq!(a["ejections"], 1, "{a}");
+    let dead = routes
+        .as_array()
+        .expect("routes")
+        .iter()
+        .find(|r| r["name"] == "dead")
+        .expect("dead");
+    assert_eq!(dead["refused"]["no_upstream"], 1, "{dead}");
+    bed.stop();
+}
+
+#[test]
+fn connect_timeout_moves_on_to_the_next_upstream() {
+    if !require_root("connect_timeout_moves_on_to_the_next_upstream") {
+        return;
+    }
+    let mut bed = Bed::new();
+    // 10.200.1.0/24 leads into a veth whose peer has no address: ARP is never
+    // answered, the SYN never leaves, connects can only time out.
+    let n = bed.ns.name().to_owned();
+    let ip_n = |args: &[&str]| {
+        let mut all = vec!["-n", n.as_str()];
+        all.extend_from_slice(args);
+        edgeproxy_testbed::tools::run("ip", all).expect("ip");
+    };
+    ip_n(&["link", "add", "bh0", "type", "veth", "peer", "name", "bh1"]);
+    ip_n(&["link", "set", "bh0", "up"]);
+    ip_n(&["link", "set", "bh1", "up"]);
+    ip_n(&["route", "add", "10.200.1.0/24", "dev", "bh0"]);
+    let _ok = bed.upstream("10.200.0.1:7402", identify("ok"));
+    bed.start(
+        &route(
+            "10.200.0.1:7400",
+            &["10.200.1.2:80", "10.200.0.1:7402"],
+            "connect_timeout = 0.2\neject_after = 0",
+        ),
+        &["--workers", "1"],
+    );
+    let started = Instant::now();
+    for _ in 0..4 {
+        let mut s = connect(&bed.ns, sa("10.200.0.1:7400")).expect("connect");
+        assert_eq!(read_line(&mut s).expect("id"), "ok");
+    }
+    // Round robin sends 2 of 4 to the black hole first: two timeouts of 0.2 s.
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    let routes = bed.settled(4);
+    let dead = upstream_stats(&routes, "r", "10.200.1.2:80").expect("dead");
+    assert_eq!(dead["errors"]["connect_timeout"], 2, "{dead}");
+    bed.stop();
+}
+
+// --- limits -----------------------------------------------------------------------------
+
+#[test]
+fn connection_limits_refuse_and_count() {
+    if !require_root("connection_limits_refuse_and_count") {
+        return;
+    }
+    let mut bed = Bed::new();
+    let _a = bed.upstream("10.200.0.1:7501", identify("a"));
+    let _b = bed.upstream("10.200.0.1:7502", identify("b"));
+    let config = format!(
+        "{}[[route]]\nname = \"u\"\nlisten = \"10.200.0.1:7510\"\n[[route.upstream]]\naddress = \"10.200.0.1:7501\"\nmax_connections = 1\n[[route.upstream]]\naddress = \"10.200.0.1:7502\"\nmax_connections = 1\n",
+        route(
+            "10.200.0.1:7500",
+            &["10.200.0.1:7501"],
+            "max_connections = 3"
+        ),
+    );
+    bed.start(&config, &[]);
+    let refused = |bed: &Bed, addr: &str| {
+        let mut s = connect(&bed.ns, sa(addr)).expect("connect");
+        let mut b = [0u8; 4];
+        match s.read(&mut b) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    };
+    // Route limit: three held, the fourth refused; one closes, a new one gets in.
+    let mut held: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = connect(&bed.ns, sa("10.200.0.1:7500")).expect("connect");
+            assert_eq!(read_line(&mut s).expect("id"), "a");
+            s
+        })
+        .collect();
+    assert!(
+        refused(&bed, "10.200.0.1:7500"),
+        "a fourth connection got through"
+    );
+    held.pop();
+    bed.stats_when(|r| num(&r[0], "active") == 2 && r[0]["refused"]["route_limit"] == 1);
+    let mut s = connect(&bed.ns, sa("10.200.0.1:7500")).expect("connect");
+    assert_eq!(read_line(&mut s).expect("id"), "a");
+    // Upstream limits: one each, the third refused.
+    let mut ids: Vec<String> = Vec::new();
+    let mut held2 = Vec::new();
+    for _ in 0..2 {
+        let mut s = connect(&bed.ns, sa("10.200.0.1:7510")).expect("connect");
+        ids.push(read_line(&mut s).expect("id"));
+        held2.push(s);
+    }
+    ids.sort();
+    assert_eq!(ids, ["a", "b"]);
+    assert!(
+        refused(&bed, "10.200.0.1:7510"),
+        "a third connection got through"
+    );
+    let routes = bed.stats_when(|r| {
+        r.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|r| r["name"] == "r" && r["refused"]["route_limit"] == 1)
+                && a.iter()
+                    .any(|r| r["name"] == "u" && r["refused"]["upstream_limit"] == 1)
+        })
+    });
+    assert!(routes.is_array());
+    drop((held, held2, s));
+    bed.stop();
+}
+
+// --- balancing --------------------------------------------------------------------------
+
+fn ids_of(bed: &Bed, listen: &str, n: usize, hold: bool) -> (Vec<String>, Vec<TcpStream>) {
+    let mut ids = Vec::new();
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut s = connect(&bed.ns, sa(listen)).expect("connect");
+        ids.push(read_line(&mut s).expect("id"));
+        if hold {
+            held.push(s);
+        }
+    }
+    (ids, held)
+}
+
+fn count(ids: &[String], id: &str) -> usize {
+    ids.iter().filter(|i| *i == id).count()
+}
+
+#[test]
+fn balancing_distributions_follow_each_algorithm() {
+    if !require_root("balancing_distributions_follow_each_algorithm") {
+        return;
+    }
+    let mut bed = Bed::new();
+    let ups: Vec<Upstream> = ["a", "b", "c", "d"]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| bed.upstream(&format!("10.200.0.1:76{:02}", i + 1), identify(id)))
+        .collect();
+    let weighted = |name: &str, listen: &str, balance: &str, weights: &[u32]| {
+        let mut s = format!(
+            "[[route]]\nname = \"{name}\"\nlisten = \"{listen}\"\nbalance = \"{balance}\"\n"
+        );
+        for (i, w) in weights.iter().enumerate() {
+            s += &format!(
+                "[[route.upstream]]\naddress = \"10.200.0.1:76{:02}\"\nweight = {w}\n",
+                i + 1
+            );
+        }
+        s
+    };
+    let config = [
+        weighted("rr", "10.200.0.1:7600", "round_robin", &[1, 2, 3]),
+        weighted("lc", "10.200.0.1:7610", "least_conn", &[1, 1, 2]),
+        weighted("mg", "10.200.0.1:7620", "maglev", &[1, 1, 1, 1]),
+    ]
+    .concat();
+    // One worker: the per-worker balancer state is then the whole picture, so the
+    // round-robin counts are exact.
+    bed.start(&config, &["--workers", "1"]);
+
+    let (ids, _) = ids_of(&bed, "10.200.0.1:7600", 60, false);
+    assert_eq!(
+        [count(&ids, "a"), count(&ids, "b"), count(&ids, "c")],
+        [10, 20, 30],
+        "round robin"
+    );
+
+    // Least connections with every connection held: loads stay proportional to weights.
+    let (ids, held) = ids_of(&bed, "10.200.0.1:7610", 40, true);
+    assert_eq!(
+        [count(&ids, "a"), count(&ids, "b"), count(&ids, "c")],
+        [10, 10, 20],
+        "least conn"
+    );
+    drop(held);
+
+    // Maglev: the same client address always lands on the same upstream; 200 addresses
+    // spread over the four.
+    let mut owner = std::collections::HashMap::new();
+    for k in 0..200u32 {
+        let from = ip(&format!("10.200.0.{}", 10 + k % 200));
+        for _ in 0..2 {
+            let mut s = connect_from(&bed.ns, from, sa("10.200.0.1:7620")).expect("connect");
+            let id = read_line(&mut s).expect("id");
+            let first = owner.entry(from).or_insert_with(|| id.clone());
+            assert_eq!(*first, id, "client {from} moved");
+        }
+    }
+    let shares: Vec<usize> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|id| owner.values().filter(|v| v == id).count())
+        .collect();
+    println!("maglev shares of 200 clients: {shares:?}");
+    assert!(shares.iter().all(|&s| (25..=75).contains(&s)), "{shares:?}");
+    drop(ups);
+    bed.stop();
+}
+
+/// Removing one of five upstreams by reload moves its clients and (almost) only them.
+#[test]
+fn maglev_keeps_clients_when_an_upstream_is_removed() {
+    if !require_root("maglev_keeps_clients_when_an_upstream_is_removed") {
+        return;
+    }
+    let mut bed = Bed::new();
+    let ids = ["a", "b", "c", "d", "e"];
+    let _ups: Vec<Upstream> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| bed.upstream(&format!("10.200.0.1:77{:02}", i + 1), identify(id)))
+        .collect();
+    let config = |n: usize| {
+        let addrs: Vec<String> = (0..n)
+            .map(|i| format!("10.200.0.1:77{:02}", i + 1))
+            .collect();
+        let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        route("10.200.0.1:7700", &refs, "balance = \"maglev\"")
+    };
+    bed.start(&config(5), &[]);
+    let clients: Vec<IpAddr> = (0..240u32)
+        .map(|k| ip(&format!("10.200.0.{}", 10 + k)))
+        .collect();
+    let map = |bed: &Bed| -> Vec<String> {
+        clients
+            .iter()
+            .map(|&c| {
+                let mut s = connect_from(&bed.ns, c, sa("10.200.0.1:7700")).expect("connect");
+                read_line(&mut s).expect("id")
+            })
+            .collect()
+    };
+    let before = map(&bed);
+    bed.reload(&config(4)); // "e" removed
+    let after = map(&bed);
+    let on_e = before.iter().filter(|i| *i == "e").count();
+    let moved_needlessly = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| *b != "e" && b != a)
+        .count();
+    assert!(after.iter().all(|i| i != "e"));
+    println!(
+        "maglev reload 5 → 4: {on_e} of {} clients were on the removed upstream; {moved_needlessly} others moved",
+        clients.len()
+    );
+    assert!(on_e > 0);
+    assert!(
+        moved_needlessly * 100 <= clients.len() * 3,
+        "{moved_needlessly} moved needlessly"
+    );
+    bed.stop();
+}
+
+// --- health ------------------------------------------------------------------------------
+
+#[test]
+fn health_checks_eject_and_recover_an_upstream() {
+    if !require_root("health_checks_eject_and_recover_an_upstream") {
+        return;
+    }
+    let mut bed = Bed::new();
+    let _a = bed.upstream("10.200.0.1:7801", identify("a"));
+    let b = bed.upstream("10.200.0.1:7802", identify("b"));
+    bed.start(
+        &route(
+            "10.200.0.1:7800",
+            &["10.200.0.1:7801", "10.200.0.1:7802"],
+            "eject_after = 0\n[route.health]\ninterval = 0.1\ntimeout = 0.2\nrise = 2\nfall = 2",
+        ),
+        &["--workers", "1"],
+    );
+    let healthy = |routes: &serde_json::Value| {
+        upstream_stats(routes, "r", "10.200.0.1:7802").map(|u| u["healthy"] == true)
+    };
+    let (ids, _) = ids_of(&bed, "10.200.0.1:7800", 10, false);
+    assert_eq!(count(&ids, "b"), 5);
+    drop(b); // b stops listening
+    let t = Instant::now();
+    bed.stats_when(|r| healthy(r) == Some(false));
+    println!("down after {:?}", t.elapsed());
+    let (ids, _) = ids_of(&bed, "10.200.0.1:7800", 10, false);
+    assert_eq!(count(&ids, "a"), 10, "an ejected upstream got traffic");
+    let _b = bed.upstream("10.200.0.1:7802", identify("b"));
+    let t = Instant::now();
+    bed.stats_when(|r| healthy(r) == Some(true));
+    println!("up again after {:?}", t.elapsed());
+    let (ids, _) = ids_of(&bed, "10.200.0.1:7800", 10, false);
+    assert_eq!(count(&ids, "b"), 5, "a recovered upstream got no traffic");
+    let routes = bed.settled(30);
+    let u = upstream_stats(&routes, "r", "10.200.0.1:7802").expect("b");
+    // Health checks took it out, so no client connect ever failed on it.
+    assert_eq!(u["errors"], serde_json::json!({}), "{u}");
+    bed.stop();
+}
+
+// --- PROXY protocol ------------------------------------------------------------------------
+
+/// An upstream that reads a PROXY header (whatever its version), then reports its exact
+/// bytes followed by the first payload bytes.
+fn header_reporter(tx: mpsc::Sender<(Vec<u8>, Vec<u8>)>) -> Handler {
+    let tx = Mutex::new(tx);
+    Arc::new(move |mut s: TcpStream| {
+        let mut buf = Vec::new();
+        let mut b = [0u8; 1];
+        let len = loop {
+            if s.read(&mut b).unwrap_or(0) == 0 {
+                return;
+            }
+            buf.push(b[0]);
+            match proxy_protocol::parse(&buf) {
+                Ok(proxy_protocol::Parsed::Header { len, .. }) => break len,
+                Ok(proxy_protocol::Parsed::Incomplete) => {}
+                Err(_) => return,
+            }
+        };
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        let _ = tx.lock().expect("lock").send((buf[..len].to_vec(), rest));
+    })
+}
+
+#[test]
+fn proxy_protocol_is_sent_accepted_and_checked() {
+    if !require_root("proxy_protocol_is_sent_accepted_and_checked") {
+        return;
+    }
+    let mut bed = Bed::new();
+    let (tx, rx) = mpsc::channel();
+    let _up = bed.upstream("10.200.0.1:7901", header_reporter(tx));
+    let section = |name: &str, listen: &str, extra: &str| {
+        route(listen, &["10.200.0.1:7901"], extra)
+            .replace("name = \"r\"", &format!("name = \"{name}\""))
+    };
+    let config = [
+        section("v1", "10.200.0.1:7910", "send_proxy = \"v1\""),
+        section("v2", "10.200.0.1:7920", "send_proxy = \"v2\""),
+        section(
+            "chain",
+            "10.200.0.1:7930",
+            "accept_proxy = true\nsend_proxy = \"v2\"",
+        ),
+    ]
+    .concat();
+    bed.start(&config, &[]);
+    let client = ip("10.200.0.77");
+
+    for (listen, version) in [
+        ("10.200.0.1:7910", proxy_protocol::Version::V1),
+        ("10.200.0.1:7920", proxy_protocol::Version::V2),
+    ] {
+        let mut s = connect_from(&bed.ns, client, sa(listen)).expect("connect");
+        let me = s.local_addr().expect("local");
+        s.write_all(b"payload").expect("write");
+        s.shutdown(Shutdown::Write).expect("shutdown");
+        let (header, rest) = rx.recv_timeout(Duration::from_secs(10)).expect("header");
+        let mut want = Vec::new();
+        proxy_protocol::encode(version, me, sa(listen), &mut want);
+        assert_eq!(header, want, "{version:?} header bytes");
+        if version == proxy_protocol::Version::V1 {
+            assert_eq!(
+                String::from_utf8_lossy(&header),
+                format!(
+                    "PROXY TCP4 10.200.0.77 10.200.0.1 {} {}\r\n",
+                    me.port(),
+                    sa(listen).port()
+                )
+            );
+        }
+        assert_eq!(rest, b"payload");
+    }
+
+    // Behind another proxy: its v1 and v2 headers are accepted and their source passed on.
+    for version in [proxy_protocol::Version::V1, proxy_protocol::Version::V2] {
+        let claimed = sa("10.200.9.9:5555");
+        let mut s = connect(&bed.ns, sa("10.200.0.1:7930")).expect("connect");
+        let mut hdr = Vec::new();
+        proxy_protocol::encode(version, claimed, sa("10.200.0.1:7930"), &mut hdr);
+        hdr.extend_from_slice(b"behind");
+        s.write_all(&hdr).expect("write");
+        s.shutdown(Shutdown::Write).expect("shutdown");
+        let (header, rest) = rx.recv_timeout(Duration::from_secs(10)).expect("header");
+        match proxy_protocol::parse(&header) {
+            Ok(proxy_protocol::Parsed::Header {
+                endpoints: Some(e),
+                version: proxy_protocol::Version::V2,
+                ..
+            }) => {
+                assert_eq!(e.source, claimed);
+                assert_eq!(e.destination, sa("10.200.0.1:7930"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(rest, b"behind", "{version:?}");
+    }
+
+    // Malformed and missing headers close the connection and are counted.
+    for bad in [
+        &b"PROXY TCP9 1.2.3.4 5.6.7.8 1 2\r\n"[..],
+        b"GET / HTTP/1.1\r\n\r\n",
+    ] {
+        let mut s = connect(&bed.ns, sa("10.200.0.1:7930")).expect("connect");
+        s.write_all(bad).expect("write");
+        let mut b = [0u8; 4];
+        assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
+    }
+    let routes = bed.stats_when(|r| {
+        r.as_array().is_some_and(|a| {
+            a.iter().any(|r| {
+                r["name"] == "chain"
+                    && r["refused"]["proxy_header_malformed"] == 1
+                    && r["refused"]["proxy_header_missing"] == 1
+            })
+        })
+    });
+    assert!(routes.is_array());
+    assert!(
+        rx.try_recv().is_err(),
+        "a refused connection reached the upstream"
+    );
+    bed.stop();
+}
+
+// --- lifecycle: reload, idle, drain, memory ------------------------------------------------
+
+#[test]
+fn reload_keeps_open_connections_on_their_upstream() {
+    if !require_root("reload_keeps_open_connections_on_their_upstream") {
+        return;
+    }
+    let mut bed = Bed::new();
+    let a = bed.upstream("10.200.0.1:8001", identify("a"));
+    let _b = bed.upstream("10.200.0.1:8002", identify("b"));
+    bed.start(&route("10.200.0.1:8000", &["10.200.0.1:8001"], ""), &[]);
+    let mut old = connect(&bed.ns, sa("10.200.0.1:8000")).expect("connect");
+    assert_eq!(read_line(&mut old).expect("id"), "a");
+    bed.reload(&route("10.200.0.1:8000", &["10.200.0.1:8002"], ""));
+    let mut new = connect(&bed.ns, sa("10.200.0.1:8000")).expect("connect");
+    assert_eq!(read_line(&mut new).expect("id"), "b");
+    // The old connection still talks to a.
+    old.write_all(b"still a").expect("write");
+    let mut back = [0u8; 7];
+    old.read_exact(&mut back).expect("echo");
+    assert_eq!(&back, b"still a");
+    assert_eq!(a.accepted.load(std::sync::atomic::Ordering::Relaxed), 1);
+    drop((old, new));
+    bed.stop();
+}
+
+#[test]
+fn idle_connections_are_closed_and_counted() {
+    if !require_root("idle_connections_are_closed_and_counted") {
+        return;
+    }
+    let mut bed = Bed::new();
+    let _a = bed.upstream("10.200.0.1:8101", identify("a"));
+    bed.start(
+        &route(
+            "10.200.0.1:8100",
+            &["10.200.0.1:8101"],
+            "idle_timeout = 0.3",
+        ),
+        &[],
+    );
+    let mut s = connect(&bed.ns, sa("10.200.0.1:8100")).expect("connect");
+    assert_eq!(read_line(&mut s).expect("id"), "a");
+    let t = Instant::now();
+    let mut b = [0u8; 4];
+    assert_eq!(s.read(&mut b).expect("EOF"), 0);
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    drop(s);
+    let routes = bed.settled(1);
+    assert_eq!(
+        upstream_stats(&routes, "r", "10.200.0.1:8101").expect("a")["errors"]["idle_timeout"],
+        1
+    );
+    bed.stop();
+}
+
+#[test]
+fn sigterm_drains_open_connections_then_resets_at_the_deadline() {
+    if !require_root("sigterm_drains_open_connections_then_resets_at_the_deadline") {
+        return;
+    }
+    let mut bed = Bed::new();
+    let _a = bed.upstream("10.200.0.1:8201", echo());
+    bed.start(
+        &format!(
+            "[tcp]\ndrain_seconds = 1.5\n{}",
+            route("10.200.0.1:8200", &["10.200.0.1:8201"], "")
+        ),
+        &[],
+    );
+    let mut finishing = connect(&bed.ns, sa("10.200.0.1:8200")).expect("connect");
+    let mut lingering = connect(&bed.ns, sa("10.200.0.1:8200")).expect("connect");
+    for s in [&mut finishing, &mut lingering] {
+        s.write_all(b"ping").expect("write");
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).expect("echo");
+    }
+    let mut proxy = bed.proxy.take().expect("running");
+    nix::sys::signal::kill(proxy.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    // No new connections…
+    assert!(
+        connect(&bed.ns, sa("10.200.0.1:8200")).is_err(),
+        "accepted while draining"
+    );
+    // …but open ones keep working and finish normally.
+    finishing.write_all(b"still").expect("write while draining");
+    let mut b = [0u8; 5];
+    finishing.read_exact(&mut b).expect("echo while draining");
+    finishing.shutdown(Shutdown::Write).expect("shutdown");
+    let mut rest = Vec::new();
+    finishing.read_to_end(&mut rest).expect("clean EOF");
+    // The other one never ends by itself: reset at the deadline.
+    let e = lingering.read(&mut b).expect_err("reset at the deadline");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+    let at = t.elapsed();
+    assert!(
+        at >= Duration::from_millis(1400) && at < Duration::from_secs(4),
+        "reset after {at:?}"
+    );
+    let child = proxy.take();
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", out.status);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
+    let u = &report["routes"][0]["upstreams"][0];
+    assert_eq!(u["errors"]["drain_deadline"], 1, "{u}");
+    assert_eq!(u["connections"], 2);
+}
+
+/// A client that reads slowly while its upstream writes as fast as it can: the proxy
+/// stops reading from the upstream (bytes in flight stay bounded by socket buffers) and
+/// its memory does not grow with the transfer.
+fn slow_client(copy: &str) {
+    let mut bed = Bed::new();
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = Arc::clone(&sent);
+    let _up = bed.upstream(
+        "10.200.0.1:8301",
+        Arc::new(move |mut s: TcpStream| {
+            let chunk = vec![5u8; 64 * 1024];
+            while s.write_all(&chunk).is_ok() {
+                counter.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }),
+    );
+    bed.start(
+        &format!(
+            "[tcp]\ncopy = \"{copy}\"\nbuffers = 256\nbuffer_size = 16384\n{}",
+            route("10.200.0.1:8300", &["10.200.0.1:8301"], "")
+        ),
+        &[],
+    );
+    let pid = bed.proxy.as_ref().expect("running").pid().as_raw();
+    let mut s = connect(&bed.ns, sa("10.200.0.1:8300")).expect("connect");
+    let mut buf = vec![0u8; 64 * 1024];
+    s.read_exact(&mut buf).expect("first bytes");
+    let rss_start = rss_kib(pid).expect("rss");
+    let mut read = buf.len() as u64;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        read += s.read(&mut buf).expect("read") as u64;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rss_end = rss_kib(pid).expect("rss");
+    let in_flight = sent
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .saturating_sub(read);
+    println!(
+        "{copy}: client read {} KiB in 3 s; upstream got {} KiB out; in flight {} KiB; proxy RSS {} → {} KiB",
+        read / 1024,
+        sent.load(std::sync::atomic::Ordering::Relaxed) / 1024,
+        in_flight / 1024,
+        rss_start,
+        rss_end
+    );
+    // Socket buffers on both hops (tcp_rmem/tcp_wmem maxima) are the only slack.
+    assert!(
+        in_flight < 48 << 20,
+        "{in_flight} bytes in flight: no backpressure"
+    );
+    // 256 buffers × 16 KiB per worker is the most the copy path can touch.
+    assert!(
+        rss_end < rss_start + 2 * 4096 + 8192,
+        "RSS {rss_start} → {rss_end} KiB"
+    );
+    drop(s);
+    bed.stop();
+}
+
+#[test]
+fn slow_client_bounds_memory_buffers() {
+    if require_root("slow_client_bounds_memory_buffers") {
+        slow_client("buffers");
+    }
+}
+
+#[test]
+fn slow_client_bounds_memory_splice() {
+    if require_root("slow_client_bounds_memory_splice") {
+        slow_client("splice");
+    }
+}
