@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use crate::{
     dataplane::{Dataplane, EbpfLogDrain, HookChoice, LoadOptions, RecordTally, Records},
     policy::{Policy, loader::PolicyLoader},
-    report::RunSummary,
+    report::{RunSummary, http::HttpSamples},
 };
 
 #[derive(Clone, Debug)]
@@ -140,7 +140,7 @@ pub async fn run(
     }
 
     stopping.store(true, Ordering::Release);
-    let mut records = drain
+    let (mut records, http) = drain
         .join()
         .map_err(|_| anyhow::anyhow!("the drain thread panicked"))??;
     if let Some(h) = pipeline {
@@ -163,6 +163,7 @@ pub async fn run(
         counters: counters.snapshot()?,
         records,
         xdp_cost,
+        http,
     };
     Ok(summary)
 }
@@ -171,8 +172,9 @@ fn drain_loop(
     mut records: Option<Records>,
     mut logger: EbpfLogDrain,
     stopping: &AtomicBool,
-) -> anyhow::Result<RecordTally> {
+) -> anyhow::Result<(RecordTally, HttpSamples)> {
     let mut tally = RecordTally::default();
+    let mut http = HttpSamples::default();
     loop {
         // Read the flag before the final drain so records that arrived before the stop
         // request are always counted.
@@ -197,11 +199,11 @@ fn drain_loop(
             }
         }
         if let Some(r) = records.as_mut() {
-            r.drain(&mut tally, |_| {});
+            r.drain(&mut tally, |v| http.add(&v.header, v.data));
         }
         logger.flush();
         if stop {
-            return Ok(tally);
+            return Ok((tally, http));
         }
     }
 }

@@ -24,6 +24,12 @@ pub enum L4 {
         sport: u16,
         dport: u16,
     },
+    /// A TCP segment with data (PSH|ACK).
+    TcpData {
+        sport: u16,
+        dport: u16,
+        payload: Vec<u8>,
+    },
     /// ICMP (IPv4) or ICMPv6, echo request.
     Icmp,
     /// Any other protocol number with a raw body.
@@ -45,7 +51,7 @@ impl L4 {
     fn proto(&self, v6: bool) -> u8 {
         match self {
             L4::Udp { .. } => IPPROTO_UDP,
-            L4::Tcp { .. } => IPPROTO_TCP,
+            L4::Tcp { .. } | L4::TcpData { .. } => IPPROTO_TCP,
             L4::Icmp if v6 => IPPROTO_ICMPV6,
             L4::Icmp => IPPROTO_ICMP,
             L4::Other { proto, .. } => *proto,
@@ -76,6 +82,22 @@ impl L4 {
                 b.extend_from_slice(&[5 << 4, 0x02]); // data offset 5, SYN
                 b.extend_from_slice(&64240u16.to_be_bytes());
                 b.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+                b
+            }
+            L4::TcpData {
+                sport,
+                dport,
+                payload,
+            } => {
+                let mut b = Vec::with_capacity(20 + payload.len());
+                b.extend_from_slice(&sport.to_be_bytes());
+                b.extend_from_slice(&dport.to_be_bytes());
+                b.extend_from_slice(&1u32.to_be_bytes()); // seq
+                b.extend_from_slice(&1u32.to_be_bytes()); // ack
+                b.extend_from_slice(&[5 << 4, 0x18]); // data offset 5, PSH|ACK
+                b.extend_from_slice(&64240u16.to_be_bytes());
+                b.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+                b.extend_from_slice(payload);
                 b
             }
             L4::Icmp => {

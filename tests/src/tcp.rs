@@ -113,25 +113,29 @@ impl Drop for Upstream {
 
 /// A blocking client connection to `to` from `from` (any port), inside `ns`.
 pub fn connect_from(ns: &Netns, from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    ns.run(|| connect_here(from, to))
+}
+
+/// A blocking client connection from `from` in the calling thread's namespace (with a
+/// 30 s read timeout, so a broken peer fails the caller instead of hanging it).
+pub fn connect_here(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
     use nix::sys::socket::{
         AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket,
     };
-    ns.run(|| {
-        let family = if to.is_ipv4() {
-            AddressFamily::Inet
-        } else {
-            AddressFamily::Inet6
-        };
-        let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-        bind(
-            fd.as_raw_fd(),
-            &SockaddrStorage::from(SocketAddr::new(from, 0)),
-        )?;
-        connect(fd.as_raw_fd(), &SockaddrStorage::from(to))?;
-        let s = TcpStream::from(fd);
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        Ok(s)
-    })
+    let family = if to.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrStorage::from(SocketAddr::new(from, 0)),
+    )?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(to))?;
+    let s = TcpStream::from(fd);
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    Ok(s)
 }
 
 pub fn connect(ns: &Netns, to: SocketAddr) -> std::io::Result<TcpStream> {

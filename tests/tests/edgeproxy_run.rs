@@ -88,3 +88,100 @@ fn edgeproxy_run_on_a_missing_interface_fails_with_one_clear_line() {
         "stderr: {err}"
     );
 }
+
+/// HTTP sampling: the policy samples TCP port 8080; the report's top paths are the
+/// request lines that real clients sent through the interface, counted exactly.
+#[test]
+fn sampled_http_request_lines_appear_in_the_report() {
+    use std::io::{Read, Write};
+    if !require_root("sampled_http_request_lines_appear_in_the_report") {
+        return;
+    }
+    let bin = edgeproxy_bin().expect("edgeproxy binary");
+    let pair = VethPair::create().expect("veth pair");
+    let dir = ScratchDir::new().expect("scratch");
+    let policy = dir.file(
+        "p.toml",
+        "[[rule]]\nname = \"web\"\nproto = \"tcp\"\ndst_port = 8080\naction = \"sample\"\nrate = \"100%\"\nsnap = 200\n",
+    );
+    let server = pair
+        .a
+        .run(|| std::net::TcpListener::bind((pair.a_v4, 8080)))
+        .expect("listen");
+    let served = std::thread::spawn(move || {
+        for _ in 0..10 {
+            let (mut s, _) = server.accept().expect("accept");
+            let mut req = Vec::new();
+            let mut b = [0u8; 512];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut b).expect("read");
+                assert!(n > 0, "request cut");
+                req.extend_from_slice(&b[..n]);
+            }
+            s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .expect("respond");
+        }
+    });
+    let mut child = Reaped(Some(
+        pair.a
+            .command(&bin)
+            .args([
+                "run",
+                "--ephemeral",
+                "--iface",
+                pair.a_if,
+                "--duration",
+                "60",
+                "--json",
+                "--policy",
+            ])
+            .arg(&policy)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn edgeproxy"),
+    ));
+    let (attached, lines) = wait_for_line(child.0.as_mut().expect("child"), "XDP attached");
+    assert!(attached, "edgeproxy never attached: {lines:?}");
+    let requests = [
+        (6, "GET /index.html HTTP/1.1\r\nHost: site.test\r\n\r\n"),
+        (
+            3,
+            "POST /api/items?id=1 HTTP/1.1\r\nHost: site.test\r\nContent-Length: 0\r\n\r\n",
+        ),
+        (1, "GET /other HTTP/1.0\r\n\r\n"),
+    ];
+    for (n, req) in requests {
+        for _ in 0..n {
+            let mut s = pair
+                .b
+                .run(|| std::net::TcpStream::connect((pair.a_v4, 8080)))
+                .expect("connect");
+            s.write_all(req.as_bytes()).expect("send");
+            let mut resp = Vec::new();
+            s.read_to_end(&mut resp).expect("response");
+            assert!(resp.starts_with(b"HTTP/1.1 204"));
+        }
+    }
+    served.join().expect("server");
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let out = child.take().wait_with_output().expect("wait");
+    assert!(out.status.success(), "edgeproxy exited with {}", out.status);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let http = &report["http"];
+    assert_eq!(http["requests"], 10, "{http}");
+    assert_eq!(
+        http["top_paths"],
+        serde_json::json!([
+            {"host": "site.test", "path": "/index.html", "count": 6},
+            {"host": "site.test", "path": "/api/items", "count": 3},
+            {"host": "", "path": "/other", "count": 1},
+        ]),
+        "{http}"
+    );
+    assert_eq!(http["methods"]["POST"], 3);
+    // Every TCP segment to port 8080 was sampled (handshakes, ACKs, FINs too): only the
+    // ones carrying a request line count as requests.
+    assert!(http["tcp_samples"].as_u64().unwrap_or(0) > 10, "{http}");
+}

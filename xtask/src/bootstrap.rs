@@ -265,10 +265,11 @@ pub fn ensure_apt(wanted: &[(&str, &str)]) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// rsyslog and syslog-ng, the log benchmark's peers, with the libraries they need that a
-/// minimal Debian lacks. As packages they conflict (both provide `system-log-daemon`), so
-/// they are unpacked side by side into `prefix` rather than installed: the machine's own
-/// logger, if any, is left alone.
+/// The benchmarks' peers, with the libraries they need that a minimal Debian lacks:
+/// rsyslog and syslog-ng (logs), HAProxy, nginx with its stream module, socat and iperf3
+/// (TCP). They are unpacked side by side into `prefix` rather than installed: rsyslog
+/// and syslog-ng conflict as packages (both provide `system-log-daemon`), and installing
+/// HAProxy or nginx would start system services; the machine is left alone.
 pub const PEER_PACKAGES: &[&str] = &[
     "rsyslog",
     "syslog-ng-core",
@@ -278,6 +279,16 @@ pub const PEER_PACKAGES: &[&str] = &[
     "libpcre3",
     "libnet1",
     "libwrap0",
+    "haproxy",
+    "liblua5.3-0",
+    "libopentracing-c-wrapper0",
+    "libopentracing1",
+    "nginx",
+    "libnginx-mod-stream",
+    "socat",
+    "iperf3",
+    "libiperf0",
+    "libsctp1",
 ];
 
 /// Downloads and unpacks [`PEER_PACKAGES`] into `prefix` unless a previous run did.

@@ -1,4 +1,6 @@
 //! Human-readable and JSON reports of what the data plane counted.
+pub mod http;
+
 use std::{fmt::Write as _, time::Duration};
 
 use proxy_common::{DataplaneStat, ProtoClass, policy::Verdict};
@@ -15,7 +17,12 @@ pub struct RunSummary {
     pub records: RecordTally,
     /// Kernel-measured run time of the XDP program over the run, when requested.
     pub xdp_cost: Option<ProgramStats>,
+    /// HTTP request lines found in sampled TCP snippets.
+    pub http: http::HttpSamples,
 }
+
+/// Top paths shown in reports.
+const TOP_PATHS: usize = 10;
 
 impl RunSummary {
     /// A fixed-width table: one row per protocol class that saw traffic, then totals.
@@ -77,6 +84,16 @@ impl RunSummary {
             self.records.total(),
             self.counters.stat(DataplaneStat::RingbufFull),
         );
+        if self.http.requests > 0 {
+            let _ = writeln!(
+                s,
+                "HTTP request lines in {} sampled TCP snippets: {} ({} cut short by the snap length)",
+                self.http.tcp_samples, self.http.requests, self.http.truncated
+            );
+            for (host, path, n) in self.http.top(TOP_PATHS) {
+                let _ = writeln!(s, "  {n:>10}  {host}{path}");
+            }
+        }
         if let Some(cost) = self.xdp_cost {
             match cost.ns_per_run() {
                 Some(ns) => {
@@ -111,6 +128,7 @@ impl RunSummary {
                 "captures": self.records.captures,
                 "bad": self.records.bad,
             },
+            "http": self.http.json(TOP_PATHS),
             "xdp_cost": self.xdp_cost.map(|c| serde_json::json!({
                 "run_count": c.run_count,
                 "run_time_ns": c.run_time_ns,

@@ -34,7 +34,7 @@ use stats::RouteStats;
 /// How bytes are moved between the two sockets of a connection.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum CopyMode {
-    /// Provided buffers when the kernel has buffer rings, else splice.
+    /// Splice (measured faster), else provided buffers when pipes cannot be made.
     #[default]
     Auto,
     /// recv into a buffer from the worker's provided buffer ring, send from it.
@@ -76,8 +76,8 @@ impl Default for TcpSettings {
     fn default() -> Self {
         Self {
             copy: CopyMode::Auto,
-            buffer_size: 16 * 1024,
-            buffers: 4096,
+            buffer_size: 64 * 1024,
+            buffers: 512,
             pipe_size: 64 * 1024,
             drain: Duration::from_secs(30),
         }

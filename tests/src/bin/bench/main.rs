@@ -51,14 +51,19 @@ fn parse_args() -> anyhow::Result<Options> {
             "--runs" => o.runs = num(args.next(), "--runs")? as usize,
             "--repeat" => o.repeat = num(args.next(), "--repeat")? as u32,
             "--burst" => o.burst = num(args.next(), "--burst")?,
-            "xdp" | "logs-decode" | "logs" => o.suites.push(a),
+            "xdp" | "logs-decode" | "logs" | "tcp" => o.suites.push(a),
             other => bail!(
-                "unknown argument {other:?} (suites: xdp, logs-decode, logs; options: --runs N, --repeat N, --burst N)"
+                "unknown argument {other:?} (suites: xdp, logs-decode, logs, tcp; options: --runs N, --repeat N, --burst N)"
             ),
         }
     }
     if o.suites.is_empty() {
-        o.suites = vec!["xdp".into(), "logs-decode".into(), "logs".into()];
+        o.suites = vec![
+            "xdp".into(),
+            "logs-decode".into(),
+            "logs".into(),
+            "tcp".into(),
+        ];
     }
     Ok(o)
 }
@@ -75,6 +80,7 @@ fn main() -> ExitCode {
 
 mod logs;
 mod peers;
+mod tcp;
 
 fn run() -> anyhow::Result<()> {
     let o = parse_args()?;
@@ -93,6 +99,9 @@ fn run() -> anyhow::Result<()> {
     if o.suites.iter().any(|s| s == "logs") {
         logs::logs_pipeline()?;
         peers::logs_peers()?;
+    }
+    if o.suites.iter().any(|s| s == "tcp") {
+        tcp::tcp_peers()?;
     }
     Ok(())
 }

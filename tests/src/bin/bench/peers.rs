@@ -49,6 +49,32 @@ impl Receiver {
     }
 }
 
+/// Where `cargo xtask bench` unpacked the peers: `$EDGEPROXY_PEERS`, else target/peers.
+pub(super) fn peers_root() -> PathBuf {
+    std::env::var_os("EDGEPROXY_PEERS").map_or_else(
+        || {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/peers")
+                .to_path_buf()
+        },
+        PathBuf::from,
+    )
+}
+
+/// LD_LIBRARY_PATH for binaries unpacked under `root`.
+pub(super) fn peer_library_path(root: &Path) -> std::ffi::OsString {
+    std::env::join_paths(
+        [
+            "usr/lib/syslog-ng",
+            "usr/lib/x86_64-linux-gnu",
+            "lib/x86_64-linux-gnu",
+        ]
+        .iter()
+        .map(|d| root.join(d)),
+    )
+    .unwrap_or_default()
+}
+
 /// Where the unpacked peers live, and how to run them from there.
 struct Peers {
     root: PathBuf,
@@ -56,14 +82,7 @@ struct Peers {
 
 impl Peers {
     fn locate() -> anyhow::Result<Self> {
-        let root = std::env::var_os("EDGEPROXY_PEERS").map_or_else(
-            || {
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../target/peers")
-                    .to_path_buf()
-            },
-            PathBuf::from,
-        );
+        let root = peers_root();
         if !root.join("usr/sbin/rsyslogd").exists() || !root.join("usr/sbin/syslog-ng").exists() {
             bail!(
                 "rsyslog and syslog-ng are not unpacked under {}: run `cargo xtask bench logs`, which unpacks them",
@@ -74,16 +93,7 @@ impl Peers {
     }
 
     fn ld_library_path(&self) -> std::ffi::OsString {
-        std::env::join_paths(
-            [
-                "usr/lib/syslog-ng",
-                "usr/lib/x86_64-linux-gnu",
-                "lib/x86_64-linux-gnu",
-            ]
-            .iter()
-            .map(|d| self.root.join(d)),
-        )
-        .unwrap_or_default()
+        peer_library_path(&self.root)
     }
 
     fn command(&self, r: Receiver) -> Command {
@@ -438,7 +448,7 @@ fn settle(path: &Path, quiet: Duration, limit: Duration) {
 }
 
 /// User + system CPU seconds of a whole process (all its threads), from /proc.
-fn process_cpu_s(pid: i32) -> anyhow::Result<f64> {
+pub(super) fn process_cpu_s(pid: i32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest = stat.rsplit_once(')').context("malformed stat")?.1;

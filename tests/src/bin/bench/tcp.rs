@@ -1,0 +1,588 @@
+//! `cargo xtask bench tcp`: edgeproxy's TCP forwarding against direct connections (the
+//! limit), HAProxy, nginx `stream` and socat, each configured as a plain one-upstream TCP
+//! forwarder on one core (CPU 1), with the same clients and servers on CPU 0, in the same
+//! run, rounds interleaved so drift hits everyone alike:
+//!
+//! - throughput: iperf3, one stream and eight, received bits/s, and the proxy's CPU
+//!   seconds per GB moved;
+//! - request/response latency: 16 persistent connections each sending 64 bytes to an
+//!   echo server and waiting for them, percentiles of the round trip;
+//! - connection rate: 8 clients each connecting, exchanging 64 bytes and closing.
+//!
+//! The peers are the Debian packages `cargo xtask bench` unpacks into target/peers.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use edgeproxy_testbed::{Reaped, netns::Netns, scratch::ScratchDir, tcp::namespace};
+
+use super::{
+    Spread,
+    peers::{peer_library_path, peers_root},
+    spread,
+};
+
+const ROUNDS: usize = 3;
+const SECONDS: u64 = 3;
+const SERVER: &str = "10.200.0.1";
+const IPERF_PORT: u16 = 5201;
+const ECHO_PORT: u16 = 5300;
+/// CPU the proxy under test runs on; clients and servers run on the other.
+const PROXY_CPU: usize = 1;
+const CLIENT_CPU: usize = 0;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Proxy {
+    Direct,
+    Edgeproxy,
+    EdgeproxyBuffers,
+    Haproxy,
+    Nginx,
+    Socat,
+}
+
+impl Proxy {
+    const ALL: [Proxy; 6] = [
+        Proxy::Direct,
+        Proxy::Edgeproxy,
+        Proxy::EdgeproxyBuffers,
+        Proxy::Haproxy,
+        Proxy::Nginx,
+        Proxy::Socat,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Proxy::Direct => "direct",
+            Proxy::Edgeproxy => "edgeproxy",
+            Proxy::EdgeproxyBuffers => "edgeproxy-buffers",
+            Proxy::Haproxy => "haproxy",
+            Proxy::Nginx => "nginx",
+            Proxy::Socat => "socat",
+        }
+    }
+
+    /// Listening port for traffic to `upstream_port`.
+    fn port(self, upstream_port: u16) -> u16 {
+        match self {
+            Proxy::Direct => upstream_port,
+            _ => upstream_port + 10 * (self as u16),
+        }
+    }
+}
+
+fn pin_to(cmd: &mut Command, cpu: usize) {
+    // SAFETY: runs in the forked child before exec; sched_setaffinity is a plain syscall.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set = nix::sched::CpuSet::new();
+            set.set(cpu).map_err(std::io::Error::from)?;
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
+fn pin_self(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+struct Bench {
+    ns: Netns,
+    dir: ScratchDir,
+    peers: PathBuf,
+}
+
+impl Bench {
+    fn peer(&self, bin: &str) -> Command {
+        let mut c = self.ns.command(self.peers.join(bin));
+        c.env("LD_LIBRARY_PATH", peer_library_path(&self.peers));
+        c
+    }
+
+    fn versions(&self) -> anyhow::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for (bin, arg) in [
+            ("usr/sbin/haproxy", "-v"),
+            ("usr/sbin/nginx", "-v"),
+            ("usr/bin/socat", "-V"),
+            ("usr/bin/iperf3", "-v"),
+        ] {
+            let o = self
+                .peer(bin)
+                .arg(arg)
+                .output()
+                .with_context(|| format!("running {bin}"))?;
+            let text = String::from_utf8_lossy(&o.stdout).into_owned()
+                + &String::from_utf8_lossy(&o.stderr);
+            if !o.status.success() {
+                bail!("{bin} {arg} failed ({}): {text}", o.status);
+            }
+            let line = text
+                .lines()
+                .find(|l| l.contains("version") || l.starts_with("iperf"))
+                .unwrap_or("?")
+                .trim()
+                .to_owned();
+            out.push(line);
+        }
+        Ok(out)
+    }
+
+    /// Starts `p` forwarding to both upstream ports; waits until it accepts. Returns
+    /// its processes (none for direct).
+    fn start(&self, p: Proxy) -> anyhow::Result<Vec<Reaped>> {
+        let ups = [IPERF_PORT, ECHO_PORT];
+        let children = match p {
+            Proxy::Direct => return Ok(Vec::new()),
+            Proxy::Edgeproxy | Proxy::EdgeproxyBuffers => {
+                let copy = if p == Proxy::Edgeproxy {
+                    "auto"
+                } else {
+                    "buffers"
+                };
+                let mut cfg =
+                    format!("[engine]\ndata_cpus = [{PROXY_CPU}]\n[tcp]\ncopy = \"{copy}\"\n");
+                for u in ups {
+                    cfg += &format!(
+                        "[[route]]\nlisten = \"{SERVER}:{}\"\nupstreams = [\"{SERVER}:{u}\"]\nidle_timeout = 120\n",
+                        p.port(u)
+                    );
+                }
+                let path = self.dir.file("edgeproxy.toml", &cfg);
+                let (child, _log) = edgeproxy_testbed::try_start_edgeproxy_until(
+                    &self.ns,
+                    [
+                        std::ffi::OsStr::new("proxy"),
+                        "--config".as_ref(),
+                        path.as_os_str(),
+                    ],
+                    "TCP forwarding started",
+                )?;
+                vec![child]
+            }
+            Proxy::Haproxy => {
+                let mut cfg = "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n".to_owned();
+                for u in ups {
+                    cfg += &format!(
+                        "listen fwd{u}\n  bind {SERVER}:{}\n  server s1 {SERVER}:{u}\n",
+                        p.port(u)
+                    );
+                }
+                let path = self.dir.file("haproxy.cfg", &cfg);
+                let mut c = self.peer("usr/sbin/haproxy");
+                c.arg("-db").arg("-f").arg(&path);
+                vec![self.spawn(c)?]
+            }
+            Proxy::Nginx => {
+                let module = self
+                    .peers
+                    .join("usr/lib/nginx/modules/ngx_stream_module.so");
+                let mut cfg = format!(
+                    "load_module {};\nworker_processes 1;\nmaster_process off;\ndaemon off;\npid {};\nerror_log stderr warn;\nevents {{ worker_connections 8000; }}\nstream {{\n",
+                    module.display(),
+                    self.dir.path().join("nginx.pid").display()
+                );
+                for u in ups {
+                    cfg += &format!(
+                        "  server {{ listen {SERVER}:{}; proxy_pass {SERVER}:{u}; proxy_timeout 120s; }}\n",
+                        p.port(u)
+                    );
+                }
+                cfg += "}\n";
+                let path = self.dir.file("nginx.conf", &cfg);
+                let mut c = self.peer("usr/sbin/nginx");
+                c.arg("-e")
+                    .arg("stderr")
+                    .arg("-p")
+                    .arg(self.dir.path())
+                    .arg("-c")
+                    .arg(&path);
+                vec![self.spawn(c)?]
+            }
+            Proxy::Socat => {
+                // One socat per port (each forks a child per connection).
+                let mut all = Vec::new();
+                for u in ups {
+                    let mut c = self.peer("usr/bin/socat");
+                    c.arg(format!(
+                        "TCP-LISTEN:{},bind={SERVER},fork,reuseaddr,backlog=4096",
+                        p.port(u)
+                    ))
+                    .arg(format!("TCP:{SERVER}:{u}"));
+                    all.push(self.spawn(c)?);
+                }
+                all
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for u in ups {
+            let addr: SocketAddr = format!("{SERVER}:{}", p.port(u)).parse()?;
+            while self.ns.run(|| TcpStream::connect(addr)).is_err() {
+                if Instant::now() > deadline {
+                    let log = std::fs::read_to_string(self.dir.path().join("peer.log"))
+                        .unwrap_or_default();
+                    bail!("{} does not accept on {addr}: {log}", p.name());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(children)
+    }
+
+    fn spawn(&self, mut c: Command) -> anyhow::Result<Reaped> {
+        pin_to(&mut c, PROXY_CPU);
+        let log = std::fs::File::create(self.dir.path().join("peer.log"))?;
+        Ok(Reaped(Some(
+            c.stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("spawning a peer")?,
+        )))
+    }
+}
+
+/// CPU seconds of `pid` and its reaped children.
+fn cpu_with_children(pid: i32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = (11..=14)
+        .filter_map(|i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
+
+/// iperf3 through `port`: received bits/s.
+fn iperf(b: &Bench, port: u16, streams: u32) -> anyhow::Result<f64> {
+    let mut c = b.peer("usr/bin/iperf3");
+    c.args([
+        "-c",
+        SERVER,
+        "-p",
+        &port.to_string(),
+        "-t",
+        &SECONDS.to_string(),
+        "-J",
+        "-P",
+    ])
+    .arg(streams.to_string());
+    pin_to(&mut c, CLIENT_CPU);
+    let out = c.output().context("iperf3 client")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 JSON: {}", String::from_utf8_lossy(&out.stderr)))?;
+    if let Some(e) = v.get("error") {
+        bail!("iperf3: {e}");
+    }
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 gave no received rate")
+}
+
+/// An echo server on CPU 0: one thread per connection, 64-byte messages.
+fn echo_server(ns: &Netns, stop: Arc<AtomicBool>) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let listener = ns.run(|| TcpListener::bind((SERVER, ECHO_PORT)))?;
+    listener.set_nonblocking(true)?;
+    Ok(std::thread::spawn(move || {
+        pin_self(CLIENT_CPU);
+        while !stop.load(Ordering::Acquire) {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_nodelay(true);
+                    std::thread::spawn(move || {
+                        pin_self(CLIENT_CPU);
+                        let mut buf = [0u8; 64];
+                        while s.read_exact(&mut buf).is_ok() {
+                            if s.write_all(&buf).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }))
+}
+
+/// 16 persistent connections doing 64-byte round trips: round-trip times in µs.
+fn latency(ns: &Netns, port: u16) -> anyhow::Result<Vec<u32>> {
+    let addr: SocketAddr = format!("{SERVER}:{port}").parse()?;
+    let until = Instant::now() + Duration::from_secs(SECONDS);
+    let handles: Vec<_> = (0..16)
+        .map(|_| {
+            let s = ns.run(|| TcpStream::connect(addr));
+            std::thread::spawn(move || -> anyhow::Result<Vec<u32>> {
+                pin_self(CLIENT_CPU);
+                let mut s = s?;
+                s.set_nodelay(true)?;
+                let mut rtts = Vec::with_capacity(100_000);
+                let mut buf = [7u8; 64];
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    s.write_all(&buf)?;
+                    s.read_exact(&mut buf)?;
+                    rtts.push(t.elapsed().as_micros() as u32);
+                }
+                Ok(rtts)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.join().map_err(|_| anyhow::anyhow!("client panicked"))??);
+    }
+    all.sort_unstable();
+    Ok(all)
+}
+
+/// 8 clients connecting, exchanging 64 bytes and closing: connections per second.
+fn connection_rate(ns: &Netns, port: u16) -> anyhow::Result<f64> {
+    let addr: SocketAddr = format!("{SERVER}:{port}").parse()?;
+    let started = Instant::now();
+    let until = started + Duration::from_secs(SECONDS);
+    let handles: Vec<_> = (0..8u8)
+        .map(|k| {
+            let ns_file = std::fs::File::open(format!("/run/netns/{}", ns.name()));
+            std::thread::spawn(move || -> anyhow::Result<u64> {
+                pin_self(CLIENT_CPU);
+                nix::sched::setns(ns_file?, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                let from: std::net::IpAddr = format!("10.200.0.{}", 10 + k).parse()?;
+                let mut n = 0;
+                let mut buf = [1u8; 64];
+                while Instant::now() < until {
+                    let mut s = edgeproxy_testbed::tcp::connect_here(from, addr)?;
+                    s.write_all(&buf)?;
+                    s.read_exact(&mut buf)?;
+                    n += 1;
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        total += h.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+fn pct(sorted: &[u32], q: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((q * sorted.len() as f64) as usize).min(sorted.len() - 1)]
+}
+
+#[derive(Default)]
+struct Results {
+    tput1: Vec<f64>,
+    tput8: Vec<f64>,
+    cpu_per_gb: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    p999: Vec<f64>,
+    conn_rate: Vec<f64>,
+}
+
+pub fn tcp_peers() -> anyhow::Result<()> {
+    let peers = peers_root();
+    for bin in [
+        "usr/sbin/haproxy",
+        "usr/sbin/nginx",
+        "usr/bin/socat",
+        "usr/bin/iperf3",
+    ] {
+        if !peers.join(bin).exists() {
+            bail!(
+                "{bin} is not unpacked under {}: run `cargo xtask bench tcp`, which unpacks the peers",
+                peers.display()
+            );
+        }
+    }
+    let b = Bench {
+        ns: namespace()?,
+        dir: ScratchDir::new()?,
+        peers,
+    };
+    // Many short connections: reuse TIME_WAIT ports and widen the ephemeral range (in
+    // this namespace only), above the listening ports used here (all below 10000).
+
+    b.ns.run(|| -> std::io::Result<()> {
+        std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")?;
+        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "10000 65000")
+    })
+    .context("namespace sysctls")?;
+    let versions = b.versions()?;
+    println!(
+        "bench tcp: each proxy on CPU {PROXY_CPU} with one upstream, clients and servers on CPU {CLIENT_CPU}; {ROUNDS} rounds interleaved, {SECONDS} s per point"
+    );
+    for v in &versions {
+        println!("  {v}");
+    }
+    println!(
+        "  edgeproxy: 1 io_uring worker, default copy path (auto = splice); edgeproxy-buffers: provided buffers (64 KiB)"
+    );
+    println!(
+        "  haproxy: nbthread 1, mode tcp; nginx: 1 worker, stream proxy_pass; socat: fork per connection"
+    );
+    let mut iperf_server = {
+        let mut c = b.peer("usr/bin/iperf3");
+        c.args(["-s", "-B", SERVER, "-p", &IPERF_PORT.to_string()]);
+        pin_to(&mut c, CLIENT_CPU);
+        Reaped(Some(
+            c.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("iperf3 server")?,
+        ))
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = echo_server(&b.ns, Arc::clone(&stop))?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut results: Vec<Results> = Proxy::ALL.iter().map(|_| Results::default()).collect();
+    for round in 0..ROUNDS {
+        for (i, &p) in Proxy::ALL.iter().enumerate() {
+            let children = b
+                .start(p)
+                .with_context(|| format!("starting {}", p.name()))?;
+            let cpu = || -> f64 {
+                children
+                    .iter()
+                    .map(|c| cpu_with_children(c.pid().as_raw()))
+                    .sum()
+            };
+            let cpu0 = cpu();
+            let r = &mut results[i];
+            let bps = iperf(&b, p.port(IPERF_PORT), 1)
+                .with_context(|| format!("{} iperf3 -P 1", p.name()))?;
+            let cpu1 = cpu();
+            r.tput1.push(bps);
+            if !children.is_empty() {
+                let gb = bps * SECONDS as f64 / 8e9;
+                r.cpu_per_gb.push((cpu1 - cpu0) / gb.max(1e-9));
+            }
+            r.tput8.push(
+                iperf(&b, p.port(IPERF_PORT), 8)
+                    .with_context(|| format!("{} iperf3 -P 8", p.name()))?,
+            );
+            let rtts = latency(&b.ns, p.port(ECHO_PORT))
+                .with_context(|| format!("{} latency", p.name()))?;
+            r.p50.push(f64::from(pct(&rtts, 0.50)));
+            r.p99.push(f64::from(pct(&rtts, 0.99)));
+            r.p999.push(f64::from(pct(&rtts, 0.999)));
+            r.conn_rate.push(
+                connection_rate(&b.ns, p.port(ECHO_PORT))
+                    .with_context(|| format!("{} connection rate", p.name()))?,
+            );
+            drop(children);
+            eprintln!("bench tcp: round {} {} done", round + 1, p.name());
+        }
+    }
+    stop.store(true, Ordering::Release);
+    let _ = echo.join();
+    drop(iperf_server.0.take().map(|mut c| {
+        let _ = c.kill();
+        c.wait()
+    }));
+
+    let show = |s: &Spread, scale: f64| {
+        format!(
+            "{:.1}/{:.1}/{:.1}",
+            s.min / scale,
+            s.median / scale,
+            s.max / scale
+        )
+    };
+    println!(
+        "{:<17} {:>20} {:>20} {:>12} {:>16} {:>16} {:>16} {:>20}",
+        "proxy",
+        "1 stream Gbit/s",
+        "8 streams Gbit/s",
+        "CPU-s/GB",
+        "p50 µs",
+        "p99 µs",
+        "p99.9 µs",
+        "conn/s"
+    );
+    let mut medians = Vec::new();
+    for (p, r) in Proxy::ALL.iter().zip(&results) {
+        let t1 = spread(r.tput1.clone());
+        let t8 = spread(r.tput8.clone());
+        let p50 = spread(r.p50.clone());
+        let p99 = spread(r.p99.clone());
+        let p999 = spread(r.p999.clone());
+        let cr = spread(r.conn_rate.clone());
+        // socat's forked children are only counted once reaped, after the run.
+        let cpu = if r.cpu_per_gb.is_empty() || *p == Proxy::Socat {
+            "-".to_owned()
+        } else {
+            format!("{:.3}", spread(r.cpu_per_gb.clone()).median)
+        };
+        println!(
+            "{:<17} {:>20} {:>20} {:>12} {:>16} {:>16} {:>16} {:>20}",
+            p.name(),
+            show(&t1, 1e9),
+            show(&t8, 1e9),
+            cpu,
+            show(&p50, 1.0),
+            show(&p99, 1.0),
+            show(&p999, 1.0),
+            show(&cr, 1.0)
+        );
+        medians.push((*p, t1.median, t8.median, p99.median, cr.median));
+    }
+    let get = |p: Proxy| {
+        medians
+            .iter()
+            .find(|m| m.0 == p)
+            .copied()
+            .context("missing row")
+    };
+    let (direct, ours, haproxy) = (
+        get(Proxy::Direct)?,
+        get(Proxy::Edgeproxy)?,
+        get(Proxy::Haproxy)?,
+    );
+    let buffers = get(Proxy::EdgeproxyBuffers)?;
+    println!("(min/median/max over {ROUNDS} rounds)");
+    println!(
+        "ratios (medians): edgeproxy / direct: 1 stream {:.2}, 8 streams {:.2}; edgeproxy / haproxy: 1 stream {:.2}, 8 streams {:.2}, connections/s {:.2}; p99 edgeproxy {:.0} µs vs haproxy {:.0} µs",
+        ours.1 / direct.1,
+        ours.2 / direct.2,
+        ours.1 / haproxy.1,
+        ours.2 / haproxy.2,
+        ours.4 / haproxy.4,
+        ours.3,
+        haproxy.3
+    );
+    println!(
+        "ratios (medians): edgeproxy-buffers / direct: 1 stream {:.2}, 8 streams {:.2}; / haproxy: 1 stream {:.2}, 8 streams {:.2}",
+        buffers.1 / direct.1,
+        buffers.2 / direct.2,
+        buffers.1 / haproxy.1,
+        buffers.2 / haproxy.2
+    );
+    Ok(())
+}
