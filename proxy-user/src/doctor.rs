@@ -200,6 +200,13 @@ fn buffer_ring_probe(ring: &io_uring::IoUring) -> Result<(), String> {
     r
 }
 
+/// Whether io_uring zero-copy receive could serve interface `name` (of this process's
+/// network namespace), with the reason: judged by its driver.
+pub fn zero_copy_receive_on(name: &str) -> (bool, String) {
+    let index = nix::net::if_::if_nametoindex(name).unwrap_or(0);
+    interface(name, index, false).zero_copy_receive
+}
+
 fn interface(name: &str, index: u32, probe_xdp: bool) -> Interface {
     let base = Path::new("/sys/class/net").join(name);
     let sysfs_is_ours = read_u32(base.join("ifindex")) == Some(index);

@@ -139,3 +139,25 @@ pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
         Ok(n as usize)
     }
 }
+
+/// The interfaces a listener on `addr` receives from: those holding its address, or
+/// every interface for a wildcard address.
+pub fn interfaces_of(addr: SocketAddr) -> Vec<String> {
+    let Ok(list) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = Vec::new();
+    for ifa in list {
+        let holds = addr.ip().is_unspecified()
+            || ifa.address.as_ref().is_some_and(|a| {
+                a.as_sockaddr_in()
+                    .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+                    == Some(addr.ip())
+            });
+        if holds && !out.contains(&ifa.interface_name) {
+            out.push(ifa.interface_name);
+        }
+    }
+    out
+}

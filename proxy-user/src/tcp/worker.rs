@@ -142,9 +142,55 @@ pub struct WorkerStats {
     pub left_open: usize,
 }
 
+/// Zero-copy receive for one route's interface: what the probe found.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ZeroCopyStatus {
+    pub route: String,
+    pub iface: String,
+    /// Whether the interface could do it (driver, kernel opcode).
+    pub capable: bool,
+    /// Always false today: the RecvZc copy path is not implemented (see the README).
+    pub used: bool,
+    pub reason: String,
+}
+
+/// Probes io_uring zero-copy receive for every route's interfaces; each result is
+/// logged, and the copy path in use stays the fallback.
+pub fn probe_zero_copy(routes: &super::Routes, copy: CopyPath) -> Vec<ZeroCopyStatus> {
+    let opcode = {
+        let mut probe = io_uring::Probe::new();
+        IoUring::new(2).is_ok_and(|r| r.submitter().register_probe(&mut probe).is_ok())
+            && probe.is_supported(opcode::RecvZc::CODE)
+    };
+    let mut out = Vec::new();
+    for r in &routes.routes {
+        for iface in socket::interfaces_of(r.spec.listen) {
+            let (driver_ok, why) = crate::doctor::zero_copy_receive_on(&iface);
+            let (capable, reason) = match (opcode, driver_ok) {
+                (false, _) => (false, "the kernel lacks io_uring RecvZc".to_owned()),
+                (true, false) => (false, why),
+                (true, true) => (
+                    true,
+                    format!("{why}; edgeproxy's RecvZc copy path is not implemented yet"),
+                ),
+            };
+            tracing::info!(route = %r.spec.name, iface = %iface, capable, reason = %reason, copy = copy.name(), "zero-copy receive not used");
+            out.push(ZeroCopyStatus {
+                route: r.spec.name.clone(),
+                iface,
+                capable,
+                used: false,
+                reason,
+            });
+        }
+    }
+    out
+}
+
 #[derive(Debug, serde::Serialize)]
 pub struct TcpSummary {
     pub copy: &'static str,
+    pub zero_copy: Vec<ZeroCopyStatus>,
     pub workers: Vec<WorkerStats>,
     pub routes: serde_json::Value,
     pub elapsed_s: f64,
@@ -1260,6 +1306,7 @@ pub fn run(
     if let Some(why) = why {
         tracing::warn!(reason = %why, "copying through provided buffers");
     }
+    let zero_copy = probe_zero_copy(&routes, copy);
     tracing::info!(
         copy = copy.name(),
         workers = cpus.len(),
@@ -1330,6 +1377,7 @@ pub fn run(
     }
     Ok(TcpSummary {
         copy: copy.name(),
+        zero_copy,
         workers,
         routes: shared.latest().json(),
         elapsed_s: started.elapsed().as_secs_f64(),
