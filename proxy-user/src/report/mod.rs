@@ -151,6 +151,13 @@ pub fn tcp_table(s: &crate::tcp::TcpSummary) -> String {
         s.copy,
         s.elapsed_s
     );
+    for z in &s.zero_copy {
+        let _ = writeln!(
+            out,
+            "zero-copy receive on {} (route {}): not used: {}",
+            z.iface, z.route, z.reason
+        );
+    }
     let num =
         |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
     let txt = |v: &serde_json::Value, k: &str| v.get(k).map(|x| x.to_string()).unwrap_or_default();
