@@ -22,12 +22,7 @@ fn family(addr: SocketAddr) -> AddressFamily {
 /// A non-blocking listening socket on `addr`, shared with the other workers' through
 /// `SO_REUSEPORT` (the kernel spreads new connections over them).
 pub fn listener(addr: SocketAddr) -> io::Result<OwnedFd> {
-    let fd = socket(
-        family(addr),
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
+    let fd = stream_socket(addr)?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     setsockopt(&fd, sockopt::ReusePort, &true)?;
     if addr.is_ipv6() {
@@ -40,14 +35,19 @@ pub fn listener(addr: SocketAddr) -> io::Result<OwnedFd> {
 
 /// A non-blocking socket to connect to `addr` with.
 pub fn upstream_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
-    let fd = socket(
+    let fd = stream_socket(addr)?;
+    setsockopt(&fd, sockopt::TcpNoDelay, &true)?;
+    Ok(fd)
+}
+
+/// A non-blocking, close-on-exec TCP socket of `addr`'s family.
+fn stream_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
+    Ok(socket(
         family(addr),
         SockType::Stream,
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
-    )?;
-    setsockopt(&fd, sockopt::TcpNoDelay, &true)?;
-    Ok(fd)
+    )?)
 }
 
 /// Takes ownership of a descriptor the kernel returned (an accepted connection).

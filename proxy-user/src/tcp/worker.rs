@@ -731,25 +731,36 @@ impl Worker {
 
     fn peek_header(&mut self, slot: u32) {
         let c = self.conn(slot);
+        let len = c.hdr.len() - c.hdr_done;
+        self.recv_header(slot, len, libc::MSG_PEEK, OP_HDR_PEEK);
+    }
+
+    /// Receives up to `len` header bytes into the unfilled rest of the header buffer.
+    fn recv_header(&mut self, slot: u32, len: usize, flags: i32, op: u8) {
+        let c = self.conn(slot);
         let have = c.hdr_done;
         let buf = c.hdr[have..].as_mut_ptr();
-        let len = (c.hdr.len() - have) as u32;
-        let sqe = opcode::Recv::new(types::Fd(c.client.as_raw_fd()), buf, len)
-            .flags(libc::MSG_PEEK)
+        let sqe = opcode::Recv::new(types::Fd(c.client.as_raw_fd()), buf, len as u32)
+            .flags(flags)
             .build();
-        self.submit(slot, OP_HDR_PEEK, sqe);
+        self.submit(slot, op, sqe);
+    }
+
+    /// The client closed or failed before its PROXY header was complete.
+    fn header_failed(&mut self, slot: u32, res: i32) {
+        let reason = if res == 0 {
+            Reason::ProxyHeaderEof
+        } else {
+            src_reason(UP, -res)
+        };
+        self.abort(slot, Some(reason), false, false);
     }
 
     /// Peeked `res` more bytes: if they complete a header, read exactly the header;
     /// otherwise consume them (all header) and peek again, which waits for more.
     fn on_header_peek(&mut self, slot: u32, res: i32) {
         if res <= 0 {
-            let reason = if res == 0 {
-                Reason::ProxyHeaderEof
-            } else {
-                src_reason(UP, -res)
-            };
-            return self.abort(slot, Some(reason), false, false);
+            return self.header_failed(slot, res);
         }
         let c = self.conn(slot);
         let seen = c.hdr_done + res as usize;
@@ -772,22 +783,12 @@ impl Worker {
                 return self.abort(slot, Some(reason), true, false);
             }
         };
-        let have = c.hdr_done;
-        let buf = c.hdr[have..].as_mut_ptr();
-        let sqe = opcode::Recv::new(types::Fd(c.client.as_raw_fd()), buf, take as u32)
-            .flags(libc::MSG_WAITALL)
-            .build();
-        self.submit(slot, OP_HDR_READ, sqe);
+        self.recv_header(slot, take, libc::MSG_WAITALL, OP_HDR_READ);
     }
 
     fn on_header_read(&mut self, slot: u32, res: i32) {
         if res <= 0 {
-            let reason = if res == 0 {
-                Reason::ProxyHeaderEof
-            } else {
-                src_reason(UP, -res)
-            };
-            return self.abort(slot, Some(reason), false, false);
+            return self.header_failed(slot, res);
         }
         let now = self.now;
         let c = self.conn(slot);
