@@ -76,9 +76,15 @@ impl Default for TcpSettings {
     fn default() -> Self {
         Self {
             copy: CopyMode::Auto,
-            buffer_size: 64 * 1024,
+            // Measured (one iperf3 stream through loopback, 2026-12-01): 32 KiB moved
+            // 16–17 Gbit/s, 64 KiB only 9.5–10. A 64 KiB send is one MSS (65,483 on
+            // loopback) plus a 53-byte segment, which doubles the packets and wake-ups
+            // downstream; 32 KiB fits one segment and stays in cache.
+            buffer_size: 32 * 1024,
             buffers: 512,
-            pipe_size: 64 * 1024,
+            // 256 KiB moved 4–10% more than 64 KiB (same run) with a third less proxy
+            // CPU: fewer splice calls per byte and fewer short tail segments.
+            pipe_size: 256 * 1024,
             drain: Duration::from_secs(30),
         }
     }

@@ -108,8 +108,11 @@ impl Pipe {
     pub fn new(size: usize) -> io::Result<Self> {
         let (read, write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)?;
+        // Refused (an unprivileged user over pipe-user-pages-soft): keep whatever the
+        // kernel gave; splice moves at most what fits, the size is only an upper bound.
         let capacity = nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size as i32))
-            .map_or(64 * 1024, |c| c as usize);
+            .or_else(|_| nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_GETPIPE_SZ))
+            .map_or(4096, |c| c as usize);
         Ok(Self {
             read,
             write,

@@ -387,6 +387,46 @@ fn connection_rate(ns: &Netns, port: u16) -> anyhow::Result<f64> {
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Busy and total jiffies of the client and the proxy core, from /proc/stat.
+struct CoreBusy([(u64, u64); 2]);
+
+impl CoreBusy {
+    fn read() -> [(u64, u64); 2] {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        [CLIENT_CPU, PROXY_CPU].map(|cpu| {
+            let name = format!("cpu{cpu}");
+            stat.lines()
+                .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+                .map_or((0, 0), |l| {
+                    let v: Vec<u64> = l
+                        .split_whitespace()
+                        .skip(1)
+                        .filter_map(|x| x.parse().ok())
+                        .collect();
+                    let total: u64 = v.iter().take(8).sum();
+                    // idle and iowait are the 4th and 5th fields.
+                    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+                    (total - idle, total)
+                })
+        })
+    }
+
+    fn start() -> Self {
+        Self(Self::read())
+    }
+
+    /// (client core, proxy core) busy fractions since `start`.
+    fn finish(&self) -> (f64, f64) {
+        let now = Self::read();
+        let frac = |k: usize| {
+            let busy = now[k].0.saturating_sub(self.0[k].0) as f64;
+            let total = now[k].1.saturating_sub(self.0[k].1) as f64;
+            if total > 0.0 { busy / total } else { 0.0 }
+        };
+        (frac(0), frac(1))
+    }
+}
+
 fn pct(sorted: &[u32], q: f64) -> u32 {
     if sorted.is_empty() {
         return 0;
@@ -399,6 +439,10 @@ struct Results {
     tput1: Vec<f64>,
     tput8: Vec<f64>,
     cpu_per_gb: Vec<f64>,
+    /// Busy share of the client core and of the proxy core during the 1- and 8-stream
+    /// runs: shows which side bounds the throughput.
+    busy1: Vec<(f64, f64)>,
+    busy8: Vec<(f64, f64)>,
     p50: Vec<f64>,
     p99: Vec<f64>,
     p999: Vec<f64>,
@@ -441,7 +485,7 @@ pub fn tcp_peers() -> anyhow::Result<()> {
         println!("  {v}");
     }
     println!(
-        "  edgeproxy: 1 io_uring worker, default copy path (auto = splice); edgeproxy-buffers: provided buffers (64 KiB)"
+        "  edgeproxy: 1 io_uring worker, default copy path (auto = splice); edgeproxy-buffers: provided buffers (32 KiB)"
     );
     println!(
         "  haproxy: nbthread 1, mode tcp; nginx: 1 worker, stream proxy_pass; socat: fork per connection"
@@ -475,18 +519,22 @@ pub fn tcp_peers() -> anyhow::Result<()> {
             };
             let cpu0 = cpu();
             let r = &mut results[i];
+            let cores = CoreBusy::start();
             let bps = iperf(&b, p.port(IPERF_PORT), 1)
                 .with_context(|| format!("{} iperf3 -P 1", p.name()))?;
+            r.busy1.push(cores.finish());
             let cpu1 = cpu();
             r.tput1.push(bps);
             if !children.is_empty() {
                 let gb = bps * SECONDS as f64 / 8e9;
                 r.cpu_per_gb.push((cpu1 - cpu0) / gb.max(1e-9));
             }
+            let cores = CoreBusy::start();
             r.tput8.push(
                 iperf(&b, p.port(IPERF_PORT), 8)
                     .with_context(|| format!("{} iperf3 -P 8", p.name()))?,
             );
+            r.busy8.push(cores.finish());
             let rtts = latency(&b.ns, p.port(ECHO_PORT))
                 .with_context(|| format!("{} latency", p.name()))?;
             r.p50.push(f64::from(pct(&rtts, 0.50)));
@@ -567,6 +615,22 @@ pub fn tcp_peers() -> anyhow::Result<()> {
     );
     let buffers = get(Proxy::EdgeproxyBuffers)?;
     println!("(min/median/max over {ROUNDS} rounds)");
+    println!(
+        "core busy during the throughput runs (medians, client core {CLIENT_CPU} / proxy core {PROXY_CPU}; a client core near 100% bounds every proxy alike):"
+    );
+    for (p, r) in Proxy::ALL.iter().zip(&results) {
+        let busy = |v: &[(f64, f64)]| {
+            let c = spread(v.iter().map(|x| x.0 * 100.0).collect()).median;
+            let q = spread(v.iter().map(|x| x.1 * 100.0).collect()).median;
+            format!("{c:.0}% / {q:.0}%")
+        };
+        println!(
+            "  {:<17} 1 stream {:>11}   8 streams {:>11}",
+            p.name(),
+            busy(&r.busy1),
+            busy(&r.busy8)
+        );
+    }
     println!(
         "ratios (medians): edgeproxy / direct: 1 stream {:.2}, 8 streams {:.2}; edgeproxy / haproxy: 1 stream {:.2}, 8 streams {:.2}, connections/s {:.2}; p99 edgeproxy {:.0} µs vs haproxy {:.0} µs",
         ours.1 / direct.1,
