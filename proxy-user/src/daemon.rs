@@ -140,17 +140,19 @@ pub async fn run(
     }
 
     stopping.store(true, Ordering::Release);
-    let (mut records, http) = drain
+    let (mut records, mut http) = drain
         .join()
         .map_err(|_| anyhow::anyhow!("the drain thread panicked"))??;
     if let Some(h) = pipeline {
-        let counts = h
+        let outcome = h
             .join()
             .map_err(|_| anyhow::anyhow!("the log pipeline panicked"))?
             .context("the log pipeline")?;
-        // The pipeline's workers read the rings: its counts are the record tally.
-        records.captures = counts.captured;
-        records.samples = counts.samples_skipped;
+        // The pipeline's workers read the rings: its counts are the record tally, and
+        // its HTTP request lines are the report's.
+        records.captures = outcome.counts.captured;
+        records.samples = outcome.counts.samples_skipped;
+        http.merge(&outcome.http);
     }
     let xdp_cost = match stats_fd {
         Some(_fd) => Some(dp.program_stats()?.since(&stats_before)),

@@ -93,10 +93,24 @@ fn edgeproxy_run_on_a_missing_interface_fails_with_one_clear_line() {
 /// request lines that real clients sent through the interface, counted exactly.
 #[test]
 fn sampled_http_request_lines_appear_in_the_report() {
-    use std::io::{Read, Write};
     if !require_root("sampled_http_request_lines_appear_in_the_report") {
         return;
     }
+    http_sampling(false);
+}
+
+/// The same with the log pipeline in the daemon (`run --listen`): its workers, not the
+/// drain thread, read the rings, and the report still has the request lines.
+#[test]
+fn sampled_http_request_lines_appear_in_the_report_with_logs() {
+    if !require_root("sampled_http_request_lines_appear_in_the_report_with_logs") {
+        return;
+    }
+    http_sampling(true);
+}
+
+fn http_sampling(with_logs: bool) {
+    use std::io::{Read, Write};
     let bin = edgeproxy_bin().expect("edgeproxy binary");
     let pair = VethPair::create().expect("veth pair");
     let dir = ScratchDir::new().expect("scratch");
@@ -136,6 +150,12 @@ fn sampled_http_request_lines_appear_in_the_report() {
                 "--policy",
             ])
             .arg(&policy)
+            .args(
+                with_logs
+                    .then(|| ["--listen".to_owned(), format!("{}:5514", pair.a_v4)])
+                    .into_iter()
+                    .flatten(),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -168,7 +188,19 @@ fn sampled_http_request_lines_appear_in_the_report() {
     nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     let out = child.take().wait_with_output().expect("wait");
     assert!(out.status.success(), "edgeproxy exited with {}", out.status);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // With the pipeline, its window reports (the default stdout sink) and its summary
+    // line come first, then the run report.
+    let report = if with_logs {
+        let at = stdout
+            .find("{\"summary\"")
+            .expect("the pipeline's summary line");
+        let (_, rest) = stdout[at..].split_once('\n').expect("a report after it");
+        rest
+    } else {
+        &stdout
+    };
+    let report: serde_json::Value = serde_json::from_str(report).expect("JSON report");
     let http = &report["http"];
     assert_eq!(http["requests"], 10, "{http}");
     assert_eq!(

@@ -646,7 +646,8 @@ fn both_ingest_paths(one_daemon: bool) {
 /// Raw routing: one file sink takes every message as a JSON line (`what = "raw"`), a
 /// second takes raw lines and window reports (`what = "both"`). Each message appears
 /// exactly once per raw sink with its decoded fields and sender, and in the `both` file
-/// a window report never precedes the raw lines it counts.
+/// a window report never precedes the raw lines it counts. A third takes both as
+/// traditional syslog text lines (`format = "text"`).
 #[test]
 fn raw_messages_are_routed_to_sinks_exactly_once() {
     if !require_root("raw_messages_are_routed_to_sinks_exactly_once") {
@@ -657,15 +658,18 @@ fn raw_messages_are_routed_to_sinks_exactly_once() {
     let dir = ScratchDir::new().expect("scratch");
     let raw_path = dir.path().join("raw.jsonl");
     let both_path = dir.path().join("both.jsonl");
+    let text_path = dir.path().join("both.log");
     let cfg = dir.file(
         "edgeproxy.toml",
         &format!(
             "[[listener]]\naddress = \"{}:{PORT}\"\n[window]\nseconds = 0.2\nkey = [\"app\"]\n\
              [[sink]]\nkind = \"file\"\nwhat = \"raw\"\npath = \"{}\"\n\
-             [[sink]]\nkind = \"file\"\nwhat = \"both\"\npath = \"{}\"\n",
+             [[sink]]\nkind = \"file\"\nwhat = \"both\"\npath = \"{}\"\n\
+             [[sink]]\nkind = \"file\"\nwhat = \"both\"\nformat = \"text\"\npath = \"{}\"\n",
             pair.a_v4,
             raw_path.display(),
-            both_path.display()
+            both_path.display(),
+            text_path.display()
         ),
     );
     let child = start_logs(&pair.a, &cfg);
@@ -760,4 +764,37 @@ fn raw_messages_are_routed_to_sinks_exactly_once() {
     assert!(seen.iter().all(|&b| b), "every message in the both sink");
     assert_eq!(counted, N);
     assert!(windows > 0);
+
+    // Text lines: `TIMESTAMP HOST app[pid]: MSG`, window reports tagged edgeproxy[PID].
+    let mut seen = vec![false; N as usize];
+    let (mut raw_before, mut counted) = (0u64, 0u64);
+    for line in std::fs::read_to_string(&text_path)
+        .expect("text file")
+        .lines()
+    {
+        let (time, rest) = line.split_once(' ').expect("timestamp");
+        let (host, rest) = rest.split_once(' ').expect("host");
+        let (tag, msg) = rest.split_once(": ").expect("tag");
+        if let Some(report) = msg.strip_prefix("window ") {
+            assert!(tag.starts_with("edgeproxy["), "{line}");
+            let v: serde_json::Value = serde_json::from_str(report).expect("report JSON");
+            counted += v["records"].as_u64().expect("records");
+            assert!(counted <= raw_before, "a window line before its raw lines");
+            continue;
+        }
+        let i: u64 = msg.strip_prefix("raw ").expect("raw i").parse().expect("i");
+        assert!(!seen[i as usize], "message {i} twice in the text sink");
+        seen[i as usize] = true;
+        raw_before += 1;
+        if i.is_multiple_of(2) {
+            assert_eq!(time, "2026-11-24T10:00:00.000000Z", "{line}");
+            assert_eq!(host, format!("h{}", i % 5), "{line}");
+            assert_eq!(tag, format!("app{}[42]", i % 3), "{line}");
+        } else {
+            assert!(time.ends_with("-11-24T10:00:00.000000Z"), "{line}");
+            assert_eq!((host, tag), ("bsd", "app3"), "{line}");
+        }
+    }
+    assert!(seen.iter().all(|&b| b), "every message in the text sink");
+    assert_eq!(counted, N);
 }

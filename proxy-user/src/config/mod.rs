@@ -77,14 +77,29 @@ pub enum OutputFormat {
     /// RFC 5424 messages with RFC 6587 octet counting (`LEN SP <PRI>1 …`), the framing
     /// syslog receivers (rsyslog imtcp/imptcp, syslog-ng `syslog()`) accept over TCP.
     Rfc5424,
+    /// Traditional syslog file lines (`TIMESTAMP HOST app[pid]: MSG`), the lines
+    /// rsyslog's and syslog-ng's file destinations write; newline-delimited over TCP.
+    Text,
 }
 
 impl OutputFormat {
+    pub const ALL: [OutputFormat; 3] = [
+        OutputFormat::Json,
+        OutputFormat::Rfc5424,
+        OutputFormat::Text,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             OutputFormat::Json => "json",
             OutputFormat::Rfc5424 => "rfc5424",
+            OutputFormat::Text => "text",
         }
+    }
+
+    /// Position in [`OutputFormat::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -709,6 +724,7 @@ pub fn parse_config(file: &str, src: &str) -> Result<Config, FileErrors> {
             &[
                 ("json", OutputFormat::Json),
                 ("rfc5424", OutputFormat::Rfc5424),
+                ("text", OutputFormat::Text),
             ],
         );
         let push = |sinks: &mut Vec<SinkSpec>, sink| sinks.push(SinkSpec { what, format, sink });
@@ -892,7 +908,7 @@ mod tests {
     fn sinks_say_what_they_take() {
         let c = parse_config(
             "c",
-            "[[sink]]\nkind = \"stdout\"\n[[sink]]\nkind = \"stdout\"\nwhat = \"raw\"\nformat = \"rfc5424\"\n[[sink]]\nkind = \"stdout\"\nwhat = \"both\"\nformat = \"json\"\n[[sink]]\nkind = \"stdout\"\nwhat = \"windows\"\n",
+            "[[sink]]\nkind = \"stdout\"\n[[sink]]\nkind = \"stdout\"\nwhat = \"raw\"\nformat = \"rfc5424\"\n[[sink]]\nkind = \"stdout\"\nwhat = \"both\"\nformat = \"json\"\n[[sink]]\nkind = \"stdout\"\nwhat = \"windows\"\nformat = \"text\"\n",
         )
         .expect("valid");
         let what: Vec<SinkContent> = c.sinks.iter().map(|s| s.what).collect();
@@ -918,7 +934,7 @@ mod tests {
                 OutputFormat::Json,
                 OutputFormat::Rfc5424,
                 OutputFormat::Json,
-                OutputFormat::Json
+                OutputFormat::Text
             ]
         );
     }
@@ -1005,7 +1021,7 @@ mod tests {
             ),
             (
                 "[[sink]]\nkind = \"tcp\"\naddress = \"127.0.0.1:1\"\nformat = \"gelf\"\n",
-                "c:4:10: format must be \"json\" or \"rfc5424\"",
+                "c:4:10: format must be \"json\", \"rfc5424\" or \"text\"",
             ),
             (
                 "[[sink]]\nkind = \"stdout\"\nwhat = \"everything\"\n",

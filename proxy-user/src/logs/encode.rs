@@ -193,6 +193,63 @@ impl Rfc5424Encoder {
     }
 }
 
+/// Appends `m` as one line of a traditional syslog file, the way rsyslog's default file
+/// template (`RSYSLOG_FileFormat`) writes it: `TIMESTAMP HOST TAG MSG`. TIMESTAMP is RFC
+/// 3339 with microseconds (the message's own, else the receive time), HOST the message's
+/// hostname, else the sender's address, else `-`; TAG is `app[procid]:` (`app:` without
+/// a PROCID; absent without an APP-NAME). Header fields keep PRINTUSASCII only, and
+/// control characters in MSG are escaped as rsyslog does (`#` and three octal digits,
+/// so a newline is `#012`): one message is always one line.
+pub fn text(m: &RawMessage<'_, '_>, out: &mut Vec<u8>) {
+    let r = m.rec;
+    format_rfc3339_micros(r.timestamp.unwrap_or(m.received_ns), out);
+    out.push(b' ');
+    match (r.hostname.as_deref(), m.source) {
+        (Some(h), _) => header_field(h, MAX_HOST, out),
+        (None, Some(ip)) => {
+            let _ = write!(out, "{ip}");
+        }
+        (None, None) => out.push(b'-'),
+    }
+    if let Some(app) = r.app_name.as_deref().filter(|a| !a.is_empty()) {
+        out.push(b' ');
+        header_field(app, MAX_APP, out);
+        if let Some(pid) = r.procid.filter(|p| !p.is_empty()) {
+            out.push(b'[');
+            header_field(pid, MAX_PROCID, out);
+            out.push(b']');
+        }
+        out.push(b':');
+    }
+    out.push(b' ');
+    escape_controls(&r.message, out);
+    out.push(b'\n');
+}
+
+/// A window report (its JSON) as one text line from `host`, tag `edgeproxy[PID]:`.
+pub fn text_window(report_json: &str, now_ns: i64, host: &str, out: &mut Vec<u8>) {
+    format_rfc3339_micros(now_ns, out);
+    out.push(b' ');
+    header_field(host, MAX_HOST, out);
+    let _ = write!(out, " edgeproxy[{}]: window ", std::process::id());
+    escape_controls(report_json, out);
+    out.push(b'\n');
+}
+
+/// Control characters as `#` and three octal digits (rsyslog's escape); the rest as is.
+fn escape_controls(s: &str, out: &mut Vec<u8>) {
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &c) in bytes.iter().enumerate() {
+        if c < 0x20 || c == 0x7f {
+            out.extend_from_slice(&bytes[start..i]);
+            out.extend_from_slice(&[b'#', b'0' + (c >> 6), b'0' + ((c >> 3) & 7), b'0' + (c & 7)]);
+            start = i + 1;
+        }
+    }
+    out.extend_from_slice(&bytes[start..]);
+}
+
 /// RFC 6587 octet counting: `LEN SP MSG`.
 fn frame(msg: &[u8], out: &mut Vec<u8>) {
     int(msg.len(), out);
@@ -437,6 +494,75 @@ mod tests {
                 "input {line:?}"
             );
         }
+    }
+
+    fn text_line(line: &[u8], source: Option<IpAddr>) -> String {
+        let rec = decode(line, RX);
+        let mut out = Vec::new();
+        text(
+            &RawMessage {
+                rec: &rec,
+                source,
+                received_ns: RX,
+                captured: false,
+            },
+            &mut out,
+        );
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn text_lines_are_traditional_syslog_file_lines() {
+        let ip: IpAddr = "10.200.0.2".parse().unwrap();
+        // RFC 5424: its time, host, app[procid]: and MSG (SD is not part of MSG).
+        assert_eq!(
+            text_line(
+                b"<165>1 2003-10-11T22:14:15.003Z mymachine.example.com evntslog 77 ID47 [exampleSDID@32473 iut=\"3\"] An application event",
+                Some(ip),
+            ),
+            "2003-10-11T22:14:15.003000Z mymachine.example.com evntslog[77]: An application event\n"
+        );
+        // RFC 3164 with tag and pid; year-less time resolved against the receive time.
+        assert_eq!(
+            text_line(
+                b"<34>Oct 11 22:14:15 mymachine su[42]: 'su root' failed",
+                None
+            ),
+            "2026-10-11T22:14:15.000000Z mymachine su[42]: 'su root' failed\n"
+        );
+        // Plain text: receive time, the sender as host, no tag.
+        assert_eq!(
+            text_line(b"just text", Some(ip)),
+            "2026-11-24T10:00:00.000000Z 10.200.0.2 just text\n"
+        );
+        assert_eq!(
+            text_line(b"just text", None),
+            "2026-11-24T10:00:00.000000Z - just text\n"
+        );
+        // An app without PROCID; control characters escaped the way rsyslog does, so a
+        // message is always one line.
+        assert_eq!(
+            text_line(b"<13>1 - h app - - - a\tb\x7fc", None),
+            "2026-11-24T10:00:00.000000Z h app: a#011b#177c\n"
+        );
+        let json = "{\"host\":\"web 1\",\"app\":\"api\",\"msg\":\"two\\nlines\"}";
+        assert_eq!(
+            text_line(json.as_bytes(), Some(ip)),
+            "2026-11-24T10:00:00.000000Z web_1 api: two#012lines\n"
+        );
+    }
+
+    #[test]
+    fn window_reports_are_text_lines_too() {
+        let mut out = Vec::new();
+        text_window("{\"total\":3}", RX, "edge 1", &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!(
+                "2026-11-24T10:00:00.000000Z edge_1 edgeproxy[{}]: window {{\"total\":3}}\n",
+                std::process::id()
+            )
+        );
     }
 
     #[test]

@@ -29,6 +29,7 @@ use super::{
 };
 use crate::config::OutputFormat;
 use crate::engine::{self, BackendChoice, BackendStats, ReceiveConfig, socket};
+use crate::report::http::HttpSamples;
 
 #[derive(Clone, Debug)]
 pub struct PipelineConfig {
@@ -182,20 +183,17 @@ pub struct RawBatch {
     /// The configuration the messages were received under: they go to its sinks.
     pub generation: u64,
     pub records: u64,
-    pub json: Option<Vec<u8>>,
-    pub rfc5424: Option<Vec<u8>>,
+    /// The messages in each format of [`OutputFormat::ALL`] a sink wants (`None`: none does).
+    pub encoded: [Option<Vec<u8>>; OutputFormat::ALL.len()],
 }
 
 impl RawBatch {
     fn bytes(&self, format: OutputFormat) -> Option<&[u8]> {
-        match format {
-            OutputFormat::Json => self.json.as_deref(),
-            OutputFormat::Rfc5424 => self.rfc5424.as_deref(),
-        }
+        self.encoded[format.index()].as_deref()
     }
 
     fn len(&self) -> usize {
-        self.json.as_ref().map_or(0, Vec::len) + self.rfc5424.as_ref().map_or(0, Vec::len)
+        self.encoded.iter().flatten().map(Vec::len).sum()
     }
 }
 
@@ -211,19 +209,17 @@ const RAW_BATCH: usize = 64 * 1024;
 impl RawOut {
     /// `None` when no sink of `snap` takes raw messages.
     fn new(snap: &Snapshot, out: &mpsc::SyncSender<ToMerger>) -> Option<Self> {
-        let wants = |f: OutputFormat| {
-            snap.sinks
-                .iter()
-                .any(|s| s.what.raw() && s.format == f)
-                .then(|| Vec::with_capacity(RAW_BATCH + 4096))
-        };
         let batch = RawBatch {
             generation: snap.generation,
             records: 0,
-            json: wants(OutputFormat::Json),
-            rfc5424: wants(OutputFormat::Rfc5424),
+            encoded: OutputFormat::ALL.map(|f| {
+                snap.sinks
+                    .iter()
+                    .any(|s| s.what.raw() && s.format == f)
+                    .then(|| Vec::with_capacity(RAW_BATCH + 4096))
+            }),
         };
-        (batch.json.is_some() || batch.rfc5424.is_some()).then(|| RawOut {
+        batch.encoded.iter().any(Option::is_some).then(|| RawOut {
             batch,
             rfc5424: Rfc5424Encoder::default(),
             out: out.clone(),
@@ -232,11 +228,13 @@ impl RawOut {
 
     fn add(&mut self, m: &RawMessage<'_, '_>) {
         let b = &mut self.batch;
-        if let Some(out) = b.json.as_mut() {
-            super::encode::json(m, out);
-        }
-        if let Some(out) = b.rfc5424.as_mut() {
-            self.rfc5424.message(m, out);
+        for (f, out) in OutputFormat::ALL.iter().zip(&mut b.encoded) {
+            let Some(out) = out.as_mut() else { continue };
+            match f {
+                OutputFormat::Json => super::encode::json(m, out),
+                OutputFormat::Rfc5424 => self.rfc5424.message(m, out),
+                OutputFormat::Text => super::encode::text(m, out),
+            }
         }
         b.records += 1;
         if b.len() >= RAW_BATCH {
@@ -252,14 +250,11 @@ impl RawOut {
         let fresh = RawBatch {
             generation: b.generation,
             records: 0,
-            json: b
-                .json
-                .as_ref()
-                .map(|_| Vec::with_capacity(RAW_BATCH + 4096)),
-            rfc5424: b
-                .rfc5424
-                .as_ref()
-                .map(|_| Vec::with_capacity(RAW_BATCH + 4096)),
+            encoded: std::array::from_fn(|i| {
+                b.encoded[i]
+                    .as_ref()
+                    .map(|_| Vec::with_capacity(RAW_BATCH + 4096))
+            }),
         };
         let full = std::mem::replace(b, fresh);
         // A closed channel means the merger is gone (shutdown); nothing to deliver to.
@@ -324,6 +319,16 @@ pub struct WorkerSummary {
     pub kernel_drops: u64,
     /// SO_MEMINFO drops of this worker's socket for each listener.
     pub drops_by_listener: Vec<(SocketAddr, u64)>,
+    /// HTTP request lines in the TCP samples this worker drained.
+    pub http: HttpSamples,
+}
+
+/// What a pipeline run ends with, for the caller's report.
+pub struct PipelineOutcome {
+    pub counts: MessageCounts,
+    /// HTTP request lines in the TCP samples the workers drained (`run --logs`: the
+    /// workers, not the drain thread, read the rings).
+    pub http: HttpSamples,
 }
 
 fn now_ns() -> i64 {
@@ -473,6 +478,7 @@ fn worker_loop(
         raw: new_raw(&snap),
     };
     let mut busy = false;
+    let mut http = HttpSamples::default();
     loop {
         let stopping = stop.load(Ordering::Acquire);
         let now = now_ns();
@@ -495,7 +501,7 @@ fn worker_loop(
         if let Some(r) = records.as_mut() {
             // Readiness only wakes the poll; records below the wake-up threshold are read
             // on every pass anyway (a memory load when the ring is empty).
-            drain_captures(r, &snap.pipeline, &mut acc);
+            drain_captures(r, &snap.pipeline, &mut acc, &mut http);
         }
         let now = now_ns();
         if now >= start + win_ns || stopping {
@@ -567,6 +573,7 @@ fn worker_loop(
             .iter()
             .map(|(a, s)| (*a, socket::kernel_drops(s).map_or(0, u64::from)))
             .collect(),
+        http,
     })
 }
 
@@ -584,7 +591,14 @@ fn grid(snap: &Snapshot, win_ns: i64, t: i64) -> i64 {
 }
 
 /// Capture records from the data plane's rings, read in place, into `window`.
-fn drain_captures(records: &mut crate::dataplane::Records, cfg: &PipelineConfig, acc: &mut Acc) {
+/// Samples (not log datagrams) go to `http`, which looks for HTTP request lines in the
+/// TCP ones, as the drain thread does when no pipeline reads the rings.
+fn drain_captures(
+    records: &mut crate::dataplane::Records,
+    cfg: &PipelineConfig,
+    acc: &mut Acc,
+    http: &mut HttpSamples,
+) {
     use proxy_common::policy::RecordKind;
     let mut tally = crate::dataplane::RecordTally::default();
     // One clock read per drain: the records were waiting together.
@@ -592,6 +606,7 @@ fn drain_captures(records: &mut crate::dataplane::Records, cfg: &PipelineConfig,
     records.drain(&mut tally, |r| {
         if r.header.kind != RecordKind::Capture as u8 {
             acc.counts.samples_skipped += 1;
+            http.add(&r.header, r.data);
             return;
         }
         let source = match r.header.family {
@@ -739,21 +754,20 @@ impl SinkSet {
     }
 
     fn window(&mut self, line: &str) {
-        let json = format!("{line}\n");
-        let mut rfc5424 = Vec::new();
-        if self
-            .sinks
-            .iter()
-            .any(|s| s.what.windows() && s.format == OutputFormat::Rfc5424)
-        {
-            self.encoder
-                .window(line, now_ns(), &self.host, &mut rfc5424);
-        }
+        let now = now_ns();
+        let encoded = OutputFormat::ALL.map(|f| {
+            let wanted = self.sinks.iter().any(|s| s.what.windows() && s.format == f);
+            let mut out = Vec::new();
+            match f {
+                _ if !wanted => {}
+                OutputFormat::Json => out = format!("{line}\n").into_bytes(),
+                OutputFormat::Rfc5424 => self.encoder.window(line, now, &self.host, &mut out),
+                OutputFormat::Text => super::encode::text_window(line, now, &self.host, &mut out),
+            }
+            out
+        });
         for s in self.sinks.iter_mut().filter(|s| s.what.windows()) {
-            let bytes = match s.format {
-                OutputFormat::Json => json.as_bytes(),
-                OutputFormat::Rfc5424 => &rfc5424,
-            };
+            let bytes = &encoded[s.format.index()];
             match s.sink.write(bytes, 1).and_then(|()| s.sink.end_window()) {
                 Ok(()) => s.windows += 1,
                 Err(e) => {
@@ -936,7 +950,7 @@ pub fn run_with_sinks(
     shared: &Arc<SharedConfig>,
     captures: CaptureSource,
     stop: Arc<AtomicBool>,
-) -> anyhow::Result<MessageCounts> {
+) -> anyhow::Result<PipelineOutcome> {
     use anyhow::Context as _;
     let first = shared.latest();
     let cfg = &first.pipeline;
@@ -994,6 +1008,7 @@ pub fn run_with_sinks(
         held.release(&mut sinks);
     }
     let mut workers = Vec::new();
+    let mut http = HttpSamples::default();
     let mut drops = 0;
     let mut by_listener: BTreeMap<String, u64> = BTreeMap::new();
     for h in handles {
@@ -1001,6 +1016,7 @@ pub fn run_with_sinks(
             .join()
             .map_err(|_| anyhow::anyhow!("a worker panicked"))??;
         drops += s.kernel_drops;
+        http.merge(&s.http);
         for (a, d) in &s.drops_by_listener {
             *by_listener.entry(a.to_string()).or_default() += d;
         }
@@ -1042,7 +1058,10 @@ pub fn run_with_sinks(
             "pipeline_cpu_s": cpu_s - cpu_at_start,
         }})
     );
-    Ok(total)
+    Ok(PipelineOutcome {
+        counts: total,
+        http,
+    })
 }
 
 /// User + system CPU seconds of this whole process so far.

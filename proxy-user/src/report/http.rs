@@ -147,6 +147,26 @@ impl HttpSamples {
         }
     }
 
+    /// Adds another worker's counts; (host, path) pairs beyond [`MAX_PATHS`] go to `other`.
+    pub fn merge(&mut self, o: &HttpSamples) {
+        self.tcp_samples += o.tcp_samples;
+        self.requests += o.requests;
+        self.truncated += o.truncated;
+        self.other += o.other;
+        for (m, n) in &o.methods {
+            *self.methods.entry(m.clone()).or_default() += n;
+        }
+        for (k, n) in &o.paths {
+            if let Some(have) = self.paths.get_mut(k) {
+                *have += n;
+            } else if self.paths.len() < MAX_PATHS {
+                self.paths.insert(k.clone(), *n);
+            } else {
+                self.other += n;
+            }
+        }
+    }
+
     /// The `k` most requested (host, path, count), most first (ties by name).
     pub fn top(&self, k: usize) -> Vec<(&str, &str, u64)> {
         let mut v: Vec<(&str, &str, u64)> = self
@@ -273,5 +293,39 @@ mod tests {
         }
         assert_eq!(s.paths.len(), MAX_PATHS);
         assert_eq!(s.other, 8);
+    }
+
+    #[test]
+    fn workers_samples_merge_into_one_report() {
+        let h = RecordHeader {
+            kind: RecordKind::Sample as u8,
+            l4_proto: 6,
+            ..Default::default()
+        };
+        let get = |path: &str| {
+            frame_v4(
+                format!("GET {path} HTTP/1.1\r\nHost: h\r\n").as_bytes(),
+                false,
+            )
+        };
+        let (mut a, mut b) = (HttpSamples::default(), HttpSamples::default());
+        a.add(&h, &get("/a"));
+        a.add(&h, &get("/b"));
+        b.add(&h, &get("/b"));
+        b.add(&h, &frame_v4(b"POST /c HTTP/1.0\r\n\r\n", false));
+        b.add(&h, &frame_v4(b"\x16\x03\x01", false));
+        a.merge(&b);
+        assert_eq!((a.tcp_samples, a.requests, a.other), (5, 4, 0));
+        assert_eq!(a.top(3), [("h", "/b", 2), ("", "/c", 1), ("h", "/a", 1)]);
+        assert_eq!((a.methods["GET"], a.methods["POST"]), (3, 1));
+        // A full table takes no new pair from a merge: it goes to `other`, counted.
+        let mut full = HttpSamples::default();
+        for i in 0..MAX_PATHS {
+            full.add(&h, &get(&format!("/{i}")));
+        }
+        full.merge(&a);
+        assert_eq!(full.paths.len(), MAX_PATHS);
+        assert_eq!(full.other, 4);
+        assert_eq!(full.requests, MAX_PATHS as u64 + 4);
     }
 }

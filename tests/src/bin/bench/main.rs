@@ -51,9 +51,9 @@ fn parse_args() -> anyhow::Result<Options> {
             "--runs" => o.runs = num(args.next(), "--runs")? as usize,
             "--repeat" => o.repeat = num(args.next(), "--repeat")? as u32,
             "--burst" => o.burst = num(args.next(), "--burst")?,
-            "xdp" | "logs-decode" | "logs" | "tcp" => o.suites.push(a),
+            "xdp" | "logs-decode" | "logs" | "logs-peers" | "tcp" => o.suites.push(a),
             other => bail!(
-                "unknown argument {other:?} (suites: xdp, logs-decode, logs, tcp; options: --runs N, --repeat N, --burst N)"
+                "unknown argument {other:?} (suites: xdp, logs-decode, logs, logs-peers, tcp; options: --runs N, --repeat N, --burst N)"
             ),
         }
     }
@@ -98,6 +98,9 @@ fn run() -> anyhow::Result<()> {
     }
     if o.suites.iter().any(|s| s == "logs") {
         logs::logs_pipeline()?;
+    }
+    // `logs` includes the peer comparison; `logs-peers` runs it alone.
+    if o.suites.iter().any(|s| s == "logs" || s == "logs-peers") {
         peers::logs_peers()?;
     }
     if o.suites.iter().any(|s| s == "tcp") {

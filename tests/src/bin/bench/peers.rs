@@ -25,15 +25,18 @@ enum Receiver {
     EdgeproxyEpoll,
     /// edgeproxy taking the datagrams from its XDP capture rule instead of a socket.
     EdgeproxyXdp,
+    /// edgeproxy (io_uring) writing JSON lines instead of syslog text lines.
+    EdgeproxyJson,
     Rsyslog,
     SyslogNg,
 }
 
 impl Receiver {
-    const ALL: [Receiver; 5] = [
+    const ALL: [Receiver; 6] = [
         Receiver::Edgeproxy,
         Receiver::EdgeproxyEpoll,
         Receiver::EdgeproxyXdp,
+        Receiver::EdgeproxyJson,
         Receiver::Rsyslog,
         Receiver::SyslogNg,
     ];
@@ -43,6 +46,7 @@ impl Receiver {
             Receiver::Edgeproxy => "edgeproxy",
             Receiver::EdgeproxyEpoll => "edgeproxy-epoll",
             Receiver::EdgeproxyXdp => "edgeproxy-xdp",
+            Receiver::EdgeproxyJson => "edgeproxy-json",
             Receiver::Rsyslog => "rsyslog",
             Receiver::SyslogNg => "syslog-ng",
         }
@@ -157,11 +161,14 @@ pub fn logs_peers() -> anyhow::Result<()> {
     );
     println!("  rsyslog: {rs} (imudp, omfile, default template)");
     println!("  syslog-ng: {sng} (syslog() udp source, file destination)");
-    println!("  edgeproxy: io_uring, 1 worker, raw messages as JSON lines to a file sink");
+    println!(
+        "  edgeproxy: io_uring, 1 worker, raw messages to a file sink as syslog text lines (format = \"text\", like rsyslog's file)"
+    );
     println!("  edgeproxy-epoll: the same with the epoll engine");
     println!(
         "  edgeproxy-xdp: the same, fed by an XDP capture rule (edgeproxy run --config); its CPU includes the XDP program's kernel run time (BPF stats)"
     );
+    println!("  edgeproxy-json: io_uring, raw messages as JSON lines (the richer format)");
     println!(
         "{:<16} {:>10} {:>10} {:>10} {:>8} {:>12} {:>14}",
         "receiver", "offered/s", "sent", "written", "loss", "written/s", "lines/CPU-s"
@@ -225,6 +232,13 @@ pub fn logs_peers() -> anyhow::Result<()> {
             best_cpu.0.name()
         );
     }
+    if let Some(js) = at_max.iter().find(|(r, ..)| *r == Receiver::EdgeproxyJson) {
+        println!(
+            "flat out: edgeproxy-json (JSON lines) takes {:.2}x the lines per CPU-second of the best peer ({})",
+            js.2 / best_cpu.2.max(1e-9),
+            best_cpu.0.name()
+        );
+    }
     if let Some(xdp) = at_max.iter().find(|(r, ..)| *r == Receiver::EdgeproxyXdp) {
         println!(
             "flat out: edgeproxy-xdp takes {:.2}x the lines per CPU-second of the best peer ({}), XDP run time included",
@@ -251,11 +265,16 @@ fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<
     let out = dir.path().join("out.log");
     let addr = pair.a_v4;
     let mut cmd = match r {
-        Receiver::Edgeproxy | Receiver::EdgeproxyEpoll => {
-            let engine = if r == Receiver::Edgeproxy {
-                "io_uring"
-            } else {
+        Receiver::Edgeproxy | Receiver::EdgeproxyEpoll | Receiver::EdgeproxyJson => {
+            let engine = if r == Receiver::EdgeproxyEpoll {
                 "epoll"
+            } else {
+                "io_uring"
+            };
+            let format = if r == Receiver::EdgeproxyJson {
+                "json"
+            } else {
+                "text"
             };
             let cfg = dir.file(
                 "edgeproxy.toml",
@@ -263,7 +282,7 @@ fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<
                     "[engine]\nkind = \"{engine}\"\ndata_cpus = [0]\n\
                      [[listener]]\naddress = \"{addr}:{PORT}\"\nrcvbuf = 8388608\n\
                      [window]\nseconds = 1\n\
-                     [[sink]]\nkind = \"file\"\npath = \"{}\"\nwhat = \"raw\"\nfsync = \"never\"\n",
+                     [[sink]]\nkind = \"file\"\npath = \"{}\"\nwhat = \"raw\"\nformat = \"{format}\"\nfsync = \"never\"\n",
                     out.display()
                 ),
             );
@@ -277,7 +296,7 @@ fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<
                 &pair,
                 PORT,
                 &format!(
-                    "[[sink]]\nkind = \"file\"\npath = \"{}\"\nwhat = \"raw\"\nfsync = \"never\"\n",
+                    "[[sink]]\nkind = \"file\"\npath = \"{}\"\nwhat = \"raw\"\nformat = \"text\"\nfsync = \"never\"\n",
                     out.display()
                 ),
             );
