@@ -478,23 +478,7 @@ fn proxy_command(
     let shared = SharedRoutes::new(Routes::build(&cfg.routes, cfg.tcp.clone(), None));
     let publish_to = std::sync::Arc::clone(&shared);
     let path = config.clone();
-    let reload = move |why: &str| match read_config(&path) {
-        Ok(c) if c.routes.is_empty() => {
-            tracing::error!("{why}: configuration rejected (no [[route]]), keeping the running one")
-        }
-        Ok(c) => {
-            let r = publish_to.publish(&c.routes, c.tcp);
-            // Logged once every worker serves the new routes (they look every pass).
-            let applied = publish_to.wait_applied(r.generation, Duration::from_secs(2));
-            tracing::info!(
-                generation = r.generation,
-                routes = r.routes.len(),
-                applied,
-                "{why}: configuration reloaded"
-            );
-        }
-        Err(e) => tracing::error!("{why}: configuration rejected, keeping the running one: {e:#}"),
-    };
+    let reload = move |why: &str| publish_routes(&publish_to, &path, why, false);
     let mut background: Vec<Background> =
         vec![Box::pin(health::run(std::sync::Arc::clone(&shared)))];
     if let Some(file) = stats_file {
@@ -518,6 +502,41 @@ fn proxy_command(
         print!("{}", proxy_user::report::tcp_table(&summary));
     }
     Ok(())
+}
+
+/// Re-reads the routes of `path` and publishes them to the TCP workers; logs once every
+/// worker serves them (they look every pass). `edgeproxy proxy` refuses a file without
+/// routes (`allow_none` false); inside `run` that stops forwarding but keeps the rest.
+fn publish_routes(
+    shared: &proxy_user::tcp::SharedRoutes,
+    path: &Path,
+    why: &str,
+    allow_none: bool,
+) {
+    match read_config(path) {
+        Ok(c) if c.routes.is_empty() && !allow_none => {
+            tracing::error!("{why}: configuration rejected (no [[route]]), keeping the running one")
+        }
+        Ok(c) => {
+            let before = shared.latest().settings.clone();
+            if (before.copy, before.buffers, before.buffer_size)
+                != (c.tcp.copy, c.tcp.buffers, c.tcp.buffer_size)
+            {
+                tracing::warn!(
+                    "{why}: [tcp] copy, buffers and buffer_size take effect after a restart; pipe_size and drain_seconds apply now"
+                );
+            }
+            let r = shared.publish(&c.routes, c.tcp);
+            let applied = shared.wait_applied(r.generation, Duration::from_secs(2));
+            tracing::info!(
+                generation = r.generation,
+                routes = r.routes.len(),
+                applied,
+                "{why}: configuration reloaded"
+            );
+        }
+        Err(e) => tracing::error!("{why}: configuration rejected, keeping the running one: {e:#}"),
+    }
 }
 
 /// Replaces `path` with `bytes` by writing a sibling file and renaming it over.
@@ -591,7 +610,7 @@ fn logs_command(
     duration: Option<Duration>,
 ) -> anyhow::Result<()> {
     use proxy_user::logs::pipeline::{CaptureSource, run_with_sinks};
-    let (shared, stop) = start_log_control(LogSetup { config, overrides }, duration)?;
+    let (shared, stop) = start_log_control(LogSetup { config, overrides }, duration, None)?;
     run_with_sinks(&shared, CaptureSource::None, stop).map(|_| ())
 }
 
@@ -599,6 +618,7 @@ fn logs_command(
 fn start_log_control(
     setup: LogSetup,
     duration: Option<Duration>,
+    routes: Option<std::sync::Arc<proxy_user::tcp::SharedRoutes>>,
 ) -> anyhow::Result<(
     std::sync::Arc<proxy_user::logs::pipeline::SharedConfig>,
     std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -609,18 +629,30 @@ fn start_log_control(
     let shared = SharedConfig::new(cfg, sinks);
     let publish_to = std::sync::Arc::clone(&shared);
     let path = config.clone();
-    let reload = move |why: &str| match load_log_config(path.as_deref(), &overrides) {
-        Ok((cfg, sinks)) => {
-            let s = publish_to.publish(cfg, sinks, Duration::from_millis(50));
-            tracing::info!(
-                generation = s.generation,
-                effective_from_ns = s.effective_from_ns,
-                "{why}: configuration reloaded"
-            );
+    let reload_routes = routes.clone();
+    let reload = move |why: &str| {
+        match load_log_config(path.as_deref(), &overrides) {
+            Ok((cfg, sinks)) => {
+                let s = publish_to.publish(cfg, sinks, Duration::from_millis(50));
+                tracing::info!(
+                    generation = s.generation,
+                    effective_from_ns = s.effective_from_ns,
+                    "{why}: configuration reloaded"
+                );
+            }
+            Err(e) => {
+                tracing::error!("{why}: configuration rejected, keeping the running one: {e:#}")
+            }
         }
-        Err(e) => tracing::error!("{why}: configuration rejected, keeping the running one: {e:#}"),
+        if let (Some(routes), Some(path)) = (&reload_routes, &path) {
+            publish_routes(routes, path, why, true);
+        }
     };
-    let stop = start_control(config, duration, Box::new(reload), Vec::new())?;
+    let background: Vec<Background> = routes
+        .into_iter()
+        .map(|r| Box::pin(proxy_user::tcp::health::run(r)) as Background)
+        .collect();
+    let stop = start_control(config, duration, Box::new(reload), background)?;
     Ok((shared, stop))
 }
 
@@ -814,15 +846,44 @@ fn run(
 ) -> anyhow::Result<()> {
     use std::sync::atomic::Ordering;
     let iface = opts.iface.clone();
+    // The `[[route]]`s of the configuration file, if any, are forwarded by TCP workers
+    // on the data CPUs beside the log pipeline's.
+    let tcp_setup =
+        match logs.as_ref().and_then(|l| l.config.as_deref()) {
+            Some(path) => {
+                let c = read_config(path)?;
+                (!c.routes.is_empty()).then(|| {
+                    let routes = proxy_user::tcp::SharedRoutes::new(
+                        proxy_user::tcp::Routes::build(&c.routes, c.tcp.clone(), None),
+                    );
+                    (routes, c.pipeline.data_cpus)
+                })
+            }
+            None => None,
+        };
     // With the log pipeline, its control thread owns the signals (stop and reload) and
     // the data plane follows its stop flag.
     let pipeline = logs
         .map(|setup| {
-            start_log_control(setup, duration)
+            let routes = tcp_setup.as_ref().map(|(r, _)| std::sync::Arc::clone(r));
+            start_log_control(setup, duration, routes)
                 .map(|(shared, stop)| daemon::LogPipeline { shared, stop })
         })
         .transpose()?;
     let stop_flag = pipeline.as_ref().map(|p| std::sync::Arc::clone(&p.stop));
+    let tcp = match (tcp_setup, &stop_flag) {
+        (Some((routes, cpus)), Some(stop)) => {
+            let stop = std::sync::Arc::clone(stop);
+            Some(
+                std::thread::Builder::new()
+                    .name("ep-tcp-main".into())
+                    .spawn(move || proxy_user::tcp::run(routes, &cpus, stop))
+                    .context("spawning TCP forwarding")?,
+            )
+        }
+        _ => None,
+    };
+    let tcp_flag = stop_flag.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -839,7 +900,19 @@ fn run(
             }
             None => daemon::run(opts, stop_signal(duration), None).await,
         }
-    })?;
+    });
+    // However the data plane ended, forwarding stops (and drains) with it.
+    if let Some(flag) = &tcp_flag {
+        flag.store(true, Ordering::Release);
+    }
+    let tcp = tcp
+        .map(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("TCP forwarding panicked"))?
+                .context("TCP forwarding")
+        })
+        .transpose();
+    let (summary, tcp) = (summary?, tcp?);
     if !ephemeral {
         tracing::info!(
             pins = %pin_dir.display(),
@@ -847,9 +920,16 @@ fn run(
         );
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&summary.json())?);
+        let mut v = summary.json();
+        if let Some(t) = &tcp {
+            v["tcp"] = serde_json::to_value(t)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", summary.table());
+        if let Some(t) = &tcp {
+            print!("{}", proxy_user::report::tcp_table(t));
+        }
     }
     Ok(())
 }

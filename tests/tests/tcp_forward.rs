@@ -1110,3 +1110,86 @@ fn slow_client_bounds_memory_splice() {
         slow_client("splice");
     }
 }
+
+/// One daemon: `edgeproxy run --config` with `[[route]]`s forwards them beside the data
+/// plane and the log pipeline, follows a reload that adds a route (warning that a
+/// changed buffer size needs a restart), and its report carries the TCP summary.
+#[test]
+fn run_forwards_the_routes_of_its_configuration() {
+    if !require_root("run_forwards_the_routes_of_its_configuration") {
+        return;
+    }
+    let bed = Bed::new();
+    let _a = bed.upstream("10.200.0.1:8301", echo());
+    let _b = bed.upstream("10.200.0.1:8303", echo());
+    let logs = bed.dir.path().join("windows.jsonl");
+    let base = format!(
+        "[engine]\ndata_cpus = [0]\n[[listener]]\naddress = \"10.200.0.1:8514\"\n\
+         [[sink]]\nkind = \"file\"\npath = \"{}\"\n",
+        logs.display()
+    );
+    let first = format!(
+        "{base}{}",
+        route("10.200.0.1:8300", &["10.200.0.1:8301"], "")
+    );
+    std::fs::write(&bed.cfg, &first).expect("config");
+    let (child, log) = edgeproxy_testbed::try_start_edgeproxy_until(
+        &bed.ns,
+        [
+            std::ffi::OsStr::new("run"),
+            "--ephemeral".as_ref(),
+            "--iface".as_ref(),
+            "lo".as_ref(),
+            "--json".as_ref(),
+            "--config".as_ref(),
+            bed.cfg.as_os_str(),
+        ],
+        "TCP forwarding started",
+    )
+    .expect("edgeproxy run with routes");
+    let exchange = |addr: &str, msg: &[u8]| {
+        let mut s = connect(&bed.ns, sa(addr)).expect("connect through run");
+        s.write_all(msg).expect("write");
+        s.shutdown(Shutdown::Write).expect("half-close");
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).expect("read to EOF");
+        assert_eq!(back, msg, "echoed through {addr}");
+    };
+    exchange("10.200.0.1:8300", b"through the one daemon");
+
+    let tmp = bed.dir.path().join("proxy.toml.new");
+    let second = format!(
+        "[tcp]\nbuffer_size = 16384\n{first}{}",
+        route("10.200.0.1:8302", &["10.200.0.1:8303"], "name = \"r2\"")
+            .replace("name = \"r\"\n", "")
+    );
+    std::fs::write(&tmp, second).expect("config");
+    std::fs::rename(&tmp, &bed.cfg).expect("replace config");
+    log.wait_for("take effect after a restart", Duration::from_secs(10))
+        .expect("buffer size change warned");
+    log.wait_for("configuration reloaded", Duration::from_secs(10))
+        .expect("routes reloaded");
+    exchange("10.200.0.1:8302", b"a route added by a reload");
+    exchange("10.200.0.1:8300", b"and the first one still");
+
+    let (status, out) = try_stop_and_collect(child).expect("stop");
+    assert!(status.success(), "edgeproxy run failed ({status}): {out}");
+    // The log pipeline's summary line, then the run report.
+    let at = out.find("{\"summary\"").expect("pipeline summary");
+    let (_, report) = out[at..].split_once('\n').expect("run report");
+    let report: serde_json::Value = serde_json::from_str(report).expect("report JSON");
+    assert_eq!(report["iface"], "lo", "the data plane's report");
+    let routes = report["tcp"]["routes"].as_array().expect("tcp routes");
+    let by_name = |n: &str| {
+        routes
+            .iter()
+            .find(|r| r["name"] == n)
+            .unwrap_or_else(|| panic!("route {n} in {routes:?}"))
+    };
+    assert_eq!(num(by_name("r"), "accepted"), 2, "{routes:?}");
+    assert_eq!(num(by_name("r2"), "accepted"), 1, "{routes:?}");
+    assert_eq!(
+        num(&by_name("r")["upstreams"][0], "bytes_up"),
+        (b"through the one daemon".len() + b"and the first one still".len()) as u64
+    );
+}

@@ -549,6 +549,9 @@ impl Worker {
     fn follow_reload(&mut self) {
         let routes = self.shared.latest();
         self.generation = routes.generation;
+        // New connections get the new pipe size; the copy path and the buffer ring stay
+        // as the worker started (the control thread warns when they changed).
+        self.pipe_size = routes.settings.pipe_size;
         let mut keep = vec![false; self.listeners.len()];
         for r in &routes.routes {
             let at = self.listeners.iter().position(|l| {
