@@ -143,15 +143,7 @@ impl Rfc5424Encoder {
         let facility = r.facility.filter(|f| *f <= 23).unwrap_or(DEFAULT_FACILITY);
         let severity = r.severity.filter(|v| *v <= 7).unwrap_or(DEFAULT_SEVERITY);
         let _ = write!(s, "<{}>1 ", u16::from(facility) * 8 + u16::from(severity));
-        format_rfc3339_micros(r.timestamp.unwrap_or(m.received_ns), s);
-        s.push(b' ');
-        match (r.hostname.as_deref(), m.source) {
-            (Some(h), _) => header_field(h, MAX_HOST, s),
-            (None, Some(ip)) => {
-                let _ = write!(s, "{ip}");
-            }
-            (None, None) => s.push(b'-'),
-        }
+        time_and_host(m, s);
         s.push(b' ');
         header_field(r.app_name.as_deref().unwrap_or("-"), MAX_APP, s);
         s.push(b' ');
@@ -202,15 +194,7 @@ impl Rfc5424Encoder {
 /// so a newline is `#012`): one message is always one line.
 pub fn text(m: &RawMessage<'_, '_>, out: &mut Vec<u8>) {
     let r = m.rec;
-    format_rfc3339_micros(r.timestamp.unwrap_or(m.received_ns), out);
-    out.push(b' ');
-    match (r.hostname.as_deref(), m.source) {
-        (Some(h), _) => header_field(h, MAX_HOST, out),
-        (None, Some(ip)) => {
-            let _ = write!(out, "{ip}");
-        }
-        (None, None) => out.push(b'-'),
-    }
+    time_and_host(m, out);
     if let Some(app) = r.app_name.as_deref().filter(|a| !a.is_empty()) {
         out.push(b' ');
         header_field(app, MAX_APP, out);
@@ -224,6 +208,21 @@ pub fn text(m: &RawMessage<'_, '_>, out: &mut Vec<u8>) {
     out.push(b' ');
     escape_controls(&r.message, out);
     out.push(b'\n');
+}
+
+/// `TIMESTAMP HOST`, shared by the RFC 5424 and text forms: the message's own time
+/// (else the receive time) with microseconds, its hostname, else the sender's address,
+/// else NILVALUE.
+fn time_and_host(m: &RawMessage<'_, '_>, out: &mut Vec<u8>) {
+    format_rfc3339_micros(m.rec.timestamp.unwrap_or(m.received_ns), out);
+    out.push(b' ');
+    match (m.rec.hostname.as_deref(), m.source) {
+        (Some(h), _) => header_field(h, MAX_HOST, out),
+        (None, Some(ip)) => {
+            let _ = write!(out, "{ip}");
+        }
+        (None, None) => out.push(b'-'),
+    }
 }
 
 /// A window report (its JSON) as one text line from `host`, tag `edgeproxy[PID]:`.
@@ -285,19 +284,28 @@ mod tests {
 
     const RX: i64 = 1_795_514_400_000_000_000; // 2026-11-24T10:00:00Z
 
-    fn encode(line: &[u8], source: Option<IpAddr>) -> Vec<u8> {
+    /// `line` decoded as received from `source` at RX, then written by `write`.
+    fn encoded_with(
+        line: &[u8],
+        source: Option<IpAddr>,
+        write: impl FnOnce(&RawMessage<'_, '_>, &mut Vec<u8>),
+    ) -> Vec<u8> {
         let rec = decode(line, RX);
         let mut out = Vec::new();
-        Rfc5424Encoder::default().message(
-            &RawMessage {
-                rec: &rec,
-                source,
-                received_ns: RX,
-                captured: false,
-            },
-            &mut out,
-        );
+        let m = RawMessage {
+            rec: &rec,
+            source,
+            received_ns: RX,
+            captured: false,
+        };
+        write(&m, &mut out);
         out
+    }
+
+    fn encode(line: &[u8], source: Option<IpAddr>) -> Vec<u8> {
+        encoded_with(line, source, |m, out| {
+            Rfc5424Encoder::default().message(m, out)
+        })
     }
 
     #[test]
@@ -497,18 +505,7 @@ mod tests {
     }
 
     fn text_line(line: &[u8], source: Option<IpAddr>) -> String {
-        let rec = decode(line, RX);
-        let mut out = Vec::new();
-        text(
-            &RawMessage {
-                rec: &rec,
-                source,
-                received_ns: RX,
-                captured: false,
-            },
-            &mut out,
-        );
-        String::from_utf8(out).unwrap()
+        String::from_utf8(encoded_with(line, source, text)).unwrap()
     }
 
     #[test]
