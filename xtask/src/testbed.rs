@@ -58,7 +58,10 @@ pub fn run(driver: Driver, args: &[String]) -> anyhow::Result<()> {
     .run()?;
     let bin = crate::root().join("target/release").join(driver.bin());
     let peers = crate::root().join("target/peers");
-    let wants_peers = args.is_empty() || args.iter().any(|a| matches!(a.as_str(), "logs" | "logs-peers" | "tcp"));
+    let wants_peers = args.is_empty()
+        || args
+            .iter()
+            .any(|a| matches!(a.as_str(), "logs" | "logs-peers" | "tcp"));
     if matches!(driver, Driver::Bench) && wants_peers {
         bootstrap::ensure_peers(&peers)?;
     }
