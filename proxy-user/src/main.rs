@@ -495,7 +495,7 @@ fn proxy_command(
         }));
     }
     let stop = start_control(Some(config), duration, Box::new(reload), background)?;
-    let summary = proxy_user::tcp::run(shared, &cpus, stop)?;
+    let summary = proxy_user::tcp::run(shared, &cpus, cfg.pipeline.backend, stop)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -856,7 +856,7 @@ fn run(
                     let routes = proxy_user::tcp::SharedRoutes::new(
                         proxy_user::tcp::Routes::build(&c.routes, c.tcp.clone(), None),
                     );
-                    (routes, c.pipeline.data_cpus)
+                    (routes, c.pipeline.data_cpus, c.pipeline.backend)
                 })
             }
             None => None,
@@ -865,19 +865,19 @@ fn run(
     // the data plane follows its stop flag.
     let pipeline = logs
         .map(|setup| {
-            let routes = tcp_setup.as_ref().map(|(r, _)| std::sync::Arc::clone(r));
+            let routes = tcp_setup.as_ref().map(|(r, ..)| std::sync::Arc::clone(r));
             start_log_control(setup, duration, routes)
                 .map(|(shared, stop)| daemon::LogPipeline { shared, stop })
         })
         .transpose()?;
     let stop_flag = pipeline.as_ref().map(|p| std::sync::Arc::clone(&p.stop));
     let tcp = match (tcp_setup, &stop_flag) {
-        (Some((routes, cpus)), Some(stop)) => {
+        (Some((routes, cpus, engine)), Some(stop)) => {
             let stop = std::sync::Arc::clone(stop);
             Some(
                 std::thread::Builder::new()
                     .name("ep-tcp-main".into())
-                    .spawn(move || proxy_user::tcp::run(routes, &cpus, stop))
+                    .spawn(move || proxy_user::tcp::run(routes, &cpus, engine, stop))
                     .context("spawning TCP forwarding")?,
             )
         }

@@ -27,6 +27,50 @@ use edgeproxy_testbed::{
 use proxy_user::tcp::proxy_protocol;
 use rand::{RngCore, SeedableRng};
 
+thread_local! {
+    /// The engine this test thread runs edgeproxy on (set by the generated tests).
+    static ENGINE: std::cell::Cell<&'static str> = const { std::cell::Cell::new("io_uring") };
+}
+
+/// Every scenario runs on both engines: `NAME::io_uring` and `NAME::epoll`.
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn io_uring() {
+                super::ENGINE.set("io_uring");
+                super::$name();
+            }
+            #[test]
+            fn epoll() {
+                super::ENGINE.set("epoll");
+                super::$name();
+            }
+        }
+    )*};
+}
+
+on_both_engines!(
+    hundred_megabytes_each_way_buffers,
+    hundred_megabytes_each_way_splice,
+    half_close_and_resets_propagate_buffers,
+    half_close_and_resets_propagate_splice,
+    upstream_dying_mid_stream_ends_the_client_connection,
+    refused_upstreams_are_retried_then_ejected,
+    connect_timeout_moves_on_to_the_next_upstream,
+    connection_limits_refuse_and_count,
+    balancing_distributions_follow_each_algorithm,
+    maglev_keeps_clients_when_an_upstream_is_removed,
+    health_checks_eject_and_recover_an_upstream,
+    proxy_protocol_is_sent_accepted_and_checked,
+    reload_keeps_open_connections_on_their_upstream,
+    idle_connections_are_closed_and_counted,
+    sigterm_drains_open_connections_then_resets_at_the_deadline,
+    slow_client_bounds_memory_buffers,
+    slow_client_bounds_memory_splice,
+    run_forwards_the_routes_of_its_configuration,
+);
+
 fn sa(s: &str) -> SocketAddr {
     s.parse().expect("address literal")
 }
@@ -62,6 +106,7 @@ impl Bed {
     }
 
     fn start(&mut self, config: &str, args: &[&str]) {
+        let config = format!("[engine]\nkind = \"{}\"\n{config}", ENGINE.get());
         std::fs::write(&self.cfg, config).expect("write config");
         let (p, log) = start_proxy(&self.ns, &self.cfg, &self.stats, args).expect("start proxy");
         self.proxy = Some(p);
@@ -71,6 +116,7 @@ impl Bed {
     /// Replaces the configuration file and waits for the reload to be logged.
     fn reload(&self, config: &str) {
         let tmp = self.dir.path().join("proxy.toml.new");
+        let config = format!("[engine]\nkind = \"{}\"\n{config}", ENGINE.get());
         std::fs::write(&tmp, config).expect("write config");
         std::fs::rename(&tmp, &self.cfg).expect("replace config");
         self.log
@@ -103,7 +149,10 @@ impl Bed {
         let (status, out) =
             try_stop_and_collect(self.proxy.take().expect("running")).expect("stop");
         assert!(status.success(), "edgeproxy failed ({status}): {out}");
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("report {e}: {out}"))
+        let report: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("report {e}: {out}"));
+        assert_eq!(report["engine"], ENGINE.get(), "the engine asked for");
+        report
     }
 }
 
@@ -245,14 +294,12 @@ fn hundred_megabytes_each_way(copy: &str) {
     );
 }
 
-#[test]
 fn hundred_megabytes_each_way_buffers() {
     if require_root("hundred_megabytes_each_way_buffers") {
         hundred_megabytes_each_way("buffers");
     }
 }
 
-#[test]
 fn hundred_megabytes_each_way_splice() {
     if require_root("hundred_megabytes_each_way_splice") {
         hundred_megabytes_each_way("splice");
@@ -395,14 +442,12 @@ fn half_close_and_resets(copy: &str) {
     bed.stop();
 }
 
-#[test]
 fn half_close_and_resets_propagate_buffers() {
     if require_root("half_close_and_resets_propagate_buffers") {
         half_close_and_resets("buffers");
     }
 }
 
-#[test]
 fn half_close_and_resets_propagate_splice() {
     if require_root("half_close_and_resets_propagate_splice") {
         half_close_and_resets("splice");
@@ -412,7 +457,6 @@ fn half_close_and_resets_propagate_splice() {
 /// An upstream that goes away mid-stream (closes with unread data, as a killed process
 /// does): the client's transfer ends with an error instead of hanging, and the proxy
 /// holds nothing afterwards.
-#[test]
 fn upstream_dying_mid_stream_ends_the_client_connection() {
     if !require_root("upstream_dying_mid_stream_ends_the_client_connection") {
         return;
@@ -447,7 +491,6 @@ fn upstream_dying_mid_stream_ends_the_client_connection() {
 
 // --- connect failures, retry, ejection, timeouts ---------------------------------------
 
-#[test]
 fn refused_upstreams_are_retried_then_ejected() {
     if !require_root("refused_upstreams_are_retried_then_ejected") {
         return;
@@ -494,7 +537,6 @@ fn refused_upstreams_are_retried_then_ejected() {
     bed.stop();
 }
 
-#[test]
 fn connect_timeout_moves_on_to_the_next_upstream() {
     if !require_root("connect_timeout_moves_on_to_the_next_upstream") {
         return;
@@ -540,7 +582,6 @@ fn connect_timeout_moves_on_to_the_next_upstream() {
 
 // --- limits -----------------------------------------------------------------------------
 
-#[test]
 fn connection_limits_refuse_and_count() {
     if !require_root("connection_limits_refuse_and_count") {
         return;
@@ -628,7 +669,6 @@ fn count(ids: &[String], id: &str) -> usize {
     ids.iter().filter(|i| *i == id).count()
 }
 
-#[test]
 fn balancing_distributions_follow_each_algorithm() {
     if !require_root("balancing_distributions_follow_each_algorithm") {
         return;
@@ -700,7 +740,6 @@ fn balancing_distributions_follow_each_algorithm() {
 }
 
 /// Removing one of five upstreams by reload moves its clients and (almost) only them.
-#[test]
 fn maglev_keeps_clients_when_an_upstream_is_removed() {
     if !require_root("maglev_keeps_clients_when_an_upstream_is_removed") {
         return;
@@ -756,7 +795,6 @@ fn maglev_keeps_clients_when_an_upstream_is_removed() {
 
 // --- health ------------------------------------------------------------------------------
 
-#[test]
 fn health_checks_eject_and_recover_an_upstream() {
     if !require_root("health_checks_eject_and_recover_an_upstream") {
         return;
@@ -822,7 +860,6 @@ fn header_reporter(tx: mpsc::Sender<(Vec<u8>, Vec<u8>)>) -> Handler {
     })
 }
 
-#[test]
 fn proxy_protocol_is_sent_accepted_and_checked() {
     if !require_root("proxy_protocol_is_sent_accepted_and_checked") {
         return;
@@ -925,7 +962,6 @@ fn proxy_protocol_is_sent_accepted_and_checked() {
 
 // --- lifecycle: reload, idle, drain, memory ------------------------------------------------
 
-#[test]
 fn reload_keeps_open_connections_on_their_upstream() {
     if !require_root("reload_keeps_open_connections_on_their_upstream") {
         return;
@@ -949,7 +985,6 @@ fn reload_keeps_open_connections_on_their_upstream() {
     bed.stop();
 }
 
-#[test]
 fn idle_connections_are_closed_and_counted() {
     if !require_root("idle_connections_are_closed_and_counted") {
         return;
@@ -983,7 +1018,6 @@ fn idle_connections_are_closed_and_counted() {
     bed.stop();
 }
 
-#[test]
 fn sigterm_drains_open_connections_then_resets_at_the_deadline() {
     if !require_root("sigterm_drains_open_connections_then_resets_at_the_deadline") {
         return;
@@ -1097,14 +1131,12 @@ fn slow_client(copy: &str) {
     bed.stop();
 }
 
-#[test]
 fn slow_client_bounds_memory_buffers() {
     if require_root("slow_client_bounds_memory_buffers") {
         slow_client("buffers");
     }
 }
 
-#[test]
 fn slow_client_bounds_memory_splice() {
     if require_root("slow_client_bounds_memory_splice") {
         slow_client("splice");
@@ -1114,7 +1146,6 @@ fn slow_client_bounds_memory_splice() {
 /// One daemon: `edgeproxy run --config` with `[[route]]`s forwards them beside the data
 /// plane and the log pipeline, follows a reload that adds a route (warning that a
 /// changed buffer size needs a restart), and its report carries the TCP summary.
-#[test]
 fn run_forwards_the_routes_of_its_configuration() {
     if !require_root("run_forwards_the_routes_of_its_configuration") {
         return;
@@ -1124,8 +1155,9 @@ fn run_forwards_the_routes_of_its_configuration() {
     let _b = bed.upstream("10.200.0.1:8303", echo());
     let logs = bed.dir.path().join("windows.jsonl");
     let base = format!(
-        "[engine]\ndata_cpus = [0]\n[[listener]]\naddress = \"10.200.0.1:8514\"\n\
+        "[engine]\nkind = \"{}\"\ndata_cpus = [0]\n[[listener]]\naddress = \"10.200.0.1:8514\"\n\
          [[sink]]\nkind = \"file\"\npath = \"{}\"\n",
+        ENGINE.get(),
         logs.display()
     );
     let first = format!(
@@ -1179,6 +1211,11 @@ fn run_forwards_the_routes_of_its_configuration() {
     let (_, report) = out[at..].split_once('\n').expect("run report");
     let report: serde_json::Value = serde_json::from_str(report).expect("report JSON");
     assert_eq!(report["iface"], "lo", "the data plane's report");
+    assert_eq!(
+        report["tcp"]["engine"],
+        ENGINE.get(),
+        "the engine asked for"
+    );
     let routes = report["tcp"]["routes"].as_array().expect("tcp routes");
     let by_name = |n: &str| {
         routes

@@ -1,9 +1,10 @@
-//! TCP stream forwarding on the io_uring engine: routes (listen address → upstream
+//! TCP stream forwarding on the io_uring engine (epoll where io_uring is not usable): routes (listen address → upstream
 //! pool), one `SO_REUSEPORT` listener per worker with multishot accept, a connect with a
 //! timeout (retried on another upstream before any byte reached the client), then a copy
 //! of each direction until both are closed, through provided buffers or `splice`.
 //!
-//! - [`worker`]: the per-CPU io_uring loop and the per-connection state machines.
+//! - [`worker`]: the per-CPU event loop and the per-connection state machines.
+//! - [`ops`]: the operations a worker issues, carried out by io_uring or by epoll.
 //! - [`pool`] / [`balance`]: upstream health and counters; round robin, least
 //!   connections, Maglev.
 //! - [`health`]: active TCP health checks and the expiry of passive ejections.
@@ -11,6 +12,7 @@
 //! - [`stats`]: counters, drop reasons, connect latency histograms.
 pub mod balance;
 pub mod health;
+pub mod ops;
 pub mod pool;
 pub mod proxy_protocol;
 pub mod socket;

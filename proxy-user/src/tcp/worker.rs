@@ -25,20 +25,19 @@ use std::{
 };
 
 use anyhow::Context as _;
-use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use io_uring::{IoUring, opcode, types};
 use nix::sys::socket::SockaddrLike as _;
 
 use super::{
     CopyMode, Route, SharedRoutes,
     balance::{Balancer, NoPick},
+    ops::{self, Op, Ops, epoll::EpollOps, uring::UringOps},
     pool::Tried,
     proxy_protocol::{self, Parsed},
     socket::{self, Pipe},
     stats::Reason,
 };
-use crate::engine::uring::BufRing;
-
-const BGID: u16 = 7;
+use crate::engine::BackendChoice;
 /// user_data of listener operations: this bit, then the listener index.
 const LISTENER: u64 = 1 << 63;
 /// user_data of listener cancellations (nothing to do on completion).
@@ -81,32 +80,53 @@ impl CopyPath {
     }
 }
 
-/// Why provided buffer rings cannot be used here, if they cannot.
-pub fn buffer_ring_unavailable() -> Option<String> {
-    let ring = match IoUring::new(2) {
-        Ok(r) => r,
-        Err(e) => return Some(format!("io_uring set-up failed: {e}")),
-    };
-    let bufs = match BufRing::new(2, 64) {
-        Ok(b) => b,
-        Err(e) => return Some(format!("buffer ring allocation failed: {e}")),
-    };
-    // SAFETY: the ring region is page-aligned and outlives the registration (it is
-    // unregistered right below, before `bufs` drops).
-    let r = unsafe {
-        ring.submitter()
-            .register_buf_ring_with_flags(bufs.ring_addr(), 2, 1, 0)
-    };
-    match r {
-        Ok(()) => {
-            let _ = ring.submitter().unregister_buf_ring(1);
-            None
+/// The event backend TCP workers run on (after the `auto` probe).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    IoUring,
+    Epoll,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::IoUring => "io_uring",
+            Engine::Epoll => "epoll",
         }
-        Err(e) => Some(format!("provided buffer rings are not supported: {e}")),
     }
 }
 
-pub fn resolve_copy(mode: CopyMode) -> anyhow::Result<(CopyPath, Option<String>)> {
+/// `auto` takes io_uring when it has everything the worker needs, else epoll (with the
+/// reason); an explicit `io_uring` that is not usable is an error.
+pub fn resolve_engine(choice: BackendChoice) -> anyhow::Result<(Engine, Option<String>)> {
+    choose_engine(choice, ops::uring::unavailable())
+}
+
+/// The choice itself, given why io_uring is not usable (if it is not).
+fn choose_engine(
+    choice: BackendChoice,
+    uring_unavailable: Option<String>,
+) -> anyhow::Result<(Engine, Option<String>)> {
+    match (choice, uring_unavailable) {
+        (BackendChoice::Epoll, _) => Ok((Engine::Epoll, None)),
+        (BackendChoice::IoUring, None) | (BackendChoice::Auto, None) => Ok((Engine::IoUring, None)),
+        (BackendChoice::IoUring, Some(why)) => {
+            anyhow::bail!("engine = \"io_uring\" is not usable here: {why}")
+        }
+        (BackendChoice::Auto, Some(why)) => Ok((Engine::Epoll, Some(why))),
+    }
+}
+
+/// Why the buffers path cannot run on `engine`, if it cannot (epoll keeps its own pool).
+fn buffers_unavailable(engine: Engine) -> Option<String> {
+    match engine {
+        Engine::IoUring => ops::uring::buffer_ring_unavailable(),
+        Engine::Epoll => None,
+    }
+}
+
+pub fn resolve_copy(mode: CopyMode, engine: Engine) -> anyhow::Result<(CopyPath, Option<String>)> {
+    let buffer_ring_unavailable = || buffers_unavailable(engine);
     match mode {
         CopyMode::Splice => Ok((CopyPath::Splice, None)),
         CopyMode::Buffers => match buffer_ring_unavailable() {
@@ -189,6 +209,9 @@ pub fn probe_zero_copy(routes: &super::Routes, copy: CopyPath) -> Vec<ZeroCopySt
 
 #[derive(Debug, serde::Serialize)]
 pub struct TcpSummary {
+    /// io_uring or epoll, and why not io_uring when `auto` fell back.
+    pub engine: &'static str,
+    pub engine_fallback: Option<String>,
     pub copy: &'static str,
     pub zero_copy: Vec<ZeroCopyStatus>,
     pub workers: Vec<WorkerStats>,
@@ -302,8 +325,7 @@ fn dst_reason(d: usize, e: i32) -> Reason {
 }
 
 struct Worker {
-    ring: IoUring,
-    bufs: Option<BufRing>,
+    ops: Box<dyn Ops>,
     buf_size: usize,
     pipe_size: usize,
     copy: CopyPath,
@@ -322,46 +344,24 @@ struct Worker {
     completions: Vec<(u64, i32, u32)>,
 }
 
-// SAFETY: the raw pointers inside (buffer ring entries) point into memory the worker
-// owns; it is created on the thread that runs it and never shared.
-unsafe impl Send for Worker {}
-
 impl Worker {
     fn new(
         cpu: usize,
+        engine: Engine,
         copy: CopyPath,
         shared: Arc<SharedRoutes>,
         listeners: Vec<(OwnedFd, Arc<Route>)>,
     ) -> io::Result<Self> {
         let routes = shared.latest();
         let settings = &routes.settings;
-        let ring = IoUring::builder()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .setup_cqsize(16_384)
-            .build(4096)
-            .or_else(|_| IoUring::builder().setup_cqsize(16_384).build(4096))?;
-        let bufs = match copy {
-            CopyPath::Buffers => {
-                let b = BufRing::new(settings.buffers, settings.buffer_size)?;
-                // SAFETY: page-aligned ring region owned by the worker; unregistered in
-                // Drop before it is freed.
-                unsafe {
-                    ring.submitter().register_buf_ring_with_flags(
-                        b.ring_addr(),
-                        settings.buffers,
-                        BGID,
-                        0,
-                    )?;
-                }
-                Some(b)
-            }
-            CopyPath::Splice => None,
+        let pool = (copy == CopyPath::Buffers).then_some((settings.buffers, settings.buffer_size));
+        let ops: Box<dyn Ops> = match engine {
+            Engine::IoUring => Box::new(UringOps::new(pool)?),
+            Engine::Epoll => Box::new(EpollOps::new(pool)?),
         };
         let now = Instant::now();
         Ok(Self {
-            ring,
-            bufs,
+            ops,
             buf_size: settings.buffer_size,
             pipe_size: settings.pipe_size,
             copy,
@@ -392,34 +392,21 @@ impl Worker {
         })
     }
 
-    fn push(&mut self, sqe: &squeue::Entry) -> bool {
-        // SAFETY: every operation refers to fds and memory owned by the worker (conn
-        // fields live in a Box that is freed only once none of its operations is in
-        // flight; buffers live as long as the ring).
-        if unsafe { self.ring.submission().push(sqe) }.is_ok() {
-            return true;
-        }
-        if let Err(e) = self.ring.submit() {
-            tracing::error!(error = %e, "io_uring submit");
-        }
-        // SAFETY: as above.
-        let ok = unsafe { self.ring.submission().push(sqe) }.is_ok();
-        if !ok {
-            tracing::error!("io_uring submission queue full; operation dropped");
-        }
-        ok
-    }
-
     fn conn(&mut self, slot: u32) -> &mut Conn {
         self.conns[slot as usize]
             .as_deref_mut()
             .expect("a completion names a live connection")
     }
 
-    fn submit(&mut self, slot: u32, op: u8, sqe: squeue::Entry) {
-        let sqe = sqe.user_data(u64::from(slot) << 8 | u64::from(op));
-        if self.push(&sqe) {
-            self.conn(slot).inflight += 1;
+    fn submit(&mut self, slot: u32, op: u8, what: Op) {
+        // A connect completes twice: itself and its timeout.
+        let completions = if matches!(what, Op::Connect { .. }) {
+            2
+        } else {
+            1
+        };
+        if self.ops.push(what, user_data(slot, op)) {
+            self.conn(slot).inflight += completions;
         }
     }
 
@@ -455,7 +442,6 @@ impl Worker {
                 }
             }
             self.arm_listeners();
-            self.wait();
             self.now = Instant::now();
             self.complete_all();
             self.feed_starved();
@@ -468,28 +454,10 @@ impl Worker {
         self.conns.len() - self.free.len()
     }
 
-    fn wait(&mut self) {
-        let ts = types::Timespec::from(WAIT);
-        let args = types::SubmitArgs::new().timespec(&ts);
-        match self.ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                ) => {}
-            Err(e) => tracing::error!(error = %e, "io_uring wait"),
-        }
-    }
-
     fn complete_all(&mut self) {
         let mut batch = std::mem::take(&mut self.completions);
         batch.clear();
-        batch.extend(
-            self.ring
-                .completion()
-                .map(|c| (c.user_data(), c.result(), c.flags())),
-        );
+        self.ops.wait(WAIT, &mut batch);
         for &(ud, res, flags) in &batch {
             if ud & LISTENER_CANCEL != 0 {
                 continue;
@@ -511,11 +479,8 @@ impl Worker {
             if l.armed {
                 continue;
             }
-            let sqe = opcode::AcceptMulti::new(types::Fd(l.fd.as_raw_fd()))
-                .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
-                .build()
-                .user_data(LISTENER | li as u64);
-            if self.push(&sqe)
+            let fd = l.fd.as_raw_fd();
+            if self.ops.push(Op::AcceptMulti { fd }, LISTENER | li as u64)
                 && let Some(l) = self.listeners[li].as_mut()
             {
                 l.armed = true;
@@ -527,19 +492,14 @@ impl Worker {
         let Some(l) = self.listeners[li].take() else {
             return;
         };
+        let fd = l.fd.as_raw_fd();
         if l.armed {
-            let sqe = opcode::AsyncCancel2::new(
-                types::CancelBuilder::fd(types::Fd(l.fd.as_raw_fd())).all(),
-            )
-            .build()
-            .user_data(LISTENER_CANCEL);
-            self.push(&sqe);
+            self.ops.push(Op::CancelFd { fd }, LISTENER_CANCEL);
             // The cancellation must reach the kernel while the fd still names the
             // socket; the accept keeps the socket alive until it completes.
-            if let Err(e) = self.ring.submit() {
-                tracing::warn!(error = %e, "cancelling an accept");
-            }
+            self.ops.flush();
         }
+        self.ops.forget(fd);
         drop(l);
     }
 
@@ -616,7 +576,7 @@ impl Worker {
             }
             return;
         };
-        if !cqueue::more(flags) {
+        if !ops::more(flags) {
             l.armed = false;
         }
         if res < 0 {
@@ -709,7 +669,7 @@ impl Worker {
             // A receive that completed anyway returns its buffer at once.
             if (op == OP_RECV || op == OP_RECV + 1)
                 && res > 0
-                && let Some(bid) = cqueue::buffer_select(flags)
+                && let Some(bid) = ops::buffer_select(flags)
             {
                 self.recycle(bid);
             }
@@ -742,11 +702,13 @@ impl Worker {
     fn recv_header(&mut self, slot: u32, len: usize, flags: i32, op: u8) {
         let c = self.conn(slot);
         let have = c.hdr_done;
-        let buf = c.hdr[have..].as_mut_ptr();
-        let sqe = opcode::Recv::new(types::Fd(c.client.as_raw_fd()), buf, len as u32)
-            .flags(flags)
-            .build();
-        self.submit(slot, op, sqe);
+        let what = Op::Recv {
+            fd: c.client.as_raw_fd(),
+            buf: c.hdr[have..].as_mut_ptr(),
+            len: len as u32,
+            flags,
+        };
+        self.submit(slot, op, what);
     }
 
     /// The client closed or failed before its PROXY header was complete.
@@ -868,17 +830,16 @@ impl Worker {
         c.timeout = types::Timespec::from(route.spec.connect_timeout);
         c.connect_started = now;
         c.phase = Phase::Connecting;
-        let connect = opcode::Connect::new(
-            types::Fd(fd.as_raw_fd()),
-            c.sockaddr.as_ptr(),
-            c.sockaddr.len(),
-        )
-        .build()
-        .flags(squeue::Flags::IO_LINK);
-        let timeout = opcode::LinkTimeout::new(&c.timeout).build();
+        let what = Op::Connect {
+            fd: fd.as_raw_fd(),
+            addr: c.sockaddr.as_ptr(),
+            addr_len: c.sockaddr.len(),
+            timeout: &c.timeout,
+            timeout_after: route.spec.connect_timeout,
+            timeout_user_data: user_data(slot, OP_CONNECT_TIMEOUT),
+        };
         c.upstream = Some(fd);
-        self.submit(slot, OP_CONNECT, connect);
-        self.submit(slot, OP_CONNECT_TIMEOUT, timeout);
+        self.submit(slot, OP_CONNECT, what);
     }
 
     fn on_connect(&mut self, slot: u32, res: i32) {
@@ -893,7 +854,10 @@ impl Worker {
                 _ => Reason::ConnectError,
             };
             tracing::debug!(upstream = %route.pool.upstreams[i].address, reason = reason.name(), "connect failed");
-            c.upstream = None;
+            if let Some(fd) = c.upstream.take() {
+                self.ops.forget(fd.as_raw_fd());
+            }
+            let c = self.conn(slot);
             c.upstream_idx = None;
             route.pool.upstreams[i]
                 .active
@@ -925,10 +889,12 @@ impl Worker {
     fn send_header(&mut self, slot: u32) {
         let c = self.conn(slot);
         let rest = &c.hdr[c.hdr_done..];
-        let sqe = opcode::Send::new(types::Fd(c.dst(UP)), rest.as_ptr(), rest.len() as u32)
-            .flags(libc::MSG_NOSIGNAL)
-            .build();
-        self.submit(slot, OP_HDR_SEND, sqe);
+        let what = Op::Send {
+            fd: c.dst(UP),
+            buf: rest.as_ptr(),
+            len: rest.len() as u32,
+        };
+        self.submit(slot, OP_HDR_SEND, what);
     }
 
     fn on_header_sent(&mut self, slot: u32, res: i32) {
@@ -977,11 +943,11 @@ impl Worker {
         let size = self.buf_size as u32;
         let c = self.conn(slot);
         c.dirs[d].state = DirState::Busy;
-        let sqe = opcode::Recv::new(types::Fd(c.src(d)), std::ptr::null_mut(), size)
-            .buf_group(BGID)
-            .build()
-            .flags(squeue::Flags::BUFFER_SELECT);
-        self.submit(slot, OP_RECV + d as u8, sqe);
+        let what = Op::RecvPooled {
+            fd: c.src(d),
+            len: size,
+        };
+        self.submit(slot, OP_RECV + d as u8, what);
     }
 
     fn on_recv(&mut self, slot: u32, d: usize, res: i32, flags: u32) {
@@ -1003,7 +969,7 @@ impl Worker {
         if res == 0 {
             return self.end_direction(slot, d);
         }
-        let Some(bid) = cqueue::buffer_select(flags) else {
+        let Some(bid) = ops::buffer_select(flags) else {
             tracing::error!("a receive completed without a buffer");
             return self.abort(slot, Some(Reason::SocketError), true, true);
         };
@@ -1016,24 +982,23 @@ impl Worker {
 
     fn send(&mut self, slot: u32, d: usize) {
         let buf_size = self.buf_size;
-        let Some(bufs) = self.bufs.as_ref() else {
-            return;
-        };
         let c = self.conns[slot as usize]
             .as_deref()
             .expect("a live connection");
         let Some((bid, off, len)) = c.dirs[d].held else {
             return;
         };
-        let data = bufs.buf(bid, buf_size);
-        let sqe = opcode::Send::new(
-            types::Fd(c.dst(d)),
-            data[off..len].as_ptr(),
-            (len - off) as u32,
-        )
-        .flags(libc::MSG_NOSIGNAL)
-        .build();
-        self.submit(slot, OP_SEND + d as u8, sqe);
+        let data = self.ops.buf(bid, buf_size);
+        let Some(rest) = data.get(off..len) else {
+            tracing::error!(bid, off, len, "a held buffer is shorter than its data");
+            return self.abort(slot, Some(Reason::SocketError), true, true);
+        };
+        let what = Op::Send {
+            fd: c.dst(d),
+            buf: rest.as_ptr(),
+            len: rest.len() as u32,
+        };
+        self.submit(slot, OP_SEND + d as u8, what);
     }
 
     fn on_sent(&mut self, slot: u32, d: usize, res: i32) {
@@ -1076,10 +1041,7 @@ impl Worker {
     }
 
     fn recycle(&mut self, bid: u16) {
-        if let Some(b) = self.bufs.as_mut() {
-            b.push(bid);
-            b.publish();
-        }
+        self.ops.recycle(bid);
     }
 
     /// Re-issues the receives that found no buffer, now that some may be back.
@@ -1189,8 +1151,14 @@ impl Worker {
         } else {
             (c.dst(d), libc::POLLOUT, OP_POLL_OUT)
         };
-        let sqe = opcode::PollAdd::new(types::Fd(fd), events as u32).build();
-        self.submit(slot, op + d as u8, sqe);
+        self.submit(
+            slot,
+            op + d as u8,
+            Op::Poll {
+                fd,
+                events: events as u32,
+            },
+        );
     }
 
     /// EOF on the source of direction `d`: half-close its destination; the connection
@@ -1241,14 +1209,10 @@ impl Worker {
                 .chain(c.upstream.as_ref().map(AsRawFd::as_raw_fd))
                 .collect();
             for fd in fds {
-                let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
-                    .build();
-                self.submit(slot, OP_CANCEL, sqe);
+                self.submit(slot, OP_CANCEL, Op::CancelFd { fd });
             }
             // Cancel while the fds still name these sockets.
-            if let Err(e) = self.ring.submit() {
-                tracing::warn!(error = %e, "submitting cancellations");
-            }
+            self.ops.flush();
         }
         self.finish_if_idle(slot);
     }
@@ -1263,6 +1227,10 @@ impl Worker {
             return;
         };
         self.free.push(slot);
+        self.ops.forget(c.client.as_raw_fd());
+        if let Some(u) = &c.upstream {
+            self.ops.forget(u.as_raw_fd());
+        }
         if c.reset_client {
             socket::reset_on_close(&c.client);
         }
@@ -1286,12 +1254,9 @@ impl Worker {
     }
 }
 
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if self.bufs.is_some() {
-            let _ = self.ring.submitter().unregister_buf_ring(BGID);
-        }
-    }
+/// user_data of a connection's operation.
+fn user_data(slot: u32, op: u8) -> u64 {
+    u64::from(slot) << 8 | u64::from(op)
 }
 
 /// Runs the forwarder on `cpus` (one pinned worker each) until `stop` is set, then
@@ -1299,19 +1264,22 @@ impl Drop for Worker {
 pub fn run(
     shared: Arc<SharedRoutes>,
     cpus: &[usize],
+    engine: BackendChoice,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<TcpSummary> {
-    if let Some(why) = crate::engine::uring::unavailable() {
-        anyhow::bail!("TCP forwarding runs on io_uring, which is not usable here: {why}");
+    let (engine, engine_fallback) = resolve_engine(engine)?;
+    if let Some(why) = &engine_fallback {
+        tracing::warn!(reason = %why, "TCP forwarding falls back to epoll");
     }
     let started = Instant::now();
     let routes = shared.latest();
-    let (copy, why) = resolve_copy(routes.settings.copy)?;
+    let (copy, why) = resolve_copy(routes.settings.copy, engine)?;
     if let Some(why) = why {
         tracing::warn!(reason = %why, "copying through provided buffers");
     }
     let zero_copy = probe_zero_copy(&routes, copy);
     tracing::info!(
+        engine = engine.name(),
         copy = copy.name(),
         workers = cpus.len(),
         routes = routes.routes.len(),
@@ -1342,7 +1310,7 @@ pub fn run(
                 .name(format!("ep-tcp-{cpu}"))
                 .spawn(move || {
                     crate::logs::pipeline::pin(cpu);
-                    let worker = match Worker::new(cpu, copy, shared, mine) {
+                    let worker = match Worker::new(cpu, engine, copy, shared, mine) {
                         Ok(w) => w,
                         Err(e) => {
                             let _ = ready.send(Err(format!("worker on CPU {cpu}: {e}")));
@@ -1380,10 +1348,40 @@ pub fn run(
         anyhow::bail!("TCP forwarding could not start: {e}");
     }
     Ok(TcpSummary {
+        engine: engine.name(),
+        engine_fallback,
         copy: copy.name(),
         zero_copy,
         workers,
         routes: shared.latest().json(),
         elapsed_s: started.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_falls_back_to_epoll_with_the_reason_and_explicit_io_uring_does_not() {
+        let why = || Some("io_uring is disabled (kernel.io_uring_disabled=2)".to_owned());
+        let (e, reason) = choose_engine(BackendChoice::Auto, why()).unwrap();
+        assert_eq!(e, Engine::Epoll);
+        assert!(reason.unwrap().contains("io_uring_disabled"));
+        assert_eq!(
+            choose_engine(BackendChoice::Auto, None).unwrap(),
+            (Engine::IoUring, None)
+        );
+        let err = choose_engine(BackendChoice::IoUring, why()).unwrap_err();
+        assert!(err.to_string().contains("not usable here"), "{err}");
+        // epoll when asked, whatever io_uring can do.
+        for u in [None, why()] {
+            assert_eq!(
+                choose_engine(BackendChoice::Epoll, u).unwrap(),
+                (Engine::Epoll, None)
+            );
+        }
+        // The buffers path needs no io_uring on epoll.
+        assert_eq!(buffers_unavailable(Engine::Epoll), None);
+    }
 }

@@ -46,16 +46,19 @@ enum Proxy {
     Direct,
     Edgeproxy,
     EdgeproxyBuffers,
+    /// edgeproxy on the epoll engine (the fallback where io_uring is not usable).
+    EdgeproxyEpoll,
     Haproxy,
     Nginx,
     Socat,
 }
 
 impl Proxy {
-    const ALL: [Proxy; 6] = [
+    const ALL: [Proxy; 7] = [
         Proxy::Direct,
         Proxy::Edgeproxy,
         Proxy::EdgeproxyBuffers,
+        Proxy::EdgeproxyEpoll,
         Proxy::Haproxy,
         Proxy::Nginx,
         Proxy::Socat,
@@ -66,6 +69,7 @@ impl Proxy {
             Proxy::Direct => "direct",
             Proxy::Edgeproxy => "edgeproxy",
             Proxy::EdgeproxyBuffers => "edgeproxy-buffers",
+            Proxy::EdgeproxyEpoll => "edgeproxy-epoll",
             Proxy::Haproxy => "haproxy",
             Proxy::Nginx => "nginx",
             Proxy::Socat => "socat",
@@ -148,14 +152,20 @@ impl Bench {
         let ups = [IPERF_PORT, ECHO_PORT];
         let children = match p {
             Proxy::Direct => return Ok(Vec::new()),
-            Proxy::Edgeproxy | Proxy::EdgeproxyBuffers => {
-                let copy = if p == Proxy::Edgeproxy {
-                    "auto"
-                } else {
+            Proxy::Edgeproxy | Proxy::EdgeproxyBuffers | Proxy::EdgeproxyEpoll => {
+                let copy = if p == Proxy::EdgeproxyBuffers {
                     "buffers"
+                } else {
+                    "auto"
                 };
-                let mut cfg =
-                    format!("[engine]\ndata_cpus = [{PROXY_CPU}]\n[tcp]\ncopy = \"{copy}\"\n");
+                let engine = if p == Proxy::EdgeproxyEpoll {
+                    "epoll"
+                } else {
+                    "io_uring"
+                };
+                let mut cfg = format!(
+                    "[engine]\nkind = \"{engine}\"\ndata_cpus = [{PROXY_CPU}]\n[tcp]\ncopy = \"{copy}\"\n"
+                );
                 for u in ups {
                     cfg += &format!(
                         "[[route]]\nlisten = \"{SERVER}:{}\"\nupstreams = [\"{SERVER}:{u}\"]\nidle_timeout = 120\n",
@@ -485,7 +495,7 @@ pub fn tcp_peers() -> anyhow::Result<()> {
         println!("  {v}");
     }
     println!(
-        "  edgeproxy: 1 io_uring worker, default copy path (auto = splice); edgeproxy-buffers: provided buffers (32 KiB)"
+        "  edgeproxy: 1 io_uring worker, default copy path (auto = splice); edgeproxy-buffers: provided buffers (32 KiB); edgeproxy-epoll: the epoll engine, splice"
     );
     println!(
         "  haproxy: nbthread 1, mode tcp; nginx: 1 worker, stream proxy_pass; socat: fork per connection"
@@ -614,6 +624,7 @@ pub fn tcp_peers() -> anyhow::Result<()> {
         get(Proxy::Haproxy)?,
     );
     let buffers = get(Proxy::EdgeproxyBuffers)?;
+    let epoll = get(Proxy::EdgeproxyEpoll)?;
     println!("(min/median/max over {ROUNDS} rounds)");
     println!(
         "core busy during the throughput runs (medians, client core {CLIENT_CPU} / proxy core {PROXY_CPU}; a client core near 100% bounds every proxy alike):"
@@ -647,6 +658,13 @@ pub fn tcp_peers() -> anyhow::Result<()> {
         buffers.2 / direct.2,
         buffers.1 / haproxy.1,
         buffers.2 / haproxy.2
+    );
+    println!(
+        "ratios (medians): edgeproxy-epoll / edgeproxy (io_uring): 1 stream {:.2}, 8 streams {:.2}, p99 {:.2}, connections/s {:.2}",
+        epoll.1 / ours.1,
+        epoll.2 / ours.2,
+        epoll.3 / ours.3,
+        epoll.4 / ours.4
     );
     Ok(())
 }

@@ -1,0 +1,312 @@
+//! The same scenarios against both backends, on loopback sockets: the worker must not be
+//! able to tell them apart.
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    time::{Duration, Instant},
+};
+
+use io_uring::types;
+use nix::sys::socket::{SockaddrLike as _, SockaddrStorage};
+
+use super::{Op, Ops, buffer_select, epoll::EpollOps, more, uring::UringOps};
+use crate::tcp::socket;
+
+fn backends() -> Vec<Box<dyn Ops>> {
+    let mut v: Vec<Box<dyn Ops>> = vec![Box::new(EpollOps::new(Some((2, 4096))).unwrap())];
+    if super::uring::unavailable().is_none() {
+        v.push(Box::new(UringOps::new(Some((2, 4096))).unwrap()));
+    }
+    v
+}
+
+/// Completions until every one of `want` arrived (or `limit`), keyed by user_data.
+fn collect(ops: &mut dyn Ops, want: &[u64], limit: Duration) -> Vec<(u64, i32, u32)> {
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    while Instant::now() < deadline
+        && !want
+            .iter()
+            .all(|w| got.iter().any(|g: &(u64, i32, u32)| g.0 == *w))
+    {
+        ops.wait(Duration::from_millis(10), &mut got);
+    }
+    got
+}
+
+fn result(got: &[(u64, i32, u32)], ud: u64) -> (i32, u32) {
+    got.iter()
+        .find(|g| g.0 == ud)
+        .map(|g| (g.1, g.2))
+        .unwrap_or_else(|| panic!("no completion for {ud}: {got:?}"))
+}
+
+struct Target {
+    addr: SockaddrStorage,
+    timeout: types::Timespec,
+}
+
+fn connect_op(fd: i32, t: &Target, after: Duration) -> Op {
+    Op::Connect {
+        fd,
+        addr: t.addr.as_ptr(),
+        addr_len: t.addr.len(),
+        timeout: &t.timeout,
+        timeout_after: after,
+        timeout_user_data: 2,
+    }
+}
+
+fn target(addr: SocketAddr, after: Duration) -> Target {
+    Target {
+        addr: SockaddrStorage::from(addr),
+        timeout: types::Timespec::from(after),
+    }
+}
+
+#[test]
+fn accept_connect_send_receive_and_eof() {
+    for mut ops in backends() {
+        let name = ops.name();
+        let listener = socket::listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket::local_addr(&listener).unwrap();
+        assert!(ops.push(
+            Op::AcceptMulti {
+                fd: listener.as_raw_fd()
+            },
+            10
+        ));
+        let client = socket::upstream_socket(addr).unwrap();
+        let t = target(addr, Duration::from_secs(2));
+        assert!(ops.push(
+            connect_op(client.as_raw_fd(), &t, Duration::from_secs(2)),
+            1
+        ));
+        let got = collect(&mut *ops, &[1, 2, 10], Duration::from_secs(2));
+        assert_eq!(result(&got, 1).0, 0, "{name}: connect {got:?}");
+        assert_eq!(
+            result(&got, 2).0,
+            -libc::ECANCELED,
+            "{name}: the timeout is cancelled"
+        );
+        let (accepted, flags) = result(&got, 10);
+        assert!(
+            accepted >= 0 && more(flags),
+            "{name}: accept {accepted} {flags}"
+        );
+        let server = socket::adopt(accepted);
+
+        let msg = b"hello through the backend";
+        assert!(ops.push(
+            Op::Send {
+                fd: client.as_raw_fd(),
+                buf: msg.as_ptr(),
+                len: msg.len() as u32
+            },
+            3
+        ));
+        assert!(ops.push(
+            Op::RecvPooled {
+                fd: server.as_raw_fd(),
+                len: 4096
+            },
+            4
+        ));
+        let got = collect(&mut *ops, &[3, 4], Duration::from_secs(2));
+        assert_eq!(result(&got, 3).0, msg.len() as i32, "{name}: sent");
+        let (n, flags) = result(&got, 4);
+        let bid = buffer_select(flags).unwrap_or_else(|| panic!("{name}: no buffer {flags}"));
+        assert_eq!(ops.buf(bid, n as usize), msg, "{name}");
+        ops.recycle(bid);
+
+        // Half-close: the receive sees end of file (0, no buffer held).
+        nix::sys::socket::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Write).unwrap();
+        assert!(ops.push(
+            Op::RecvPooled {
+                fd: server.as_raw_fd(),
+                len: 4096
+            },
+            5
+        ));
+        let got = collect(&mut *ops, &[5], Duration::from_secs(2));
+        assert_eq!(result(&got, 5).0, 0, "{name}: EOF");
+
+        // Cancelling the listener ends its multishot accept.
+        assert!(ops.push(
+            Op::CancelFd {
+                fd: listener.as_raw_fd()
+            },
+            11
+        ));
+        ops.flush();
+        let got = collect(&mut *ops, &[10, 11], Duration::from_secs(2));
+        let (res, flags) = result(&got, 10);
+        assert_eq!((res, more(flags)), (-libc::ECANCELED, false), "{name}");
+        for fd in [listener.as_raw_fd(), client.as_raw_fd(), server.as_raw_fd()] {
+            ops.forget(fd);
+        }
+    }
+}
+
+#[test]
+fn refused_and_timed_out_connects() {
+    for mut ops in backends() {
+        let name = ops.name();
+        // Refused: a port nobody listens on (bound, then closed).
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let s = socket::upstream_socket(addr).unwrap();
+        let t = target(addr, Duration::from_secs(2));
+        assert!(ops.push(connect_op(s.as_raw_fd(), &t, Duration::from_secs(2)), 1));
+        let got = collect(&mut *ops, &[1, 2], Duration::from_secs(3));
+        assert_eq!(result(&got, 1).0, -libc::ECONNREFUSED, "{name}");
+        assert_eq!(result(&got, 2).0, -libc::ECANCELED, "{name}");
+        ops.forget(s.as_raw_fd());
+
+        // Timed out: a listener whose accept queue is full drops further SYNs.
+        let full = socket::listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        nix::sys::socket::listen(&full, nix::sys::socket::Backlog::new(0).unwrap()).unwrap();
+        let addr = socket::local_addr(&full).unwrap();
+        let _queued: Vec<TcpStream> = (0..2)
+            .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok())
+            .collect();
+        let s = socket::upstream_socket(addr).unwrap();
+        let t = target(addr, Duration::from_millis(300));
+        let started = Instant::now();
+        assert!(ops.push(connect_op(s.as_raw_fd(), &t, Duration::from_millis(300)), 1));
+        let got = collect(&mut *ops, &[1, 2], Duration::from_secs(3));
+        assert_eq!(result(&got, 1).0, -libc::ECANCELED, "{name}: {got:?}");
+        assert_eq!(result(&got, 2).0, -libc::ETIME, "{name}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+            "{name}: timed out after {took:?}"
+        );
+        ops.forget(s.as_raw_fd());
+    }
+}
+
+/// A connected pair on loopback: (ours, the peer as a std stream).
+fn pair() -> (std::os::fd::OwnedFd, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let ours = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    ours.set_nonblocking(true).unwrap();
+    let (peer, _) = l.accept().unwrap();
+    (std::os::fd::OwnedFd::from(ours), peer)
+}
+
+#[test]
+fn poll_waits_for_data_and_cancel_ends_pending_operations() {
+    for mut ops in backends() {
+        let name = ops.name();
+        let (ours, mut peer) = pair();
+        assert!(ops.push(
+            Op::Poll {
+                fd: ours.as_raw_fd(),
+                events: libc::POLLIN as u32
+            },
+            1
+        ));
+        let got = collect(&mut *ops, &[1], Duration::from_millis(100));
+        assert!(
+            got.is_empty(),
+            "{name}: polled readable with nothing to read: {got:?}"
+        );
+        peer.write_all(b"x").unwrap();
+        let got = collect(&mut *ops, &[1], Duration::from_secs(2));
+        assert!(result(&got, 1).0 & i32::from(libc::POLLIN) != 0, "{name}");
+
+        // PEEK leaves the byte; WAITALL waits for the whole length.
+        let mut hdr = [0u8; 4];
+        assert!(ops.push(
+            Op::Recv {
+                fd: ours.as_raw_fd(),
+                buf: hdr.as_mut_ptr(),
+                len: 4,
+                flags: libc::MSG_PEEK
+            },
+            2
+        ));
+        let got = collect(&mut *ops, &[2], Duration::from_secs(2));
+        assert_eq!(result(&got, 2).0, 1, "{name}: peeked");
+        assert!(ops.push(
+            Op::Recv {
+                fd: ours.as_raw_fd(),
+                buf: hdr.as_mut_ptr(),
+                len: 4,
+                flags: libc::MSG_WAITALL
+            },
+            3
+        ));
+        let got = collect(&mut *ops, &[3], Duration::from_millis(100));
+        assert!(got.is_empty(), "{name}: WAITALL returned early: {got:?}");
+        peer.write_all(b"yzw").unwrap();
+        let got = collect(&mut *ops, &[3], Duration::from_secs(2));
+        assert_eq!(result(&got, 3).0, 4, "{name}");
+        assert_eq!(&hdr, b"xyzw", "{name}");
+
+        // Both pooled buffers held: the next receive finds none.
+        peer.write_all(&[7u8; 3000]).unwrap();
+        let mut held = Vec::new();
+        for ud in [4, 5] {
+            assert!(ops.push(
+                Op::RecvPooled {
+                    fd: ours.as_raw_fd(),
+                    len: 1000
+                },
+                ud
+            ));
+            let got = collect(&mut *ops, &[ud], Duration::from_secs(2));
+            let (n, flags) = result(&got, ud);
+            assert!(n > 0, "{name}: {n}");
+            held.push(buffer_select(flags).expect("a buffer"));
+        }
+        assert!(ops.push(
+            Op::RecvPooled {
+                fd: ours.as_raw_fd(),
+                len: 1000
+            },
+            6
+        ));
+        let got = collect(&mut *ops, &[6], Duration::from_secs(2));
+        assert_eq!(result(&got, 6).0, -libc::ENOBUFS, "{name}");
+        for bid in held {
+            ops.recycle(bid);
+        }
+
+        // A receive waiting on an idle socket ends with the cancel.
+        let mut rest = vec![0u8; 4096];
+        let view = ours_stream(&ours);
+        while (&*view).read(&mut rest).is_ok_and(|n| n > 0) {}
+        assert!(ops.push(
+            Op::RecvPooled {
+                fd: ours.as_raw_fd(),
+                len: 1000
+            },
+            7
+        ));
+        let got = collect(&mut *ops, &[7], Duration::from_millis(100));
+        assert!(got.is_empty(), "{name}: {got:?}");
+        assert!(ops.push(
+            Op::CancelFd {
+                fd: ours.as_raw_fd()
+            },
+            8
+        ));
+        ops.flush();
+        let got = collect(&mut *ops, &[7, 8], Duration::from_secs(2));
+        assert_eq!(result(&got, 7).0, -libc::ECANCELED, "{name}");
+        ops.forget(ours.as_raw_fd());
+        peer.shutdown(Shutdown::Both).ok();
+    }
+}
+
+/// A borrowed std view of `fd` for draining it in the test (not closed on drop).
+fn ours_stream(fd: &std::os::fd::OwnedFd) -> std::mem::ManuallyDrop<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: `fd` is an open TCP socket that outlives the returned view, which is never
+    // dropped (so it never closes the descriptor).
+    std::mem::ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(fd.as_raw_fd()) })
+}

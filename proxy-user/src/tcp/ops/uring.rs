@@ -1,0 +1,237 @@
+//! The io_uring backend: one SQE per operation (a connect is linked to its timeout), the
+//! pool a provided buffer ring the kernel picks from.
+use std::{io, os::fd::RawFd, time::Duration};
+
+use io_uring::{IoUring, opcode, squeue, types};
+
+use super::{Op, Ops};
+use crate::engine::uring::BufRing;
+
+const BGID: u16 = 7;
+
+pub struct UringOps {
+    ring: IoUring,
+    bufs: Option<BufRing>,
+}
+
+/// What io_uring lacks here for TCP forwarding, if anything (kernel switch, set-up, or
+/// an opcode the worker needs).
+pub fn unavailable() -> Option<String> {
+    if let Some(why) = crate::engine::uring::unavailable() {
+        return Some(why);
+    }
+    let ring = match IoUring::new(2) {
+        Ok(r) => r,
+        Err(e) => return Some(format!("io_uring set-up failed: {e}")),
+    };
+    let mut probe = io_uring::Probe::new();
+    if let Err(e) = ring.submitter().register_probe(&mut probe) {
+        return Some(format!("io_uring opcode probe failed: {e}"));
+    }
+    let needed = [
+        ("AcceptMulti", opcode::AcceptMulti::CODE),
+        ("Connect", opcode::Connect::CODE),
+        ("LinkTimeout", opcode::LinkTimeout::CODE),
+        ("Recv", opcode::Recv::CODE),
+        ("Send", opcode::Send::CODE),
+        ("PollAdd", opcode::PollAdd::CODE),
+        ("AsyncCancel", opcode::AsyncCancel2::CODE),
+    ];
+    let missing: Vec<&str> = needed
+        .iter()
+        .filter(|(_, code)| !probe.is_supported(*code))
+        .map(|(name, _)| *name)
+        .collect();
+    (!missing.is_empty()).then(|| format!("io_uring lacks {}", missing.join(", ")))
+}
+
+/// Why provided buffer rings cannot be used here, if they cannot.
+pub fn buffer_ring_unavailable() -> Option<String> {
+    let ring = match IoUring::new(2) {
+        Ok(r) => r,
+        Err(e) => return Some(format!("io_uring set-up failed: {e}")),
+    };
+    let bufs = match BufRing::new(2, 64) {
+        Ok(b) => b,
+        Err(e) => return Some(format!("buffer ring allocation failed: {e}")),
+    };
+    // SAFETY: the ring region is page-aligned and outlives the registration (it is
+    // unregistered right below, before `bufs` drops).
+    let r = unsafe {
+        ring.submitter()
+            .register_buf_ring_with_flags(bufs.ring_addr(), 2, 1, 0)
+    };
+    match r {
+        Ok(()) => {
+            let _ = ring.submitter().unregister_buf_ring(1);
+            None
+        }
+        Err(e) => Some(format!("provided buffer rings are not supported: {e}")),
+    }
+}
+
+impl UringOps {
+    /// A ring (SINGLE_ISSUER and DEFER_TASKRUN when available) and, when `pool` is
+    /// `Some((count, size))`, a provided buffer ring of `count` buffers of `size` bytes.
+    pub fn new(pool: Option<(u16, usize)>) -> io::Result<Self> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_cqsize(16_384)
+            .build(4096)
+            .or_else(|_| IoUring::builder().setup_cqsize(16_384).build(4096))?;
+        let bufs = match pool {
+            Some((count, size)) => {
+                let b = BufRing::new(count, size)?;
+                // SAFETY: page-aligned ring region owned by this value; unregistered in
+                // Drop before it is freed.
+                unsafe {
+                    ring.submitter()
+                        .register_buf_ring_with_flags(b.ring_addr(), count, BGID, 0)?;
+                }
+                Some(b)
+            }
+            None => None,
+        };
+        Ok(Self { ring, bufs })
+    }
+
+    fn entry(op: Op) -> Vec<squeue::Entry> {
+        match op {
+            Op::AcceptMulti { fd } => vec![
+                opcode::AcceptMulti::new(types::Fd(fd))
+                    .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+                    .build(),
+            ],
+            Op::Recv {
+                fd,
+                buf,
+                len,
+                flags,
+            } => vec![
+                opcode::Recv::new(types::Fd(fd), buf, len)
+                    .flags(flags)
+                    .build(),
+            ],
+            Op::RecvPooled { fd, len } => vec![
+                opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), len)
+                    .buf_group(BGID)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT),
+            ],
+            Op::Send { fd, buf, len } => vec![
+                opcode::Send::new(types::Fd(fd), buf, len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build(),
+            ],
+            Op::Connect {
+                fd,
+                addr,
+                addr_len,
+                timeout,
+                timeout_user_data,
+                ..
+            } => vec![
+                opcode::Connect::new(types::Fd(fd), addr, addr_len)
+                    .build()
+                    .flags(squeue::Flags::IO_LINK),
+                // `timeout` lives in the connection, which outlives both operations.
+                opcode::LinkTimeout::new(timeout)
+                    .build()
+                    .user_data(timeout_user_data),
+            ],
+            Op::Poll { fd, events } => {
+                vec![opcode::PollAdd::new(types::Fd(fd), events).build()]
+            }
+            Op::CancelFd { fd } => vec![
+                opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all()).build(),
+            ],
+        }
+    }
+
+    fn push_entry(&mut self, sqe: &squeue::Entry) -> bool {
+        // SAFETY: every operation refers to fds and memory its worker owns until the
+        // operation completed (connections live in boxes freed only once none of their
+        // operations is in flight; pooled buffers live as long as the ring).
+        if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+            return true;
+        }
+        if let Err(e) = self.ring.submit() {
+            tracing::error!(error = %e, "io_uring submit");
+        }
+        // SAFETY: as above.
+        let ok = unsafe { self.ring.submission().push(sqe) }.is_ok();
+        if !ok {
+            tracing::error!("io_uring submission queue full; operation dropped");
+        }
+        ok
+    }
+}
+
+impl Ops for UringOps {
+    fn push(&mut self, op: Op, user_data: u64) -> bool {
+        let mut entries = Self::entry(op);
+        entries[0] = entries[0].clone().user_data(user_data);
+        if entries.len() > 1 {
+            // A linked pair must sit in the queue together.
+            let room = {
+                let sq = self.ring.submission();
+                sq.capacity() - sq.len()
+            };
+            if room < 2 {
+                self.flush();
+            }
+        }
+        entries.iter().all(|e| self.push_entry(e))
+    }
+
+    fn flush(&mut self) {
+        if let Err(e) = self.ring.submit() {
+            tracing::warn!(error = %e, "io_uring submit");
+        }
+    }
+
+    fn wait(&mut self, timeout: Duration, out: &mut Vec<(u64, i32, u32)>) {
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(e) => tracing::error!(error = %e, "io_uring wait"),
+        }
+        out.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+    }
+
+    fn buf(&self, bid: u16, len: usize) -> &[u8] {
+        self.bufs.as_ref().map_or(&[], |b| b.buf(bid, len))
+    }
+
+    fn recycle(&mut self, bid: u16) {
+        if let Some(b) = self.bufs.as_mut() {
+            b.push(bid);
+            b.publish();
+        }
+    }
+
+    fn forget(&mut self, _fd: RawFd) {}
+
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+}
+
+impl Drop for UringOps {
+    fn drop(&mut self) {
+        if self.bufs.is_some() {
+            let _ = self.ring.submitter().unregister_buf_ring(BGID);
+        }
+    }
+}
