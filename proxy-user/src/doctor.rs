@@ -42,6 +42,8 @@ pub struct IoUring {
     pub multishot_recv_by_kernel_version: bool,
     /// Provided buffer rings could be registered.
     pub buffer_rings: Result<(), String>,
+    /// TCP forwarding's `auto` engine takes io_uring (else epoll, for this reason).
+    pub tcp_forwarding: Result<(), String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -123,6 +125,7 @@ fn io_uring() -> IoUring {
         opcodes: Vec::new(),
         multishot_recv_by_kernel_version: kernel_at_least(6, 0),
         buffer_rings: Err("not probed".into()),
+        tcp_forwarding: crate::tcp::ops::uring::unavailable().map_or(Ok(()), Err),
     };
     let ring: Ring = match Ring::new(8) {
         Ok(r) => r,
@@ -338,6 +341,14 @@ impl DoctorReport {
             "             opcodes: {} ; multishot receive {} (by kernel version)",
             ops.join(" ; "),
             yes(u.multishot_recv_by_kernel_version)
+        );
+        let _ = writeln!(
+            s,
+            "tcp engine   {}",
+            match &u.tcp_forwarding {
+                Ok(()) => "io_uring (every operation the TCP worker needs is supported)".to_owned(),
+                Err(why) => format!("epoll, because {why}"),
+            }
         );
         let _ = writeln!(
             s,

@@ -146,11 +146,15 @@ pub fn tcp_table(s: &crate::tcp::TcpSummary) -> String {
     let waits: u64 = s.workers.iter().map(|w| w.buffer_waits).sum();
     let _ = writeln!(
         out,
-        "TCP forwarding: {} workers, copy path {}, {conns} connections, {waits} buffer waits, {:.1} s",
+        "TCP forwarding: {} workers on {}, copy path {}, {conns} connections, {waits} buffer waits, {:.1} s",
         s.workers.len(),
+        s.engine,
         s.copy,
         s.elapsed_s
     );
+    if let Some(why) = &s.engine_fallback {
+        let _ = writeln!(out, "io_uring not used: {why}");
+    }
     for z in &s.zero_copy {
         let _ = writeln!(
             out,

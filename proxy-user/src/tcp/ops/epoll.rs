@@ -446,12 +446,26 @@ impl Ops for EpollOps {
             Op::Poll { events, .. } => events & libc::POLLIN as u32 != 0,
             _ => false,
         };
+        if let Op::Poll { events, .. } = op {
+            // The worker's own syscalls (splice) do not go through here, so the flags
+            // may be stale either way: ask the kernel. Ready → done at once; not ready →
+            // wait for the next edge (the fd is registered already, so anything that
+            // arrives from now on raises one).
+            let mut pfd = libc::pollfd {
+                fd,
+                events: events as i16,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, zero timeout.
+            let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+            if r > 0 && pfd.revents != 0 {
+                self.done.push((user_data, i32::from(pfd.revents), 0));
+                return true;
+            }
+        }
         let Some(st) = self.fds.get_mut(&fd) else {
             return false;
         };
-        // The worker polls only after its own syscall found the fd not ready, so the
-        // flag is known false: wait for the next edge (new data after that syscall
-        // raises one; no event can have been consumed in between).
         if let Op::Poll { .. } = op {
             if reads {
                 st.readable = false;

@@ -231,6 +231,20 @@ fn poll_waits_for_data_and_cancel_ends_pending_operations() {
         ));
         let got = collect(&mut *ops, &[2], Duration::from_secs(2));
         assert_eq!(result(&got, 2).0, 1, "{name}: peeked");
+        // A poll on an fd that already holds data completes at once (no new data will
+        // come to raise an edge: a sender blocked on a full window sends nothing).
+        assert!(ops.push(
+            Op::Poll {
+                fd: ours.as_raw_fd(),
+                events: libc::POLLIN as u32
+            },
+            9
+        ));
+        let got = collect(&mut *ops, &[9], Duration::from_secs(2));
+        assert!(
+            result(&got, 9).0 & i32::from(libc::POLLIN) != 0,
+            "{name}: {got:?}"
+        );
         assert!(ops.push(
             Op::Recv {
                 fd: ours.as_raw_fd(),
