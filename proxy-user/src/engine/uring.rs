@@ -34,6 +34,25 @@ pub fn unavailable() -> Option<String> {
         .map(|e| format!("io_uring set-up failed: {e}"))
 }
 
+/// Submits what is queued and waits up to `timeout` for a completion; running out of
+/// time, a signal, or a full completion queue (EBUSY: reap first) are not errors.
+pub(crate) fn submit_and_wait(ring: &IoUring, timeout: std::time::Duration) -> io::Result<()> {
+    let ts = types::Timespec::from(timeout);
+    let args = types::SubmitArgs::new().timespec(&ts);
+    match ring.submitter().submit_with_args(1, &args) {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// A provided-buffer ring: the ring entries in an mmapped, page-aligned region, the
 /// buffers in one allocation owned here.
 pub(crate) struct BufRing {
@@ -227,17 +246,7 @@ impl ReceiveBackend for IoUringBackend {
         on: &mut dyn FnMut(super::Event<'_>),
     ) -> io::Result<usize> {
         self.arm()?;
-        let ts = types::Timespec::from(timeout);
-        let args = types::SubmitArgs::new().timespec(&ts);
-        match self.ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                ) => {}
-            Err(e) => return Err(e),
-        }
+        submit_and_wait(&self.ring, timeout)?;
         let Self {
             ring,
             armed,

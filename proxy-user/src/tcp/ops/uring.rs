@@ -192,16 +192,8 @@ impl Ops for UringOps {
     }
 
     fn wait(&mut self, timeout: Duration, out: &mut Vec<(u64, i32, u32)>) {
-        let ts = types::Timespec::from(timeout);
-        let args = types::SubmitArgs::new().timespec(&ts);
-        match self.ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                ) => {}
-            Err(e) => tracing::error!(error = %e, "io_uring wait"),
+        if let Err(e) = crate::engine::uring::submit_and_wait(&self.ring, timeout) {
+            tracing::error!(error = %e, "io_uring wait");
         }
         out.extend(
             self.ring
