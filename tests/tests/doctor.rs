@@ -49,10 +49,43 @@ fn doctor_reports_what_this_host_supports() {
         epa["zero_copy_receive"][0], false,
         "veth cannot do zero-copy receive"
     );
+    let why = epa["zero_copy_receive"][1].as_str().unwrap_or("");
+    assert!(
+        why.contains("the kernel refused a zero-copy queue") && why.contains("os error 95"),
+        "the kernel's own answer (EOPNOTSUPP) is the reason: {why}"
+    );
     let lo = iface("lo");
     assert!(
         lo["xdp_native"]["Err"].is_string(),
         "loopback has no native XDP: {lo}"
     );
     assert_eq!(lo["xdp_generic"], serde_json::json!({"Ok": null}));
+}
+
+/// The zero-copy receive registration probe asks the kernel for real, inside a namespace:
+/// no such interface → ENODEV (so the request itself passed the kernel's checks of the
+/// ring set-up and the refill region, which come first), a veth → EOPNOTSUPP.
+#[test]
+fn zero_copy_queue_registration_is_refused_by_the_kernel_for_the_reason_given() {
+    if !require_root("zero_copy_queue_registration_is_refused_by_the_kernel_for_the_reason_given") {
+        return;
+    }
+    let pair = VethPair::create().expect("veth pair");
+    let (missing, veth) = pair.a.run(|| {
+        let idx = nix::net::if_::if_nametoindex(pair.a_if).expect("veth index");
+        (
+            proxy_user::doctor::zcrx_register_probe(99_999),
+            proxy_user::doctor::zcrx_register_probe(idx),
+        )
+    });
+    assert_eq!(
+        missing.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::ENODEV)),
+        "an interface index that does not exist"
+    );
+    assert_eq!(
+        veth.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EOPNOTSUPP)),
+        "veth has no queue-management ops"
+    );
 }
