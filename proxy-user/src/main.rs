@@ -519,11 +519,9 @@ fn publish_routes(
         }
         Ok(c) => {
             let before = shared.latest().settings.clone();
-            if (before.copy, before.buffers, before.buffer_size)
-                != (c.tcp.copy, c.tcp.buffers, c.tcp.buffer_size)
-            {
+            if (before.buffers, before.buffer_size) != (c.tcp.buffers, c.tcp.buffer_size) {
                 tracing::warn!(
-                    "{why}: [tcp] copy, buffers and buffer_size take effect after a restart; pipe_size and drain_seconds apply now"
+                    "{why}: [tcp] buffers and buffer_size do not resize a buffer pool that exists (they take effect after a restart); copy, pipe_size and drain_seconds apply to new connections now"
                 );
             }
             let r = shared.publish(&c.routes, c.tcp);

@@ -64,6 +64,7 @@ on_both_engines!(
     health_checks_eject_and_recover_an_upstream,
     proxy_protocol_is_sent_accepted_and_checked,
     reload_keeps_open_connections_on_their_upstream,
+    reload_changes_the_copy_path_for_new_connections,
     idle_connections_are_closed_and_counted,
     sigterm_drains_open_connections_then_resets_at_the_deadline,
     slow_client_bounds_memory_buffers,
@@ -983,6 +984,42 @@ fn reload_keeps_open_connections_on_their_upstream() {
     assert_eq!(a.accepted.load(std::sync::atomic::Ordering::Relaxed), 1);
     drop((old, new));
     bed.stop();
+}
+
+/// A reload changing `[tcp] copy` moves new connections to the new path (the buffer pool
+/// is created then) while the open one keeps streaming through its pipes.
+fn reload_changes_the_copy_path_for_new_connections() {
+    if !require_root("reload_changes_the_copy_path_for_new_connections") {
+        return;
+    }
+    let mut bed = Bed::new();
+    let _up = bed.upstream("10.200.0.1:8011", echo());
+    let routes = route("10.200.0.1:8010", &["10.200.0.1:8011"], "");
+    bed.start(
+        &format!("{}{routes}", copy_section("splice")),
+        &["--workers", "1"],
+    );
+    let echoes = |s: &mut TcpStream, msg: &[u8]| {
+        s.write_all(msg).expect("write");
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).expect("echo");
+        assert_eq!(back, msg);
+    };
+    let mut old = connect(&bed.ns, sa("10.200.0.1:8010")).expect("connect");
+    echoes(&mut old, b"through pipes");
+    bed.reload(&format!("{}{routes}", copy_section("buffers")));
+    let mut new = connect(&bed.ns, sa("10.200.0.1:8010")).expect("connect");
+    echoes(&mut new, b"through pooled buffers");
+    echoes(&mut old, b"still through pipes");
+    drop((old, new));
+    bed.settled(2);
+    let report = bed.stop();
+    let w = &report["workers"][0];
+    assert_eq!(
+        (num(w, "splice_streams"), num(w, "buffer_streams")),
+        (1, 1),
+        "{w}"
+    );
 }
 
 fn idle_connections_are_closed_and_counted() {

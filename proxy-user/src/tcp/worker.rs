@@ -160,6 +160,10 @@ pub struct WorkerStats {
     pub buffer_waits: u64,
     /// Connections still open when the worker ended (0 unless the drain gave up).
     pub left_open: usize,
+    /// Connections that streamed through splice and through pooled buffers (a reload
+    /// can change the path for new connections).
+    pub splice_streams: u64,
+    pub buffer_streams: u64,
 }
 
 /// Zero-copy receive for one route's interface: what the probe found.
@@ -329,6 +333,9 @@ struct Worker {
     buf_size: usize,
     pipe_size: usize,
     copy: CopyPath,
+    /// The copy mode configured (`copy` is what it resolved to), to see reloads change it.
+    copy_mode: CopyMode,
+    engine: Engine,
     listeners: Vec<Option<Listener>>,
     conns: Vec<Option<Box<Conn>>>,
     free: Vec<u32>,
@@ -365,6 +372,8 @@ impl Worker {
             buf_size: settings.buffer_size,
             pipe_size: settings.pipe_size,
             copy,
+            copy_mode: settings.copy,
+            engine,
             listeners: listeners
                 .into_iter()
                 .map(|(fd, route)| {
@@ -509,9 +518,12 @@ impl Worker {
     fn follow_reload(&mut self) {
         let routes = self.shared.latest();
         self.generation = routes.generation;
-        // New connections get the new pipe size; the copy path and the buffer ring stay
-        // as the worker started (the control thread warns when they changed).
+        // New connections get the new pipe size and copy path; a buffer pool, once it
+        // exists, keeps its size (the control thread warns when that changed).
         self.pipe_size = routes.settings.pipe_size;
+        if routes.settings.copy != self.copy_mode {
+            self.change_copy(routes.settings.copy, &routes.settings);
+        }
         let mut keep = vec![false; self.listeners.len()];
         for r in &routes.routes {
             let at = self.listeners.iter().position(|l| {
@@ -548,6 +560,33 @@ impl Worker {
         self.balancers
             .retain(|(r, _)| routes.routes.iter().any(|n| Arc::ptr_eq(n, r)));
         self.applied.store(routes.generation, Ordering::Release);
+    }
+
+    /// A reload changed `[tcp] copy`: new connections take the new path (open ones keep
+    /// theirs); the buffers path gets its pool now if the worker started without one.
+    fn change_copy(&mut self, mode: CopyMode, settings: &super::TcpSettings) {
+        let path = match resolve_copy(mode, self.engine) {
+            Ok((path, _)) => path,
+            Err(e) => {
+                tracing::error!(error = %e, "reload: keeping the copy path {}", self.copy.name());
+                return;
+            }
+        };
+        if path == CopyPath::Buffers && !self.ops.has_pool() {
+            if let Err(e) = self.ops.add_pool(settings.buffers, settings.buffer_size) {
+                tracing::error!(error = %e, "reload: no buffer pool, keeping the copy path {}", self.copy.name());
+                return;
+            }
+            self.buf_size = settings.buffer_size;
+        }
+        tracing::info!(
+            cpu = self.stats.cpu,
+            from = self.copy.name(),
+            to = path.name(),
+            "copy path for new connections"
+        );
+        self.copy_mode = mode;
+        self.copy = path;
     }
 
     fn sweep(&mut self, drain_deadline: Option<Instant>) {
@@ -914,6 +953,10 @@ impl Worker {
 
     fn stream(&mut self, slot: u32) {
         let copy = self.copy;
+        match copy {
+            CopyPath::Splice => self.stats.splice_streams += 1,
+            CopyPath::Buffers => self.stats.buffer_streams += 1,
+        }
         let pipe_size = self.pipe_size;
         let c = self.conn(slot);
         c.phase = Phase::Streaming;

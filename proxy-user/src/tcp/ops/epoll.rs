@@ -546,6 +546,18 @@ impl Ops for EpollOps {
         }
     }
 
+    fn has_pool(&self) -> bool {
+        self.pool.is_some()
+    }
+
+    fn add_pool(&mut self, count: u16, size: usize) -> io::Result<()> {
+        if self.pool.is_some() {
+            return Err(io::Error::other("the buffer pool exists already"));
+        }
+        self.pool = Some(BufPool::new(count, size));
+        Ok(())
+    }
+
     fn forget(&mut self, fd: RawFd) {
         if let Some(st) = self.fds.remove(&fd) {
             debug_assert!(st.reads.is_empty() && st.writes.is_empty());

@@ -76,6 +76,11 @@ pub trait Ops {
     fn buf(&self, bid: u16, len: usize) -> &[u8];
     /// Returns pooled buffer `bid`.
     fn recycle(&mut self, bid: u16);
+    /// Whether a buffer pool exists.
+    fn has_pool(&self) -> bool;
+    /// Creates the buffer pool (`count` buffers of `size` bytes) when there is none yet:
+    /// a reload switching to the buffers path.
+    fn add_pool(&mut self, count: u16, size: usize) -> std::io::Result<()>;
     /// `fd` is about to be closed: forget whatever is known about it (no operation on it
     /// may be in flight).
     fn forget(&mut self, fd: RawFd);

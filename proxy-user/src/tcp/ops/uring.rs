@@ -80,20 +80,11 @@ impl UringOps {
             .setup_cqsize(16_384)
             .build(4096)
             .or_else(|_| IoUring::builder().setup_cqsize(16_384).build(4096))?;
-        let bufs = match pool {
-            Some((count, size)) => {
-                let b = BufRing::new(count, size)?;
-                // SAFETY: page-aligned ring region owned by this value; unregistered in
-                // Drop before it is freed.
-                unsafe {
-                    ring.submitter()
-                        .register_buf_ring_with_flags(b.ring_addr(), count, BGID, 0)?;
-                }
-                Some(b)
-            }
-            None => None,
-        };
-        Ok(Self { ring, bufs })
+        let mut ops = Self { ring, bufs: None };
+        if let Some((count, size)) = pool {
+            ops.add_pool(count, size)?;
+        }
+        Ok(ops)
     }
 
     fn entry(op: Op) -> Vec<squeue::Entry> {
@@ -211,6 +202,26 @@ impl Ops for UringOps {
             b.push(bid);
             b.publish();
         }
+    }
+
+    fn has_pool(&self) -> bool {
+        self.bufs.is_some()
+    }
+
+    fn add_pool(&mut self, count: u16, size: usize) -> io::Result<()> {
+        if self.bufs.is_some() {
+            return Err(io::Error::other("the buffer pool exists already"));
+        }
+        let b = BufRing::new(count, size)?;
+        // SAFETY: page-aligned ring region owned by this value; unregistered in Drop
+        // before it is freed.
+        unsafe {
+            self.ring
+                .submitter()
+                .register_buf_ring_with_flags(b.ring_addr(), count, BGID, 0)?;
+        }
+        self.bufs = Some(b);
+        Ok(())
     }
 
     fn forget(&mut self, _fd: RawFd) {}
