@@ -57,6 +57,8 @@ const OP_CANCEL: u8 = 14;
 
 /// How often idle connections and the drain deadline are checked.
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
+/// How long a listener rests after an accept error before accepting again.
+const ACCEPT_REST: Duration = Duration::from_millis(100);
 /// The longest a worker waits in the ring before looking at reloads and the stop flag.
 const WAIT: Duration = Duration::from_millis(50);
 
@@ -227,6 +229,9 @@ struct Listener {
     fd: OwnedFd,
     route: Arc<Route>,
     armed: bool,
+    /// After an accept error (EMFILE, ENFILE, ENOMEM) the listener rests until then
+    /// instead of failing again at once in a tight loop.
+    rest_until: Option<Instant>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -340,6 +345,8 @@ struct Worker {
     conns: Vec<Option<Box<Conn>>>,
     free: Vec<u32>,
     starved: VecDeque<(u32, usize)>,
+    /// A buffer went back to the pool since the starved receives were last re-issued.
+    returned: bool,
     balancers: Vec<(Arc<Route>, Balancer)>,
     shared: Arc<SharedRoutes>,
     generation: u64,
@@ -381,12 +388,14 @@ impl Worker {
                         fd,
                         route,
                         armed: false,
+                        rest_until: None,
                     })
                 })
                 .collect(),
             conns: Vec::new(),
             free: Vec::new(),
             starved: VecDeque::new(),
+            returned: false,
             balancers: Vec::new(),
             generation: routes.generation,
             applied: shared.register_worker(routes.generation),
@@ -416,6 +425,11 @@ impl Worker {
         };
         if self.ops.push(what, user_data(slot, op)) {
             self.conn(slot).inflight += completions;
+        } else {
+            // Nothing will complete for it: a connection waiting on it would wait forever
+            // (the backend logged why). Closed, but not freed here — the caller may still
+            // look at it; the sweep frees it once nothing is in flight.
+            self.begin_abort(slot, Some(Reason::SocketError), true, true);
         }
     }
 
@@ -485,7 +499,7 @@ impl Worker {
             let Some(l) = &self.listeners[li] else {
                 continue;
             };
-            if l.armed {
+            if l.armed || l.rest_until.is_some_and(|t| self.now < t) {
                 continue;
             }
             let fd = l.fd.as_raw_fd();
@@ -543,6 +557,7 @@ impl Worker {
                             fd,
                             route: Arc::clone(r),
                             armed: false,
+                            rest_until: None,
                         }));
                         keep.push(true);
                     }
@@ -596,6 +611,10 @@ impl Worker {
                 continue;
             };
             if c.phase == Phase::Closing {
+                // One whose last operation could not even be queued.
+                if c.inflight == 0 {
+                    self.finish_if_idle(slot);
+                }
                 continue;
             }
             if past_deadline {
@@ -622,6 +641,7 @@ impl Worker {
             if res != -libc::ECANCELED {
                 l.route.stats.refused.add(Reason::SocketError, 1);
                 tracing::warn!(error = %io::Error::from_raw_os_error(-res), listen = %l.route.spec.listen, "accept");
+                l.rest_until = Some(self.now + ACCEPT_REST);
             }
             return;
         }
@@ -1085,10 +1105,15 @@ impl Worker {
 
     fn recycle(&mut self, bid: u16) {
         self.ops.recycle(bid);
+        self.returned = true;
     }
 
-    /// Re-issues the receives that found no buffer, now that some may be back.
+    /// Re-issues the receives that found no buffer, once some came back (not before:
+    /// they would only find none again, in a busy loop).
     fn feed_starved(&mut self) {
+        if !std::mem::take(&mut self.returned) {
+            return;
+        }
         for _ in 0..self.starved.len() {
             let Some((slot, d)) = self.starved.pop_front() else {
                 break;
@@ -1234,6 +1259,18 @@ impl Worker {
         reset_client: bool,
         reset_upstream: bool,
     ) {
+        self.begin_abort(slot, reason, reset_client, reset_upstream);
+        self.finish_if_idle(slot);
+    }
+
+    /// [`Self::abort`] up to the cancellations, leaving the connection allocated.
+    fn begin_abort(
+        &mut self,
+        slot: u32,
+        reason: Option<Reason>,
+        reset_client: bool,
+        reset_upstream: bool,
+    ) {
         let c = self.conn(slot);
         if c.phase == Phase::Closing {
             return;
@@ -1257,7 +1294,6 @@ impl Worker {
             // Cancel while the fds still name these sockets.
             self.ops.flush();
         }
-        self.finish_if_idle(slot);
     }
 
     /// Closes and frees a closing connection once none of its operations is in flight.

@@ -63,8 +63,17 @@ impl BufPool {
         }
     }
 
+    /// The start of buffer `bid`, without a reference over the others (sends may be
+    /// reading them).
     fn ptr(&mut self, bid: u16) -> *mut u8 {
-        self.data[usize::from(bid) * self.size..].as_mut_ptr()
+        let offset = usize::from(bid) * self.size;
+        assert!(
+            offset + self.size <= self.data.len(),
+            "buffer {bid} out of the pool"
+        );
+        // SAFETY: in bounds (checked above); `Vec::as_mut_ptr` creates no reference to
+        // the elements.
+        unsafe { self.data.as_mut_ptr().add(offset) }
     }
 }
 
@@ -257,9 +266,14 @@ impl EpollOps {
                 };
                 let want = (len as usize).min(pool.size);
                 let ptr = pool.ptr(bid);
-                // SAFETY: `ptr` starts a pool buffer of `pool.size >= want` bytes that
-                // nobody else holds (it was just taken from the free list).
-                let n = unsafe { libc::recv(fd, ptr.cast(), want, libc::MSG_DONTWAIT) };
+                let n = loop {
+                    // SAFETY: `ptr` starts a pool buffer of `pool.size >= want` bytes that
+                    // nobody else holds (it was just taken from the free list).
+                    let n = unsafe { libc::recv(fd, ptr.cast(), want, libc::MSG_DONTWAIT) };
+                    if n >= 0 || errno() != libc::EINTR {
+                        break n;
+                    }
+                };
                 if n > 0 {
                     return Attempt::Done(
                         n as i32,
@@ -271,7 +285,7 @@ impl EpollOps {
                 pool.free.push(bid);
                 match n {
                     0 => Attempt::Done(0, 0, false),
-                    _ if would_block(e) || e == libc::EINTR => Attempt::Blocked,
+                    _ if would_block(e) => Attempt::Blocked,
                     _ => Attempt::Done(-e, 0, false),
                 }
             }
@@ -559,15 +573,19 @@ impl Ops for EpollOps {
     }
 
     fn forget(&mut self, fd: RawFd) {
-        if let Some(st) = self.fds.remove(&fd) {
-            debug_assert!(st.reads.is_empty() && st.writes.is_empty());
-            if st.registered {
-                // SAFETY: `fd` is still open (forget comes before close).
-                let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-                let _ = self.epoll.delete(borrowed);
-            }
+        // Nothing should be queued on it; if something is, it completes as cancelled
+        // rather than vanishing (a connection waiting on it would never be freed).
+        if self
+            .fds
+            .get(&fd)
+            .is_some_and(|st| !st.reads.is_empty() || !st.writes.is_empty())
+        {
+            tracing::error!(
+                fd,
+                "operations still queued on an fd being closed; cancelled"
+            );
         }
-        self.connecting.retain(|&(_, f)| f != fd);
+        self.cancel(fd);
     }
 
     fn name(&self) -> &'static str {

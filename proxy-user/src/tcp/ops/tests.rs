@@ -324,3 +324,24 @@ fn ours_stream(fd: &std::os::fd::OwnedFd) -> std::mem::ManuallyDrop<TcpStream> {
     // dropped (so it never closes the descriptor).
     std::mem::ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(fd.as_raw_fd()) })
 }
+
+/// epoll only (io_uring keeps kernel-side operations until they complete): an fd
+/// forgotten with an operation still queued completes it as cancelled instead of
+/// dropping it, so the connection waiting on it can still be freed.
+#[test]
+fn epoll_forget_with_a_queued_operation_cancels_it() {
+    let mut ops = EpollOps::new(Some((2, 4096))).unwrap();
+    let (ours, _peer) = pair();
+    assert!(ops.push(
+        Op::RecvPooled {
+            fd: ours.as_raw_fd(),
+            len: 1000
+        },
+        1
+    ));
+    let got = collect(&mut ops, &[1], Duration::from_millis(50));
+    assert!(got.is_empty(), "{got:?}");
+    ops.forget(ours.as_raw_fd());
+    let got = collect(&mut ops, &[1], Duration::from_secs(1));
+    assert_eq!(result(&got, 1).0, -libc::ECANCELED);
+}

@@ -163,14 +163,16 @@ impl Ops for UringOps {
     fn push(&mut self, op: Op, user_data: u64) -> bool {
         let mut entries = Self::entry(op);
         entries[0] = entries[0].clone().user_data(user_data);
-        if entries.len() > 1 {
-            // A linked pair must sit in the queue together.
-            let room = {
-                let sq = self.ring.submission();
-                sq.capacity() - sq.len()
-            };
-            if room < 2 {
-                self.flush();
+        // All entries of one operation (a linked pair) go in together or not at all.
+        let room = |ring: &mut IoUring| {
+            let sq = ring.submission();
+            sq.capacity() - sq.len()
+        };
+        if room(&mut self.ring) < entries.len() {
+            self.flush();
+            if room(&mut self.ring) < entries.len() {
+                tracing::error!("io_uring submission queue full; operation dropped");
+                return false;
             }
         }
         entries.iter().all(|e| self.push_entry(e))
