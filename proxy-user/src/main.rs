@@ -111,12 +111,16 @@ enum Command {
         /// rings, so captured datagrams enter it directly.
         #[arg(long)]
         logs: bool,
-        /// Log pipeline configuration file (implies --logs; reloaded on SIGHUP or change).
+        /// Log pipeline configuration file (implies --logs; reloaded on SIGHUP or change);
+        /// its `[[route]]`s, if any, are forwarded too.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Log listener address (repeatable; implies --logs; replaces the configured ones).
         #[arg(long)]
         listen: Vec<std::net::SocketAddr>,
+        /// With routes: rewrite the TCP counters to this file as JSON four times a second.
+        #[arg(long)]
+        stats_file: Option<PathBuf>,
     },
     /// Receive, decode and aggregate UDP syslog on pinned workers; one JSON line per
     /// window on stdout, then a summary with exact accounting.
@@ -308,6 +312,7 @@ fn real_main() -> anyhow::Result<()> {
             logs,
             config,
             listen,
+            stats_file,
         } => {
             let duration = duration.map(|d| seconds("duration", d)).transpose()?;
             let logs = (logs || config.is_some() || !listen.is_empty()).then_some(LogSetup {
@@ -338,7 +343,15 @@ fn real_main() -> anyhow::Result<()> {
                 store_dir: (!ephemeral).then(|| paths.store_dir.clone()),
                 iface,
             };
-            run(opts, logs, duration, json, ephemeral, &paths.pin_dir)
+            run(
+                opts,
+                logs,
+                duration,
+                json,
+                ephemeral,
+                &paths.pin_dir,
+                stats_file,
+            )
         }
         Command::Policy { command } => match command {
             PolicyCommand::Load {
@@ -482,17 +495,7 @@ fn proxy_command(
     let mut background: Vec<Background> =
         vec![Box::pin(health::run(std::sync::Arc::clone(&shared)))];
     if let Some(file) = stats_file {
-        let shared = std::sync::Arc::clone(&shared);
-        background.push(Box::pin(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(250));
-            loop {
-                tick.tick().await;
-                let body = serde_json::json!({"routes": shared.latest().json()});
-                if let Err(e) = write_atomically(&file, body.to_string().as_bytes()) {
-                    tracing::warn!(file = %file.display(), error = %e, "writing the stats file");
-                }
-            }
-        }));
+        background.push(stats_writer(std::sync::Arc::clone(&shared), file));
     }
     let stop = start_control(Some(config), duration, Box::new(reload), background)?;
     let summary = proxy_user::tcp::run(shared, &cpus, cfg.pipeline.backend, stop)?;
@@ -535,6 +538,23 @@ fn publish_routes(
         }
         Err(e) => tracing::error!("{why}: configuration rejected, keeping the running one: {e:#}"),
     }
+}
+
+/// Rewrites the routes' counters to `file` as JSON four times a second.
+fn stats_writer(
+    shared: std::sync::Arc<proxy_user::tcp::SharedRoutes>,
+    file: PathBuf,
+) -> Background {
+    Box::pin(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let body = serde_json::json!({"routes": shared.latest().json()});
+            if let Err(e) = write_atomically(&file, body.to_string().as_bytes()) {
+                tracing::warn!(file = %file.display(), error = %e, "writing the stats file");
+            }
+        }
+    })
 }
 
 /// Replaces `path` with `bytes` by writing a sibling file and renaming it over.
@@ -608,7 +628,7 @@ fn logs_command(
     duration: Option<Duration>,
 ) -> anyhow::Result<()> {
     use proxy_user::logs::pipeline::{CaptureSource, run_with_sinks};
-    let (shared, stop) = start_log_control(LogSetup { config, overrides }, duration, None)?;
+    let (shared, stop) = start_log_control(LogSetup { config, overrides }, duration, None, None)?;
     run_with_sinks(&shared, CaptureSource::None, stop).map(|_| ())
 }
 
@@ -617,6 +637,7 @@ fn start_log_control(
     setup: LogSetup,
     duration: Option<Duration>,
     routes: Option<std::sync::Arc<proxy_user::tcp::SharedRoutes>>,
+    stats_file: Option<PathBuf>,
 ) -> anyhow::Result<(
     std::sync::Arc<proxy_user::logs::pipeline::SharedConfig>,
     std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -646,10 +667,15 @@ fn start_log_control(
             publish_routes(routes, path, why, true);
         }
     };
-    let background: Vec<Background> = routes
-        .into_iter()
-        .map(|r| Box::pin(proxy_user::tcp::health::run(r)) as Background)
-        .collect();
+    let mut background: Vec<Background> = Vec::new();
+    if let Some(r) = routes {
+        background.push(Box::pin(proxy_user::tcp::health::run(
+            std::sync::Arc::clone(&r),
+        )));
+        if let Some(file) = stats_file {
+            background.push(stats_writer(r, file));
+        }
+    }
     let stop = start_control(config, duration, Box::new(reload), background)?;
     Ok((shared, stop))
 }
@@ -841,6 +867,7 @@ fn run(
     json: bool,
     ephemeral: bool,
     pin_dir: &Path,
+    stats_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     use std::sync::atomic::Ordering;
     let iface = opts.iface.clone();
@@ -859,12 +886,16 @@ fn run(
             }
             None => None,
         };
+    anyhow::ensure!(
+        stats_file.is_none() || tcp_setup.is_some(),
+        "--stats-file writes TCP counters: the --config file has no [[route]]"
+    );
     // With the log pipeline, its control thread owns the signals (stop and reload) and
     // the data plane follows its stop flag.
     let pipeline = logs
         .map(|setup| {
             let routes = tcp_setup.as_ref().map(|(r, ..)| std::sync::Arc::clone(r));
-            start_log_control(setup, duration, routes)
+            start_log_control(setup, duration, routes, stats_file)
                 .map(|(shared, stop)| daemon::LogPipeline { shared, stop })
         })
         .transpose()?;

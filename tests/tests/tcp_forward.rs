@@ -1212,6 +1212,8 @@ fn run_forwards_the_routes_of_its_configuration() {
             "--json".as_ref(),
             "--config".as_ref(),
             bed.cfg.as_os_str(),
+            "--stats-file".as_ref(),
+            bed.stats.as_os_str(),
         ],
         "TCP forwarding started",
     )
@@ -1225,6 +1227,8 @@ fn run_forwards_the_routes_of_its_configuration() {
         assert_eq!(back, msg, "echoed through {addr}");
     };
     exchange("10.200.0.1:8300", b"through the one daemon");
+    // The live counters, as with `edgeproxy proxy --stats-file`.
+    bed.settled(1);
 
     let tmp = bed.dir.path().join("proxy.toml.new");
     let second = format!(
