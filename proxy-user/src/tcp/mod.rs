@@ -1,7 +1,8 @@
-//! TCP stream forwarding on the io_uring engine (epoll where io_uring is not usable): routes (listen address → upstream
-//! pool), one `SO_REUSEPORT` listener per worker with multishot accept, a connect with a
-//! timeout (retried on another upstream before any byte reached the client), then a copy
-//! of each direction until both are closed, through provided buffers or `splice`.
+//! TCP stream forwarding on the io_uring engine (epoll where io_uring is not usable):
+//! routes (listen address → upstream pool), one `SO_REUSEPORT` listener per worker with
+//! multishot accept, a connect with a timeout (retried on another upstream before any
+//! byte reached the client), then a copy of each direction until both are closed,
+//! through pooled buffers or `splice`.
 //!
 //! - [`worker`]: the per-CPU event loop and the per-connection state machines.
 //! - [`ops`]: the operations a worker issues, carried out by io_uring or by epoll.

@@ -1,7 +1,8 @@
-//! One forwarding worker per data CPU, pinned, owning its io_uring ring: multishot accept
-//! on its own `SO_REUSEPORT` listener per route, then per connection a small state
-//! machine (PROXY header in → connect with a linked timeout → PROXY header out → two
-//! copy directions), each step one operation and one completion.
+//! One forwarding worker per data CPU, pinned, owning its event backend (an io_uring ring,
+//! or epoll where io_uring is not usable; see [`super::ops`]): multishot accept on its own
+//! `SO_REUSEPORT` listener per route, then per connection a small state machine (PROXY
+//! header in → connect with a timeout → PROXY header out → two copy directions), each
+//! step one operation and one completion.
 //!
 //! Each direction is its own state machine, as in linkerd2-proxy's `duplex`: it reads
 //! only once the previous chunk is fully written, so a slow reader stops the reads on
