@@ -66,6 +66,16 @@ pub(crate) struct BufRing {
 
 impl BufRing {
     pub(crate) fn new(count: u16, buf_size: usize) -> io::Result<Self> {
+        let mut r = Self::empty(count, buf_size)?;
+        for bid in 0..count {
+            r.push(bid);
+        }
+        r.publish();
+        Ok(r)
+    }
+
+    /// A ring of `count` entries and `count` buffers, none handed to the kernel yet.
+    pub(crate) fn empty(count: u16, buf_size: usize) -> io::Result<Self> {
         if !count.is_power_of_two() {
             return Err(io::Error::other(
                 "the buffer ring size must be a power of two",
@@ -84,19 +94,14 @@ impl BufRing {
                 nix::sys::mman::MapFlags::MAP_PRIVATE,
             )
         }?;
-        let mut r = Self {
+        Ok(Self {
             entries: mem.cast(),
             ring_bytes,
             count,
             tail: 0,
             buf_size,
             data: vec![0u8; usize::from(count) * buf_size],
-        };
-        for bid in 0..count {
-            r.push(bid);
-        }
-        r.publish();
-        Ok(r)
+        })
     }
 
     pub(crate) fn push(&mut self, bid: u16) {

@@ -1109,10 +1109,10 @@ impl Worker {
         self.returned = true;
     }
 
-    /// Re-issues the receives that found no buffer, once some came back (not before:
-    /// they would only find none again, in a busy loop).
+    /// Re-issues the receives that found no buffer, once one came back or the pool has
+    /// some (not before: they would only find none again, in a busy loop).
     fn feed_starved(&mut self) {
-        if !std::mem::take(&mut self.returned) {
+        if !std::mem::take(&mut self.returned) && !self.ops.buffers_available() {
             return;
         }
         for _ in 0..self.starved.len() {

@@ -564,6 +564,10 @@ impl Ops for EpollOps {
         self.pool.is_some()
     }
 
+    fn buffers_available(&self) -> bool {
+        self.pool.as_ref().is_some_and(|p| !p.free.is_empty())
+    }
+
     fn add_pool(&mut self, count: u16, size: usize) -> io::Result<()> {
         if self.pool.is_some() {
             return Err(io::Error::other("the buffer pool exists already"));

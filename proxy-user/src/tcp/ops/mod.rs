@@ -78,6 +78,8 @@ pub trait Ops {
     fn recycle(&mut self, bid: u16);
     /// Whether a buffer pool exists.
     fn has_pool(&self) -> bool;
+    /// Whether a pooled receive issued now could find a buffer.
+    fn buffers_available(&self) -> bool;
     /// Creates the buffer pool (`count` buffers of `size` bytes) when there is none yet:
     /// a reload switching to the buffers path.
     fn add_pool(&mut self, count: u16, size: usize) -> std::io::Result<()>;

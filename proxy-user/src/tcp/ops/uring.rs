@@ -11,7 +11,59 @@ const BGID: u16 = 7;
 
 pub struct UringOps {
     ring: IoUring,
-    bufs: Option<BufRing>,
+    bufs: Option<Pool>,
+}
+
+/// The buffer pool: a provided buffer ring holding only a few buffers at a time, the
+/// rest on a last-in first-out free list. The kernel takes ring buffers in FIFO order,
+/// so posting the whole pool would cycle through all of it (cold in cache); posting the
+/// buffers just returned keeps the working set small (16 buffers moved 11% more than
+/// 128 over eight streams). When receives find the ring empty, more are posted.
+struct Pool {
+    ring: BufRing,
+    free: Vec<u16>,
+    /// Buffers in the ring that the kernel has not consumed yet.
+    posted: u16,
+    /// How many to keep posted: doubles when receives found none, halves after a quiet
+    /// stretch, between [`HOT`] and the pool size.
+    target: u16,
+    count: u16,
+    quiet_waits: u32,
+}
+
+const HOT: u16 = 16;
+/// Waits without an empty-ring receive before the posted target halves.
+const SHRINK_AFTER: u32 = 4096;
+
+impl Pool {
+    fn top_up(&mut self) {
+        let mut pushed = false;
+        while self.posted < self.target {
+            let Some(bid) = self.free.pop() else { break };
+            self.ring.push(bid);
+            self.posted += 1;
+            pushed = true;
+        }
+        if pushed {
+            self.ring.publish();
+        }
+    }
+
+    /// Accounts one wait's completions: buffers the kernel consumed, receives that found
+    /// the ring empty.
+    fn saw(&mut self, consumed: u16, empty: bool) {
+        self.posted = self.posted.saturating_sub(consumed);
+        if empty {
+            self.target = (self.target * 2).min(self.count);
+            self.quiet_waits = 0;
+        } else {
+            self.quiet_waits += 1;
+            if self.quiet_waits >= SHRINK_AFTER {
+                self.quiet_waits = 0;
+                self.target = (self.target / 2).max(HOT.min(self.count));
+            }
+        }
+    }
 }
 
 /// What io_uring lacks here for TCP forwarding, if anything (kernel switch, set-up, or
@@ -185,24 +237,36 @@ impl Ops for UringOps {
     }
 
     fn wait(&mut self, timeout: Duration, out: &mut Vec<(u64, i32, u32)>) {
+        if let Some(p) = self.bufs.as_mut() {
+            p.top_up();
+        }
         if let Err(e) = crate::engine::uring::submit_and_wait(&self.ring, timeout) {
             tracing::error!(error = %e, "io_uring wait");
         }
+        let first = out.len();
         out.extend(
             self.ring
                 .completion()
                 .map(|c| (c.user_data(), c.result(), c.flags())),
         );
+        if let Some(p) = self.bufs.as_mut() {
+            let new = &out[first..];
+            let consumed = new
+                .iter()
+                .filter(|c| super::buffer_select(c.2).is_some())
+                .count();
+            let empty = new.iter().any(|c| c.1 == -libc::ENOBUFS);
+            p.saw(u16::try_from(consumed).unwrap_or(u16::MAX), empty);
+        }
     }
 
     fn buf(&self, bid: u16, len: usize) -> &[u8] {
-        self.bufs.as_ref().map_or(&[], |b| b.buf(bid, len))
+        self.bufs.as_ref().map_or(&[], |p| p.ring.buf(bid, len))
     }
 
     fn recycle(&mut self, bid: u16) {
-        if let Some(b) = self.bufs.as_mut() {
-            b.push(bid);
-            b.publish();
+        if let Some(p) = self.bufs.as_mut() {
+            p.free.push(bid);
         }
     }
 
@@ -210,19 +274,35 @@ impl Ops for UringOps {
         self.bufs.is_some()
     }
 
+    fn buffers_available(&self) -> bool {
+        self.bufs
+            .as_ref()
+            .is_some_and(|p| p.posted > 0 || !p.free.is_empty())
+    }
+
     fn add_pool(&mut self, count: u16, size: usize) -> io::Result<()> {
         if self.bufs.is_some() {
             return Err(io::Error::other("the buffer pool exists already"));
         }
-        let b = BufRing::new(count, size)?;
+        let ring = BufRing::empty(count, size)?;
         // SAFETY: page-aligned ring region owned by this value; unregistered in Drop
         // before it is freed.
         unsafe {
             self.ring
                 .submitter()
-                .register_buf_ring_with_flags(b.ring_addr(), count, BGID, 0)?;
+                .register_buf_ring_with_flags(ring.ring_addr(), count, BGID, 0)?;
         }
-        self.bufs = Some(b);
+        let mut pool = Pool {
+            ring,
+            // Buffer 0 on top.
+            free: (0..count).rev().collect(),
+            posted: 0,
+            target: HOT.min(count),
+            count,
+            quiet_waits: 0,
+        };
+        pool.top_up();
+        self.bufs = Some(pool);
         Ok(())
     }
 
