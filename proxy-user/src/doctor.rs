@@ -1,7 +1,8 @@
 //! `edgeproxy doctor`: what this host supports and why a fallback would be chosen.
-//! Every line is measured here (a file read, a syscall, a real probe), except zero-copy
-//! receive support per interface, which is judged by driver until the TCP engine brings
-//! the queue-registration probe; the report says which is which.
+//! Every line is measured here (a file read, a syscall, a real probe). Zero-copy receive
+//! per interface is judged by driver, and where the driver cannot do it, by the kernel's
+//! answer to a queue registration (not attempted where it could succeed: it restarts the
+//! queue); the reason says which.
 use std::{fs, io, path::Path};
 
 use serde::Serialize;
@@ -175,7 +176,7 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
 }
 
 /// Registers (then unregisters) a one-page provided-buffer ring.
-fn buffer_ring_probe(ring: &io_uring::IoUring) -> Result<(), String> {
+pub(crate) fn buffer_ring_probe(ring: &io_uring::IoUring) -> Result<(), String> {
     use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
     let len = std::num::NonZeroUsize::new(4096).ok_or("zero length")?;
     // SAFETY: a fresh private anonymous mapping, unmapped below and never aliased.

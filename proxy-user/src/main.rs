@@ -491,7 +491,10 @@ fn proxy_command(
     let shared = SharedRoutes::new(Routes::build(&cfg.routes, cfg.tcp.clone(), None));
     let publish_to = std::sync::Arc::clone(&shared);
     let path = config.clone();
-    let reload = move |why: &str| publish_routes(&publish_to, &path, why, false);
+    let reload = move |why: &str| match read_config(&path) {
+        Ok(c) => publish_routes(&publish_to, &c, why, false),
+        Err(e) => tracing::error!("{why}: configuration rejected, keeping the running one: {e:#}"),
+    };
     let mut background: Vec<Background> =
         vec![Box::pin(health::run(std::sync::Arc::clone(&shared)))];
     if let Some(file) = stats_file {
@@ -512,32 +515,28 @@ fn proxy_command(
 /// routes (`allow_none` false); inside `run` that stops forwarding but keeps the rest.
 fn publish_routes(
     shared: &proxy_user::tcp::SharedRoutes,
-    path: &Path,
+    c: &proxy_user::config::Config,
     why: &str,
     allow_none: bool,
 ) {
-    match read_config(path) {
-        Ok(c) if c.routes.is_empty() && !allow_none => {
-            tracing::error!("{why}: configuration rejected (no [[route]]), keeping the running one")
-        }
-        Ok(c) => {
-            let before = shared.latest().settings.clone();
-            if (before.buffers, before.buffer_size) != (c.tcp.buffers, c.tcp.buffer_size) {
-                tracing::warn!(
-                    "{why}: [tcp] buffers and buffer_size do not resize a buffer pool that exists (they take effect after a restart); copy, pipe_size and drain_seconds apply to new connections now"
-                );
-            }
-            let r = shared.publish(&c.routes, c.tcp);
-            let applied = shared.wait_applied(r.generation, Duration::from_secs(2));
-            tracing::info!(
-                generation = r.generation,
-                routes = r.routes.len(),
-                applied,
-                "{why}: configuration reloaded"
-            );
-        }
-        Err(e) => tracing::error!("{why}: configuration rejected, keeping the running one: {e:#}"),
+    if c.routes.is_empty() && !allow_none {
+        tracing::error!("{why}: configuration rejected (no [[route]]), keeping the running one");
+        return;
     }
+    let before = shared.latest().settings.clone();
+    if (before.buffers, before.buffer_size) != (c.tcp.buffers, c.tcp.buffer_size) {
+        tracing::warn!(
+            "{why}: [tcp] buffers and buffer_size do not resize a buffer pool that exists (they take effect after a restart); copy, pipe_size and drain_seconds apply to new connections now"
+        );
+    }
+    let r = shared.publish(&c.routes, c.tcp.clone());
+    let applied = shared.wait_applied(r.generation, Duration::from_secs(2));
+    tracing::info!(
+        generation = r.generation,
+        routes = r.routes.len(),
+        applied,
+        "{why}: configuration reloaded"
+    );
 }
 
 /// Rewrites the routes' counters to `file` as JSON four times a second.
@@ -575,23 +574,14 @@ struct LogOverrides {
     capture_from: Option<PathBuf>,
 }
 
-fn load_log_config(
-    path: Option<&Path>,
+fn log_config(
+    base: &proxy_user::config::Config,
     o: &LogOverrides,
 ) -> anyhow::Result<(
     proxy_user::logs::pipeline::PipelineConfig,
     Vec<proxy_user::config::SinkSpec>,
 )> {
-    use proxy_user::config::{Config, parse_config};
-    let base = match path {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            parse_config(&path.display().to_string(), &text)?
-        }
-        None => Config::defaults(),
-    };
-    let mut cfg = base.pipeline;
+    let mut cfg = base.pipeline.clone();
     if !o.listen.is_empty() {
         cfg.listeners = o.listen.clone();
     }
@@ -610,7 +600,12 @@ fn load_log_config(
         let online = cfg.data_cpus.len().max(1);
         cfg.data_cpus = (0..n).map(|i| i % online).collect();
     }
-    Ok((cfg, base.sinks))
+    Ok((cfg, base.sinks.clone()))
+}
+
+/// The configuration file, or the embedded defaults without one.
+fn read_config_or_defaults(path: Option<&Path>) -> anyhow::Result<proxy_user::config::Config> {
+    path.map_or_else(|| Ok(proxy_user::config::Config::defaults()), read_config)
 }
 
 /// The log pipeline's configuration source: a file (or the embedded defaults) and the
@@ -628,13 +623,18 @@ fn logs_command(
     duration: Option<Duration>,
 ) -> anyhow::Result<()> {
     use proxy_user::logs::pipeline::{CaptureSource, run_with_sinks};
-    let (shared, stop) = start_log_control(LogSetup { config, overrides }, duration, None, None)?;
+    let base = read_config_or_defaults(config.as_deref())?;
+    let (shared, stop) =
+        start_log_control(LogSetup { config, overrides }, &base, duration, None, None)?;
     run_with_sinks(&shared, CaptureSource::None, stop).map(|_| ())
 }
 
 /// Loads the log configuration and starts the control thread for it.
+/// `base` is the configuration file as read (or the defaults); each reload reads it once
+/// for both the log pipeline and the routes.
 fn start_log_control(
     setup: LogSetup,
+    base: &proxy_user::config::Config,
     duration: Option<Duration>,
     routes: Option<std::sync::Arc<proxy_user::tcp::SharedRoutes>>,
     stats_file: Option<PathBuf>,
@@ -644,13 +644,21 @@ fn start_log_control(
 )> {
     use proxy_user::logs::pipeline::SharedConfig;
     let LogSetup { config, overrides } = setup;
-    let (cfg, sinks) = load_log_config(config.as_deref(), &overrides)?;
+    let (cfg, sinks) = log_config(base, &overrides)?;
     let shared = SharedConfig::new(cfg, sinks);
     let publish_to = std::sync::Arc::clone(&shared);
     let path = config.clone();
     let reload_routes = routes.clone();
     let reload = move |why: &str| {
-        match load_log_config(path.as_deref(), &overrides) {
+        let base = match read_config_or_defaults(path.as_deref()) {
+            Ok(base) => base,
+            Err(e) => {
+                return tracing::error!(
+                    "{why}: configuration rejected, keeping the running one: {e:#}"
+                );
+            }
+        };
+        match log_config(&base, &overrides) {
             Ok((cfg, sinks)) => {
                 let s = publish_to.publish(cfg, sinks, Duration::from_millis(50));
                 tracing::info!(
@@ -663,8 +671,8 @@ fn start_log_control(
                 tracing::error!("{why}: configuration rejected, keeping the running one: {e:#}")
             }
         }
-        if let (Some(routes), Some(path)) = (&reload_routes, &path) {
-            publish_routes(routes, path, why, true);
+        if let Some(routes) = &reload_routes {
+            publish_routes(routes, &base, why, true);
         }
     };
     let mut background: Vec<Background> = Vec::new();
@@ -873,19 +881,18 @@ fn run(
     let iface = opts.iface.clone();
     // The `[[route]]`s of the configuration file, if any, are forwarded by TCP workers
     // on the data CPUs beside the log pipeline's.
-    let tcp_setup =
-        match logs.as_ref().and_then(|l| l.config.as_deref()) {
-            Some(path) => {
-                let c = read_config(path)?;
-                (!c.routes.is_empty()).then(|| {
-                    let routes = proxy_user::tcp::SharedRoutes::new(
-                        proxy_user::tcp::Routes::build(&c.routes, c.tcp.clone(), None),
-                    );
-                    (routes, c.pipeline.data_cpus, c.pipeline.backend)
-                })
-            }
-            None => None,
-        };
+    let base = logs
+        .as_ref()
+        .map(|l| read_config_or_defaults(l.config.as_deref()))
+        .transpose()?;
+    let tcp_setup = base.as_ref().filter(|c| !c.routes.is_empty()).map(|c| {
+        let routes = proxy_user::tcp::SharedRoutes::new(proxy_user::tcp::Routes::build(
+            &c.routes,
+            c.tcp.clone(),
+            None,
+        ));
+        (routes, c.pipeline.data_cpus.clone(), c.pipeline.backend)
+    });
     anyhow::ensure!(
         stats_file.is_none() || tcp_setup.is_some(),
         "--stats-file writes TCP counters: the --config file has no [[route]]"
@@ -893,9 +900,10 @@ fn run(
     // With the log pipeline, its control thread owns the signals (stop and reload) and
     // the data plane follows its stop flag.
     let pipeline = logs
-        .map(|setup| {
+        .zip(base.as_ref())
+        .map(|(setup, base)| {
             let routes = tcp_setup.as_ref().map(|(r, ..)| std::sync::Arc::clone(r));
-            start_log_control(setup, duration, routes, stats_file)
+            start_log_control(setup, base, duration, routes, stats_file)
                 .map(|(shared, stop)| daemon::LogPipeline { shared, stop })
         })
         .transpose()?;

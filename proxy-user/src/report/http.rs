@@ -137,13 +137,18 @@ impl HttpSamples {
         self.truncated += u64::from(r.truncated);
         *self.methods.entry(r.method.to_owned()).or_default() += 1;
         let path: String = r.path.chars().take(MAX_PATH).collect();
-        let key = (r.host.unwrap_or("").to_owned(), path);
-        if let Some(n) = self.paths.get_mut(&key) {
-            *n += 1;
+        self.count_path((r.host.unwrap_or("").to_owned(), path), 1);
+    }
+
+    /// `n` more requests for `key`; a new key that does not fit in the table goes to
+    /// `other`.
+    fn count_path(&mut self, key: (String, String), n: u64) {
+        if let Some(have) = self.paths.get_mut(&key) {
+            *have += n;
         } else if self.paths.len() < MAX_PATHS {
-            self.paths.insert(key, 1);
+            self.paths.insert(key, n);
         } else {
-            self.other += 1;
+            self.other += n;
         }
     }
 
@@ -157,13 +162,7 @@ impl HttpSamples {
             *self.methods.entry(m.clone()).or_default() += n;
         }
         for (k, n) in &o.paths {
-            if let Some(have) = self.paths.get_mut(k) {
-                *have += n;
-            } else if self.paths.len() < MAX_PATHS {
-                self.paths.insert(k.clone(), *n);
-            } else {
-                self.other += n;
-            }
+            self.count_path(k.clone(), *n);
         }
     }
 

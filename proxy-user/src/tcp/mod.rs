@@ -84,9 +84,9 @@ impl Default for TcpSettings {
             // loopback) plus a 53-byte segment, which doubles the packets and wake-ups
             // downstream; 32 KiB fits one segment and stays in cache.
             buffer_size: 32 * 1024,
-            // 4 MiB per worker. io_uring hands out ring buffers in FIFO order, so the whole
-            // pool is the working set: 128 moved 6–12% more than 512 over eight streams
-            // (2026-12-01, manual iperf3 runs), and bounds memory tighter.
+            // 4 MiB per worker: the bound on what all connections of a worker hold at
+            // once. (128 also moved 6–12% more than 512 over eight streams while io_uring
+            // still posted the whole pool; it now posts a hot subset, see ops::uring.)
             buffers: 128,
             // 256 KiB moved 4–10% more than 64 KiB (same run) with a third less proxy
             // CPU: fewer splice calls per byte and fewer short tail segments.

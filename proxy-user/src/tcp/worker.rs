@@ -129,10 +129,9 @@ fn buffers_unavailable(engine: Engine) -> Option<String> {
 }
 
 pub fn resolve_copy(mode: CopyMode, engine: Engine) -> anyhow::Result<(CopyPath, Option<String>)> {
-    let buffer_ring_unavailable = || buffers_unavailable(engine);
     match mode {
         CopyMode::Splice => Ok((CopyPath::Splice, None)),
-        CopyMode::Buffers => match buffer_ring_unavailable() {
+        CopyMode::Buffers => match buffers_unavailable(engine) {
             None => Ok((CopyPath::Buffers, None)),
             Some(why) => anyhow::bail!("copy = \"buffers\" is not possible here: {why}"),
         },
@@ -140,7 +139,7 @@ pub fn resolve_copy(mode: CopyMode, engine: Engine) -> anyhow::Result<(CopyPath,
         // memory is per connection (one pipe per direction) rather than a shared pool.
         CopyMode::Auto => match Pipe::new(64 * 1024) {
             Ok(_) => Ok((CopyPath::Splice, None)),
-            Err(e) => match buffer_ring_unavailable() {
+            Err(e) => match buffers_unavailable(engine) {
                 None => Ok((
                     CopyPath::Buffers,
                     Some(format!("pipes for splice cannot be created: {e}")),
@@ -346,8 +345,6 @@ struct Worker {
     conns: Vec<Option<Box<Conn>>>,
     free: Vec<u32>,
     starved: VecDeque<(u32, usize)>,
-    /// A buffer went back to the pool since the starved receives were last re-issued.
-    returned: bool,
     balancers: Vec<(Arc<Route>, Balancer)>,
     shared: Arc<SharedRoutes>,
     generation: u64,
@@ -396,7 +393,6 @@ impl Worker {
             conns: Vec::new(),
             free: Vec::new(),
             starved: VecDeque::new(),
-            returned: false,
             balancers: Vec::new(),
             generation: routes.generation,
             applied: shared.register_worker(routes.generation),
@@ -1106,13 +1102,12 @@ impl Worker {
 
     fn recycle(&mut self, bid: u16) {
         self.ops.recycle(bid);
-        self.returned = true;
     }
 
-    /// Re-issues the receives that found no buffer, once one came back or the pool has
-    /// some (not before: they would only find none again, in a busy loop).
+    /// Re-issues the receives that found no buffer, once the pool has some again (not
+    /// before: they would only find none, in a busy loop).
     fn feed_starved(&mut self) {
-        if !std::mem::take(&mut self.returned) && !self.ops.buffers_available() {
+        if !self.ops.buffers_available() {
             return;
         }
         for _ in 0..self.starved.len() {

@@ -103,23 +103,9 @@ pub fn buffer_ring_unavailable() -> Option<String> {
         Ok(r) => r,
         Err(e) => return Some(format!("io_uring set-up failed: {e}")),
     };
-    let bufs = match BufRing::new(2, 64) {
-        Ok(b) => b,
-        Err(e) => return Some(format!("buffer ring allocation failed: {e}")),
-    };
-    // SAFETY: the ring region is page-aligned and outlives the registration (it is
-    // unregistered right below, before `bufs` drops).
-    let r = unsafe {
-        ring.submitter()
-            .register_buf_ring_with_flags(bufs.ring_addr(), 2, 1, 0)
-    };
-    match r {
-        Ok(()) => {
-            let _ = ring.submitter().unregister_buf_ring(1);
-            None
-        }
-        Err(e) => Some(format!("provided buffer rings are not supported: {e}")),
-    }
+    crate::doctor::buffer_ring_probe(&ring)
+        .err()
+        .map(|e| format!("provided buffer rings are not supported: {e}"))
 }
 
 impl UringOps {
