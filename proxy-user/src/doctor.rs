@@ -3,7 +3,7 @@
 //! per interface is judged by driver, and where the driver cannot do it, by the kernel's
 //! answer to a queue registration (not attempted where it could succeed: it restarts the
 //! queue); the reason says which.
-use std::{fs, io, path::Path};
+use std::{fs, path::Path};
 
 use serde::Serialize;
 
@@ -204,68 +204,6 @@ pub(crate) fn buffer_ring_probe(ring: &io_uring::IoUring) -> Result<(), String> 
     r
 }
 
-/// Asks the kernel to register an io_uring zero-copy receive queue on rx queue 0 of
-/// interface `index` (a 64 KiB area, a 64-entry refill ring), then closes the ring, which
-/// releases it. Ok only where the NIC and its configuration can do it; otherwise the
-/// kernel's error (EOPNOTSUPP for drivers without queue-management ops).
-pub fn zcrx_register_probe(index: u32) -> io::Result<()> {
-    use io_uring::{IoUring, cqueue, squeue, types};
-    use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
-    const AREA: usize = 64 * 1024;
-    const REGION: usize = 4096;
-    let ring = IoUring::<squeue::Entry, cqueue::Entry32>::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .build(8)?;
-    let map = |len: usize| {
-        let n = std::num::NonZeroUsize::new(len).ok_or_else(|| io::Error::other("zero length"))?;
-        // SAFETY: a fresh private anonymous mapping, unmapped below and never aliased.
-        unsafe {
-            mmap_anonymous(
-                None,
-                n,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_PRIVATE,
-            )
-        }
-        .map_err(io::Error::from)
-    };
-    let area = map(AREA)?;
-    let region = match map(REGION) {
-        Ok(r) => r,
-        Err(e) => {
-            // SAFETY: exactly the mapping created above.
-            let _ = unsafe { munmap(area, AREA) };
-            return Err(e);
-        }
-    };
-    // SAFETY: plain-data kernel ABI structs; all-zero is their documented default.
-    let (mut area_reg, mut region_desc, mut reg): (
-        types::io_uring_zcrx_area_reg,
-        types::io_uring_region_desc,
-        types::io_uring_zcrx_ifq_reg,
-    ) = unsafe { (std::mem::zeroed(), std::mem::zeroed(), std::mem::zeroed()) };
-    area_reg.addr = area.as_ptr() as u64;
-    area_reg.len = AREA as u64;
-    region_desc.user_addr = region.as_ptr() as u64;
-    region_desc.size = REGION as u64;
-    region_desc.flags = types::IORING_MEM_REGION_TYPE_USER;
-    reg.if_idx = index;
-    reg.if_rxq = 0;
-    reg.rq_entries = 64;
-    reg.area_ptr = &raw const area_reg as u64;
-    reg.region_ptr = &raw const region_desc as u64;
-    let r = ring.submitter().register_ifq(&reg);
-    // Closing the ring releases a registered queue before its memory goes.
-    drop(ring);
-    // SAFETY: exactly the mappings created above; the ring that used them is closed.
-    unsafe {
-        let _ = munmap(area, AREA);
-        let _ = munmap(region, REGION);
-    }
-    r
-}
-
 /// Whether io_uring zero-copy receive could serve interface `name` (of this process's
 /// network namespace), with the reason: judged by its driver, and where that says no,
 /// by the kernel's answer to a registration.
@@ -309,7 +247,7 @@ fn interface(name: &str, index: u32, probe_xdp: bool) -> Interface {
     } else {
         // Asking the kernel is harmless where the driver cannot do it: it refuses before
         // touching a queue. Its answer is the reason shown.
-        let kernel = match zcrx_register_probe(index) {
+        let kernel = match crate::tcp::ops::zcrx::register_probe(index) {
             Ok(()) => "the kernel accepted a zero-copy queue anyway (released again)".to_owned(),
             Err(e) => format!("the kernel refused a zero-copy queue on rx queue 0: {e}"),
         };

@@ -74,8 +74,8 @@ fn zero_copy_queue_registration_is_refused_by_the_kernel_for_the_reason_given() 
     let (missing, veth) = pair.a.run(|| {
         let idx = nix::net::if_::if_nametoindex(pair.a_if).expect("veth index");
         (
-            proxy_user::doctor::zcrx_register_probe(99_999),
-            proxy_user::doctor::zcrx_register_probe(idx),
+            proxy_user::tcp::ops::zcrx::register_probe(99_999),
+            proxy_user::tcp::ops::zcrx::register_probe(idx),
         )
     });
     assert_eq!(

@@ -14,8 +14,8 @@ use crate::{
         pipeline::PipelineConfig,
     },
     tcp::{
-        CopyMode, HealthSpec, RouteSpec, TcpSettings, UpstreamSpec, balance::Algorithm,
-        pool::MAX_UPSTREAMS, proxy_protocol::Version as ProxyVersion,
+        CopyMode, HealthSpec, RouteSpec, TcpSettings, UpstreamSpec, ZeroCopyMode, ZeroCopySettings,
+        balance::Algorithm, pool::MAX_UPSTREAMS, proxy_protocol::Version as ProxyVersion,
     },
 };
 
@@ -169,6 +169,11 @@ struct RawTcp {
     buffers: Option<Spanned<i64>>,
     pipe_size: Option<Spanned<i64>>,
     drain_seconds: Option<Spanned<f64>>,
+    zero_copy: Option<Spanned<String>>,
+    zero_copy_interface: Option<Spanned<String>>,
+    zero_copy_queues: Option<Spanned<Vec<Spanned<i64>>>>,
+    zero_copy_area_mib: Option<Spanned<i64>>,
+    zero_copy_refill_entries: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -344,6 +349,7 @@ fn resolve(cx: &mut Collector<'_>, v: &Spanned<String>, what: &str) -> Option<So
 fn parse_tcp(cx: &mut Collector<'_>, raw: Option<&Spanned<RawTcp>>) -> TcpSettings {
     let mut t = TcpSettings::default();
     let Some(raw) = raw else { return t };
+    let table = raw.span();
     let raw = raw.get_ref();
     if let Some(c) = &raw.copy {
         match c.get_ref().parse::<CopyMode>() {
@@ -378,7 +384,76 @@ fn parse_tcp(cx: &mut Collector<'_>, raw: Option<&Spanned<RawTcp>>) -> TcpSettin
     {
         t.drain = d;
     }
+    parse_zero_copy(cx, raw, table, &mut t.zero_copy);
     t
+}
+
+fn parse_zero_copy(
+    cx: &mut Collector<'_>,
+    raw: &RawTcp,
+    table: std::ops::Range<usize>,
+    z: &mut ZeroCopySettings,
+) {
+    if let Some(m) = &raw.zero_copy {
+        match m.get_ref().parse::<ZeroCopyMode>() {
+            Ok(mode) => z.mode = mode,
+            Err(e) => cx.err(m.span(), format!("tcp.{e}")),
+        }
+    }
+    if let Some(i) = &raw.zero_copy_interface {
+        let name = i.get_ref();
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ']) {
+            cx.err(
+                i.span(),
+                format!("tcp.zero_copy_interface {name:?} is not an interface name"),
+            );
+        } else {
+            z.interface = Some(name.clone());
+        }
+    }
+    if let Some(q) = &raw.zero_copy_queues {
+        for v in q.get_ref() {
+            if let Some(n) = int(cx, v, "tcp.zero_copy_queues entry", 0, 65_535) {
+                let n = n as u32;
+                if z.queues.contains(&n) {
+                    cx.err(
+                        v.span(),
+                        format!(
+                            "tcp.zero_copy_queues names rx queue {n} twice (one queue per worker)"
+                        ),
+                    );
+                } else {
+                    z.queues.push(n);
+                }
+            }
+        }
+    }
+    if let Some(v) = &raw.zero_copy_area_mib
+        && let Some(n) = int(cx, v, "tcp.zero_copy_area_mib", 1, 16_384)
+    {
+        z.area_bytes = (n as usize) << 20;
+    }
+    if let Some(v) = &raw.zero_copy_refill_entries
+        && let Some(n) = int(cx, v, "tcp.zero_copy_refill_entries", 64, 32_768)
+    {
+        if (n as u64).is_power_of_two() {
+            z.refill_entries = n as u32;
+        } else {
+            cx.err(
+                v.span(),
+                format!("tcp.zero_copy_refill_entries must be a power of two, not {n}"),
+            );
+        }
+    }
+    if z.mode != ZeroCopyMode::Off {
+        let span = raw.zero_copy.as_ref().map_or(table, |m| m.span());
+        if z.interface.is_none() {
+            cx.err(span.clone(), "tcp.zero_copy needs tcp.zero_copy_interface (the NIC whose rx queues the workers take over)".to_owned());
+        }
+        if z.queues.is_empty() {
+            cx.err(span, "tcp.zero_copy needs tcp.zero_copy_queues (one rx queue per worker, steered to by flow rules)".to_owned());
+        }
+    }
 }
 
 fn parse_route(cx: &mut Collector<'_>, r: &Spanned<RawRoute>) -> Option<RouteSpec> {

@@ -36,7 +36,13 @@ pub fn unavailable() -> Option<String> {
 
 /// Submits what is queued and waits up to `timeout` for a completion; running out of
 /// time, a signal, or a full completion queue (EBUSY: reap first) are not errors.
-pub(crate) fn submit_and_wait(ring: &IoUring, timeout: std::time::Duration) -> io::Result<()> {
+pub(crate) fn submit_and_wait<
+    S: io_uring::squeue::EntryMarker,
+    C: io_uring::cqueue::EntryMarker,
+>(
+    ring: &IoUring<S, C>,
+    timeout: std::time::Duration,
+) -> io::Result<()> {
     let ts = types::Timespec::from(timeout);
     let args = types::SubmitArgs::new().timespec(&ts);
     match ring.submitter().submit_with_args(1, &args) {

@@ -158,9 +158,27 @@ pub fn tcp_table(s: &crate::tcp::TcpSummary) -> String {
     for z in &s.zero_copy {
         let _ = writeln!(
             out,
-            "zero-copy receive on {} (route {}): not used: {}",
-            z.iface, z.route, z.reason
+            "zero-copy receive on {} (route {}): {}: {}",
+            z.iface,
+            z.route,
+            if z.used { "used" } else { "not used" },
+            z.reason
         );
+    }
+    for w in &s.workers {
+        match (&w.zero_copy_queue, &w.zero_copy_refused) {
+            (Some(q), _) => {
+                let _ = writeln!(
+                    out,
+                    "worker on CPU {}: zero-copy rx queue {q}, {} connections, {} bytes received zero-copy",
+                    w.cpu, w.zero_copy_streams, w.zero_copy_bytes
+                );
+            }
+            (None, Some(why)) => {
+                let _ = writeln!(out, "worker on CPU {}: no zero-copy queue: {why}", w.cpu);
+            }
+            (None, None) => {}
+        }
     }
     let num =
         |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);

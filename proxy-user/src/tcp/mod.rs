@@ -60,6 +60,51 @@ impl FromStr for CopyMode {
     }
 }
 
+/// Whether client bytes are received through an io_uring zero-copy queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ZeroCopyMode {
+    #[default]
+    Off,
+    /// Use it where the queue can be registered; otherwise the copy path, with the
+    /// kernel's reason logged and reported.
+    Auto,
+    /// Refuse to start without it.
+    Require,
+}
+
+impl FromStr for ZeroCopyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Self::Off),
+            "auto" => Ok(Self::Auto),
+            "require" => Ok(Self::Require),
+            other => Err(format!(
+                "zero_copy must be \"off\", \"auto\" or \"require\", not {other:?}"
+            )),
+        }
+    }
+}
+
+/// Zero-copy receive: an rx queue of `interface` per worker, steered to by the operator
+/// (flow rules), registered with the worker's ring.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ZeroCopySettings {
+    pub mode: ZeroCopyMode,
+    pub interface: Option<String>,
+    /// One rx queue per worker, in the order of the data CPUs.
+    pub queues: Vec<u32>,
+    /// Receive memory per worker, bytes.
+    pub area_bytes: usize,
+    /// Refill ring entries per worker (a power of two).
+    pub refill_entries: u32,
+}
+
+impl ZeroCopySettings {
+    pub const DEFAULT_AREA_MIB: usize = 64;
+    pub const DEFAULT_REFILL_ENTRIES: u32 = 8192;
+}
+
 /// Settings shared by every route.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TcpSettings {
@@ -73,6 +118,8 @@ pub struct TcpSettings {
     pub pipe_size: usize,
     /// How long open connections may finish after SIGTERM before they are reset.
     pub drain: Duration,
+    /// Fixed at start: a reload does not register or release queues.
+    pub zero_copy: ZeroCopySettings,
 }
 
 impl Default for TcpSettings {
@@ -92,6 +139,13 @@ impl Default for TcpSettings {
             // CPU: fewer splice calls per byte and fewer short tail segments.
             pipe_size: 256 * 1024,
             drain: Duration::from_secs(30),
+            // 64 MiB: the NIC's page pool for the queue (a few thousand pages) plus
+            // what connections hold; the selftests' 8,192-entry refill ring.
+            zero_copy: ZeroCopySettings {
+                area_bytes: ZeroCopySettings::DEFAULT_AREA_MIB << 20,
+                refill_entries: ZeroCopySettings::DEFAULT_REFILL_ENTRIES,
+                ..ZeroCopySettings::default()
+            },
         }
     }
 }

@@ -145,6 +145,21 @@ pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 
 /// The interfaces a listener on `addr` receives from: those holding its address, or
 /// every interface for a wildcard address.
+/// The IP addresses of interface `name` (of this network namespace).
+pub fn addresses_of(name: &str) -> Vec<std::net::IpAddr> {
+    let Ok(list) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    list.filter(|ifa| ifa.interface_name == name)
+        .filter_map(|ifa| {
+            let a = ifa.address?;
+            a.as_sockaddr_in()
+                .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+        })
+        .collect()
+}
+
 pub fn interfaces_of(addr: SocketAddr) -> Vec<String> {
     let Ok(list) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();

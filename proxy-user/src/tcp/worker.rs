@@ -15,7 +15,7 @@
 use std::{
     collections::VecDeque,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, OwnedFd, RawFd},
     sync::{
         Arc,
@@ -30,9 +30,9 @@ use io_uring::{IoUring, opcode, types};
 use nix::sys::socket::SockaddrLike as _;
 
 use super::{
-    CopyMode, Route, SharedRoutes,
+    CopyMode, Route, SharedRoutes, ZeroCopyMode, ZeroCopySettings,
     balance::{Balancer, NoPick},
-    ops::{self, Op, Ops, epoll::EpollOps, uring::UringOps},
+    ops::{self, Op, Ops, epoll::EpollOps, uring::UringOps, zcrx::ZcSpec},
     pool::Tried,
     proxy_protocol::{self, Parsed},
     socket::{self, Pipe},
@@ -166,6 +166,83 @@ pub struct WorkerStats {
     /// can change the path for new connections).
     pub splice_streams: u64,
     pub buffer_streams: u64,
+    /// The rx queue this worker registered for zero-copy receive, or why it has none
+    /// (when `[tcp] zero_copy` asked for one).
+    pub zero_copy_queue: Option<u32>,
+    pub zero_copy_refused: Option<String>,
+    /// Connections whose client bytes came through the zero-copy queue, and those bytes.
+    pub zero_copy_streams: u64,
+    pub zero_copy_bytes: u64,
+}
+
+/// A worker's zero-copy receive queue to register, or why it gets none.
+#[derive(Clone, Debug)]
+pub enum ZcPlan {
+    Off,
+    Register {
+        spec: ZcSpec,
+        iface: String,
+        /// The interface's addresses: connections to them receive through the queue.
+        addrs: Vec<IpAddr>,
+    },
+    Refused(String),
+}
+
+/// One [`ZcPlan`] per worker from `[tcp] zero_copy`; with `require`, an error instead
+/// of any refusal known before the kernel is asked.
+pub fn plan_zero_copy(
+    z: &ZeroCopySettings,
+    engine: Engine,
+    workers: usize,
+) -> anyhow::Result<Vec<ZcPlan>> {
+    if z.mode == ZeroCopyMode::Off {
+        return Ok(vec![ZcPlan::Off; workers]);
+    }
+    let common = || -> Result<(String, u32, Vec<IpAddr>), String> {
+        if engine != Engine::IoUring {
+            return Err("zero-copy receive needs the io_uring engine (the engine is epoll)".into());
+        }
+        let mut probe = io_uring::Probe::new();
+        let ring = IoUring::new(2).map_err(|e| format!("io_uring set-up failed: {e}"))?;
+        ring.submitter()
+            .register_probe(&mut probe)
+            .map_err(|e| format!("io_uring opcode probe failed: {e}"))?;
+        if !probe.is_supported(opcode::RecvZc::CODE) {
+            return Err("the kernel lacks io_uring RecvZc (Linux 6.15 or later)".into());
+        }
+        let iface = z.interface.clone().ok_or("no tcp.zero_copy_interface")?;
+        let index = nix::net::if_::if_nametoindex(iface.as_str())
+            .map_err(|e| format!("no interface named {iface:?}: {e}"))?;
+        let addrs = socket::addresses_of(&iface);
+        Ok((iface, index, addrs))
+    };
+    let plans: Vec<ZcPlan> = match common() {
+        Err(why) => vec![ZcPlan::Refused(why); workers],
+        Ok((iface, ifindex, addrs)) => (0..workers)
+            .map(|i| match z.queues.get(i) {
+                Some(&rxq) => ZcPlan::Register {
+                    spec: ZcSpec {
+                        ifindex,
+                        rxq,
+                        area_bytes: z.area_bytes,
+                        refill_entries: z.refill_entries,
+                    },
+                    iface: iface.clone(),
+                    addrs: addrs.clone(),
+                },
+                None => ZcPlan::Refused(format!(
+                    "tcp.zero_copy_queues names {} rx queues for {workers} workers",
+                    z.queues.len()
+                )),
+            })
+            .collect(),
+    };
+    if z.mode == ZeroCopyMode::Require
+        && let Some(ZcPlan::Refused(why)) = plans.iter().find(|p| matches!(p, ZcPlan::Refused(_)))
+    {
+        anyhow::bail!("zero_copy = \"require\": {why}");
+    }
+    Ok(plans)
 }
 
 /// Zero-copy receive for one route's interface: what the probe found.
@@ -175,14 +252,15 @@ pub struct ZeroCopyStatus {
     pub iface: String,
     /// Whether the interface could do it (driver, kernel opcode).
     pub capable: bool,
-    /// Always false today: the RecvZc copy path is not implemented (see the README).
+    /// Whether workers received this interface's connections through zero-copy queues
+    /// (`[tcp] zero_copy`; each worker's queue or refusal is in its stats).
     pub used: bool,
     pub reason: String,
 }
 
-/// Probes io_uring zero-copy receive for every route's interfaces; each result is
-/// logged, and the copy path in use stays the fallback.
-pub fn probe_zero_copy(routes: &super::Routes, copy: CopyPath) -> Vec<ZeroCopyStatus> {
+/// Probes io_uring zero-copy receive for every route's interfaces and logs each result:
+/// what an operator needs to decide on `[tcp] zero_copy`.
+pub fn probe_zero_copy(routes: &super::Routes) -> Vec<ZeroCopyStatus> {
     let opcode = {
         let mut probe = io_uring::Probe::new();
         IoUring::new(2).is_ok_and(|r| r.submitter().register_probe(&mut probe).is_ok())
@@ -194,13 +272,9 @@ pub fn probe_zero_copy(routes: &super::Routes, copy: CopyPath) -> Vec<ZeroCopySt
             let (driver_ok, why) = crate::doctor::zero_copy_receive_on(&iface);
             let (capable, reason) = match (opcode, driver_ok) {
                 (false, _) => (false, "the kernel lacks io_uring RecvZc".to_owned()),
-                (true, false) => (false, why),
-                (true, true) => (
-                    true,
-                    format!("{why}; edgeproxy's RecvZc copy path is not implemented yet"),
-                ),
+                (true, ok) => (ok, why),
             };
-            tracing::info!(route = %r.spec.name, iface = %iface, capable, reason = %reason, copy = copy.name(), "zero-copy receive not used");
+            tracing::info!(route = %r.spec.name, iface = %iface, capable, reason = %reason, "zero-copy receive probe");
             out.push(ZeroCopyStatus {
                 route: r.spec.name.clone(),
                 iface,
@@ -260,6 +334,8 @@ struct Dir {
     /// Splice path: the pipe and how many bytes sit in it.
     pipe: Option<Pipe>,
     in_pipe: usize,
+    /// Zero-copy receive path (client → upstream on a worker with a zero-copy queue).
+    zc: Option<Box<ZcDir>>,
     eof: bool,
 }
 
@@ -270,7 +346,47 @@ impl Dir {
             held: None,
             pipe: None,
             in_pipe: 0,
+            zc: None,
             eof: false,
+        }
+    }
+}
+
+/// Chunks one zero-copy send may carry.
+const ZC_IOV: usize = 16;
+
+/// A direction that receives through the zero-copy queue: the chunks received and not
+/// yet forwarded, in order (a receive asks for at most one buffer's worth, and the next
+/// is issued only once all of it was sent: the same bound and backpressure as the
+/// buffers path), and the message of the send in flight.
+struct ZcDir {
+    chunks: VecDeque<(u16, u32)>,
+    /// Bytes of the first chunk already sent.
+    sent: usize,
+    /// What the receive in flight asked for, and what it delivered so far.
+    asked: u32,
+    got: u32,
+    receiving: bool,
+    sending: bool,
+    iov: [libc::iovec; ZC_IOV],
+    msg: libc::msghdr,
+}
+
+impl ZcDir {
+    fn new() -> Self {
+        Self {
+            chunks: VecDeque::new(),
+            sent: 0,
+            asked: 0,
+            got: 0,
+            receiving: false,
+            sending: false,
+            iov: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; ZC_IOV],
+            // SAFETY: plain-data C struct; all-zero is a valid empty message.
+            msg: unsafe { std::mem::zeroed() },
         }
     }
 }
@@ -297,6 +413,9 @@ struct Conn {
     hdr_done: usize,
     hdr_parsed: Option<(usize, Option<proxy_protocol::Endpoints>)>,
     dirs: [Dir; 2],
+    /// The client reached an address of the worker's zero-copy interface: its bytes are
+    /// received through the zero-copy queue.
+    zero_copy: bool,
     /// Sides to reset when the connection is finally closed.
     reset_client: bool,
     reset_upstream: bool,
@@ -352,6 +471,8 @@ struct Worker {
     applied: Arc<std::sync::atomic::AtomicU64>,
     idle_sweep: Instant,
     now: Instant,
+    /// Addresses of the zero-copy interface (empty without a registered queue).
+    zc_addrs: Vec<IpAddr>,
     stats: WorkerStats,
     completions: Vec<(u64, i32, u32)>,
 }
@@ -363,13 +484,40 @@ impl Worker {
         copy: CopyPath,
         shared: Arc<SharedRoutes>,
         listeners: Vec<(OwnedFd, Arc<Route>)>,
+        zc: ZcPlan,
     ) -> io::Result<Self> {
         let routes = shared.latest();
         let settings = &routes.settings;
         let pool = (copy == CopyPath::Buffers).then_some((settings.buffers, settings.buffer_size));
-        let ops: Box<dyn Ops> = match engine {
-            Engine::IoUring => Box::new(UringOps::new(pool)?),
-            Engine::Epoll => Box::new(EpollOps::new(pool)?),
+        let plain = || -> io::Result<Box<dyn Ops>> {
+            Ok(match engine {
+                Engine::IoUring => Box::new(UringOps::new(pool)?),
+                Engine::Epoll => Box::new(EpollOps::new(pool)?),
+            })
+        };
+        let (ops, zc_queue, zc_refused, zc_addrs) = match zc {
+            ZcPlan::Off => (plain()?, None, None, Vec::new()),
+            ZcPlan::Refused(why) => {
+                tracing::warn!(cpu, reason = %why, "zero-copy receive not used");
+                (plain()?, None, Some(why), Vec::new())
+            }
+            ZcPlan::Register { spec, iface, addrs } => match UringOps::with_zero_copy(pool, spec) {
+                Ok(o) => {
+                    tracing::info!(cpu, iface = %iface, rxq = spec.rxq, "zero-copy receive queue registered");
+                    (Box::new(o) as Box<dyn Ops>, Some(spec.rxq), None, addrs)
+                }
+                Err(e) => {
+                    let why = format!(
+                        "the kernel refused a zero-copy queue on rx queue {} of {iface}: {e}",
+                        spec.rxq
+                    );
+                    if settings.zero_copy.mode == ZeroCopyMode::Require {
+                        return Err(io::Error::other(format!("zero_copy = \"require\": {why}")));
+                    }
+                    tracing::warn!(cpu, reason = %why, "zero-copy receive not used");
+                    (plain()?, None, Some(why), Vec::new())
+                }
+            },
         };
         let now = Instant::now();
         Ok(Self {
@@ -399,8 +547,11 @@ impl Worker {
             shared,
             idle_sweep: now,
             now,
+            zc_addrs,
             stats: WorkerStats {
                 cpu,
+                zero_copy_queue: zc_queue,
+                zero_copy_refused: zc_refused,
                 ..WorkerStats::default()
             },
             completions: Vec::with_capacity(1024),
@@ -691,6 +842,7 @@ impl Worker {
             hdr_done: 0,
             hdr_parsed: None,
             dirs: [Dir::new(), Dir::new()],
+            zero_copy: self.zc_addrs.contains(&local.ip()),
             reset_client: false,
             reset_upstream: false,
         });
@@ -720,17 +872,27 @@ impl Worker {
             tracing::error!(slot, op, "completion for a freed connection");
             return;
         };
-        c.inflight -= 1;
+        // A multishot operation (zero-copy receive) stays in flight while F_MORE is set.
+        if !ops::more(flags) {
+            c.inflight -= 1;
+        }
         if c.phase == Phase::Closing {
             // A receive that completed anyway returns its buffer at once.
             if (op == OP_RECV || op == OP_RECV + 1)
                 && res > 0
-                && let Some(bid) = ops::buffer_select(flags)
+                && let Some(bid) = ops::received_buffer(flags)
             {
-                self.recycle(bid);
+                self.ops.recycle(bid);
             }
             self.finish_if_idle(slot);
             return;
+        }
+        let zc = |op: u8, base: u8| c.dirs[usize::from(op - base)].zc.is_some();
+        if (op == OP_RECV || op == OP_RECV + 1) && zc(op, OP_RECV) {
+            return self.on_zc_recv(slot, usize::from(op - OP_RECV), res, flags);
+        }
+        if (op == OP_SEND || op == OP_SEND + 1) && zc(op, OP_SEND) {
+            return self.on_zc_sent(slot, usize::from(op - OP_SEND), res);
         }
         match op {
             OP_HDR_PEEK => self.on_header_peek(slot, res),
@@ -977,8 +1139,17 @@ impl Worker {
         let pipe_size = self.pipe_size;
         let c = self.conn(slot);
         c.phase = Phase::Streaming;
+        let zc_up = c.zero_copy;
+        if zc_up {
+            c.dirs[UP].zc = Some(Box::new(ZcDir::new()));
+            self.stats.zero_copy_streams += 1;
+        }
+        let c = self.conn(slot);
         if copy == CopyPath::Splice {
             for d in [UP, DOWN] {
+                if c.dirs[d].zc.is_some() {
+                    continue;
+                }
                 match Pipe::new(pipe_size) {
                     Ok(p) => c.dirs[d].pipe = Some(p),
                     Err(e) => {
@@ -990,6 +1161,7 @@ impl Worker {
         }
         for d in [UP, DOWN] {
             match copy {
+                _ if d == UP && zc_up => self.zc_recv(slot, d),
                 CopyPath::Buffers => self.recv(slot, d),
                 CopyPath::Splice => self.splice_pump(slot, d),
             }
@@ -1029,7 +1201,7 @@ impl Worker {
         if res == 0 {
             return self.end_direction(slot, d);
         }
-        let Some(bid) = ops::buffer_select(flags) else {
+        let Some(ops::BufId::Pool(bid)) = ops::received_buffer(flags) else {
             tracing::error!("a receive completed without a buffer");
             return self.abort(slot, Some(Reason::SocketError), true, true);
         };
@@ -1048,7 +1220,7 @@ impl Worker {
         let Some((bid, off, len)) = c.dirs[d].held else {
             return;
         };
-        let data = self.ops.buf(bid, buf_size);
+        let data = self.ops.buf(ops::BufId::Pool(bid), buf_size);
         let Some(rest) = data.get(off..len) else {
             tracing::error!(bid, off, len, "a held buffer is shorter than its data");
             return self.abort(slot, Some(Reason::SocketError), true, true);
@@ -1072,25 +1244,12 @@ impl Worker {
             };
             return self.abort(slot, Some(dst_reason(d, -res)), rc || !reset, ru || !reset);
         }
-        let now = self.now;
+        self.count_sent(slot, d, res as u64);
         let c = self.conn(slot);
-        c.last_active = now;
         let Some((bid, off, len)) = c.dirs[d].held else {
             return;
         };
         let off = off + res as usize;
-        let up = c
-            .upstream_idx
-            .map(|i| Arc::clone(&c.route.pool.upstreams[i]));
-        if let Some(u) = up {
-            let counter = if d == UP {
-                &u.stats.bytes_up
-            } else {
-                &u.stats.bytes_down
-            };
-            counter.fetch_add(res as u64, Ordering::Relaxed);
-        }
-        let c = self.conn(slot);
         if off < len {
             c.dirs[d].held = Some((bid, off, len));
             return self.send(slot, d);
@@ -1100,8 +1259,173 @@ impl Worker {
         self.recv(slot, d);
     }
 
+    /// `n` bytes of direction `d` reached their destination.
+    fn count_sent(&mut self, slot: u32, d: usize, n: u64) {
+        let now = self.now;
+        let c = self.conn(slot);
+        c.last_active = now;
+        if let Some(i) = c.upstream_idx {
+            let u = &c.route.pool.upstreams[i];
+            let counter = if d == UP {
+                &u.stats.bytes_up
+            } else {
+                &u.stats.bytes_down
+            };
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    // --- zero-copy receive -------------------------------------------------------------
+
+    fn zc_recv(&mut self, slot: u32, d: usize) {
+        let size = self.buf_size as u32;
+        let c = self.conn(slot);
+        c.dirs[d].state = DirState::Busy;
+        let fd = c.src(d);
+        let Some(z) = c.dirs[d].zc.as_deref_mut() else {
+            return;
+        };
+        z.asked = size;
+        z.got = 0;
+        z.receiving = true;
+        self.submit(slot, OP_RECV + d as u8, Op::RecvZc { fd, len: size });
+    }
+
+    /// A zero-copy receive completed: a chunk (with F_MORE), or its end — 0 once it
+    /// delivered what it asked for (receive again once sent) or at end of file.
+    fn on_zc_recv(&mut self, slot: u32, d: usize, res: i32, flags: u32) {
+        if res < 0 {
+            let reset = -res == libc::ECONNRESET;
+            let (rc, ru) = if d == UP {
+                (false, reset)
+            } else {
+                (reset, false)
+            };
+            return self.abort(slot, Some(src_reason(d, -res)), rc || !reset, ru || !reset);
+        }
+        let more = ops::more(flags);
+        let chunk = ops::received_buffer(flags);
+        if res > 0 {
+            self.stats.zero_copy_bytes += res as u64;
+        }
+        let now = self.now;
+        let c = self.conn(slot);
+        c.last_active = now;
+        let Some(z) = c.dirs[d].zc.as_deref_mut() else {
+            return;
+        };
+        if res > 0 {
+            let Some(ops::BufId::Zc(id)) = chunk else {
+                tracing::error!(flags, "a zero-copy receive completed without a chunk");
+                return self.abort(slot, Some(Reason::SocketError), true, true);
+            };
+            z.chunks.push_back((id, res as u32));
+            z.got = z.got.saturating_add(res as u32);
+        }
+        if !more {
+            z.receiving = false;
+            if res == 0 && z.got < z.asked {
+                c.dirs[d].eof = true;
+            }
+        }
+        self.zc_next(slot, d);
+    }
+
+    /// What a zero-copy direction does next: send what it holds; else, with nothing in
+    /// flight, receive again or propagate end of file.
+    fn zc_next(&mut self, slot: u32, d: usize) {
+        let c = self.conn(slot);
+        let eof = c.dirs[d].eof;
+        let Some(z) = c.dirs[d].zc.as_deref() else {
+            return;
+        };
+        if z.sending || (z.chunks.is_empty() && z.receiving) {
+            return;
+        }
+        if !z.chunks.is_empty() {
+            self.zc_send(slot, d);
+        } else if eof {
+            self.end_direction(slot, d);
+        } else {
+            self.zc_recv(slot, d);
+        }
+    }
+
+    /// Sends the held chunks (up to [`ZC_IOV`]) straight from the zero-copy area.
+    fn zc_send(&mut self, slot: u32, d: usize) {
+        let Some(c) = self.conns[slot as usize].as_deref_mut() else {
+            return;
+        };
+        let fd = c.dst(d);
+        let Some(z) = c.dirs[d].zc.as_deref_mut() else {
+            return;
+        };
+        let mut n = 0;
+        for (i, &(id, len)) in z.chunks.iter().take(ZC_IOV).enumerate() {
+            let data = self.ops.buf(ops::BufId::Zc(id), len as usize);
+            let skip = if i == 0 { z.sent } else { 0 };
+            let Some(rest) = data.get(skip..).filter(|_| data.len() == len as usize) else {
+                tracing::error!(
+                    id,
+                    len,
+                    skip,
+                    have = data.len(),
+                    "a zero-copy chunk is not where it was"
+                );
+                return self.abort(slot, Some(Reason::SocketError), true, true);
+            };
+            z.iov[i] = libc::iovec {
+                iov_base: rest.as_ptr().cast_mut().cast(),
+                iov_len: rest.len(),
+            };
+            n += 1;
+        }
+        // SAFETY: plain-data C struct; all-zero is a valid empty message.
+        z.msg = unsafe { std::mem::zeroed() };
+        z.msg.msg_iov = z.iov.as_mut_ptr();
+        z.msg.msg_iovlen = n;
+        z.sending = true;
+        // The message and its iovecs live in the boxed direction until the send
+        // completes; the chunks stay held until then.
+        let msg = &raw const z.msg;
+        self.submit(slot, OP_SEND + d as u8, Op::SendMsg { fd, msg });
+    }
+
+    fn on_zc_sent(&mut self, slot: u32, d: usize, res: i32) {
+        if res < 0 {
+            let reset = matches!(-res, libc::ECONNRESET | libc::EPIPE);
+            let (rc, ru) = if d == UP {
+                (reset, false)
+            } else {
+                (false, reset)
+            };
+            return self.abort(slot, Some(dst_reason(d, -res)), rc || !reset, ru || !reset);
+        }
+        self.count_sent(slot, d, res as u64);
+        let Some(c) = self.conns[slot as usize].as_deref_mut() else {
+            return;
+        };
+        let Some(z) = c.dirs[d].zc.as_deref_mut() else {
+            return;
+        };
+        z.sending = false;
+        let mut left = res as usize;
+        while let Some(&(id, len)) = z.chunks.front() {
+            let rest = len as usize - z.sent;
+            if left < rest {
+                z.sent += left;
+                break;
+            }
+            left -= rest;
+            z.sent = 0;
+            z.chunks.pop_front();
+            self.ops.recycle(ops::BufId::Zc(id));
+        }
+        self.zc_next(slot, d);
+    }
+
     fn recycle(&mut self, bid: u16) {
-        self.ops.recycle(bid);
+        self.ops.recycle(ops::BufId::Pool(bid));
     }
 
     /// Re-issues the receives that found no buffer, once the pool has some again (not
@@ -1318,6 +1642,9 @@ impl Worker {
             if let Some((bid, _, _)) = d.held {
                 self.recycle(bid);
             }
+            for &(id, _) in d.zc.iter().flat_map(|z| z.chunks.iter()) {
+                self.ops.recycle(ops::BufId::Zc(id));
+            }
         }
         c.route.stats.active.fetch_sub(1, Ordering::AcqRel);
         if let Some(i) = c.upstream_idx {
@@ -1352,7 +1679,8 @@ pub fn run(
     if let Some(why) = why {
         tracing::warn!(reason = %why, "copying through provided buffers");
     }
-    let zero_copy = probe_zero_copy(&routes, copy);
+    let mut zero_copy = probe_zero_copy(&routes);
+    let plans = plan_zero_copy(&routes.settings.zero_copy, engine, cpus.len())?;
     tracing::info!(
         engine = engine.name(),
         copy = copy.name(),
@@ -1375,7 +1703,7 @@ pub fn run(
     let halt = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let mut handles = Vec::new();
-    for (&cpu, mine) in cpus.iter().zip(listeners) {
+    for ((&cpu, mine), zc) in cpus.iter().zip(listeners).zip(plans) {
         let shared = Arc::clone(&shared);
         let stop = Arc::clone(&stop);
         let halt = Arc::clone(&halt);
@@ -1385,7 +1713,7 @@ pub fn run(
                 .name(format!("ep-tcp-{cpu}"))
                 .spawn(move || {
                     crate::logs::pipeline::pin(cpu);
-                    let worker = match Worker::new(cpu, engine, copy, shared, mine) {
+                    let worker = match Worker::new(cpu, engine, copy, shared, mine, zc) {
                         Ok(w) => w,
                         Err(e) => {
                             let _ = ready.send(Err(format!("worker on CPU {cpu}: {e}")));
@@ -1421,6 +1749,11 @@ pub fn run(
     }
     if let Some(e) = failure {
         anyhow::bail!("TCP forwarding could not start: {e}");
+    }
+    let zc = &routes.settings.zero_copy;
+    let registered = workers.iter().any(|w| w.zero_copy_queue.is_some());
+    for z in &mut zero_copy {
+        z.used = registered && zc.interface.as_deref() == Some(z.iface.as_str());
     }
     Ok(TcpSummary {
         engine: engine.name(),
@@ -1458,5 +1791,116 @@ mod tests {
         }
         // The buffers path needs no io_uring on epoll.
         assert_eq!(buffers_unavailable(Engine::Epoll), None);
+    }
+
+    /// The worker's zero-copy direction over the emulated queue (no NIC here can register
+    /// one): every byte arrives in order, end of file is propagated as a half-close while
+    /// the other direction keeps flowing, chunks are all given back (the emulation
+    /// asserts it when the worker ends), and a direction holds at most one buffer's
+    /// worth of chunks.
+    #[test]
+    fn zero_copy_direction_forwards_in_order_half_closes_and_returns_every_chunk() {
+        use std::io::{Read, Write};
+
+        use crate::tcp::ops::zcrx::emulation::ZcEmulation;
+        const PIECE: usize = 3000;
+        let mut engines = vec![Engine::Epoll];
+        if ops::uring::unavailable().is_none() {
+            engines.push(Engine::IoUring);
+        }
+        for engine in engines {
+            let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let up_addr = upstream.local_addr().unwrap();
+            let listen = socket::listener("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = socket::local_addr(&listen).unwrap();
+            let cfg = crate::config::parse_config(
+                "t.toml",
+                &format!("[[route]]\nlisten = \"{addr}\"\nupstreams = [\"{up_addr}\"]\n"),
+            )
+            .unwrap();
+            let buf_size = cfg.tcp.buffer_size;
+            let shared = SharedRoutes::new(super::super::Routes::build(
+                &cfg.routes,
+                cfg.tcp.clone(),
+                None,
+            ));
+            let route = Arc::clone(&shared.latest().routes[0]);
+            let stop = Arc::new(AtomicBool::new(false));
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let worker = {
+                let stop = Arc::clone(&stop);
+                thread::spawn(move || {
+                    let mut w = Worker::new(
+                        0,
+                        engine,
+                        CopyPath::Splice,
+                        shared,
+                        vec![(listen, route)],
+                        ZcPlan::Off,
+                    )
+                    .unwrap();
+                    let inner: Box<dyn Ops> = match engine {
+                        Engine::IoUring => Box::new(UringOps::new(Some((16, 4096))).unwrap()),
+                        Engine::Epoll => Box::new(EpollOps::new(Some((16, 4096))).unwrap()),
+                    };
+                    let emu = ZcEmulation::new(inner, PIECE as u32);
+                    ready_tx.send(Arc::clone(&emu.held_max)).unwrap();
+                    w.ops = Box::new(emu);
+                    w.zc_addrs = vec![addr.ip()];
+                    w.run(&[&stop])
+                })
+            };
+            let held_max = ready_rx.recv().unwrap();
+            let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+            let reply: Vec<u8> = (0..200_000u32).map(|i| (i % 13) as u8).collect();
+            let server = {
+                let reply = reply.clone();
+                thread::spawn(move || {
+                    let (mut s, _) = upstream.accept().unwrap();
+                    let mut got = Vec::new();
+                    // Slowly at first: the proxy's sends back up against a full socket.
+                    let mut first = [0u8; 1000];
+                    for _ in 0..20 {
+                        thread::sleep(Duration::from_millis(5));
+                        let n = s.read(&mut first).unwrap();
+                        got.extend_from_slice(&first[..n]);
+                    }
+                    s.read_to_end(&mut got).unwrap(); // ends at the propagated EOF
+                    s.write_all(&reply).unwrap();
+                    got
+                })
+            };
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            c.write_all(&data).unwrap();
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut back = Vec::new();
+            c.read_to_end(&mut back).unwrap();
+            let got = server.join().unwrap();
+            stop.store(true, Ordering::Release);
+            let stats = worker
+                .join()
+                .expect("the worker (and its chunk check) ended cleanly");
+            assert!(
+                got == data,
+                "{engine:?}: {} of {} bytes, in order: false",
+                got.len(),
+                data.len()
+            );
+            assert!(
+                back == reply,
+                "{engine:?}: reply {} of {}",
+                back.len(),
+                reply.len()
+            );
+            assert_eq!(stats.zero_copy_streams, 1, "{engine:?}");
+            assert_eq!(stats.zero_copy_bytes, data.len() as u64, "{engine:?}");
+            let most = held_max.load(Ordering::Relaxed);
+            assert!(
+                most * PIECE <= buf_size + PIECE,
+                "{engine:?}: {most} chunks of {PIECE} held at once, more than one {buf_size}-byte buffer"
+            );
+            assert!(most > 1, "{engine:?}: sends carried several chunks");
+        }
     }
 }

@@ -12,7 +12,7 @@ use std::{
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
-use super::{BUFFER_SHIFT, F_BUFFER, F_MORE, Op, Ops};
+use super::{BUFFER_SHIFT, BufId, F_BUFFER, F_MORE, Op, Ops};
 
 pub struct EpollOps {
     epoll: Epoll,
@@ -339,6 +339,18 @@ impl EpollOps {
                     e => return Attempt::Done(-e, 0, false),
                 }
             },
+            Op::SendMsg { msg, .. } => loop {
+                // SAFETY: `msg` and the iovecs it names stay put until this completes.
+                let n = unsafe { libc::sendmsg(fd, msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+                if n >= 0 {
+                    return Attempt::Done(n as i32, 0, false);
+                }
+                match errno() {
+                    libc::EINTR => continue,
+                    e if would_block(e) => return Attempt::Blocked,
+                    e => return Attempt::Done(-e, 0, false),
+                }
+            },
             Op::Connect {
                 addr,
                 addr_len,
@@ -444,10 +456,15 @@ impl Ops for EpollOps {
                 self.done.push((user_data, n, 0));
                 return true;
             }
+            Op::RecvZc { .. } => {
+                tracing::error!("zero-copy receive needs the io_uring engine");
+                return false;
+            }
             Op::AcceptMulti { fd }
             | Op::Recv { fd, .. }
             | Op::RecvPooled { fd, .. }
             | Op::Send { fd, .. }
+            | Op::SendMsg { fd, .. }
             | Op::Connect { fd, .. }
             | Op::Poll { fd, .. } => fd,
         };
@@ -547,15 +564,18 @@ impl Ops for EpollOps {
         out.append(&mut self.done);
     }
 
-    fn buf(&self, bid: u16, len: usize) -> &[u8] {
+    fn buf(&self, bid: BufId, len: usize) -> &[u8] {
+        let BufId::Pool(bid) = bid else { return &[] };
         self.pool.as_ref().map_or(&[], |p| {
             let start = usize::from(bid) * p.size;
             &p.data[start..start + len.min(p.size)]
         })
     }
 
-    fn recycle(&mut self, bid: u16) {
-        if let Some(p) = self.pool.as_mut() {
+    fn recycle(&mut self, bid: BufId) {
+        if let BufId::Pool(bid) = bid
+            && let Some(p) = self.pool.as_mut()
+        {
             p.free.push(bid);
         }
     }

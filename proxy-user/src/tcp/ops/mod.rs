@@ -10,10 +10,14 @@ use io_uring::types;
 
 pub mod epoll;
 pub mod uring;
+pub mod zcrx;
 
 /// io_uring's CQE flag bits (kernel ABI), also produced by the epoll backend.
 pub const F_BUFFER: u32 = 1;
 pub const F_MORE: u32 = 2;
+/// Set by the io_uring backend (not the kernel) on a zero-copy receive's data
+/// completion: the upper 16 bits then name a chunk of the zero-copy area.
+pub const F_ZC: u32 = 1 << 14;
 const BUFFER_SHIFT: u32 = 16;
 
 /// Whether a multishot operation stays armed after this completion.
@@ -21,9 +25,25 @@ pub fn more(flags: u32) -> bool {
     flags & F_MORE != 0
 }
 
-/// The buffer a receive with buffer selection filled, if any.
+/// The pool buffer a receive with buffer selection filled, if any.
 pub fn buffer_select(flags: u32) -> Option<u16> {
     (flags & F_BUFFER != 0).then_some((flags >> BUFFER_SHIFT) as u16)
+}
+
+/// Memory a receive completed into: a buffer of the pool, or a chunk of the zero-copy
+/// receive area.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BufId {
+    Pool(u16),
+    Zc(u16),
+}
+
+/// The memory a receive's completion names, if any.
+pub fn received_buffer(flags: u32) -> Option<BufId> {
+    if flags & F_ZC != 0 {
+        return Some(BufId::Zc((flags >> BUFFER_SHIFT) as u16));
+    }
+    buffer_select(flags).map(BufId::Pool)
 }
 
 /// One operation; each completes exactly once (a multishot accept once per connection,
@@ -43,8 +63,16 @@ pub enum Op {
     /// Receive up to `len` bytes into a buffer of the backend's pool (`-ENOBUFS` when
     /// none is free); the completion names it ([`buffer_select`]).
     RecvPooled { fd: RawFd, len: u32 },
+    /// Zero-copy receive (io_uring only, on a worker with a registered queue): up to
+    /// `len` bytes, one completion per chunk with [`F_MORE`] ([`received_buffer`] names
+    /// it), then a last completion without: 0 after `len` bytes or at end of file, or
+    /// an error.
+    RecvZc { fd: RawFd, len: u32 },
     /// Send (never raising SIGPIPE); may complete with fewer bytes than asked.
     Send { fd: RawFd, buf: *const u8, len: u32 },
+    /// `sendmsg` of the iovecs `msg` names (never raising SIGPIPE): the zero-copy path
+    /// sends several chunks at once. io_uring only.
+    SendMsg { fd: RawFd, msg: *const libc::msghdr },
     /// Connect, with a timeout that completes separately as `timeout_user_data`:
     /// `-ETIME` when it fired (the connect then completes with `-ECANCELED`),
     /// `-ECANCELED` when the connect finished first.
@@ -72,10 +100,10 @@ pub trait Ops {
     fn flush(&mut self);
     /// Waits up to `timeout` for at least one completion; appends what completed.
     fn wait(&mut self, timeout: Duration, out: &mut Vec<(u64, i32, u32)>);
-    /// The first `len` bytes of pooled buffer `bid`.
-    fn buf(&self, bid: u16, len: usize) -> &[u8];
-    /// Returns pooled buffer `bid`.
-    fn recycle(&mut self, bid: u16);
+    /// The first `len` bytes of buffer or chunk `bid`.
+    fn buf(&self, bid: BufId, len: usize) -> &[u8];
+    /// Returns buffer or chunk `bid` (a chunk goes back to the NIC).
+    fn recycle(&mut self, bid: BufId);
     /// Whether a buffer pool exists.
     fn has_pool(&self) -> bool;
     /// Whether a pooled receive issued now could find a buffer.

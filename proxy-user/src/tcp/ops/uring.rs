@@ -1,17 +1,47 @@
 //! The io_uring backend: one SQE per operation (a connect is linked to its timeout), the
-//! pool a provided buffer ring the kernel picks from.
+//! pool a provided buffer ring the kernel picks from, and on workers with a zero-copy
+//! receive queue, its area (a ring with 32-byte completions, which carry the offsets).
 use std::{io, os::fd::RawFd, time::Duration};
 
-use io_uring::{IoUring, opcode, squeue, types};
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
-use super::{Op, Ops};
+use super::{
+    BufId, Op, Ops,
+    zcrx::{ZcSpec, Zcrx},
+};
 use crate::engine::uring::BufRing;
 
 const BGID: u16 = 7;
 
-pub struct UringOps {
-    ring: IoUring,
+pub struct UringOps<C: Cqe = cqueue::Entry> {
+    ring: IoUring<squeue::Entry, C>,
     bufs: Option<Pool>,
+    /// Declared after the ring: the ring closes (releasing the queue) first.
+    zc: Option<Zcrx>,
+}
+
+/// A completion queue entry: the 16-byte one, or the 32-byte one whose extra bytes carry
+/// a zero-copy receive's area offset.
+pub trait Cqe: cqueue::EntryMarker {
+    /// user_data, result, flags, and the first extra word (0 without one).
+    fn parts(&self) -> (u64, i32, u32, u64);
+}
+
+impl Cqe for cqueue::Entry {
+    fn parts(&self) -> (u64, i32, u32, u64) {
+        (self.user_data(), self.result(), self.flags(), 0)
+    }
+}
+
+impl Cqe for cqueue::Entry32 {
+    fn parts(&self) -> (u64, i32, u32, u64) {
+        (
+            self.user_data(),
+            self.result(),
+            self.flags(),
+            self.big_cqe()[0],
+        )
+    }
 }
 
 /// The buffer pool: a provided buffer ring holding only a few buffers at a time, the
@@ -118,15 +148,53 @@ impl UringOps {
             .setup_cqsize(16_384)
             .build(4096)
             .or_else(|_| IoUring::builder().setup_cqsize(16_384).build(4096))?;
-        let mut ops = Self { ring, bufs: None };
+        let mut ops = Self {
+            ring,
+            bufs: None,
+            zc: None,
+        };
         if let Some((count, size)) = pool {
             ops.add_pool(count, size)?;
         }
         Ok(ops)
     }
+}
 
-    fn entry(op: Op) -> Vec<squeue::Entry> {
+impl UringOps<cqueue::Entry32> {
+    /// A ring with 32-byte completions and the zero-copy receive queue `zc` registered
+    /// on it (the kernel's error when it refuses), plus the pool as in [`UringOps::new`].
+    pub fn with_zero_copy(pool: Option<(u16, usize)>, zc: ZcSpec) -> io::Result<Self> {
+        let ring = IoUring::<squeue::Entry, cqueue::Entry32>::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_cqsize(16_384)
+            .build(4096)?;
+        let zc = Zcrx::register(&ring, zc)?;
+        let mut ops = Self {
+            ring,
+            bufs: None,
+            zc: Some(zc),
+        };
+        if let Some((count, size)) = pool {
+            ops.add_pool(count, size)?;
+        }
+        Ok(ops)
+    }
+}
+
+impl<C: Cqe> UringOps<C> {
+    fn entry(&self, op: Op) -> Vec<squeue::Entry> {
         match op {
+            Op::RecvZc { fd, len } => vec![
+                opcode::RecvZc::new(types::Fd(fd), len)
+                    .ifq(self.zc.as_ref().map_or(u32::MAX, |z| z.id))
+                    .build(),
+            ],
+            Op::SendMsg { fd, msg } => vec![
+                opcode::SendMsg::new(types::Fd(fd), msg)
+                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .build(),
+            ],
             Op::AcceptMulti { fd } => vec![
                 opcode::AcceptMulti::new(types::Fd(fd))
                     .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
@@ -197,12 +265,19 @@ impl UringOps {
     }
 }
 
-impl Ops for UringOps {
+impl<C: Cqe> Ops for UringOps<C> {
     fn push(&mut self, op: Op, user_data: u64) -> bool {
-        let mut entries = Self::entry(op);
+        if matches!(op, Op::RecvZc { .. }) {
+            let Some(zc) = self.zc.as_mut() else {
+                tracing::error!("zero-copy receive without a registered queue");
+                return false;
+            };
+            zc.issued(user_data);
+        }
+        let mut entries = self.entry(op);
         entries[0] = entries[0].clone().user_data(user_data);
         // All entries of one operation (a linked pair) go in together or not at all.
-        let room = |ring: &mut IoUring| {
+        let room = |ring: &mut IoUring<squeue::Entry, C>| {
             let sq = ring.submission();
             sq.capacity() - sq.len()
         };
@@ -226,15 +301,24 @@ impl Ops for UringOps {
         if let Some(p) = self.bufs.as_mut() {
             p.top_up();
         }
+        if let Some(z) = self.zc.as_mut() {
+            z.publish();
+        }
         if let Err(e) = crate::engine::uring::submit_and_wait(&self.ring, timeout) {
             tracing::error!(error = %e, "io_uring wait");
         }
         let first = out.len();
-        out.extend(
-            self.ring
-                .completion()
-                .map(|c| (c.user_data(), c.result(), c.flags())),
-        );
+        let zc = &mut self.zc;
+        out.extend(self.ring.completion().map(|c| {
+            let (ud, res, flags, extra) = c.parts();
+            match zc.as_mut() {
+                Some(z) if z.owns(ud) => {
+                    let (res, flags) = z.translate(ud, res, flags, extra);
+                    (ud, res, flags)
+                }
+                _ => (ud, res, flags),
+            }
+        }));
         if let Some(p) = self.bufs.as_mut() {
             let new = &out[first..];
             let consumed = new
@@ -246,13 +330,25 @@ impl Ops for UringOps {
         }
     }
 
-    fn buf(&self, bid: u16, len: usize) -> &[u8] {
-        self.bufs.as_ref().map_or(&[], |p| p.ring.buf(bid, len))
+    fn buf(&self, bid: BufId, len: usize) -> &[u8] {
+        match bid {
+            BufId::Pool(bid) => self.bufs.as_ref().map_or(&[], |p| p.ring.buf(bid, len)),
+            BufId::Zc(id) => self.zc.as_ref().map_or(&[], |z| z.data(id, len)),
+        }
     }
 
-    fn recycle(&mut self, bid: u16) {
-        if let Some(p) = self.bufs.as_mut() {
-            p.free.push(bid);
+    fn recycle(&mut self, bid: BufId) {
+        match bid {
+            BufId::Pool(bid) => {
+                if let Some(p) = self.bufs.as_mut() {
+                    p.free.push(bid);
+                }
+            }
+            BufId::Zc(id) => {
+                if let Some(z) = self.zc.as_mut() {
+                    z.give_back(id);
+                }
+            }
         }
     }
 
@@ -299,7 +395,7 @@ impl Ops for UringOps {
     }
 }
 
-impl Drop for UringOps {
+impl<C: Cqe> Drop for UringOps<C> {
     fn drop(&mut self) {
         if self.bufs.is_some() {
             let _ = self.ring.submitter().unregister_buf_ring(BGID);
