@@ -529,6 +529,11 @@ fn publish_routes(
             "{why}: [tcp] buffers and buffer_size do not resize a buffer pool that exists (they take effect after a restart); copy, pipe_size and drain_seconds apply to new connections now"
         );
     }
+    if before.zero_copy != c.tcp.zero_copy {
+        tracing::warn!(
+            "{why}: [tcp] zero_copy settings take effect after a restart (workers register their rx queues at start)"
+        );
+    }
     let r = shared.publish(&c.routes, c.tcp.clone());
     let applied = shared.wait_applied(r.generation, Duration::from_secs(2));
     tracing::info!(

@@ -70,6 +70,7 @@ on_both_engines!(
     slow_client_bounds_memory_buffers,
     slow_client_bounds_memory_splice,
     run_forwards_the_routes_of_its_configuration,
+    zero_copy_falls_back_with_the_reason_and_require_refuses_to_start,
 );
 
 fn sa(s: &str) -> SocketAddr {
@@ -1270,4 +1271,82 @@ fn run_forwards_the_routes_of_its_configuration() {
         num(&by_name("r")["upstreams"][0], "bytes_up"),
         (b"through the one daemon".len() + b"and the first one still".len()) as u64
     );
+}
+
+/// `[tcp] zero_copy` on an interface that cannot do it (loopback: no queue-management
+/// ops; this machine has no NIC that can): with `auto` every worker asks, is refused for
+/// the reason the kernel (or the engine) gives, and forwards through the copy path; with
+/// `require` edgeproxy does not start and says why.
+fn zero_copy_falls_back_with_the_reason_and_require_refuses_to_start() {
+    if !require_root("zero_copy_falls_back_with_the_reason_and_require_refuses_to_start") {
+        return;
+    }
+    let epoll = ENGINE.get() == "epoll";
+    let expected = if epoll {
+        "needs the io_uring engine"
+    } else {
+        "the kernel refused a zero-copy queue on rx queue"
+    };
+    let zc = |mode: &str| {
+        format!(
+            "[tcp]\nzero_copy = \"{mode}\"\nzero_copy_interface = \"lo\"\nzero_copy_queues = [0, 1]\n{}",
+            route("10.200.0.1:7000", &["10.200.0.1:7001"], "")
+        )
+    };
+    let mut bed = Bed::new();
+    let _up = bed.upstream("10.200.0.1:7001", echo());
+    bed.start(&zc("auto"), &[]);
+    let mut s = connect(&bed.ns, sa("10.200.0.1:7000")).expect("connect");
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    let mut w = s.try_clone().expect("clone");
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&sent).expect("send");
+        w.shutdown(Shutdown::Write).expect("shutdown");
+    });
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).expect("echo");
+    writer.join().expect("writer");
+    assert!(
+        back == data,
+        "{} of {} bytes echoed in order",
+        back.len(),
+        data.len()
+    );
+    bed.settled(1);
+    let report = bed.stop();
+    let workers = report["workers"].as_array().expect("workers");
+    assert!(!workers.is_empty());
+    for w in workers {
+        let why = w["zero_copy_refused"].as_str().unwrap_or("");
+        assert!(why.contains(expected), "{w}");
+        if !epoll {
+            assert!(
+                why.contains("os error 95"),
+                "EOPNOTSUPP from the kernel: {why}"
+            );
+        }
+        assert_eq!(w["zero_copy_queue"], serde_json::Value::Null, "{w}");
+        assert_eq!(num(w, "zero_copy_streams"), 0, "{w}");
+    }
+    assert_eq!(report["zero_copy"][0]["used"], false, "{report}");
+
+    // require: no start, and the reason on stderr.
+    let mut bed = Bed::new();
+    let config = format!("[engine]\nkind = \"{}\"\n{}", ENGINE.get(), zc("require"));
+    std::fs::write(&bed.cfg, config).expect("write config");
+    match start_proxy(&bed.ns, &bed.cfg, &bed.stats, &[]) {
+        Ok((p, _)) => {
+            bed.proxy = Some(p);
+            panic!("edgeproxy started without the zero-copy queue it was required to have");
+        }
+        Err(e) => {
+            let e = format!("{e:#}");
+            assert!(
+                e.contains("zero_copy = \\\"require\\\"") || e.contains("zero_copy = \"require\""),
+                "{e}"
+            );
+            assert!(e.contains(expected), "{e}");
+        }
+    }
 }

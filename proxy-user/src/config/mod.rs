@@ -1088,6 +1088,49 @@ mod tests {
     }
 
     #[test]
+    fn zero_copy_settings_parse_and_their_problems_are_located() {
+        let c = parse_config(
+            "c",
+            "[tcp]\nzero_copy = \"require\"\nzero_copy_interface = \"eth1\"\nzero_copy_queues = [8, 9]\nzero_copy_area_mib = 128\nzero_copy_refill_entries = 4096\n",
+        )
+        .unwrap();
+        let z = &c.tcp.zero_copy;
+        assert_eq!(z.mode, crate::tcp::ZeroCopyMode::Require);
+        assert_eq!(z.interface.as_deref(), Some("eth1"));
+        assert_eq!(z.queues, vec![8, 9]);
+        assert_eq!((z.area_bytes, z.refill_entries), (128 << 20, 4096));
+        let off = parse_config("c", "").unwrap().tcp.zero_copy;
+        assert_eq!(off.mode, crate::tcp::ZeroCopyMode::Off, "off unless asked");
+        let cases: [(&str, &[&str]); 4] = [
+            (
+                "[tcp]\nzero_copy = \"yes\"\n",
+                &["c:2:13: tcp.zero_copy must be \"off\", \"auto\" or \"require\""],
+            ),
+            (
+                "[tcp]\nzero_copy = \"auto\"\n",
+                &[
+                    "c:2:13: tcp.zero_copy needs tcp.zero_copy_interface",
+                    "c:2:13: tcp.zero_copy needs tcp.zero_copy_queues",
+                ],
+            ),
+            (
+                "[tcp]\nzero_copy_queues = [1, 2, 1]\n",
+                &["c:2:27: tcp.zero_copy_queues names rx queue 1 twice"],
+            ),
+            (
+                "[tcp]\nzero_copy_refill_entries = 1000\n",
+                &["c:2:28: tcp.zero_copy_refill_entries must be a power of two"],
+            ),
+        ];
+        for (src, want) in cases {
+            let e = parse_config("c", src).expect_err(src).to_string();
+            for w in want {
+                assert!(e.contains(w), "{src:?}: {e}");
+            }
+        }
+    }
+
+    #[test]
     fn every_problem_is_located() {
         let cases: [(&str, &str); 12] = [
             (
