@@ -12,6 +12,7 @@ use std::{
     collections::{HashSet, VecDeque},
     io,
     num::NonZeroUsize,
+    os::fd::AsRawFd,
     ptr::NonNull,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -20,6 +21,9 @@ use io_uring::{IoUring, cqueue, squeue, types};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
 
 use super::{F_MORE, F_ZC};
+
+/// `IORING_REGISTER_ZCRX_IFQ` (kernel ABI).
+const IORING_REGISTER_ZCRX_IFQ: libc::c_long = 32;
 
 /// Where a worker's zero-copy queue lives and how much memory it may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,7 +240,22 @@ impl Zcrx {
         reg.rq_entries = spec.refill_entries;
         reg.area_ptr = &raw mut area_reg as u64;
         reg.region_ptr = &raw mut region_desc as u64;
-        ring.submitter().register_ifq(&reg)?;
+        // The kernel writes the layout back into `reg` (and the token into `area_reg`),
+        // so it is passed as a mutable pointer (the io-uring crate's `register_ifq` takes
+        // a shared reference, through which a write would not be sound to read back).
+        // SAFETY: a valid io_uring fd; `reg` and what it points to live across the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_register,
+                ring.as_raw_fd(),
+                IORING_REGISTER_ZCRX_IFQ,
+                &raw mut reg,
+                1,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
         // The kernel wrote back the ring's layout, its entry count and the area token.
         let entries = reg.rq_entries;
         let end = reg.offsets.rqes as usize
