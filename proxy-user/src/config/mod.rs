@@ -290,6 +290,23 @@ fn choice<T: Copy>(
 }
 
 /// An integer within `lo..=hi`, or a located error.
+/// [`int`], and a power of two.
+fn power_of_two(
+    cx: &mut Collector<'_>,
+    v: &Spanned<i64>,
+    what: &str,
+    lo: i64,
+    hi: i64,
+) -> Option<i64> {
+    let n = int(cx, v, what, lo, hi)?;
+    if (n as u64).is_power_of_two() {
+        Some(n)
+    } else {
+        cx.err(v.span(), format!("{what} must be a power of two, not {n}"));
+        None
+    }
+}
+
 fn int(cx: &mut Collector<'_>, v: &Spanned<i64>, what: &str, lo: i64, hi: i64) -> Option<i64> {
     let n = *v.get_ref();
     if (lo..=hi).contains(&n) {
@@ -363,16 +380,9 @@ fn parse_tcp(cx: &mut Collector<'_>, raw: Option<&Spanned<RawTcp>>) -> TcpSettin
         t.buffer_size = n as usize;
     }
     if let Some(v) = &raw.buffers
-        && let Some(n) = int(cx, v, "tcp.buffers", 2, 32_768)
+        && let Some(n) = power_of_two(cx, v, "tcp.buffers", 2, 32_768)
     {
-        if (n as u64).is_power_of_two() {
-            t.buffers = n as u16;
-        } else {
-            cx.err(
-                v.span(),
-                format!("tcp.buffers must be a power of two, not {n}"),
-            );
-        }
+        t.buffers = n as u16;
     }
     if let Some(v) = &raw.pipe_size
         && let Some(n) = int(cx, v, "tcp.pipe_size", 4096, 1 << 20)
@@ -434,16 +444,9 @@ fn parse_zero_copy(
         z.area_bytes = (n as usize) << 20;
     }
     if let Some(v) = &raw.zero_copy_refill_entries
-        && let Some(n) = int(cx, v, "tcp.zero_copy_refill_entries", 64, 32_768)
+        && let Some(n) = power_of_two(cx, v, "tcp.zero_copy_refill_entries", 64, 32_768)
     {
-        if (n as u64).is_power_of_two() {
-            z.refill_entries = n as u32;
-        } else {
-            cx.err(
-                v.span(),
-                format!("tcp.zero_copy_refill_entries must be a power of two, not {n}"),
-            );
-        }
+        z.refill_entries = n as u32;
     }
     if z.mode != ZeroCopyMode::Off {
         let span = raw.zero_copy.as_ref().map_or(table, |m| m.span());

@@ -1190,13 +1190,7 @@ impl Worker {
             return;
         }
         if res < 0 {
-            let reset = -res == libc::ECONNRESET;
-            let (rc, ru) = if d == UP {
-                (false, reset)
-            } else {
-                (reset, false)
-            };
-            return self.abort(slot, Some(src_reason(d, -res)), rc || !reset, ru || !reset);
+            return self.recv_failed(slot, d, res);
         }
         if res == 0 {
             return self.end_direction(slot, d);
@@ -1235,14 +1229,7 @@ impl Worker {
 
     fn on_sent(&mut self, slot: u32, d: usize, res: i32) {
         if res < 0 {
-            let reset = matches!(-res, libc::ECONNRESET | libc::EPIPE);
-            // The destination failed: reset the side we were reading from.
-            let (rc, ru) = if d == UP {
-                (reset, false)
-            } else {
-                (false, reset)
-            };
-            return self.abort(slot, Some(dst_reason(d, -res)), rc || !reset, ru || !reset);
+            return self.send_failed(slot, d, res);
         }
         self.count_sent(slot, d, res as u64);
         let c = self.conn(slot);
@@ -1257,6 +1244,30 @@ impl Worker {
         c.dirs[d].held = None;
         self.recycle(bid);
         self.recv(slot, d);
+    }
+
+    /// The source of direction `d` failed with `-res`: a reset is passed on as a reset
+    /// to the other side; any other error resets both.
+    fn recv_failed(&mut self, slot: u32, d: usize, res: i32) {
+        let reset = -res == libc::ECONNRESET;
+        let (rc, ru) = if d == UP {
+            (false, reset)
+        } else {
+            (reset, false)
+        };
+        self.abort(slot, Some(src_reason(d, -res)), rc || !reset, ru || !reset);
+    }
+
+    /// The destination of direction `d` failed with `-res`: reset the side we were
+    /// reading from (both on an error other than a reset).
+    fn send_failed(&mut self, slot: u32, d: usize, res: i32) {
+        let reset = matches!(-res, libc::ECONNRESET | libc::EPIPE);
+        let (rc, ru) = if d == UP {
+            (reset, false)
+        } else {
+            (false, reset)
+        };
+        self.abort(slot, Some(dst_reason(d, -res)), rc || !reset, ru || !reset);
     }
 
     /// `n` bytes of direction `d` reached their destination.
@@ -1295,13 +1306,7 @@ impl Worker {
     /// delivered what it asked for (receive again once sent) or at end of file.
     fn on_zc_recv(&mut self, slot: u32, d: usize, res: i32, flags: u32) {
         if res < 0 {
-            let reset = -res == libc::ECONNRESET;
-            let (rc, ru) = if d == UP {
-                (false, reset)
-            } else {
-                (reset, false)
-            };
-            return self.abort(slot, Some(src_reason(d, -res)), rc || !reset, ru || !reset);
+            return self.recv_failed(slot, d, res);
         }
         let more = ops::more(flags);
         let chunk = ops::received_buffer(flags);
@@ -1393,13 +1398,7 @@ impl Worker {
 
     fn on_zc_sent(&mut self, slot: u32, d: usize, res: i32) {
         if res < 0 {
-            let reset = matches!(-res, libc::ECONNRESET | libc::EPIPE);
-            let (rc, ru) = if d == UP {
-                (reset, false)
-            } else {
-                (false, reset)
-            };
-            return self.abort(slot, Some(dst_reason(d, -res)), rc || !reset, ru || !reset);
+            return self.send_failed(slot, d, res);
         }
         self.count_sent(slot, d, res as u64);
         let Some(c) = self.conns[slot as usize].as_deref_mut() else {

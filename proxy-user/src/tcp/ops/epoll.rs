@@ -320,37 +320,21 @@ impl EpollOps {
 
     fn attempt_write(&mut self, fd: RawFd, p: &mut Pending) -> Attempt {
         match p.op {
-            Op::Send { buf, len, .. } => loop {
+            Op::Send { buf, len, .. } => sent(|| {
                 // SAFETY: `buf` holds `len` bytes that stay put until this completes.
-                let n = unsafe {
+                unsafe {
                     libc::send(
                         fd,
                         buf.cast(),
                         len as usize,
                         libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
                     )
-                };
-                if n >= 0 {
-                    return Attempt::Done(n as i32, 0, false);
                 }
-                match errno() {
-                    libc::EINTR => continue,
-                    e if would_block(e) => return Attempt::Blocked,
-                    e => return Attempt::Done(-e, 0, false),
-                }
-            },
-            Op::SendMsg { msg, .. } => loop {
+            }),
+            Op::SendMsg { msg, .. } => sent(|| {
                 // SAFETY: `msg` and the iovecs it names stay put until this completes.
-                let n = unsafe { libc::sendmsg(fd, msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
-                if n >= 0 {
-                    return Attempt::Done(n as i32, 0, false);
-                }
-                match errno() {
-                    libc::EINTR => continue,
-                    e if would_block(e) => return Attempt::Blocked,
-                    e => return Attempt::Done(-e, 0, false),
-                }
-            },
+                unsafe { libc::sendmsg(fd, msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) }
+            }),
             Op::Connect {
                 addr,
                 addr_len,
@@ -439,6 +423,21 @@ impl EpollOps {
             self.complete(p, -libc::ECANCELED, 0);
         }
         n as i32
+    }
+}
+
+/// The outcome of a non-blocking send syscall, retried on EINTR.
+fn sent(mut call: impl FnMut() -> isize) -> Attempt {
+    loop {
+        let n = call();
+        if n >= 0 {
+            return Attempt::Done(n as i32, 0, false);
+        }
+        match errno() {
+            libc::EINTR => continue,
+            e if would_block(e) => return Attempt::Blocked,
+            e => return Attempt::Done(-e, 0, false),
+        }
     }
 }
 

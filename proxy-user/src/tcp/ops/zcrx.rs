@@ -195,8 +195,6 @@ pub struct Zcrx {
     chunks: Chunks,
     /// `RecvZc` operations in flight (by user_data): their completions carry offsets.
     ops: HashSet<u64>,
-    /// Completions that found the chunk table full (the connection is aborted).
-    pub exhausted: u64,
     // Declared last: dropped after the refill ring that points into it (kept for that,
     // never read).
     _region: Mapping,
@@ -282,16 +280,25 @@ impl Zcrx {
         // SAFETY: the region is ours for as long as `region` lives, which outlives the
         // refill ring (field order), and the kernel's offsets were checked to fit it.
         let refill = unsafe { RefillRing::new(region.ptr, offsets, entries) };
-        Ok(Self {
-            id: reg.zcrx_id,
-            token: area_reg.rq_area_token,
+        Ok(Self::assemble(
+            reg.zcrx_id,
+            area_reg.rq_area_token,
+            refill,
+            region,
+            area,
+        ))
+    }
+
+    fn assemble(id: u32, token: u64, refill: RefillRing, region: Mapping, area: Mapping) -> Self {
+        Self {
+            id,
+            token,
             refill,
             chunks: Chunks::default(),
             ops: HashSet::new(),
-            exhausted: 0,
             _region: region,
             area,
-        })
+        }
     }
 
     /// A `RecvZc` operation with `user_data` was issued: its completions carry offsets.
@@ -334,7 +341,10 @@ impl Zcrx {
         match self.chunks.take(off, len) {
             Some(id) => (res, (flags & F_MORE) | F_ZC | (u32::from(id) << 16)),
             None => {
-                self.exhausted += 1;
+                tracing::warn!(
+                    held = MAX_CHUNKS,
+                    "zero-copy chunk table full: the chunk goes back unread and its connection ends"
+                );
                 self.refill.push(self.rqe(off, len));
                 (-libc::ENOBUFS, flags & F_MORE)
             }
@@ -486,16 +496,7 @@ mod tests {
         };
         // SAFETY: the region holds `entries` entries after 128 bytes and outlives it.
         let refill = unsafe { RefillRing::new(region.ptr, offsets, entries) };
-        Zcrx {
-            id: 0,
-            token: 3 << types::IORING_ZCRX_AREA_SHIFT,
-            refill,
-            chunks: Chunks::default(),
-            ops: HashSet::new(),
-            exhausted: 0,
-            _region: region,
-            area,
-        }
+        Zcrx::assemble(0, 3 << types::IORING_ZCRX_AREA_SHIFT, refill, region, area)
     }
 
     #[test]
