@@ -77,6 +77,9 @@ fn read_u32(p: impl AsRef<Path>) -> Option<u32> {
 /// Drivers that implement the netdev queue-management ops io_uring zero-copy receive
 /// needs (with header/data split and flow steering) as of Linux 6.18.
 const ZCRX_DRIVERS: [&str; 4] = ["bnxt_en", "gve", "mlx5_core", "fbnic"];
+/// Drivers (as this module names them) without queue-management ops, which refuse a
+/// zero-copy registration before touching any queue: asking the kernel is harmless.
+const NO_QUEUE_OPS: [&str; 5] = ["loopback", "virtual", "virtio_net", "veth", "ifb"];
 
 pub fn probe(probe_xdp: bool) -> DoctorReport {
     // Interfaces of this process's network namespace (if_nameindex follows it; sysfs
@@ -215,8 +218,14 @@ pub fn zero_copy_receive_on(name: &str) -> (bool, String) {
 fn interface(name: &str, index: u32, probe_xdp: bool) -> Interface {
     let base = Path::new("/sys/class/net").join(name);
     let sysfs_is_ours = read_u32(base.join("ifindex")) == Some(index);
+    // sysfs shows the namespace it was mounted in; ethtool answers for ours.
     let driver = if !sysfs_is_ours {
-        Some("unknown (sysfs shows another network namespace)".to_owned())
+        Some(match ethtool_driver(name) {
+            Some(d) if d == "veth" => "virtual (veth or similar)".to_owned(),
+            Some(d) => d,
+            None if name == "lo" => "loopback".to_owned(),
+            None => "unknown (sysfs shows another network namespace)".to_owned(),
+        })
     } else {
         None
     };
@@ -236,29 +245,8 @@ fn interface(name: &str, index: u32, probe_xdp: bool) -> Interface {
                 }
             })
     });
-    let zero_copy_receive = if ZCRX_DRIVERS.iter().any(|d| *d == driver) {
-        // Not asked of the kernel here: registering takes over (restarts) an rx queue.
-        (
-            true,
-            format!(
-                "driver {driver} implements queue management (needs header/data split and flow steering configured; cannot share the device with XDP: use --hook tc)"
-            ),
-        )
-    } else {
-        // Asking the kernel is harmless where the driver cannot do it: it refuses before
-        // touching a queue. Its answer is the reason shown.
-        let kernel = match crate::tcp::ops::zcrx::register_probe(index) {
-            Ok(()) => "the kernel accepted a zero-copy queue anyway (released again)".to_owned(),
-            Err(e) => format!("the kernel refused a zero-copy queue on rx queue 0: {e}"),
-        };
-        (
-            false,
-            format!(
-                "{kernel}; driver {driver} lacks the queue-management ops zero-copy receive needs (supported: {})",
-                ZCRX_DRIVERS.join(", ")
-            ),
-        )
-    };
+    let zero_copy_receive =
+        zero_copy_judgement(&driver, || crate::tcp::ops::zcrx::register_probe(index));
     let (xdp_native, xdp_generic) = if probe_xdp {
         xdp_probe(name)
     } else {
@@ -276,6 +264,100 @@ fn interface(name: &str, index: u32, probe_xdp: bool) -> Interface {
         xdp_native,
         xdp_generic,
         zero_copy_receive,
+    }
+}
+
+/// The driver of interface `name` as ethtool reports it (`ETHTOOL_GDRVINFO`), answered
+/// for this process's network namespace.
+fn ethtool_driver(name: &str) -> Option<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    /// `struct ethtool_drvinfo` (kernel ABI).
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 160],
+    };
+    // SAFETY: plain-data C struct; all-zero is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= ifr.ifr_name.len() {
+        return None;
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = (&raw mut info).cast();
+    // SAFETY: a fresh socket, closed on drop.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just opened and is owned here.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: SIOCETHTOOL with an ifreq naming the interface and pointing at a drvinfo
+    // buffer of the size the kernel writes; both live across the call.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            SIOCETHTOOL,
+            &raw mut ifr,
+        )
+    };
+    if r < 0 {
+        return None;
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    let d = String::from_utf8_lossy(&info.driver[..end]).into_owned();
+    (!d.is_empty()).then_some(d)
+}
+
+/// Whether zero-copy receive could work with `driver`, and why: known capable drivers
+/// yes (not asked: a registration restarts a queue); drivers known to lack the ops are
+/// asked of the kernel (`ask_kernel`, which refuses them before touching anything);
+/// other drivers are not asked.
+fn zero_copy_judgement(
+    driver: &str,
+    ask_kernel: impl FnOnce() -> std::io::Result<()>,
+) -> (bool, String) {
+    if ZCRX_DRIVERS.contains(&driver) {
+        // Not asked of the kernel here: registering takes over (restarts) an rx queue.
+        (
+            true,
+            format!(
+                "driver {driver} implements queue management (needs header/data split and flow steering configured; cannot share the device with XDP: use --hook tc)"
+            ),
+        )
+    } else if !NO_QUEUE_OPS.iter().any(|d| driver.starts_with(d)) {
+        // A physical driver we do not know: a registration could take over (restart) its
+        // rx queue 0 if it can after all, so the kernel is not asked here.
+        (
+            false,
+            format!(
+                "driver {driver} is not known to implement the queue-management ops zero-copy receive needs (known: {}); not asked of the kernel, since a registration restarts a queue where it succeeds: try [tcp] zero_copy = \"auto\"",
+                ZCRX_DRIVERS.join(", ")
+            ),
+        )
+    } else {
+        // Asking the kernel is harmless where the driver cannot do it: it refuses before
+        // touching a queue. Its answer is the reason shown.
+        let kernel = match ask_kernel() {
+            Ok(()) => "the kernel accepted a zero-copy queue anyway (released again)".to_owned(),
+            Err(e) => format!("the kernel refused a zero-copy queue on rx queue 0: {e}"),
+        };
+        (
+            false,
+            format!(
+                "{kernel}; driver {driver} lacks the queue-management ops zero-copy receive needs (supported: {})",
+                ZCRX_DRIVERS.join(", ")
+            ),
+        )
     }
 }
 
@@ -382,5 +464,27 @@ impl DoctorReport {
             );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_is_asked_about_zero_copy_only_for_drivers_that_cannot_do_it() {
+        let never = || -> std::io::Result<()> { panic!("the kernel was asked") };
+        let (ok, why) = zero_copy_judgement("mlx5_core", never);
+        assert!(ok, "{why}");
+        let (ok, why) = zero_copy_judgement("ixgbe", never);
+        assert!(!ok && why.contains("not asked of the kernel"), "{why}");
+        let (ok, why) =
+            zero_copy_judgement("unknown (sysfs shows another network namespace)", never);
+        assert!(!ok && why.contains("not asked"), "{why}");
+        let refused = || Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        for d in ["loopback", "virtio_net", "virtual (veth or similar)"] {
+            let (ok, why) = zero_copy_judgement(d, refused);
+            assert!(!ok && why.contains("os error 95"), "{d}: {why}");
+        }
     }
 }

@@ -1330,6 +1330,15 @@ fn zero_copy_falls_back_with_the_reason_and_require_refuses_to_start() {
         assert_eq!(num(w, "zero_copy_streams"), 0, "{w}");
     }
     assert_eq!(report["zero_copy"][0]["used"], false, "{report}");
+    // With io_uring, both workers planned a queue before the kernel refused them, so the
+    // route's listeners took the program that steers connections by rx queue (loopback
+    // records no queue: the kernel's hash picked, as the echo above shows).
+    let steered = if epoll {
+        serde_json::json!([])
+    } else {
+        serde_json::json!(["r"])
+    };
+    assert_eq!(report["steered_by_rx_queue"], steered, "{report}");
 
     // require: no start, and the reason on stderr.
     let mut bed = Bed::new();

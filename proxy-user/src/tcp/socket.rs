@@ -33,6 +33,63 @@ pub fn listener(addr: SocketAddr) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// The classic BPF program that picks, in a `SO_REUSEPORT` group, the socket of the
+/// worker that owns the rx queue a connection's SYN arrived on: `queues[i]` is worker
+/// `i`'s queue (if it has one), and worker `i`'s listener is the group's `i`-th socket.
+/// Other queues get an index past the group, which makes the kernel fall back to its
+/// hash.
+pub fn queue_steering_program(queues: &[Option<u32>]) -> Vec<libc::sock_filter> {
+    const SKF_AD_OFF: i32 = -0x1000;
+    const SKF_AD_QUEUE: i32 = 8;
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    // The skb records rx queue q as q + 1 (skb_record_rx_queue); 0 means none.
+    let mut prog = vec![stmt(
+        libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+        (SKF_AD_OFF + SKF_AD_QUEUE) as u32,
+    )];
+    for (i, q) in queues.iter().enumerate() {
+        let Some(q) = q else { continue };
+        prog.push(libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: q + 1,
+        });
+        prog.push(stmt(libc::BPF_RET | libc::BPF_K, i as u32));
+    }
+    prog.push(stmt(libc::BPF_RET | libc::BPF_K, u32::MAX));
+    prog
+}
+
+/// Attaches [`queue_steering_program`] to `fd`'s `SO_REUSEPORT` group.
+pub fn steer_by_rx_queue(fd: &OwnedFd, queues: &[Option<u32>]) -> io::Result<()> {
+    let mut prog = queue_steering_program(queues);
+    let fprog = libc::sock_fprog {
+        len: u16::try_from(prog.len()).map_err(|_| io::Error::other("too many queues"))?,
+        filter: prog.as_mut_ptr(),
+    };
+    // SAFETY: a valid socket; `fprog` and the program it points to live across the call
+    // (the kernel copies the program).
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&raw const fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A non-blocking socket to connect to `addr` with.
 pub fn upstream_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
     let fd = stream_socket(addr)?;
@@ -178,4 +235,54 @@ pub fn interfaces_of(addr: SocketAddr) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_steering_program_maps_each_recorded_queue_to_its_worker() {
+        let p = queue_steering_program(&[Some(8), None, Some(3)]);
+        let shape: Vec<(u32, u8, u8, u32)> = p
+            .iter()
+            .map(|i| (u32::from(i.code), i.jt, i.jf, i.k))
+            .collect();
+        let ld = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+        let jeq = libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K;
+        let ret = libc::BPF_RET | libc::BPF_K;
+        assert_eq!(
+            shape,
+            vec![
+                (ld, 0, 0, (-0x1000i32 + 8) as u32), // A = skb->queue_mapping
+                (jeq, 0, 1, 9),                      // rx queue 8 is recorded as 9
+                (ret, 0, 0, 0),                      // → worker 0
+                (jeq, 0, 1, 4),                      // rx queue 3 → worker 2
+                (ret, 0, 0, 2),
+                (ret, 0, 0, u32::MAX), // anything else: the kernel's hash
+            ]
+        );
+    }
+
+    /// The kernel takes the program on a `SO_REUSEPORT` group, and connections whose
+    /// queue matches no worker (loopback records none) still reach a listener.
+    #[test]
+    fn the_kernel_accepts_the_steering_program_and_unmatched_connections_fall_back() {
+        let a = listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = local_addr(&a).unwrap();
+        let b = listener(addr).unwrap();
+        steer_by_rx_queue(&a, &[Some(8), Some(9)]).expect("SO_ATTACH_REUSEPORT_CBPF");
+        for _ in 0..4 {
+            std::net::TcpStream::connect(addr).expect("connect");
+        }
+        let accepted = [&a, &b]
+            .iter()
+            .map(|l| {
+                std::iter::from_fn(|| nix::sys::socket::accept(l.as_raw_fd()).ok())
+                    .map(|fd| drop(adopt(fd)))
+                    .count()
+            })
+            .sum::<usize>();
+        assert_eq!(accepted, 4);
+    }
 }

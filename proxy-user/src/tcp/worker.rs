@@ -173,6 +173,10 @@ pub struct WorkerStats {
     /// Connections whose client bytes came through the zero-copy queue, and those bytes.
     pub zero_copy_streams: u64,
     pub zero_copy_bytes: u64,
+    /// Times a zero-copy direction waited for chunks to come back (half the area held),
+    /// and receives the kernel ended for lack of room and that were issued again.
+    pub zero_copy_waits: u64,
+    pub zero_copy_retries: u64,
 }
 
 /// A worker's zero-copy receive queue to register, or why it gets none.
@@ -184,8 +188,50 @@ pub enum ZcPlan {
         iface: String,
         /// The interface's addresses: connections to them receive through the queue.
         addrs: Vec<IpAddr>,
+        /// Several workers have queues: listeners steer by rx queue.
+        steering: bool,
     },
     Refused(String),
+}
+
+/// With zero-copy queues on several workers, a connection must be accepted by the worker
+/// whose queue its packets arrive on (another worker could not read them, not even on
+/// the copy path): each route's `SO_REUSEPORT` group gets a program that picks the
+/// socket by rx queue (worker `i`'s listener is the group's `i`-th, as they were opened
+/// in worker order). A group that refuses the program fails the start. Returns the
+/// routes steered.
+fn steer_zero_copy(
+    plans: &[ZcPlan],
+    listeners: &[Vec<(OwnedFd, Arc<Route>)>],
+) -> anyhow::Result<Vec<String>> {
+    let queues: Vec<Option<u32>> = plans
+        .iter()
+        .map(|p| match p {
+            ZcPlan::Register { spec, .. } => Some(spec.rxq),
+            _ => None,
+        })
+        .collect();
+    let steering = plans
+        .iter()
+        .any(|p| matches!(p, ZcPlan::Register { steering: true, .. }));
+    let mut steered_routes = Vec::new();
+    if !steering {
+        return Ok(steered_routes);
+    }
+    let Some(first) = listeners.first() else {
+        return Ok(steered_routes);
+    };
+    for (fd, route) in first {
+        socket::steer_by_rx_queue(fd, &queues).with_context(|| {
+            format!(
+                "route {}: steering connections to the workers that own their rx queues (zero-copy receive on several workers)",
+                route.spec.name
+            )
+        })?;
+        tracing::info!(route = %route.spec.name, queues = ?queues, "connections steered to workers by rx queue");
+        steered_routes.push(route.spec.name.clone());
+    }
+    Ok(steered_routes)
 }
 
 /// One [`ZcPlan`] per worker from `[tcp] zero_copy`; with `require`, an error instead
@@ -229,6 +275,7 @@ pub fn plan_zero_copy(
                     },
                     iface: iface.clone(),
                     addrs: addrs.clone(),
+                    steering: workers > 1,
                 },
                 None => ZcPlan::Refused(format!(
                     "tcp.zero_copy_queues names {} rx queues for {workers} workers",
@@ -294,6 +341,9 @@ pub struct TcpSummary {
     pub engine_fallback: Option<String>,
     pub copy: &'static str,
     pub zero_copy: Vec<ZeroCopyStatus>,
+    /// Routes whose connections go to the worker owning their rx queue (zero-copy
+    /// receive on several workers).
+    pub steered_by_rx_queue: Vec<String>,
     pub workers: Vec<WorkerStats>,
     pub routes: serde_json::Value,
     pub elapsed_s: f64,
@@ -302,6 +352,10 @@ pub struct TcpSummary {
 struct Listener {
     fd: OwnedFd,
     route: Arc<Route>,
+    /// Connections reach the worker that owns the rx queue they arrived on (needed for
+    /// zero-copy receive with several workers: a queue's pages are readable only through
+    /// its own worker's ring).
+    steered: bool,
     armed: bool,
     /// After an accept error (EMFILE, ENFILE, ENOMEM) the listener rests until then
     /// instead of failing again at once in a tight loop.
@@ -473,6 +527,18 @@ struct Worker {
     now: Instant,
     /// Addresses of the zero-copy interface (empty without a registered queue).
     zc_addrs: Vec<IpAddr>,
+    /// Several workers have zero-copy queues: connections must be steered to theirs.
+    zc_needs_steering: bool,
+    /// Zero-copy chunks the connections hold, and the most they may: half the area's
+    /// pages (one chunk pins a page), the rest left to the NIC's page pool.
+    zc_held: usize,
+    zc_budget: usize,
+    /// Directions with new chunks, sent once the whole batch of completions is in (so
+    /// one sendmsg carries several chunks).
+    zc_pending: Vec<(u32, usize)>,
+    /// Directions waiting to receive again: over the budget, or after a receive the
+    /// kernel ended for lack of room (ENOSPC: completion queue; ENOMEM: area).
+    zc_waiting: VecDeque<(u32, usize)>,
     stats: WorkerStats,
     completions: Vec<(u64, i32, u32)>,
 }
@@ -495,13 +561,20 @@ impl Worker {
                 Engine::Epoll => Box::new(EpollOps::new(pool)?),
             })
         };
+        let zc_needs_steering = matches!(zc, ZcPlan::Register { steering: true, .. });
+        let zc_budget = match &zc {
+            ZcPlan::Register { spec, .. } => spec.area_bytes / ops::zcrx::page_size() / 2,
+            _ => 0,
+        };
         let (ops, zc_queue, zc_refused, zc_addrs) = match zc {
             ZcPlan::Off => (plain()?, None, None, Vec::new()),
             ZcPlan::Refused(why) => {
                 tracing::warn!(cpu, reason = %why, "zero-copy receive not used");
                 (plain()?, None, Some(why), Vec::new())
             }
-            ZcPlan::Register { spec, iface, addrs } => match UringOps::with_zero_copy(pool, spec) {
+            ZcPlan::Register {
+                spec, iface, addrs, ..
+            } => match UringOps::with_zero_copy(pool, spec) {
                 Ok(o) => {
                     tracing::info!(cpu, iface = %iface, rxq = spec.rxq, "zero-copy receive queue registered");
                     (Box::new(o) as Box<dyn Ops>, Some(spec.rxq), None, addrs)
@@ -533,6 +606,9 @@ impl Worker {
                     Some(Listener {
                         fd,
                         route,
+                        // Opened in worker order before any worker started: see
+                        // `steer_zero_copy`.
+                        steered: true,
                         armed: false,
                         rest_until: None,
                     })
@@ -547,7 +623,12 @@ impl Worker {
             shared,
             idle_sweep: now,
             now,
+            zc_budget: zc_budget.max(1),
             zc_addrs,
+            zc_needs_steering,
+            zc_held: 0,
+            zc_pending: Vec::new(),
+            zc_waiting: VecDeque::new(),
             stats: WorkerStats {
                 cpu,
                 zero_copy_queue: zc_queue,
@@ -615,6 +696,7 @@ impl Worker {
             self.arm_listeners();
             self.now = Instant::now();
             self.complete_all();
+            self.flush_zc();
             self.feed_starved();
         }
         self.stats.left_open = self.open();
@@ -701,9 +783,15 @@ impl Worker {
                 }
                 None => match socket::listener(r.spec.listen) {
                     Ok(fd) => {
+                        if self.zc_needs_steering {
+                            tracing::warn!(route = %r.spec.name, "a route added by a reload is not steered by rx queue: it uses the copy path, and its flows must not be sent to zero-copy queues before a restart");
+                        }
                         self.listeners.push(Some(Listener {
                             fd,
                             route: Arc::clone(r),
+                            // Listeners open in each worker's own order after a reload,
+                            // so the group's order is not the workers': no steering.
+                            steered: !self.zc_needs_steering,
                             armed: false,
                             rest_until: None,
                         }));
@@ -794,6 +882,7 @@ impl Worker {
             return;
         }
         let route = Arc::clone(&l.route);
+        let steered = l.steered;
         let fd = socket::adopt(res);
         route.stats.accepted.fetch_add(1, Ordering::Relaxed);
         self.stats.connections += 1;
@@ -842,7 +931,9 @@ impl Worker {
             hdr_done: 0,
             hdr_parsed: None,
             dirs: [Dir::new(), Dir::new()],
-            zero_copy: self.zc_addrs.contains(&local.ip()),
+            // A PROXY header is read with a plain receive, which cannot read pages of a
+            // zero-copy queue: such routes stay on the copy path.
+            zero_copy: steered && !accept_proxy && self.zc_addrs.contains(&local.ip()),
             reset_client: false,
             reset_upstream: false,
         });
@@ -1303,8 +1394,21 @@ impl Worker {
     }
 
     /// A zero-copy receive completed: a chunk (with F_MORE), or its end — 0 once it
-    /// delivered what it asked for (receive again once sent) or at end of file.
+    /// delivered what it asked for (receive again once sent) or at end of file. What it
+    /// brought is sent once the whole batch of completions is in ([`Self::flush_zc`]).
     fn on_zc_recv(&mut self, slot: u32, d: usize, res: i32, flags: u32) {
+        if res < 0 && !ops::more(flags) && matches!(-res, libc::ENOSPC | libc::ENOMEM) {
+            // The kernel ended the receive for lack of room (completion queue, area)
+            // without consuming anything: receive again later.
+            self.stats.zero_copy_retries += 1;
+            let c = self.conn(slot);
+            c.dirs[d].state = DirState::Starved;
+            if let Some(z) = c.dirs[d].zc.as_deref_mut() {
+                z.receiving = false;
+            }
+            self.zc_pending.push((slot, d));
+            return;
+        }
         if res < 0 {
             return self.recv_failed(slot, d, res);
         }
@@ -1314,7 +1418,9 @@ impl Worker {
             self.stats.zero_copy_bytes += res as u64;
         }
         let now = self.now;
-        let c = self.conn(slot);
+        let Some(c) = self.conns[slot as usize].as_deref_mut() else {
+            return;
+        };
         c.last_active = now;
         let Some(z) = c.dirs[d].zc.as_deref_mut() else {
             return;
@@ -1326,6 +1432,7 @@ impl Worker {
             };
             z.chunks.push_back((id, res as u32));
             z.got = z.got.saturating_add(res as u32);
+            self.zc_held += 1;
         }
         if !more {
             z.receiving = false;
@@ -1333,7 +1440,26 @@ impl Worker {
                 c.dirs[d].eof = true;
             }
         }
-        self.zc_next(slot, d);
+        self.zc_pending.push((slot, d));
+    }
+
+    /// After a batch of completions: sends what the zero-copy directions received, then
+    /// lets waiting directions receive again while the chunk budget allows.
+    fn flush_zc(&mut self) {
+        let retry = std::mem::take(&mut self.zc_waiting);
+        let pending = std::mem::take(&mut self.zc_pending);
+        for (slot, d) in pending.iter().copied().chain(retry) {
+            let live = self
+                .conns
+                .get(slot as usize)
+                .and_then(|c| c.as_deref())
+                .is_some_and(|c| c.phase == Phase::Streaming && c.dirs[d].zc.is_some());
+            if live {
+                self.zc_next(slot, d);
+            }
+        }
+        self.zc_pending = pending;
+        self.zc_pending.clear();
     }
 
     /// What a zero-copy direction does next: send what it holds; else, with nothing in
@@ -1351,6 +1477,12 @@ impl Worker {
             self.zc_send(slot, d);
         } else if eof {
             self.end_direction(slot, d);
+        } else if self.zc_held >= self.zc_budget {
+            // The area is half held by connections: the NIC needs the rest. Received
+            // again once chunks come back.
+            self.stats.zero_copy_waits += 1;
+            self.conn(slot).dirs[d].state = DirState::Starved;
+            self.zc_waiting.push_back((slot, d));
         } else {
             self.zc_recv(slot, d);
         }
@@ -1419,6 +1551,7 @@ impl Worker {
             z.sent = 0;
             z.chunks.pop_front();
             self.ops.recycle(ops::BufId::Zc(id));
+            self.zc_held -= 1;
         }
         self.zc_next(slot, d);
     }
@@ -1643,6 +1776,7 @@ impl Worker {
             }
             for &(id, _) in d.zc.iter().flat_map(|z| z.chunks.iter()) {
                 self.ops.recycle(ops::BufId::Zc(id));
+                self.zc_held -= 1;
             }
         }
         c.route.stats.active.fetch_sub(1, Ordering::AcqRel);
@@ -1699,6 +1833,7 @@ pub fn run(
         }
         listeners.push(mine);
     }
+    let steered_by_rx_queue = steer_zero_copy(&plans, &listeners)?;
     let halt = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let mut handles = Vec::new();
@@ -1759,6 +1894,7 @@ pub fn run(
         engine_fallback,
         copy: copy.name(),
         zero_copy,
+        steered_by_rx_queue,
         workers,
         routes: shared.latest().json(),
         elapsed_s: started.elapsed().as_secs_f64(),
@@ -1803,6 +1939,7 @@ mod tests {
 
         use crate::tcp::ops::zcrx::emulation::ZcEmulation;
         const PIECE: usize = 3000;
+        const BUDGET: usize = 2;
         let mut engines = vec![Engine::Epoll];
         if ops::uring::unavailable().is_none() {
             engines.push(Engine::IoUring);
@@ -1839,67 +1976,115 @@ mod tests {
                     )
                     .unwrap();
                     let inner: Box<dyn Ops> = match engine {
-                        Engine::IoUring => Box::new(UringOps::new(Some((16, 4096))).unwrap()),
-                        Engine::Epoll => Box::new(EpollOps::new(Some((16, 4096))).unwrap()),
+                        Engine::IoUring => Box::new(UringOps::new(Some((16, 16_384))).unwrap()),
+                        Engine::Epoll => Box::new(EpollOps::new(Some((16, 16_384))).unwrap()),
                     };
-                    let emu = ZcEmulation::new(inner, PIECE as u32);
-                    ready_tx.send(Arc::clone(&emu.held_max)).unwrap();
+                    let mut emu = ZcEmulation::new(inner, PIECE as u32, 16_384);
+                    emu.fail_every = Some(7);
+                    ready_tx
+                        .send((Arc::clone(&emu.held_max), Arc::clone(&emu.iov_max)))
+                        .unwrap();
                     w.ops = Box::new(emu);
                     w.zc_addrs = vec![addr.ip()];
+                    // A small chunk budget, so that receives wait for chunks to return.
+                    w.zc_budget = BUDGET;
                     w.run(&[&stop])
                 })
             };
-            let held_max = ready_rx.recv().unwrap();
-            let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+            let (held_max, iov_max) = ready_rx.recv().unwrap();
+            // Three connections at once, so that one's held chunks make another wait.
+            const CONNS: u32 = 3;
+            let data = |k: u32| -> Vec<u8> {
+                (0..1_000_000u32)
+                    .map(|i| (i.wrapping_mul(7 + k) % 251) as u8)
+                    .collect()
+            };
             let reply: Vec<u8> = (0..200_000u32).map(|i| (i % 13) as u8).collect();
             let server = {
                 let reply = reply.clone();
                 thread::spawn(move || {
-                    let (mut s, _) = upstream.accept().unwrap();
-                    let mut got = Vec::new();
-                    // Slowly at first: the proxy's sends back up against a full socket.
-                    let mut first = [0u8; 1000];
-                    for _ in 0..20 {
-                        thread::sleep(Duration::from_millis(5));
-                        let n = s.read(&mut first).unwrap();
-                        got.extend_from_slice(&first[..n]);
+                    let mut served = Vec::new();
+                    for _ in 0..CONNS {
+                        let (mut s, _) = upstream.accept().unwrap();
+                        let reply = reply.clone();
+                        served.push(thread::spawn(move || {
+                            // The first 4 bytes name the connection.
+                            let mut got = Vec::new();
+                            // Slowly at first: the proxy's sends back up against a full
+                            // socket.
+                            let mut first = [0u8; 1000];
+                            for _ in 0..20 {
+                                thread::sleep(Duration::from_millis(5));
+                                let n = s.read(&mut first).unwrap();
+                                got.extend_from_slice(&first[..n]);
+                            }
+                            s.read_to_end(&mut got).unwrap(); // ends at the propagated EOF
+                            s.write_all(&reply).unwrap();
+                            got
+                        }));
                     }
-                    s.read_to_end(&mut got).unwrap(); // ends at the propagated EOF
-                    s.write_all(&reply).unwrap();
-                    got
+                    served
+                        .into_iter()
+                        .map(|h| h.join().unwrap())
+                        .collect::<Vec<_>>()
                 })
             };
-            let mut c = std::net::TcpStream::connect(addr).unwrap();
-            c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            c.write_all(&data).unwrap();
-            c.shutdown(std::net::Shutdown::Write).unwrap();
-            let mut back = Vec::new();
-            c.read_to_end(&mut back).unwrap();
+            let clients: Vec<_> = (0..CONNS)
+                .map(|k| {
+                    thread::spawn(move || {
+                        let mut c = std::net::TcpStream::connect(addr).unwrap();
+                        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                        c.write_all(&k.to_be_bytes()).unwrap();
+                        c.write_all(&data(k)).unwrap();
+                        c.shutdown(std::net::Shutdown::Write).unwrap();
+                        let mut back = Vec::new();
+                        c.read_to_end(&mut back).unwrap();
+                        back
+                    })
+                })
+                .collect();
+            for c in clients {
+                let back = c.join().unwrap();
+                assert!(
+                    back == reply,
+                    "{engine:?}: reply {} of {}",
+                    back.len(),
+                    reply.len()
+                );
+            }
             let got = server.join().unwrap();
             stop.store(true, Ordering::Release);
             let stats = worker
                 .join()
                 .expect("the worker (and its chunk check) ended cleanly");
-            assert!(
-                got == data,
-                "{engine:?}: {} of {} bytes, in order: false",
-                got.len(),
-                data.len()
-            );
-            assert!(
-                back == reply,
-                "{engine:?}: reply {} of {}",
-                back.len(),
-                reply.len()
-            );
-            assert_eq!(stats.zero_copy_streams, 1, "{engine:?}");
-            assert_eq!(stats.zero_copy_bytes, data.len() as u64, "{engine:?}");
+            let mut total = 0;
+            for g in &got {
+                let k = u32::from_be_bytes(g[..4].try_into().unwrap());
+                let want = data(k);
+                assert!(
+                    g[4..] == want[..],
+                    "{engine:?}: connection {k}: {} of {} bytes, in order: false",
+                    g.len() - 4,
+                    want.len()
+                );
+                total += g.len() as u64;
+            }
+            assert_eq!(stats.zero_copy_streams, u64::from(CONNS), "{engine:?}");
+            assert_eq!(stats.zero_copy_bytes, total, "{engine:?}");
             let most = held_max.load(Ordering::Relaxed);
             assert!(
-                most * PIECE <= buf_size + PIECE,
-                "{engine:?}: {most} chunks of {PIECE} held at once, more than one {buf_size}-byte buffer"
+                most <= CONNS as usize * buf_size,
+                "{engine:?}: {most} bytes held in chunks at once, more than one {buf_size}-byte buffer per connection"
             );
-            assert!(most > 1, "{engine:?}: sends carried several chunks");
+            assert!(
+                iov_max.load(Ordering::Relaxed) > 1,
+                "{engine:?}: a sendmsg carried several chunks"
+            );
+            assert!(stats.zero_copy_retries > 0, "{engine:?}: ENOSPC retried");
+            assert!(
+                stats.zero_copy_waits > 0,
+                "{engine:?}: the chunk budget held receives back"
+            );
         }
     }
 }

@@ -164,10 +164,12 @@ impl UringOps<cqueue::Entry32> {
     /// A ring with 32-byte completions and the zero-copy receive queue `zc` registered
     /// on it (the kernel's error when it refuses), plus the pool as in [`UringOps::new`].
     pub fn with_zero_copy(pool: Option<(u16, usize)>, zc: ZcSpec) -> io::Result<Self> {
+        // Each receive posts a completion per chunk, which cannot overflow into the
+        // kernel's backlog (the receive ends with ENOSPC instead): the largest queue.
         let ring = IoUring::<squeue::Entry, cqueue::Entry32>::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
-            .setup_cqsize(16_384)
+            .setup_cqsize(65_536)
             .build(4096)?;
         let zc = Zcrx::register(&ring, zc)?;
         let mut ops = Self {
@@ -267,12 +269,10 @@ impl<C: Cqe> UringOps<C> {
 
 impl<C: Cqe> Ops for UringOps<C> {
     fn push(&mut self, op: Op, user_data: u64) -> bool {
-        if matches!(op, Op::RecvZc { .. }) {
-            let Some(zc) = self.zc.as_mut() else {
-                tracing::error!("zero-copy receive without a registered queue");
-                return false;
-            };
-            zc.issued(user_data);
+        let zero_copy = matches!(op, Op::RecvZc { .. });
+        if zero_copy && self.zc.is_none() {
+            tracing::error!("zero-copy receive without a registered queue");
+            return false;
         }
         let mut entries = self.entry(op);
         entries[0] = entries[0].clone().user_data(user_data);
@@ -288,7 +288,15 @@ impl<C: Cqe> Ops for UringOps<C> {
                 return false;
             }
         }
-        entries.iter().all(|e| self.push_entry(e))
+        let queued = entries.iter().all(|e| self.push_entry(e));
+        // Only a queued receive may have its completions read as zero-copy chunks.
+        if queued
+            && zero_copy
+            && let Some(zc) = self.zc.as_mut()
+        {
+            zc.issued(user_data);
+        }
+        queued
     }
 
     fn flush(&mut self) {

@@ -131,7 +131,9 @@ impl RefillRing {
         }
         // SAFETY: head lives in the region (see `new`); the kernel writes it.
         let head = unsafe { self.head.as_ref() }.load(Ordering::Acquire);
-        let room = self.entries - self.tail_local.wrapping_sub(head);
+        let room = self
+            .entries
+            .saturating_sub(self.tail_local.wrapping_sub(head));
         let n = (room as usize).min(self.waiting.len());
         for rqe in self.waiting.drain(..n) {
             let slot = (self.tail_local & (self.entries - 1)) as usize;
@@ -204,8 +206,15 @@ pub struct Zcrx {
 /// Bytes the refill ring region needs for `entries` entries (head and tail on their own
 /// cache lines, then the entries), rounded up to pages.
 fn region_bytes(entries: u32) -> usize {
-    let page = 4096;
+    let page = page_size();
     (256 + entries as usize * std::mem::size_of::<types::io_uring_zcrx_rqe>()).div_ceil(page) * page
+}
+
+/// The kernel's page size: the unit of the area (one chunk pins one page).
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
 }
 
 impl Zcrx {
@@ -217,7 +226,7 @@ impl Zcrx {
         ring: &IoUring<squeue::Entry, C>,
         spec: ZcSpec,
     ) -> io::Result<Self> {
-        if !spec.refill_entries.is_power_of_two() || !spec.area_bytes.is_multiple_of(4096) {
+        if !spec.refill_entries.is_power_of_two() || !spec.area_bytes.is_multiple_of(page_size()) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         let area = Mapping::new(spec.area_bytes)?;
@@ -252,7 +261,19 @@ impl Zcrx {
             )
         };
         if r < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            let hint = match e.raw_os_error() {
+                Some(libc::ENOMEM) => {
+                    "; without CAP_IPC_LOCK the area counts against RLIMIT_MEMLOCK (LimitMEMLOCK= in systemd)"
+                }
+                Some(libc::EPERM) => "; registering a queue needs CAP_NET_ADMIN",
+                _ => "",
+            };
+            return Err(if hint.is_empty() {
+                e
+            } else {
+                io::Error::new(e.kind(), format!("{e}{hint}"))
+            });
         }
         // The kernel wrote back the ring's layout, its entry count and the area token.
         let entries = reg.rq_entries;
@@ -598,30 +619,54 @@ pub(crate) mod emulation {
     pub struct ZcEmulation {
         inner: Box<dyn Ops>,
         piece: u32,
+        recv_len: u32,
         chunks: Vec<Option<Vec<u8>>>,
         free: Vec<u16>,
         /// Inner receive user_data → (the worker's user_data, fd, bytes still asked).
         recvs: HashMap<u64, (u64, RawFd, u32)>,
-        /// The most chunks held at once.
+        /// The most bytes held in chunks at once, and the most iovecs one sendmsg carried.
         pub held_max: Arc<AtomicUsize>,
+        pub iov_max: Arc<AtomicUsize>,
+        /// Every `n`-th receive ends at once with ENOSPC, consuming nothing (as the
+        /// kernel's does when the completion queue is full).
+        pub fail_every: Option<u32>,
+        issued: u32,
+        failed: Vec<u64>,
+        held_bytes: usize,
     }
 
     impl ZcEmulation {
         /// `inner` needs a buffer pool.
-        pub fn new(inner: Box<dyn Ops>, piece: u32) -> Self {
+        /// `inner`'s pool buffers hold `recv_len` bytes: a receive takes up to that much,
+        /// posted as pieces of `piece` bytes.
+        pub fn new(inner: Box<dyn Ops>, piece: u32, recv_len: u32) -> Self {
             Self {
                 inner,
                 piece,
+                recv_len,
                 chunks: Vec::new(),
                 free: Vec::new(),
                 recvs: HashMap::new(),
                 held_max: Arc::default(),
+                iov_max: Arc::default(),
+                fail_every: None,
+                issued: 0,
+                failed: Vec::new(),
+                held_bytes: 0,
             }
         }
 
         fn recv(&mut self, ud: u64, fd: RawFd, left: u32) -> bool {
+            self.issued += 1;
+            if self
+                .fail_every
+                .is_some_and(|n| self.issued.is_multiple_of(n))
+            {
+                self.failed.push(ud);
+                return true;
+            }
             self.recvs.insert(ud | EMU, (ud, fd, left));
-            let len = left.min(self.piece);
+            let len = left.min(self.recv_len);
             self.inner.push(Op::RecvPooled { fd, len }, ud | EMU)
         }
 
@@ -634,6 +679,12 @@ pub(crate) mod emulation {
         fn push(&mut self, op: Op, user_data: u64) -> bool {
             match op {
                 Op::RecvZc { fd, len } => self.recv(user_data, fd, len),
+                Op::SendMsg { msg, .. } => {
+                    // SAFETY: the worker's message, valid until the send completes.
+                    let n = unsafe { (*msg).msg_iovlen };
+                    self.iov_max.fetch_max(n, Ordering::Relaxed);
+                    self.inner.push(op, user_data)
+                }
                 other => self.inner.push(other, user_data),
             }
         }
@@ -642,6 +693,7 @@ pub(crate) mod emulation {
         }
         fn wait(&mut self, timeout: Duration, out: &mut Vec<(u64, i32, u32)>) {
             let mut got = Vec::new();
+            out.extend(self.failed.drain(..).map(|ud| (ud, -libc::ENOSPC, 0)));
             self.inner.wait(timeout, &mut got);
             for (iud, res, flags) in got {
                 let Some((ud, fd, left)) = self.recvs.remove(&iud) else {
@@ -655,18 +707,25 @@ pub(crate) mod emulation {
                 let bid = buffer_select(flags).expect("a pooled receive names its buffer");
                 let data = self.inner.buf(BufId::Pool(bid), res as usize).to_vec();
                 self.inner.recycle(BufId::Pool(bid));
-                let id = match self.free.pop() {
-                    Some(id) => {
-                        self.chunks[usize::from(id)] = Some(data);
-                        id
-                    }
-                    None => {
-                        self.chunks.push(Some(data));
-                        (self.chunks.len() - 1) as u16
-                    }
-                };
-                self.held_max.fetch_max(self.held(), Ordering::Relaxed);
-                out.push((ud, res, F_MORE | F_ZC | (u32::from(id) << 16)));
+                for piece in data.chunks(self.piece as usize) {
+                    let id = match self.free.pop() {
+                        Some(id) => {
+                            self.chunks[usize::from(id)] = Some(piece.to_vec());
+                            id
+                        }
+                        None => {
+                            self.chunks.push(Some(piece.to_vec()));
+                            (self.chunks.len() - 1) as u16
+                        }
+                    };
+                    self.held_bytes += piece.len();
+                    self.held_max.fetch_max(self.held_bytes, Ordering::Relaxed);
+                    out.push((
+                        ud,
+                        piece.len() as i32,
+                        F_MORE | F_ZC | (u32::from(id) << 16),
+                    ));
+                }
                 let left = left - res as u32;
                 if left == 0 {
                     out.push((ud, 0, 0));
@@ -689,7 +748,9 @@ pub(crate) mod emulation {
             match bid {
                 BufId::Zc(id) => {
                     let slot = &mut self.chunks[usize::from(id)];
-                    assert!(slot.take().is_some(), "chunk {id} given back twice");
+                    let chunk = slot.take();
+                    assert!(chunk.is_some(), "chunk {id} given back twice");
+                    self.held_bytes -= chunk.map_or(0, |c| c.len());
                     self.free.push(id);
                 }
                 pool => self.inner.recycle(pool),
