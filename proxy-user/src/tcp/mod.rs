@@ -2,10 +2,12 @@
 //! routes (listen address → upstream pool), one `SO_REUSEPORT` listener per worker with
 //! multishot accept, a connect with a timeout (retried on another upstream before any
 //! byte reached the client), then a copy of each direction until both are closed,
-//! through pooled buffers or `splice`.
+//! through pooled buffers or `splice`, or for client bytes on a NIC queue registered for
+//! io_uring zero-copy receive, straight from that queue's memory.
 //!
 //! - [`worker`]: the per-CPU event loop and the per-connection state machines.
-//! - [`ops`]: the operations a worker issues, carried out by io_uring or by epoll.
+//! - [`ops`]: the operations a worker issues, carried out by io_uring or by epoll;
+//!   [`ops::zcrx`]: the zero-copy receive queue.
 //! - [`pool`] / [`balance`]: upstream health and counters; round robin, least
 //!   connections, Maglev.
 //! - [`health`]: active TCP health checks and the expiry of passive ejections.

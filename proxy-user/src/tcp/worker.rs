@@ -12,6 +12,11 @@
 //!
 //! A connection is freed only when none of its operations is in flight: aborting
 //! cancels them (by fd) and closes once the last completion is in.
+//!
+//! On a worker with a zero-copy receive queue, the client → upstream direction of the
+//! connections it steers there receives chunks of the queue's memory (one multishot
+//! receive of at most a buffer's worth at a time) and sends them with `sendmsg`; the
+//! chunks go back to the NIC once sent.
 use std::{
     collections::VecDeque,
     io,

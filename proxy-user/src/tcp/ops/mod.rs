@@ -3,7 +3,8 @@
 //! same operations emulated with non-blocking syscalls on readiness, for kernels where
 //! io_uring is disabled or lacks an opcode). The worker's connection state machines see
 //! the same completions either way: `(user_data, result, flags)`, with io_uring's flag
-//! bits for "more to come" (multishot accept) and "buffer selected".
+//! bits for "more to come" (multishot accept, zero-copy receive) and "buffer selected",
+//! and the backend's own bit for a zero-copy chunk ([`F_ZC`]).
 use std::{os::fd::RawFd, time::Duration};
 
 use io_uring::types;
