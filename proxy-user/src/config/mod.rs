@@ -289,7 +289,6 @@ fn choice<T: Copy>(
     options[0].1
 }
 
-/// An integer within `lo..=hi`, or a located error.
 /// [`int`], and a power of two.
 fn power_of_two(
     cx: &mut Collector<'_>,
@@ -307,6 +306,7 @@ fn power_of_two(
     }
 }
 
+/// An integer within `lo..=hi`, or a located error.
 fn int(cx: &mut Collector<'_>, v: &Spanned<i64>, what: &str, lo: i64, hi: i64) -> Option<i64> {
     let n = *v.get_ref();
     if (lo..=hi).contains(&n) {
