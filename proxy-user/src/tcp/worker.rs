@@ -427,12 +427,28 @@ struct ZcDir {
     got: u32,
     receiving: bool,
     sending: bool,
+    /// The message of the send in flight, in an allocation of its own that is reached
+    /// only through this pointer: the backend reads it after the direction has been
+    /// borrowed again, which must not invalidate the pointer it was given.
+    send: std::ptr::NonNull<ZcMessage>,
+}
+
+/// A `sendmsg` message and the iovecs it names.
+struct ZcMessage {
     iov: [libc::iovec; ZC_IOV],
     msg: libc::msghdr,
 }
 
 impl ZcDir {
     fn new() -> Self {
+        let send = Box::new(ZcMessage {
+            iov: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; ZC_IOV],
+            // SAFETY: plain-data C struct; all-zero is a valid empty message.
+            msg: unsafe { std::mem::zeroed() },
+        });
         Self {
             chunks: VecDeque::new(),
             sent: 0,
@@ -440,13 +456,17 @@ impl ZcDir {
             got: 0,
             receiving: false,
             sending: false,
-            iov: [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; ZC_IOV],
-            // SAFETY: plain-data C struct; all-zero is a valid empty message.
-            msg: unsafe { std::mem::zeroed() },
+            send: std::ptr::NonNull::from(Box::leak(send)),
         }
+    }
+}
+
+impl Drop for ZcDir {
+    fn drop(&mut self) {
+        // SAFETY: leaked from a Box in `new` and freed only here; the connection (and
+        // with it this direction) is dropped only once no operation is in flight, so no
+        // backend still reads the message.
+        drop(unsafe { Box::from_raw(self.send.as_ptr()) });
     }
 }
 
@@ -1502,6 +1522,7 @@ impl Worker {
         let Some(z) = c.dirs[d].zc.as_deref_mut() else {
             return;
         };
+        let m = z.send.as_ptr();
         let mut n = 0;
         for (i, &(id, len)) in z.chunks.iter().take(ZC_IOV).enumerate() {
             let data = self.ops.buf(ops::BufId::Zc(id), len as usize);
@@ -1516,20 +1537,26 @@ impl Worker {
                 );
                 return self.abort(slot, Some(Reason::SocketError), true, true);
             };
-            z.iov[i] = libc::iovec {
-                iov_base: rest.as_ptr().cast_mut().cast(),
-                iov_len: rest.len(),
-            };
+            // SAFETY: `m` is this direction's own message (see `ZcDir::send`); no send
+            // is in flight (`sending` is false), so nothing else reads it now.
+            unsafe {
+                (*m).iov[i] = libc::iovec {
+                    iov_base: rest.as_ptr().cast_mut().cast(),
+                    iov_len: rest.len(),
+                };
+            }
             n += 1;
         }
-        // SAFETY: plain-data C struct; all-zero is a valid empty message.
-        z.msg = unsafe { std::mem::zeroed() };
-        z.msg.msg_iov = z.iov.as_mut_ptr();
-        z.msg.msg_iovlen = n;
+        // SAFETY: as above. The message and its iovecs stay put until the send completes
+        // (freed with the direction, which outlives its operations), and so do the
+        // chunks they point into (held until then).
+        let msg = unsafe {
+            (*m).msg = std::mem::zeroed();
+            (*m).msg.msg_iov = (&raw mut (*m).iov).cast();
+            (*m).msg.msg_iovlen = n;
+            &raw const (*m).msg
+        };
         z.sending = true;
-        // The message and its iovecs live in the boxed direction until the send
-        // completes; the chunks stay held until then.
-        let msg = &raw const z.msg;
         self.submit(slot, OP_SEND + d as u8, Op::SendMsg { fd, msg });
     }
 
