@@ -233,7 +233,9 @@ pub enum RecordKind {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecordHeader {
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE: a jiffy's resolution; the
+    /// precise clock cost 15–20 ns per record, a sixth of a capture's XDP time, and
+    /// userspace stamps messages with its own receive time).
     pub ts_ns: u64,
     /// Generation of the policy that classified the packet.
     pub generation: u64,

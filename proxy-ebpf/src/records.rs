@@ -3,7 +3,7 @@
 //! never changes the verdict logic beyond what the caller decides: it is counted.
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_ringbuf_query},
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_ringbuf_query},
 };
 use proxy_common::{
     DataplaneStat,
@@ -88,7 +88,7 @@ fn push<const N: usize, H: Hook>(
     // SAFETY: `rec` is valid for writes (see above); the header is written whole.
     unsafe {
         (&raw mut (*rec).hdr).write(RecordHeader {
-            ts_ns: bpf_ktime_get_ns(),
+            ts_ns: bpf_ktime_get_coarse_ns(),
             generation: meta.generation,
             ifindex: ctx.ifindex(),
             rx_queue: ctx.rx_queue(),
