@@ -635,11 +635,29 @@ pub fn tcp_peers() -> anyhow::Result<()> {
             let q = spread(v.iter().map(|x| x.1 * 100.0).collect()).median;
             format!("{c:.0}% / {q:.0}%")
         };
+        // Throughput per busy proxy core (all work on CPU 1 counts: the proxy's own
+        // and the kernel's on its behalf) — what the proxy would move if its core were
+        // the limit, an extrapolation reported beside the measured throughput.
+        let per_core = |t: &[f64], b: &[(f64, f64)]| {
+            let v: Vec<f64> = t
+                .iter()
+                .zip(b)
+                .filter(|(_, b)| b.1 > 0.05)
+                .map(|(t, b)| t / 1e9 / b.1)
+                .collect();
+            if v.is_empty() {
+                "-".to_owned()
+            } else {
+                format!("{:.1}", spread(v).median)
+            }
+        };
         println!(
-            "  {:<17} 1 stream {:>11}   8 streams {:>11}",
+            "  {:<17} 1 stream {:>11}   8 streams {:>11}   Gbit/s per busy proxy core: {:>5} / {:>5}",
             p.name(),
             busy(&r.busy1),
-            busy(&r.busy8)
+            busy(&r.busy8),
+            per_core(&r.tput1, &r.busy1),
+            per_core(&r.tput8, &r.busy8)
         );
     }
     println!(
