@@ -79,7 +79,21 @@ fn read_u32(p: impl AsRef<Path>) -> Option<u32> {
 const ZCRX_DRIVERS: [&str; 4] = ["bnxt_en", "gve", "mlx5_core", "fbnic"];
 /// Drivers (as this module names them) without queue-management ops, which refuse a
 /// zero-copy registration before touching any queue: asking the kernel is harmless.
-const NO_QUEUE_OPS: [&str; 5] = ["loopback", "virtual", "virtio_net", "veth", "ifb"];
+const NO_QUEUE_OPS: [&str; 13] = [
+    "loopback",
+    "virtual",
+    "virtio_net",
+    "veth",
+    "ifb",
+    "dummy",
+    "bridge",
+    "tun",
+    "vxlan",
+    "macvlan",
+    "ipvlan",
+    "wireguard",
+    "bonding",
+];
 
 pub fn probe(probe_xdp: bool) -> DoctorReport {
     // Interfaces of this process's network namespace (if_nameindex follows it; sysfs

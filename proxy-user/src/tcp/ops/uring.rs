@@ -166,19 +166,28 @@ impl UringOps<cqueue::Entry32> {
     pub fn with_zero_copy(pool: Option<(u16, usize)>, zc: ZcSpec) -> io::Result<Self> {
         // Each receive posts a completion per chunk, which cannot overflow into the
         // kernel's backlog (the receive ends with ENOSPC instead): the largest queue.
+        let context = |what: &str| {
+            let what = what.to_owned();
+            move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
+        };
         let ring = IoUring::<squeue::Entry, cqueue::Entry32>::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
             .setup_cqsize(65_536)
-            .build(4096)?;
-        let zc = Zcrx::register(&ring, zc)?;
+            .build(4096)
+            .map_err(context(
+                "setting up an io_uring ring with 32-byte completions (single issuer, deferred task work)",
+            ))?;
+        let zc =
+            Zcrx::register(&ring, zc).map_err(context("the kernel refused a zero-copy queue"))?;
         let mut ops = Self {
             ring,
             bufs: None,
             zc: Some(zc),
         };
         if let Some((count, size)) = pool {
-            ops.add_pool(count, size)?;
+            ops.add_pool(count, size)
+                .map_err(context("the buffer pool beside the zero-copy queue"))?;
         }
         Ok(ops)
     }

@@ -38,7 +38,7 @@ pub struct ZcSpec {
 }
 
 /// Chunks outstanding at once: ids travel in the upper 16 bits of the completion flags.
-const MAX_CHUNKS: usize = 1 << 16;
+pub const MAX_CHUNKS: usize = 1 << 16;
 
 /// Received chunks the worker still holds, by id.
 #[derive(Default)]
@@ -627,11 +627,13 @@ pub(crate) mod emulation {
         /// The most bytes held in chunks at once, and the most iovecs one sendmsg carried.
         pub held_max: Arc<AtomicUsize>,
         pub iov_max: Arc<AtomicUsize>,
-        /// Every `n`-th receive ends at once with ENOSPC, consuming nothing (as the
+        /// Every `n`-th receive ends at once with ENOSPC or ENOMEM (alternately),
+        /// consuming nothing (as the
         /// kernel's does when the completion queue is full).
         pub fail_every: Option<u32>,
         issued: u32,
         failed: Vec<u64>,
+        failures: u32,
         held_bytes: usize,
     }
 
@@ -652,6 +654,7 @@ pub(crate) mod emulation {
                 fail_every: None,
                 issued: 0,
                 failed: Vec::new(),
+                failures: 0,
                 held_bytes: 0,
             }
         }
@@ -693,7 +696,15 @@ pub(crate) mod emulation {
         }
         fn wait(&mut self, timeout: Duration, out: &mut Vec<(u64, i32, u32)>) {
             let mut got = Vec::new();
-            out.extend(self.failed.drain(..).map(|ud| (ud, -libc::ENOSPC, 0)));
+            for ud in self.failed.drain(..) {
+                self.failures += 1;
+                let errno = if self.failures % 2 == 0 {
+                    libc::ENOMEM
+                } else {
+                    libc::ENOSPC
+                };
+                out.push((ud, -errno, 0));
+            }
             self.inner.wait(timeout, &mut got);
             for (iud, res, flags) in got {
                 let Some((ud, fd, left)) = self.recvs.remove(&iud) else {

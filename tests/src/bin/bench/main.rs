@@ -154,7 +154,8 @@ fn hundred_k_policy() -> (String, std::net::Ipv4Addr) {
     (text, inside)
 }
 
-/// Repeats per run of the capture scenario: 5,000 records fit the 4 MiB record ring.
+/// Repeats per run of the capture scenario: 5,000 records (352 bytes each with a 64-byte
+/// frame) fit the smallest record ring, a 2 MiB per-CPU one.
 const CAPTURE_REPEAT: u32 = 5_000;
 
 fn test_run_scenarios(o: &Options) -> anyhow::Result<()> {
