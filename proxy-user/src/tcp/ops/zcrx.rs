@@ -698,7 +698,7 @@ pub(crate) mod emulation {
             let mut got = Vec::new();
             for ud in self.failed.drain(..) {
                 self.failures += 1;
-                let errno = if self.failures % 2 == 0 {
+                let errno = if self.failures.is_multiple_of(2) {
                     libc::ENOMEM
                 } else {
                     libc::ENOSPC
