@@ -363,7 +363,9 @@ fn resolve(cx: &mut Collector<'_>, v: &Spanned<String>, what: &str) -> Option<So
     }
 }
 
-fn parse_tcp(cx: &mut Collector<'_>, raw: Option<&Spanned<RawTcp>>) -> TcpSettings {
+/// `[tcp]`; `workers` is how many data CPUs the engine section gives (zero-copy receive
+/// needs a queue for each when required).
+fn parse_tcp(cx: &mut Collector<'_>, raw: Option<&Spanned<RawTcp>>, workers: usize) -> TcpSettings {
     let mut t = TcpSettings::default();
     let Some(raw) = raw else { return t };
     let table = raw.span();
@@ -394,7 +396,7 @@ fn parse_tcp(cx: &mut Collector<'_>, raw: Option<&Spanned<RawTcp>>) -> TcpSettin
     {
         t.drain = d;
     }
-    parse_zero_copy(cx, raw, table, &mut t.zero_copy);
+    parse_zero_copy(cx, raw, table, workers, &mut t.zero_copy);
     t
 }
 
@@ -402,6 +404,7 @@ fn parse_zero_copy(
     cx: &mut Collector<'_>,
     raw: &RawTcp,
     table: std::ops::Range<usize>,
+    workers: usize,
     z: &mut ZeroCopySettings,
 ) {
     if let Some(m) = &raw.zero_copy {
@@ -455,6 +458,18 @@ fn parse_zero_copy(
         }
         if z.queues.is_empty() {
             cx.err(span, "tcp.zero_copy needs tcp.zero_copy_queues (one rx queue per worker, steered to by flow rules)".to_owned());
+        } else if z.mode == ZeroCopyMode::Require
+            && z.queues.len() < workers
+            && let Some(q) = &raw.zero_copy_queues
+        {
+            // `proxy --workers` can still change the count; the start checks again.
+            cx.err(
+                q.span(),
+                format!(
+                    "tcp.zero_copy = \"require\" needs an rx queue per worker: tcp.zero_copy_queues names {} for {workers} data CPUs",
+                    z.queues.len()
+                ),
+            );
         }
     }
 }
@@ -672,16 +687,9 @@ pub fn parse_config(file: &str, src: &str) -> Result<Config, FileErrors> {
             p.receive.buffer_size = n as usize;
         }
         if let Some(v) = &e.buffers
-            && let Some(n) = int(&mut cx, v, "engine.buffers", 1, 32_768)
+            && let Some(n) = power_of_two(&mut cx, v, "engine.buffers", 1, 32_768)
         {
-            if (n as u64).is_power_of_two() {
-                p.receive.buffers = n as u16;
-            } else {
-                cx.err(
-                    v.span(),
-                    format!("engine.buffers must be a power of two, not {n}"),
-                );
-            }
+            p.receive.buffers = n as u16;
         }
         if let Some(v) = &e.merger_queue
             && let Some(n) = int(&mut cx, v, "engine.merger_queue", 1, 4096)
@@ -884,7 +892,7 @@ pub fn parse_config(file: &str, src: &str) -> Result<Config, FileErrors> {
     if p.listeners.is_empty() {
         cx.err(0..0, "no listener");
     }
-    let tcp = parse_tcp(&mut cx, raw.tcp.as_ref());
+    let tcp = parse_tcp(&mut cx, raw.tcp.as_ref(), p.data_cpus.len());
     let mut routes: Vec<RouteSpec> = Vec::new();
     for r in &raw.route {
         if let Some(spec) = parse_route(&mut cx, r) {
@@ -1104,7 +1112,7 @@ mod tests {
         assert_eq!((z.area_bytes, z.refill_entries), (128 << 20, 4096));
         let off = parse_config("c", "").unwrap().tcp.zero_copy;
         assert_eq!(off.mode, crate::tcp::ZeroCopyMode::Off, "off unless asked");
-        let cases: [(&str, &[&str]); 4] = [
+        let cases: [(&str, &[&str]); 5] = [
             (
                 "[tcp]\nzero_copy = \"yes\"\n",
                 &["c:2:13: tcp.zero_copy must be \"off\", \"auto\" or \"require\""],
@@ -1123,6 +1131,10 @@ mod tests {
             (
                 "[tcp]\nzero_copy_refill_entries = 1000\n",
                 &["c:2:28: tcp.zero_copy_refill_entries must be a power of two"],
+            ),
+            (
+                "[engine]\ndata_cpus = [0, 0]\n[tcp]\nzero_copy = \"require\"\nzero_copy_interface = \"eth1\"\nzero_copy_queues = [4]\n",
+                &["c:6:20: tcp.zero_copy = \"require\" needs an rx queue per worker"],
             ),
         ];
         for (src, want) in cases {
