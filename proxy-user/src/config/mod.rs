@@ -363,9 +363,13 @@ fn resolve(cx: &mut Collector<'_>, v: &Spanned<String>, what: &str) -> Option<So
     }
 }
 
-/// `[tcp]`; `workers` is how many data CPUs the engine section gives (zero-copy receive
-/// needs a queue for each when required).
-fn parse_tcp(cx: &mut Collector<'_>, raw: Option<&Spanned<RawTcp>>, workers: usize) -> TcpSettings {
+/// `[tcp]`; `workers` is how many data CPUs the engine section names, if it does
+/// (zero-copy receive needs a queue for each when required).
+fn parse_tcp(
+    cx: &mut Collector<'_>,
+    raw: Option<&Spanned<RawTcp>>,
+    workers: Option<usize>,
+) -> TcpSettings {
     let mut t = TcpSettings::default();
     let Some(raw) = raw else { return t };
     let table = raw.span();
@@ -404,7 +408,7 @@ fn parse_zero_copy(
     cx: &mut Collector<'_>,
     raw: &RawTcp,
     table: std::ops::Range<usize>,
-    workers: usize,
+    workers: Option<usize>,
     z: &mut ZeroCopySettings,
 ) {
     if let Some(m) = &raw.zero_copy {
@@ -459,6 +463,7 @@ fn parse_zero_copy(
         if z.queues.is_empty() {
             cx.err(span, "tcp.zero_copy needs tcp.zero_copy_queues (one rx queue per worker, steered to by flow rules)".to_owned());
         } else if z.mode == ZeroCopyMode::Require
+            && let Some(workers) = workers
             && z.queues.len() < workers
             && let Some(q) = &raw.zero_copy_queues
         {
@@ -892,7 +897,13 @@ pub fn parse_config(file: &str, src: &str) -> Result<Config, FileErrors> {
     if p.listeners.is_empty() {
         cx.err(0..0, "no listener");
     }
-    let tcp = parse_tcp(&mut cx, raw.tcp.as_ref(), p.data_cpus.len());
+    // Only data CPUs the file names: the default (every online CPU) depends on the host.
+    let named_cpus = raw
+        .engine
+        .as_ref()
+        .and_then(|e| e.get_ref().data_cpus.as_ref())
+        .map(|_| p.data_cpus.len());
+    let tcp = parse_tcp(&mut cx, raw.tcp.as_ref(), named_cpus);
     let mut routes: Vec<RouteSpec> = Vec::new();
     for r in &raw.route {
         if let Some(spec) = parse_route(&mut cx, r) {
