@@ -194,30 +194,17 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
 
 /// Registers (then unregisters) a one-page provided-buffer ring.
 pub(crate) fn buffer_ring_probe(ring: &io_uring::IoUring) -> Result<(), String> {
-    use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
-    let len = std::num::NonZeroUsize::new(4096).ok_or("zero length")?;
-    // SAFETY: a fresh private anonymous mapping, unmapped below and never aliased.
-    let mem = unsafe {
-        mmap_anonymous(
-            None,
-            len,
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-            MapFlags::MAP_PRIVATE,
-        )
-    }
-    .map_err(|e| e.to_string())?;
-    // SAFETY: `mem` is page-aligned, 4096 bytes: room for 8 ring entries of 16 bytes;
-    // it stays mapped until the ring is unregistered.
+    let bufs = crate::engine::uring::BufRing::empty(8, 64).map_err(|e| e.to_string())?;
+    // SAFETY: the ring region is page-aligned, holds 8 entries, and stays mapped until
+    // it is unregistered right below (`bufs` drops after).
     let r = unsafe {
         ring.submitter()
-            .register_buf_ring_with_flags(mem.as_ptr() as u64, 8, 7, 0)
+            .register_buf_ring_with_flags(bufs.ring_addr(), 8, 7, 0)
     }
     .map_err(|e| e.to_string());
     if r.is_ok() {
         let _ = ring.submitter().unregister_buf_ring(7);
     }
-    // SAFETY: exactly the mapping created above.
-    let _ = unsafe { munmap(mem, 4096) };
     r
 }
 

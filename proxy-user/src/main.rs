@@ -475,7 +475,7 @@ fn proxy_command(
     stats_file: Option<PathBuf>,
     json: bool,
 ) -> anyhow::Result<()> {
-    use proxy_user::tcp::{Routes, SharedRoutes, health};
+    use proxy_user::tcp::{Routes, SharedRoutes};
     let cfg = read_config(&config)?;
     anyhow::ensure!(
         !cfg.routes.is_empty(),
@@ -495,11 +495,7 @@ fn proxy_command(
         Ok(c) => publish_routes(&publish_to, &c, why, false),
         Err(e) => tracing::error!("{why}: configuration rejected, keeping the running one: {e:#}"),
     };
-    let mut background: Vec<Background> =
-        vec![Box::pin(health::run(std::sync::Arc::clone(&shared)))];
-    if let Some(file) = stats_file {
-        background.push(stats_writer(std::sync::Arc::clone(&shared), file));
-    }
+    let background = tcp_background(std::sync::Arc::clone(&shared), stats_file);
     let stop = start_control(Some(config), duration, Box::new(reload), background)?;
     let summary = proxy_user::tcp::run(shared, &cpus, cfg.pipeline.backend, stop)?;
     if json {
@@ -542,6 +538,21 @@ fn publish_routes(
         applied,
         "{why}: configuration reloaded"
     );
+}
+
+/// What the control thread runs for TCP forwarding: the health checks and, if asked for,
+/// the stats file.
+fn tcp_background(
+    shared: std::sync::Arc<proxy_user::tcp::SharedRoutes>,
+    stats_file: Option<PathBuf>,
+) -> Vec<Background> {
+    let mut background: Vec<Background> = vec![Box::pin(proxy_user::tcp::health::run(
+        std::sync::Arc::clone(&shared),
+    ))];
+    if let Some(file) = stats_file {
+        background.push(stats_writer(shared, file));
+    }
+    background
 }
 
 /// Rewrites the routes' counters to `file` as JSON four times a second.
@@ -680,15 +691,7 @@ fn start_log_control(
             publish_routes(routes, &base, why, true);
         }
     };
-    let mut background: Vec<Background> = Vec::new();
-    if let Some(r) = routes {
-        background.push(Box::pin(proxy_user::tcp::health::run(
-            std::sync::Arc::clone(&r),
-        )));
-        if let Some(file) = stats_file {
-            background.push(stats_writer(r, file));
-        }
-    }
+    let background = routes.map_or_else(Vec::new, |r| tcp_background(r, stats_file));
     let stop = start_control(config, duration, Box::new(reload), background)?;
     Ok((shared, stop))
 }

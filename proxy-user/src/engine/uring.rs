@@ -59,11 +59,57 @@ pub(crate) fn submit_and_wait<
     }
 }
 
+/// An anonymous private read-write mapping (page-aligned), unmapped on drop: memory
+/// the kernel is given by address (buffer rings, zero-copy receive areas).
+pub(crate) struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Mapping {
+    /// `len` bytes; with `populate`, faulted in now rather than on first touch.
+    pub(crate) fn new(len: usize, populate: bool) -> io::Result<Self> {
+        use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous};
+        let n = std::num::NonZeroUsize::new(len).ok_or_else(|| io::Error::other("zero length"))?;
+        let flags = if populate {
+            MapFlags::MAP_PRIVATE | MapFlags::MAP_POPULATE
+        } else {
+            MapFlags::MAP_PRIVATE
+        };
+        // SAFETY: a fresh private anonymous mapping, owned by the value.
+        let ptr = unsafe {
+            mmap_anonymous(None, n, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, flags)
+        }?;
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    pub(crate) fn ptr(&self) -> NonNull<u8> {
+        self.ptr
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping created in `new`. Whoever registered it with the
+        // kernel released it first, or the kernel pinned what it uses, so this only
+        // removes our view of it.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
 /// A provided-buffer ring: the ring entries in an mmapped, page-aligned region, the
 /// buffers in one allocation owned here.
 pub(crate) struct BufRing {
     entries: NonNull<types::BufRingEntry>,
-    ring_bytes: usize,
+    /// The region `entries` points into.
+    _ring: Mapping,
     count: u16,
     tail: u16,
     buf_size: usize,
@@ -89,20 +135,10 @@ impl BufRing {
         }
         let ring_bytes =
             (usize::from(count) * size_of::<types::BufRingEntry>()).next_multiple_of(4096);
-        let len = std::num::NonZeroUsize::new(ring_bytes)
-            .ok_or_else(|| io::Error::other("empty ring"))?;
-        // SAFETY: a fresh private anonymous mapping, owned by this value until drop.
-        let mem = unsafe {
-            nix::sys::mman::mmap_anonymous(
-                None,
-                len,
-                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
-                nix::sys::mman::MapFlags::MAP_PRIVATE,
-            )
-        }?;
+        let ring = Mapping::new(ring_bytes, false)?;
         Ok(Self {
-            entries: mem.cast(),
-            ring_bytes,
+            entries: ring.ptr().cast(),
+            _ring: ring,
             count,
             tail: 0,
             buf_size,
@@ -137,13 +173,6 @@ impl BufRing {
     /// The address of the ring entries, for `register_buf_ring_with_flags`.
     pub(crate) fn ring_addr(&self) -> u64 {
         self.entries.as_ptr() as u64
-    }
-}
-
-impl Drop for BufRing {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping made in `new`; the owning backend unregistered it.
-        let _ = unsafe { nix::sys::mman::munmap(self.entries.cast(), self.ring_bytes) };
     }
 }
 

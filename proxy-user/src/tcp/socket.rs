@@ -206,13 +206,15 @@ pub fn addresses_of(name: &str) -> Vec<std::net::IpAddr> {
         return Vec::new();
     };
     list.filter(|ifa| ifa.interface_name == name)
-        .filter_map(|ifa| {
-            let a = ifa.address?;
-            a.as_sockaddr_in()
-                .map(|v4| std::net::IpAddr::V4(v4.ip()))
-                .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
-        })
+        .filter_map(|ifa| ifa.address.as_ref().and_then(ip_of))
         .collect()
+}
+
+/// The IP address of an interface address entry (IPv4 or IPv6; none for others).
+fn ip_of(a: &SockaddrStorage) -> Option<std::net::IpAddr> {
+    a.as_sockaddr_in()
+        .map(|v4| std::net::IpAddr::V4(v4.ip()))
+        .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
 }
 
 /// The interfaces a listener on `addr` receives from: those holding its address, or
@@ -223,13 +225,8 @@ pub fn interfaces_of(addr: SocketAddr) -> Vec<String> {
     };
     let mut out: Vec<String> = Vec::new();
     for ifa in list {
-        let holds = addr.ip().is_unspecified()
-            || ifa.address.as_ref().is_some_and(|a| {
-                a.as_sockaddr_in()
-                    .map(|v4| std::net::IpAddr::V4(v4.ip()))
-                    .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
-                    == Some(addr.ip())
-            });
+        let holds =
+            addr.ip().is_unspecified() || ifa.address.as_ref().and_then(ip_of) == Some(addr.ip());
         if holds && !out.contains(&ifa.interface_name) {
             out.push(ifa.interface_name);
         }

@@ -31,7 +31,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use io_uring::{IoUring, opcode, types};
+use io_uring::types;
 use nix::sys::socket::SockaddrLike as _;
 
 use super::{
@@ -245,6 +245,7 @@ pub fn plan_zero_copy(
     z: &ZeroCopySettings,
     engine: Engine,
     workers: usize,
+    recv_zc_unavailable: Option<&str>,
 ) -> anyhow::Result<Vec<ZcPlan>> {
     if z.mode == ZeroCopyMode::Off {
         return Ok(vec![ZcPlan::Off; workers]);
@@ -253,13 +254,8 @@ pub fn plan_zero_copy(
         if engine != Engine::IoUring {
             return Err("zero-copy receive needs the io_uring engine (the engine is epoll)".into());
         }
-        let mut probe = io_uring::Probe::new();
-        let ring = IoUring::new(2).map_err(|e| format!("io_uring set-up failed: {e}"))?;
-        ring.submitter()
-            .register_probe(&mut probe)
-            .map_err(|e| format!("io_uring opcode probe failed: {e}"))?;
-        if !probe.is_supported(opcode::RecvZc::CODE) {
-            return Err("the kernel lacks io_uring RecvZc (Linux 6.15 or later)".into());
+        if let Some(why) = recv_zc_unavailable {
+            return Err(why.to_owned());
         }
         let iface = z.interface.clone().ok_or("no tcp.zero_copy_interface")?;
         let index = nix::net::if_::if_nametoindex(iface.as_str())
@@ -312,19 +308,17 @@ pub struct ZeroCopyStatus {
 
 /// Probes io_uring zero-copy receive for every route's interfaces and logs each result:
 /// what an operator needs to decide on `[tcp] zero_copy`.
-pub fn probe_zero_copy(routes: &super::Routes) -> Vec<ZeroCopyStatus> {
-    let opcode = {
-        let mut probe = io_uring::Probe::new();
-        IoUring::new(2).is_ok_and(|r| r.submitter().register_probe(&mut probe).is_ok())
-            && probe.is_supported(opcode::RecvZc::CODE)
-    };
+pub fn probe_zero_copy(
+    routes: &super::Routes,
+    recv_zc_unavailable: Option<&str>,
+) -> Vec<ZeroCopyStatus> {
     let mut out = Vec::new();
     for r in &routes.routes {
         for iface in socket::interfaces_of(r.spec.listen) {
             let (driver_ok, why) = crate::doctor::zero_copy_receive_on(&iface);
-            let (capable, reason) = match (opcode, driver_ok) {
-                (false, _) => (false, "the kernel lacks io_uring RecvZc".to_owned()),
-                (true, ok) => (ok, why),
+            let (capable, reason) = match recv_zc_unavailable {
+                Some(kernel) => (false, kernel.to_owned()),
+                None => (driver_ok, why),
             };
             tracing::info!(route = %r.spec.name, iface = %iface, capable, reason = %reason, "zero-copy receive probe");
             out.push(ZeroCopyStatus {
@@ -1014,14 +1008,13 @@ impl Worker {
             self.finish_if_idle(slot);
             return;
         }
-        let zc = |op: u8, base: u8| c.dirs[usize::from(op - base)].zc.is_some();
-        if (op == OP_RECV || op == OP_RECV + 1) && zc(op, OP_RECV) {
-            return self.on_zc_recv(slot, usize::from(op - OP_RECV), res, flags);
-        }
-        if (op == OP_SEND || op == OP_SEND + 1) && zc(op, OP_SEND) {
-            return self.on_zc_sent(slot, usize::from(op - OP_SEND), res);
-        }
+        // Directions and their operations: op - OP_RECV (or OP_SEND, ...) is the direction.
+        let zc = |base: u8| c.dirs[usize::from(op - base)].zc.is_some();
         match op {
+            OP_RECV | 7 if zc(OP_RECV) => {
+                self.on_zc_recv(slot, usize::from(op - OP_RECV), res, flags)
+            }
+            OP_SEND | 9 if zc(OP_SEND) => self.on_zc_sent(slot, usize::from(op - OP_SEND), res),
             OP_HDR_PEEK => self.on_header_peek(slot, res),
             OP_HDR_READ => self.on_header_read(slot, res),
             OP_CONNECT => self.on_connect(slot, res),
@@ -1888,8 +1881,15 @@ pub fn run(
     if let Some(why) = why {
         tracing::warn!(reason = %why, "copying through provided buffers");
     }
-    let mut zero_copy = probe_zero_copy(&routes);
-    let plans = plan_zero_copy(&routes.settings.zero_copy, engine, cpus.len())?;
+    // Asked of the kernel once for both: the probe every start reports, and the plan.
+    let recv_zc_unavailable = ops::uring::recv_zc_unavailable();
+    let mut zero_copy = probe_zero_copy(&routes, recv_zc_unavailable.as_deref());
+    let plans = plan_zero_copy(
+        &routes.settings.zero_copy,
+        engine,
+        cpus.len(),
+        recv_zc_unavailable.as_deref(),
+    )?;
     tracing::info!(
         engine = engine.name(),
         copy = copy.name(),

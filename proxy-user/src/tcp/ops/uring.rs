@@ -102,14 +102,10 @@ pub fn unavailable() -> Option<String> {
     if let Some(why) = crate::engine::uring::unavailable() {
         return Some(why);
     }
-    let ring = match IoUring::new(2) {
-        Ok(r) => r,
-        Err(e) => return Some(format!("io_uring set-up failed: {e}")),
+    let probe = match opcodes() {
+        Ok(p) => p,
+        Err(why) => return Some(why),
     };
-    let mut probe = io_uring::Probe::new();
-    if let Err(e) = ring.submitter().register_probe(&mut probe) {
-        return Some(format!("io_uring opcode probe failed: {e}"));
-    }
     let needed = [
         ("AcceptMulti", opcode::AcceptMulti::CODE),
         ("Connect", opcode::Connect::CODE),
@@ -125,6 +121,28 @@ pub fn unavailable() -> Option<String> {
         .map(|(name, _)| *name)
         .collect();
     (!missing.is_empty()).then(|| format!("io_uring lacks {}", missing.join(", ")))
+}
+
+/// The io_uring opcodes this kernel has (read through a throw-away ring), or why they
+/// could not be read.
+pub fn opcodes() -> Result<io_uring::Probe, String> {
+    let ring = IoUring::new(2).map_err(|e| format!("io_uring set-up failed: {e}"))?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("io_uring opcode probe failed: {e}"))?;
+    Ok(probe)
+}
+
+/// Why zero-copy receive (RecvZc) cannot be issued here, if it cannot.
+pub fn recv_zc_unavailable() -> Option<String> {
+    match opcodes() {
+        Err(why) => Some(why),
+        Ok(p) if !p.is_supported(opcode::RecvZc::CODE) => {
+            Some("the kernel lacks io_uring RecvZc (Linux 6.15 or later)".into())
+        }
+        Ok(_) => None,
+    }
 }
 
 /// Why provided buffer rings cannot be used here, if they cannot.
@@ -256,24 +274,6 @@ impl<C: Cqe> UringOps<C> {
             ],
         }
     }
-
-    fn push_entry(&mut self, sqe: &squeue::Entry) -> bool {
-        // SAFETY: every operation refers to fds and memory its worker owns until the
-        // operation completed (connections live in boxes freed only once none of their
-        // operations is in flight; pooled buffers live as long as the ring).
-        if unsafe { self.ring.submission().push(sqe) }.is_ok() {
-            return true;
-        }
-        if let Err(e) = self.ring.submit() {
-            tracing::error!(error = %e, "io_uring submit");
-        }
-        // SAFETY: as above.
-        let ok = unsafe { self.ring.submission().push(sqe) }.is_ok();
-        if !ok {
-            tracing::error!("io_uring submission queue full; operation dropped");
-        }
-        ok
-    }
 }
 
 impl<C: Cqe> Ops for UringOps<C> {
@@ -297,7 +297,16 @@ impl<C: Cqe> Ops for UringOps<C> {
                 return false;
             }
         }
-        let queued = entries.iter().all(|e| self.push_entry(e));
+        // SAFETY: every operation refers to fds and memory its worker owns until the
+        // operation completed (connections live in boxes freed only once none of their
+        // operations is in flight; pooled buffers live as long as the ring). There is
+        // room for all of them (checked above), so none fails alone.
+        let queued = entries
+            .iter()
+            .all(|e| unsafe { self.ring.submission().push(e) }.is_ok());
+        if !queued {
+            tracing::error!("io_uring submission queue full; operation dropped");
+        }
         // Only a queued receive may have its completions read as zero-copy chunks.
         if queued
             && zero_copy

@@ -11,16 +11,15 @@
 use std::{
     collections::{HashSet, VecDeque},
     io,
-    num::NonZeroUsize,
     os::fd::AsRawFd,
     ptr::NonNull,
     sync::atomic::{AtomicU32, Ordering},
 };
 
 use io_uring::{IoUring, cqueue, squeue, types};
-use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
 
 use super::{F_MORE, F_ZC};
+use crate::engine::uring::Mapping;
 
 /// `IORING_REGISTER_ZCRX_IFQ` (kernel ABI).
 const IORING_REGISTER_ZCRX_IFQ: libc::c_long = 32;
@@ -155,39 +154,6 @@ impl RefillRing {
     }
 }
 
-/// An anonymous private mapping, unmapped on drop.
-struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Mapping {
-    fn new(len: usize) -> io::Result<Self> {
-        let n = NonZeroUsize::new(len).ok_or_else(|| io::Error::other("zero length"))?;
-        // SAFETY: a fresh private anonymous mapping, owned by the value.
-        let ptr = unsafe {
-            mmap_anonymous(
-                None,
-                n,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_PRIVATE | MapFlags::MAP_POPULATE,
-            )
-        }?;
-        Ok(Self {
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping created in `new`. The kernel pins what it
-        // registered, so this only removes our view of it.
-        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 /// A registered zero-copy receive queue and the chunks of it the worker holds.
 pub struct Zcrx {
     /// The ifq id `RecvZc` names.
@@ -229,18 +195,18 @@ impl Zcrx {
         if !spec.refill_entries.is_power_of_two() || !spec.area_bytes.is_multiple_of(page_size()) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        let area = Mapping::new(spec.area_bytes)?;
-        let region = Mapping::new(region_bytes(spec.refill_entries))?;
+        let area = Mapping::new(spec.area_bytes, true)?;
+        let region = Mapping::new(region_bytes(spec.refill_entries), true)?;
         // SAFETY: plain-data kernel ABI structs; all-zero is their documented default.
         let (mut area_reg, mut region_desc, mut reg): (
             types::io_uring_zcrx_area_reg,
             types::io_uring_region_desc,
             types::io_uring_zcrx_ifq_reg,
         ) = unsafe { (std::mem::zeroed(), std::mem::zeroed(), std::mem::zeroed()) };
-        area_reg.addr = area.ptr.as_ptr() as u64;
-        area_reg.len = area.len as u64;
-        region_desc.user_addr = region.ptr.as_ptr() as u64;
-        region_desc.size = region.len as u64;
+        area_reg.addr = area.ptr().as_ptr() as u64;
+        area_reg.len = area.len() as u64;
+        region_desc.user_addr = region.ptr().as_ptr() as u64;
+        region_desc.size = region.len() as u64;
         region_desc.flags = types::IORING_MEM_REGION_TYPE_USER;
         reg.if_idx = spec.ifindex;
         reg.if_rxq = spec.rxq;
@@ -279,10 +245,10 @@ impl Zcrx {
         let entries = reg.rq_entries;
         let end = reg.offsets.rqes as usize
             + entries as usize * std::mem::size_of::<types::io_uring_zcrx_rqe>();
-        if !entries.is_power_of_two() || end > region.len {
+        if !entries.is_power_of_two() || end > region.len() {
             return Err(io::Error::other(format!(
                 "the kernel laid out a refill ring of {entries} entries ending at byte {end} of a {}-byte region",
-                region.len
+                region.len()
             )));
         }
         let offsets = RingOffsets {
@@ -293,14 +259,14 @@ impl Zcrx {
         let end = end
             .max(offsets.head as usize + 4)
             .max(offsets.tail as usize + 4);
-        if end > region.len {
+        if end > region.len() {
             return Err(io::Error::other(
                 "the kernel's refill ring head/tail lie outside the region",
             ));
         }
         // SAFETY: the region is ours for as long as `region` lives, which outlives the
         // refill ring (field order), and the kernel's offsets were checked to fit it.
-        let refill = unsafe { RefillRing::new(region.ptr, offsets, entries) };
+        let refill = unsafe { RefillRing::new(region.ptr(), offsets, entries) };
         Ok(Self::assemble(
             reg.zcrx_id,
             area_reg.rq_area_token,
@@ -349,12 +315,12 @@ impl Zcrx {
         }
         let off = extra & !types::IORING_ZCRX_AREA_MASK;
         let area_id = extra >> types::IORING_ZCRX_AREA_SHIFT;
-        if area_id != 0 || off + u64::from(len) > self.area.len as u64 {
+        if area_id != 0 || off + u64::from(len) > self.area.len() as u64 {
             tracing::error!(
                 off,
                 area_id,
                 len,
-                area = self.area.len,
+                area = self.area.len(),
                 "zero-copy receive named memory outside the area"
             );
             return (-libc::EIO, flags & F_MORE);
@@ -389,7 +355,7 @@ impl Zcrx {
         // SAFETY: `translate` checked that off + have lies inside the area, which lives
         // as long as self; the kernel wrote the bytes before posting the completion and
         // does not reuse the chunk until it is given back.
-        unsafe { std::slice::from_raw_parts(self.area.ptr.as_ptr().add(off as usize), len) }
+        unsafe { std::slice::from_raw_parts(self.area.ptr().as_ptr().add(off as usize), len) }
     }
 
     /// Gives chunk `id` back to the NIC.
@@ -508,15 +474,15 @@ mod tests {
 
     /// A queue as `register` would leave it, over our own memory instead of a NIC's.
     fn fake_zcrx(area_bytes: usize, entries: u32) -> Zcrx {
-        let area = Mapping::new(area_bytes).unwrap();
-        let region = Mapping::new(region_bytes(entries)).unwrap();
+        let area = Mapping::new(area_bytes, true).unwrap();
+        let region = Mapping::new(region_bytes(entries), true).unwrap();
         let offsets = RingOffsets {
             head: 0,
             tail: 64,
             rqes: 128,
         };
         // SAFETY: the region holds `entries` entries after 128 bytes and outlives it.
-        let refill = unsafe { RefillRing::new(region.ptr, offsets, entries) };
+        let refill = unsafe { RefillRing::new(region.ptr(), offsets, entries) };
         Zcrx::assemble(0, 3 << types::IORING_ZCRX_AREA_SHIFT, refill, region, area)
     }
 
@@ -524,7 +490,7 @@ mod tests {
     fn completions_become_chunks_and_chunks_go_back_with_the_area_token() {
         let mut z = fake_zcrx(64 * 1024, 8);
         // SAFETY: inside the area.
-        unsafe { z.area.ptr.add(8192).write_bytes(0xab, 100) };
+        unsafe { z.area.ptr().add(8192).write_bytes(0xab, 100) };
         z.issued(42);
         assert!(z.owns(42));
         let (res, flags) = z.translate(42, 100, F_MORE, 8192);
@@ -539,7 +505,7 @@ mod tests {
         assert_eq!(z.held(), 0);
         // SAFETY: the fake region: tail at 64, first entry at 128.
         let (tail, off, len) = unsafe {
-            let b = z._region.ptr.as_ptr();
+            let b = z._region.ptr().as_ptr();
             (
                 b.add(64).cast::<u32>().read(),
                 b.add(128).cast::<u64>().read(),
