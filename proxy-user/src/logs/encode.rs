@@ -30,19 +30,7 @@ pub fn json(m: &RawMessage<'_, '_>, out: &mut Vec<u8>) {
     }
     if let Some(ip) = m.source {
         out.extend_from_slice(b",\"source\":\"");
-        match ip {
-            IpAddr::V4(v4) => {
-                for (i, o) in v4.octets().iter().enumerate() {
-                    if i > 0 {
-                        out.push(b'.');
-                    }
-                    int(*o, out);
-                }
-            }
-            IpAddr::V6(v6) => {
-                let _ = write!(out, "{v6}");
-            }
-        }
+        address(ip, out);
         out.push(b'"');
     }
     out.extend_from_slice(if m.captured {
@@ -78,6 +66,23 @@ pub fn json(m: &RawMessage<'_, '_>, out: &mut Vec<u8>) {
 
 fn int(n: impl itoa::Integer, out: &mut Vec<u8>) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// An address as `Display` writes it; IPv4 without the formatting machinery.
+fn address(ip: IpAddr, out: &mut Vec<u8>) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, o) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                int(*o, out);
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
 }
 
 /// A JSON string as serde_json writes it: `"` and `\\` escaped, control characters as
@@ -218,9 +223,7 @@ fn time_and_host(m: &RawMessage<'_, '_>, out: &mut Vec<u8>) {
     out.push(b' ');
     match (m.rec.hostname.as_deref(), m.source) {
         (Some(h), _) => header_field(h, MAX_HOST, out),
-        (None, Some(ip)) => {
-            let _ = write!(out, "{ip}");
-        }
+        (None, Some(ip)) => address(ip, out),
         (None, None) => out.push(b'-'),
     }
 }
@@ -238,15 +241,36 @@ pub fn text_window(report_json: &str, now_ns: i64, host: &str, out: &mut Vec<u8>
 /// Control characters as `#` and three octal digits (rsyslog's escape); the rest as is.
 fn escape_controls(s: &str, out: &mut Vec<u8>) {
     let bytes = s.as_bytes();
+    // Most messages have no control character: skip eight clean bytes at a time.
+    let mut i = 0;
+    while let Some(word) = bytes.get(i..i + 8) {
+        let w = u64::from_le_bytes(word.try_into().unwrap_or_default());
+        if has_control(w) {
+            break;
+        }
+        i += 8;
+    }
     let mut start = 0;
-    for (i, &c) in bytes.iter().enumerate() {
+    for (j, &c) in bytes.iter().enumerate().skip(i) {
         if c < 0x20 || c == 0x7f {
-            out.extend_from_slice(&bytes[start..i]);
+            out.extend_from_slice(&bytes[start..j]);
             out.extend_from_slice(&[b'#', b'0' + (c >> 6), b'0' + ((c >> 3) & 7), b'0' + (c & 7)]);
-            start = i + 1;
+            start = j + 1;
         }
     }
     out.extend_from_slice(&bytes[start..]);
+}
+
+/// Whether any byte of `w` is below 0x20 or is 0x7f. Exact when none is (the borrow in
+/// the subtraction only propagates above a byte that is flagged itself), which is all
+/// the skip above relies on.
+fn has_control(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+    let del = w ^ (ONES * 0x7f);
+    let is_del = del.wrapping_sub(ONES) & !del & HIGH;
+    below_space | is_del != 0
 }
 
 /// RFC 6587 octet counting: `LEN SP MSG`.
@@ -261,6 +285,11 @@ fn frame(msg: &[u8], out: &mut Vec<u8>) {
 fn header_field(v: &str, max: usize, out: &mut Vec<u8>) {
     if v.is_empty() {
         out.push(b'-');
+        return;
+    }
+    // The usual case, copied whole: short enough and nothing to replace.
+    if v.len() <= max && v.bytes().all(|b| b.is_ascii_graphic()) {
+        out.extend_from_slice(v.as_bytes());
         return;
     }
     for c in v.chars().take(max) {
@@ -547,6 +576,68 @@ mod tests {
             text_line(json.as_bytes(), Some(ip)),
             "2026-11-24T10:00:00.000000Z web_1 api: two#012lines\n"
         );
+    }
+
+    #[test]
+    fn control_escapes_match_a_byte_by_byte_reference() {
+        use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+        fn reference(s: &str) -> Vec<u8> {
+            let mut out = Vec::new();
+            for &c in s.as_bytes() {
+                if c < 0x20 || c == 0x7f {
+                    out.extend_from_slice(format!("#{c:03o}").as_bytes());
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        }
+        // The word test against the byte test, around every boundary it must get right.
+        let edges = [0x00u8, 0x01, 0x1f, 0x20, 0x21, 0x7e, 0x7f, 0x80, 0xc3, 0xff];
+        let mut rng = StdRng::seed_from_u64(5424);
+        for _ in 0..20_000 {
+            let bytes: [u8; 8] = std::array::from_fn(|_| {
+                if rng.random_bool(0.5) {
+                    edges[rng.random_range(0..edges.len())]
+                } else {
+                    rng.random()
+                }
+            });
+            let want = bytes.iter().any(|&c| c < 0x20 || c == 0x7f);
+            assert_eq!(has_control(u64::from_le_bytes(bytes)), want, "{bytes:x?}");
+        }
+        // Whole messages: controls (or none) anywhere, UTF-8 included, every length
+        // around the eight-byte steps.
+        for len in 0..40 {
+            for _ in 0..200 {
+                let s: String = (0..len)
+                    .map(|_| match rng.random_range(0..20) {
+                        0 => char::from(rng.random_range(0..0x20u8)),
+                        1 => '\u{7f}',
+                        2 => 'é',
+                        _ => char::from(rng.random_range(0x20..0x7fu8)),
+                    })
+                    .collect();
+                let mut out = Vec::new();
+                escape_controls(&s, &mut out);
+                assert_eq!(out, reference(&s), "{s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn header_fields_are_cut_and_cleaned_on_either_path() {
+        let field = |v: &str, max: usize| {
+            let mut out = Vec::new();
+            header_field(v, max, &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(field("host-1.example", 48), "host-1.example");
+        assert_eq!(field("", 48), "-");
+        assert_eq!(field("abcdef", 4), "abcd");
+        assert_eq!(field("a b\tc", 48), "a_b_c");
+        assert_eq!(field("hé", 48), "h_");
+        assert_eq!(field("a\u{7f}", 48), "a_");
     }
 
     #[test]

@@ -30,6 +30,8 @@ struct Options {
     repeat: u32,
     burst: u64,
     suites: Vec<String>,
+    /// `logs-peers` only: the receivers to run (names as printed); empty runs them all.
+    receivers: Vec<String>,
 }
 
 fn parse_args() -> anyhow::Result<Options> {
@@ -39,6 +41,7 @@ fn parse_args() -> anyhow::Result<Options> {
         repeat: 20_000,
         burst: 2_000_000,
         suites: Vec::new(),
+        receivers: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     let num = |v: Option<String>, what: &str| -> anyhow::Result<u64> {
@@ -51,9 +54,15 @@ fn parse_args() -> anyhow::Result<Options> {
             "--runs" => o.runs = num(args.next(), "--runs")? as usize,
             "--repeat" => o.repeat = num(args.next(), "--repeat")? as u32,
             "--burst" => o.burst = num(args.next(), "--burst")?,
+            "--receivers" => {
+                let list = args
+                    .next()
+                    .context("--receivers needs a comma-separated list")?;
+                o.receivers = list.split(',').map(str::to_owned).collect();
+            }
             "xdp" | "logs-decode" | "logs" | "logs-peers" | "tcp" => o.suites.push(a),
             other => bail!(
-                "unknown argument {other:?} (suites: xdp, logs-decode, logs, logs-peers, tcp; options: --runs N, --repeat N, --burst N)"
+                "unknown argument {other:?} (suites: xdp, logs-decode, logs, logs-peers, tcp; options: --runs N, --repeat N, --burst N, --receivers A,B for logs-peers)"
             ),
         }
     }
@@ -101,7 +110,7 @@ fn run() -> anyhow::Result<()> {
     }
     // `logs` includes the peer comparison; `logs-peers` runs it alone.
     if o.suites.iter().any(|s| s == "logs" || s == "logs-peers") {
-        peers::logs_peers()?;
+        peers::logs_peers(&o.receivers)?;
     }
     if o.suites.iter().any(|s| s == "tcp") {
         tcp::tcp_peers()?;

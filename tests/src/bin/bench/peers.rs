@@ -152,8 +152,19 @@ struct Point {
     cpu_s: f64,
 }
 
-pub fn logs_peers() -> anyhow::Result<()> {
+/// Runs the receivers named in `only` (all of them when empty): every one at every rate.
+pub fn logs_peers(only: &[String]) -> anyhow::Result<()> {
     const SECONDS: f64 = 3.0;
+    for name in only {
+        if !Receiver::ALL.iter().any(|r| r.name() == name) {
+            let known: Vec<&str> = Receiver::ALL.iter().map(|r| r.name()).collect();
+            bail!("unknown receiver {name:?} (known: {})", known.join(", "));
+        }
+    }
+    let chosen: Vec<Receiver> = Receiver::ALL
+        .into_iter()
+        .filter(|r| only.is_empty() || only.iter().any(|n| n == r.name()))
+        .collect();
     let peers = Peers::locate()?;
     let (rs, sng) = peers.versions()?;
     println!(
@@ -176,7 +187,7 @@ pub fn logs_peers() -> anyhow::Result<()> {
     // (receiver, written/s, lines per CPU-s, lost lines) at the flat-out point.
     let mut at_max: Vec<(Receiver, f64, f64, u64)> = Vec::new();
     for rate in [100_000u64, 250_000, 0] {
-        for r in Receiver::ALL {
+        for &r in &chosen {
             let p = point(&peers, r, rate, SECONDS)
                 .with_context(|| format!("{} at {rate}/s", r.name()))?;
             let per_cpu = p.written as f64 / p.cpu_s.max(1e-9);
@@ -203,50 +214,34 @@ pub fn logs_peers() -> anyhow::Result<()> {
             }
         }
     }
-    let ours = at_max
-        .iter()
-        .find(|(r, ..)| *r == Receiver::Edgeproxy)
-        .context("no edgeproxy point")?;
     let is_peer = |r: &Receiver| matches!(r, Receiver::Rsyslog | Receiver::SyslogNg);
-    let best_rate = at_max
-        .iter()
-        .filter(|(r, ..)| is_peer(r))
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .context("no peer point")?;
-    let best_cpu = at_max
-        .iter()
-        .filter(|(r, ..)| is_peer(r))
-        .max_by(|a, b| a.2.total_cmp(&b.2))
-        .context("no peer point")?;
-    println!(
-        "flat out: edgeproxy writes {:.2}x the lines/s of the best peer ({}) and {:.2}x the lines per CPU-second of the best peer ({})",
-        ours.1 / best_rate.1.max(1e-9),
-        best_rate.0.name(),
-        ours.2 / best_cpu.2.max(1e-9),
-        best_cpu.0.name()
-    );
-    if let Some(ep) = at_max.iter().find(|(r, ..)| *r == Receiver::EdgeproxyEpoll) {
+    let best_by = |key: fn(&(Receiver, f64, f64, u64)) -> f64| {
+        at_max
+            .iter()
+            .filter(|p| is_peer(&p.0))
+            .max_by(|a, b| key(a).total_cmp(&key(b)))
+    };
+    let (Some(best_rate), Some(best_cpu)) = (best_by(|p| p.1), best_by(|p| p.2)) else {
+        println!("(no peer ran: no ratios)\n");
+        return Ok(());
+    };
+    for (r, per_s, per_cpu, _) in at_max.iter().filter(|p| !is_peer(&p.0)) {
+        let what = match r {
+            Receiver::EdgeproxyXdp => ", XDP run time included",
+            Receiver::EdgeproxyJson => " (JSON lines)",
+            _ => "",
+        };
         println!(
-            "flat out: edgeproxy-epoll takes {:.2}x the lines per CPU-second of the best peer ({})",
-            ep.2 / best_cpu.2.max(1e-9),
+            "flat out: {} writes {:.2}x the lines/s of the best peer ({}) and takes {:.2}x the lines per CPU-second of the best peer ({}){what}",
+            r.name(),
+            per_s / best_rate.1.max(1e-9),
+            best_rate.0.name(),
+            per_cpu / best_cpu.2.max(1e-9),
             best_cpu.0.name()
         );
     }
-    if let Some(js) = at_max.iter().find(|(r, ..)| *r == Receiver::EdgeproxyJson) {
-        println!(
-            "flat out: edgeproxy-json (JSON lines) takes {:.2}x the lines per CPU-second of the best peer ({})",
-            js.2 / best_cpu.2.max(1e-9),
-            best_cpu.0.name()
-        );
-    }
-    if let Some(xdp) = at_max.iter().find(|(r, ..)| *r == Receiver::EdgeproxyXdp) {
-        println!(
-            "flat out: edgeproxy-xdp takes {:.2}x the lines per CPU-second of the best peer ({}), XDP run time included",
-            xdp.2 / best_cpu.2.max(1e-9),
-            best_cpu.0.name()
-        );
-    }
-    if ours.3 == 0 {
+    let ours = at_max.iter().find(|(r, ..)| *r == Receiver::Edgeproxy);
+    if ours.is_some_and(|o| o.3 == 0) {
         println!(
             "(edgeproxy lost nothing flat out: its written/s is the generator's limit, not its own; lines per CPU-second is the capacity comparison)"
         );
