@@ -116,6 +116,7 @@ fn push<const N: usize, H: Hook>(
     // once per record.
     let record = size as u64 + 8; // the ring's own 8-byte record header
     let flags = if avail >= WAKEUP_BYTES && avail < WAKEUP_BYTES + record {
+        bump(DataplaneStat::RecordWakeups);
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
         u64::from(BPF_RB_NO_WAKEUP)

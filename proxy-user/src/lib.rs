@@ -12,6 +12,7 @@ pub mod diagnostics;
 pub mod doctor;
 pub mod engine;
 pub mod logs;
+pub(crate) mod mapping;
 pub mod policy;
 pub mod report;
 pub mod tcp;

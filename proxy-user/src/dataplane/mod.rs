@@ -105,6 +105,8 @@ pub enum DataplaneError {
     },
     #[error("per-CPU record rings")]
     Rings(#[source] std::io::Error),
+    #[error("mapping the record ring")]
+    RecordRing(#[source] std::io::Error),
     #[error("aya-log")]
     Log(#[source] aya_log::Error),
 }

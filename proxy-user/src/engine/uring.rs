@@ -16,6 +16,7 @@ use std::{
 use io_uring::{IoUring, cqueue, opcode, types};
 
 use super::{BackendStats, Datagram, ReceiveBackend, ReceiveConfig, socket::sockaddr};
+use crate::mapping::Mapping;
 
 const BGID: u16 = 1;
 /// `struct io_uring_recvmsg_out` precedes the name and payload in each buffer.
@@ -56,51 +57,6 @@ pub(crate) fn submit_and_wait<
             Ok(())
         }
         Err(e) => Err(e),
-    }
-}
-
-/// An anonymous private read-write mapping (page-aligned), unmapped on drop: memory
-/// the kernel is given by address (buffer rings, zero-copy receive areas).
-pub(crate) struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Mapping {
-    /// `len` bytes; with `populate`, faulted in now rather than on first touch.
-    pub(crate) fn new(len: usize, populate: bool) -> io::Result<Self> {
-        use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous};
-        let n = std::num::NonZeroUsize::new(len).ok_or_else(|| io::Error::other("zero length"))?;
-        let flags = if populate {
-            MapFlags::MAP_PRIVATE | MapFlags::MAP_POPULATE
-        } else {
-            MapFlags::MAP_PRIVATE
-        };
-        // SAFETY: a fresh private anonymous mapping, owned by the value.
-        let ptr = unsafe {
-            mmap_anonymous(None, n, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, flags)
-        }?;
-        Ok(Self {
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-
-    pub(crate) fn ptr(&self) -> NonNull<u8> {
-        self.ptr
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping created in `new`. Whoever registered it with the
-        // kernel released it first, or the kernel pinned what it uses, so this only
-        // removes our view of it.
-        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
     }
 }
 

@@ -19,7 +19,7 @@ use std::{
 use io_uring::{IoUring, cqueue, squeue, types};
 
 use super::{F_MORE, F_ZC};
-use crate::engine::uring::Mapping;
+use crate::mapping::Mapping;
 
 /// `IORING_REGISTER_ZCRX_IFQ` (kernel ABI).
 const IORING_REGISTER_ZCRX_IFQ: libc::c_long = 32;

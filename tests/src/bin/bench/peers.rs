@@ -150,6 +150,9 @@ struct Point {
     sent: u64,
     written: u64,
     cpu_s: f64,
+    /// edgeproxy-xdp only: the XDP program's mean kernel run time per packet, and the
+    /// consumer wake-ups it forced per thousand records.
+    xdp: Option<(f64, f64)>,
 }
 
 /// Runs the receivers named in `only` (all of them when empty): every one at every rate.
@@ -193,14 +196,19 @@ pub fn logs_peers(only: &[String]) -> anyhow::Result<()> {
             let per_cpu = p.written as f64 / p.cpu_s.max(1e-9);
             let per_s = p.written as f64 / SECONDS;
             println!(
-                "{:<16} {:>10} {:>10} {:>10} {:>7.2}% {:>12.0} {:>14.0}",
+                "{:<16} {:>10} {:>10} {:>10} {:>7.2}% {:>12.0} {:>14.0}{}",
                 r.name(),
                 rate_label(rate),
                 p.sent,
                 p.written,
                 loss_pct(p.sent, p.written),
                 per_s,
-                per_cpu
+                per_cpu,
+                p.xdp
+                    .map(|(ns, w)| format!(
+                        "  (XDP {ns:.0} ns/packet, {w:.1} wake-ups per 1,000 records)"
+                    ))
+                    .unwrap_or_default()
             );
             anyhow::ensure!(
                 p.written <= p.sent,
@@ -381,6 +389,7 @@ fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<
     let sent = flood(&pair, PORT, rate, seconds)?;
     settle(&out, Duration::from_millis(1500), Duration::from_secs(30));
     let mut cpu_s = process_cpu_s(pid.as_raw())? - cpu_before;
+    let mut xdp = None;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
     let status = child.take().wait()?;
     let is_ours = !matches!(r, Receiver::Rsyslog | Receiver::SyslogNg);
@@ -402,7 +411,18 @@ fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<
         let ns = v["xdp_cost"]["run_time_ns"]
             .as_u64()
             .context("xdp_cost.run_time_ns in the run report")?;
+        let runs = v["xdp_cost"]["run_count"]
+            .as_u64()
+            .context("xdp_cost.run_count in the run report")?;
         cpu_s += ns as f64 / 1e9;
+        let stat = |name: &str| {
+            v["counters"]["stats"][name]
+                .as_u64()
+                .with_context(|| format!("counters.stats.{name} in the run report"))
+        };
+        let wakeups =
+            stat("record_wakeups")? as f64 * 1000.0 / stat("records_pushed")?.max(1) as f64;
+        xdp = Some((ns as f64 / runs.max(1) as f64, wakeups));
     }
     let written = std::fs::read(&out)
         .map(|b| b.iter().filter(|&&c| c == b'\n').count() as u64)
@@ -417,6 +437,7 @@ fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<
         sent,
         written,
         cpu_s,
+        xdp,
     })
 }
 
