@@ -149,10 +149,13 @@ impl Peers {
 struct Point {
     sent: u64,
     written: u64,
+    /// The receiver process's user + system time.
     cpu_s: f64,
-    /// edgeproxy-xdp only: the XDP program's mean kernel run time per packet, and the
-    /// consumer wake-ups it forced per thousand records.
-    xdp: Option<(f64, f64)>,
+    /// edgeproxy-xdp only.
+    xdp: Option<XdpCost>,
+    /// Softirq time on the generator's CPU over the same span: the kernel's receive work
+    /// for this receiver (the socket stack up to the receive queue, or the XDP program).
+    softirq_s: f64,
 }
 
 /// Runs the receivers named in `only` (all of them when empty): every one at every rate.
@@ -184,29 +187,45 @@ pub fn logs_peers(only: &[String]) -> anyhow::Result<()> {
     );
     println!("  edgeproxy-json: io_uring, raw messages as JSON lines (the richer format)");
     println!(
-        "{:<16} {:>10} {:>10} {:>10} {:>8} {:>12} {:>14}",
-        "receiver", "offered/s", "sent", "written", "loss", "written/s", "lines/CPU-s"
+        "{:<16} {:>10} {:>10} {:>10} {:>8} {:>12} {:>14} {:>16}",
+        "receiver",
+        "offered/s",
+        "sent",
+        "written",
+        "loss",
+        "written/s",
+        "lines/CPU-s",
+        "+softirq lines/s"
     );
-    // (receiver, written/s, lines per CPU-s, lost lines) at the flat-out point.
-    let mut at_max: Vec<(Receiver, f64, f64, u64)> = Vec::new();
+    // The flat-out point of each receiver.
+    struct AtMax {
+        r: Receiver,
+        per_s: f64,
+        per_cpu: f64,
+        per_cpu_with_softirq: f64,
+        lost: u64,
+    }
+    let mut at_max: Vec<AtMax> = Vec::new();
     for rate in [100_000u64, 250_000, 0] {
         for &r in &chosen {
             let p = point(&peers, r, rate, SECONDS)
                 .with_context(|| format!("{} at {rate}/s", r.name()))?;
-            let per_cpu = p.written as f64 / p.cpu_s.max(1e-9);
             let per_s = p.written as f64 / SECONDS;
             println!(
-                "{:<16} {:>10} {:>10} {:>10} {:>7.2}% {:>12.0} {:>14.0}{}",
+                "{:<16} {:>10} {:>10} {:>10} {:>7.2}% {:>12.0} {:>14.0} {:>16.0}{}",
                 r.name(),
                 rate_label(rate),
                 p.sent,
                 p.written,
                 loss_pct(p.sent, p.written),
                 per_s,
-                per_cpu,
+                p.per_cpu(),
+                p.per_cpu_with_softirq(),
                 p.xdp
-                    .map(|(ns, w)| format!(
-                        "  (XDP {ns:.0} ns/packet, {w:.1} wake-ups per 1,000 records)"
+                    .as_ref()
+                    .map(|x| format!(
+                        "  (XDP {:.0} ns/packet, {:.1} wake-ups per 1,000 records)",
+                        x.ns_per_packet, x.wakeups_per_1000
                     ))
                     .unwrap_or_default()
             );
@@ -218,46 +237,83 @@ pub fn logs_peers(only: &[String]) -> anyhow::Result<()> {
                 p.sent
             );
             if rate == 0 {
-                at_max.push((r, per_s, per_cpu, p.sent - p.written));
+                at_max.push(AtMax {
+                    r,
+                    per_s,
+                    per_cpu: p.per_cpu(),
+                    per_cpu_with_softirq: p.per_cpu_with_softirq(),
+                    lost: p.sent - p.written,
+                });
             }
         }
     }
-    let is_peer = |r: &Receiver| matches!(r, Receiver::Rsyslog | Receiver::SyslogNg);
-    let best_by = |key: fn(&(Receiver, f64, f64, u64)) -> f64| {
+    let is_peer = |r: Receiver| matches!(r, Receiver::Rsyslog | Receiver::SyslogNg);
+    let best_by = |key: fn(&AtMax) -> f64| {
         at_max
             .iter()
-            .filter(|p| is_peer(&p.0))
+            .filter(|p| is_peer(p.r))
             .max_by(|a, b| key(a).total_cmp(&key(b)))
     };
-    let (Some(best_rate), Some(best_cpu)) = (best_by(|p| p.1), best_by(|p| p.2)) else {
+    let (Some(best_rate), Some(best_cpu), Some(best_all)) = (
+        best_by(|p| p.per_s),
+        best_by(|p| p.per_cpu),
+        best_by(|p| p.per_cpu_with_softirq),
+    ) else {
         println!("(no peer ran: no ratios)\n");
         return Ok(());
     };
-    for (r, per_s, per_cpu, _) in at_max.iter().filter(|p| !is_peer(&p.0)) {
-        let what = match r {
+    for p in at_max.iter().filter(|p| !is_peer(p.r)) {
+        let what = match p.r {
             Receiver::EdgeproxyXdp => ", XDP run time included",
             Receiver::EdgeproxyJson => " (JSON lines)",
             _ => "",
         };
         println!(
-            "flat out: {} writes {:.2}x the lines/s of the best peer ({}) and takes {:.2}x the lines per CPU-second of the best peer ({}){what}",
-            r.name(),
-            per_s / best_rate.1.max(1e-9),
-            best_rate.0.name(),
-            per_cpu / best_cpu.2.max(1e-9),
-            best_cpu.0.name()
+            "flat out: {} writes {:.2}x the lines/s of the best peer ({}) and takes {:.2}x the lines per CPU-second of the best peer ({}){what}; {:.2}x ({}) counting everyone's softirq receive work",
+            p.r.name(),
+            p.per_s / best_rate.per_s.max(1e-9),
+            best_rate.r.name(),
+            p.per_cpu / best_cpu.per_cpu.max(1e-9),
+            best_cpu.r.name(),
+            p.per_cpu_with_softirq / best_all.per_cpu_with_softirq.max(1e-9),
+            best_all.r.name(),
         );
     }
-    let ours = at_max.iter().find(|(r, ..)| *r == Receiver::Edgeproxy);
-    if ours.is_some_and(|o| o.3 == 0) {
+    if at_max
+        .iter()
+        .any(|p| p.r == Receiver::Edgeproxy && p.lost == 0)
+    {
         println!(
             "(edgeproxy lost nothing flat out: its written/s is the generator's limit, not its own; lines per CPU-second is the capacity comparison)"
         );
     }
     println!(
-        "(written = lines in the receiver's output file after a clean stop; loss = sent - written; CPU = the receiver process's user+system time from /proc over the flood and until its output settled (start-up excluded for all), softirq receive work excluded for all alike, plus the XDP program's run time for edgeproxy-xdp)\n"
+        "(written = lines in the receiver's output file after a clean stop; loss = sent - written; lines/CPU-s = written over the receiver process's user+system time from /proc over the flood and until its output settled (start-up excluded for all), plus the XDP program's run time for edgeproxy-xdp, without the kernel's softirq receive work on the generator's CPU; +softirq = written over the process's time plus that CPU's softirq time (/proc/stat, tick-sampled), which for edgeproxy-xdp holds the XDP program)\n"
     );
     Ok(())
+}
+
+/// The XDP program's share of an edgeproxy-xdp point (BPF run-time statistics).
+struct XdpCost {
+    run_time_s: f64,
+    ns_per_packet: f64,
+    /// Consumer wake-ups the program forced per thousand records.
+    wakeups_per_1000: f64,
+}
+
+impl Point {
+    /// Lines per CPU-second of the receiver, counting the XDP program for edgeproxy-xdp
+    /// but no one's softirq receive work.
+    fn per_cpu(&self) -> f64 {
+        let xdp = self.xdp.as_ref().map_or(0.0, |x| x.run_time_s);
+        self.written as f64 / (self.cpu_s + xdp).max(1e-9)
+    }
+
+    /// Lines per CPU-second counting everyone's kernel receive work (the softirq on the
+    /// generator's CPU, which for edgeproxy-xdp is where the XDP program runs).
+    fn per_cpu_with_softirq(&self) -> f64 {
+        self.written as f64 / (self.cpu_s + self.softirq_s).max(1e-9)
+    }
 }
 
 /// One receiver at one offered rate, on a fresh veth pair.
@@ -386,9 +442,11 @@ fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<
     };
     wait_bound(&pair, bound, &dir, Duration::from_secs(10))?;
     let cpu_before = process_cpu_s(pid.as_raw())?;
+    let softirq_before = softirq_s(GENERATOR_CPU)?;
     let sent = flood(&pair, PORT, rate, seconds)?;
     settle(&out, Duration::from_millis(1500), Duration::from_secs(30));
-    let mut cpu_s = process_cpu_s(pid.as_raw())? - cpu_before;
+    let cpu_s = process_cpu_s(pid.as_raw())? - cpu_before;
+    let softirq_s = softirq_s(GENERATOR_CPU)? - softirq_before;
     let mut xdp = None;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
     let status = child.take().wait()?;
@@ -414,7 +472,6 @@ fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<
         let runs = v["xdp_cost"]["run_count"]
             .as_u64()
             .context("xdp_cost.run_count in the run report")?;
-        cpu_s += ns as f64 / 1e9;
         let stat = |name: &str| {
             v["counters"]["stats"][name]
                 .as_u64()
@@ -422,7 +479,11 @@ fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<
         };
         let wakeups =
             stat("record_wakeups")? as f64 * 1000.0 / stat("records_pushed")?.max(1) as f64;
-        xdp = Some((ns as f64 / runs.max(1) as f64, wakeups));
+        xdp = Some(XdpCost {
+            run_time_s: ns as f64 / 1e9,
+            ns_per_packet: ns as f64 / runs.max(1) as f64,
+            wakeups_per_1000: wakeups,
+        });
     }
     let written = std::fs::read(&out)
         .map(|b| b.iter().filter(|&&c| c == b'\n').count() as u64)
@@ -438,6 +499,7 @@ fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<
         written,
         cpu_s,
         xdp,
+        softirq_s,
     })
 }
 
@@ -480,6 +542,29 @@ fn settle(path: &Path, quiet: Duration, limit: Duration) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The CPU the generator is pinned to (`flood`), where the veth pair's receive softirq
+/// runs.
+const GENERATOR_CPU: usize = 1;
+
+/// Seconds one CPU has spent in softirq since boot (/proc/stat; sampled at the tick,
+/// 10 ms, so a 3 s point carries a few percent of noise).
+fn softirq_s(cpu: usize) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let name = format!("cpu{cpu}");
+    let fields: Vec<u64> = stat
+        .lines()
+        .find_map(|l| l.strip_prefix(&name).filter(|r| r.starts_with(' ')))
+        .with_context(|| format!("no {name} line in /proc/stat"))?
+        .split_whitespace()
+        .map(|v| v.parse().context("a /proc/stat field"))
+        .collect::<anyhow::Result<_>>()?;
+    // user nice system idle iowait irq softirq …
+    let ticks = *fields.get(6).context("softirq field in /proc/stat")?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(ticks as f64 / hz)
 }
 
 /// User + system CPU seconds of a whole process (all its threads), from /proc.
