@@ -85,7 +85,7 @@ impl<'a> Iterator for Frames<'a> {
 }
 
 fn memchr_nl(b: &[u8]) -> Option<usize> {
-    b.iter().position(|&c| c == b'\n')
+    memchr::memchr(b'\n', b)
 }
 
 #[cfg(test)]
