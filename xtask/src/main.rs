@@ -20,7 +20,8 @@ commands:
   test [--long]    bootstrap, fmt check, clippy (userspace, eBPF, xtask), build, unit and
                    privileged end-to-end tests; --long runs the long randomized suites
   demo             bootstrap, build, run edgeproxy on a namespace topology with traffic
-  bench [SUITE]    bootstrap, build, run benchmarks (SUITE: xdp, logs-decode, logs, logs-peers, tcp; default: all)
+  bench [SUITE]    bootstrap, build, run benchmarks (SUITE: xdp, logs-decode, logs, logs-peers, tcp; default: all;
+                   logs-peers --receivers edgeproxy-xdp,rsyslog runs some receivers only)
 ";
 
 fn main() -> ExitCode {
