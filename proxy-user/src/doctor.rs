@@ -50,7 +50,10 @@ pub struct IoUring {
 #[derive(Debug, Serialize)]
 pub struct Cpus {
     pub online: String,
+    /// What this process may use (affinity, cgroup quota).
     pub count: usize,
+    /// The affinity mask as a CPU list: the CPUs `data_cpus` may name.
+    pub allowed: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -126,6 +129,7 @@ pub fn probe(probe_xdp: bool) -> DoctorReport {
         cpus: Cpus {
             online: read_trim("/sys/devices/system/cpu/online").unwrap_or_default(),
             count: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            allowed: crate::cpus::list(&crate::cpus::allowed()),
         },
         interfaces,
     }
@@ -444,8 +448,8 @@ impl DoctorReport {
         );
         let _ = writeln!(
             s,
-            "cpus         {} online ({})",
-            self.cpus.count, self.cpus.online
+            "cpus         {} online, this process may use {} ({} usable)",
+            self.cpus.online, self.cpus.allowed, self.cpus.count
         );
         for i in &self.interfaces {
             let xdp = match (&i.xdp_native, &i.xdp_generic) {

@@ -6,6 +6,7 @@
 //! - [`telemetry`]: `tracing` set-up, including eBPF log lines from aya-log.
 pub mod cli;
 pub mod config;
+pub mod cpus;
 pub mod daemon;
 pub mod dataplane;
 pub mod diagnostics;

@@ -134,7 +134,7 @@ enum Command {
         /// auto (io_uring, falling back to epoll with the reason), io_uring or epoll.
         #[arg(long)]
         engine: Option<proxy_user::engine::BackendChoice>,
-        /// Number of workers, one per CPU from 0 (default: every online CPU).
+        /// Number of workers, taking engine.data_cpus in turn (default: one per allowed CPU).
         #[arg(long)]
         workers: Option<usize>,
         /// Window length in seconds.
@@ -156,7 +156,7 @@ enum Command {
         /// Configuration file with `[[route]]` tables (see the README).
         #[arg(long)]
         config: PathBuf,
-        /// Number of workers, one per CPU from 0 (default: engine.data_cpus).
+        /// Number of workers, taking engine.data_cpus in turn (default: one per data CPU).
         #[arg(long)]
         workers: Option<usize>,
         /// Stop after this many seconds (default: until SIGINT/SIGTERM).
@@ -485,8 +485,7 @@ fn proxy_command(
     let mut cpus = cfg.pipeline.data_cpus.clone();
     if let Some(n) = workers {
         anyhow::ensure!(n > 0, "--workers must be at least 1");
-        let online = cpus.len().max(1);
-        cpus = (0..n).map(|i| i % online).collect();
+        cpus = proxy_user::cpus::cycle(&cpus, n);
     }
     let shared = SharedRoutes::new(Routes::build(&cfg.routes, cfg.tcp.clone(), None));
     let publish_to = std::sync::Arc::clone(&shared);
@@ -613,8 +612,7 @@ fn log_config(
     }
     if let Some(n) = o.workers {
         anyhow::ensure!(n > 0, "--workers must be at least 1");
-        let online = cfg.data_cpus.len().max(1);
-        cfg.data_cpus = (0..n).map(|i| i % online).collect();
+        cfg.data_cpus = proxy_user::cpus::cycle(&cfg.data_cpus, n);
     }
     Ok((cfg, base.sinks.clone()))
 }

@@ -677,7 +677,7 @@ pub fn parse_config(file: &str, src: &str) -> Result<Config, FileErrors> {
         }
     };
     let mut p = defaults.pipeline.clone();
-    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let allowed = crate::cpus::allowed();
     if let Some(e) = &raw.engine {
         let e = e.get_ref();
         if let Some(k) = &e.kind {
@@ -703,11 +703,22 @@ pub fn parse_config(file: &str, src: &str) -> Result<Config, FileErrors> {
         }
         if let Some(cpus) = &e.data_cpus {
             let list = cpus.get_ref();
-            if list.is_empty() || list.iter().any(|&c| c < 0 || c as usize >= online) {
+            let outside: Vec<i64> = list
+                .iter()
+                .copied()
+                .filter(|&c| usize::try_from(c).map_or(true, |c| !allowed.contains(&c)))
+                .collect();
+            if list.is_empty() || !outside.is_empty() {
                 cx.err(
                     cpus.span(),
                     format!(
-                        "engine.data_cpus must list CPUs in 0..{online} (this host's online CPUs)"
+                        "engine.data_cpus must list CPUs this process may run on ({}: its affinity mask){}",
+                        crate::cpus::list(&allowed),
+                        if outside.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; not allowed: {outside:?}")
+                        }
                     ),
                 );
             } else {
@@ -972,6 +983,32 @@ mod tests {
     fn an_empty_file_is_the_defaults() {
         let c = parse_config("empty", "").expect("empty parses");
         assert_eq!(c.pipeline.listeners, Config::defaults().pipeline.listeners);
+    }
+
+    #[test]
+    fn data_cpus_are_checked_against_the_affinity_mask_not_counted_from_zero() {
+        // Under a mask of just the highest CPU (as `taskset -c N` or a cpuset gives),
+        // that CPU is accepted and CPU 0 is not, and the default takes only it.
+        let last = *crate::cpus::allowed().last().expect("a CPU");
+        std::thread::spawn(move || {
+            crate::cpus::pin(last);
+            let ok = parse_config("c", &format!("[engine]\ndata_cpus = [{last}]\n"))
+                .expect("the allowed CPU");
+            assert_eq!(ok.pipeline.data_cpus, vec![last]);
+            let defaults = parse_config("c", "").expect("defaults");
+            assert_eq!(defaults.pipeline.data_cpus.len(), 1);
+            if last != 0 {
+                let e = parse_config("c", "[engine]\ndata_cpus = [0]\n")
+                    .expect_err("CPU 0 is outside the mask")
+                    .to_string();
+                assert!(
+                    e.contains(&format!("({last}: its affinity mask); not allowed: [0]")),
+                    "{e}"
+                );
+            }
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

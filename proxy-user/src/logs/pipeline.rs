@@ -57,7 +57,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             listeners: Vec::new(),
-            data_cpus: (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect(),
+            data_cpus: crate::cpus::allowed(),
             backend: BackendChoice::Auto,
             receive: ReceiveConfig::default(),
             rcvbuf: Some(8 << 20),
@@ -337,16 +337,6 @@ fn now_ns() -> i64 {
         .map_or(0, |d| d.as_nanos() as i64)
 }
 
-/// Pins the calling thread to `cpu` (a warning, not an error, when it cannot).
-pub(crate) fn pin(cpu: usize) {
-    let mut set = nix::sched::CpuSet::new();
-    if set.set(cpu).is_ok()
-        && let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
-    {
-        tracing::warn!(cpu, error = %e, "could not pin the worker");
-    }
-}
-
 /// Where captured datagrams come from, if anywhere.
 pub enum CaptureSource {
     /// No capture ingest.
@@ -457,7 +447,7 @@ fn worker_loop(
     out: &mpsc::SyncSender<ToMerger>,
     stop: &AtomicBool,
 ) -> io::Result<WorkerSummary> {
-    pin(cpu);
+    crate::cpus::pin(cpu);
     let mut snap = shared.latest();
     // Created on this thread: an io_uring ring with SINGLE_ISSUER belongs to its creator.
     let (mut backend, fallback_reason) = open_backend(&snap.pipeline, &sockets)?;

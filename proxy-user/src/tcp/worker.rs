@@ -1922,7 +1922,7 @@ pub fn run(
             thread::Builder::new()
                 .name(format!("ep-tcp-{cpu}"))
                 .spawn(move || {
-                    crate::logs::pipeline::pin(cpu);
+                    crate::cpus::pin(cpu);
                     let worker = match Worker::new(cpu, engine, copy, shared, mine, zc) {
                         Ok(w) => w,
                         Err(e) => {
