@@ -187,13 +187,14 @@ pub fn logs_peers(only: &[String]) -> anyhow::Result<()> {
     );
     println!("  edgeproxy-json: io_uring, raw messages as JSON lines (the richer format)");
     println!(
-        "{:<16} {:>10} {:>10} {:>10} {:>8} {:>12} {:>14} {:>16}",
+        "{:<16} {:>10} {:>10} {:>10} {:>8} {:>12} {:>12} {:>14} {:>16}",
         "receiver",
         "offered/s",
         "sent",
         "written",
         "loss",
         "written/s",
+        "CPU-s/M",
         "lines/CPU-s",
         "+softirq lines/s"
     );
@@ -212,13 +213,14 @@ pub fn logs_peers(only: &[String]) -> anyhow::Result<()> {
                 .with_context(|| format!("{} at {rate}/s", r.name()))?;
             let per_s = p.written as f64 / SECONDS;
             println!(
-                "{:<16} {:>10} {:>10} {:>10} {:>7.2}% {:>12.0} {:>14.0} {:>16.0}{}",
+                "{:<16} {:>10} {:>10} {:>10} {:>7.2}% {:>12.0} {:>12.3} {:>14.0} {:>16.0}{}",
                 r.name(),
                 rate_label(rate),
                 p.sent,
                 p.written,
                 loss_pct(p.sent, p.written),
                 per_s,
+                1e6 / p.per_cpu().max(1e-9),
                 p.per_cpu(),
                 p.per_cpu_with_softirq(),
                 p.xdp
@@ -288,7 +290,7 @@ pub fn logs_peers(only: &[String]) -> anyhow::Result<()> {
         );
     }
     println!(
-        "(written = lines in the receiver's output file after a clean stop; loss = sent - written; lines/CPU-s = written over the receiver process's user+system time from /proc over the flood and until its output settled (start-up excluded for all), plus the XDP program's run time for edgeproxy-xdp, without the kernel's softirq receive work on the generator's CPU; +softirq = written over the process's time plus that CPU's softirq time (/proc/stat, tick-sampled), which for edgeproxy-xdp holds the XDP program)\n"
+        "(written = lines in the receiver's output file after a clean stop; loss = sent - written; CPU-s/M = CPU seconds per million lines written, the inverse of lines/CPU-s = written over the receiver process's user+system time from /proc over the flood and until its output settled (start-up excluded for all), plus the XDP program's run time for edgeproxy-xdp, without the kernel's softirq receive work on the generator's CPU; +softirq = written over the process's time plus that CPU's softirq time (/proc/stat, tick-sampled), which for edgeproxy-xdp holds the XDP program)\n"
     );
     Ok(())
 }
