@@ -136,6 +136,12 @@ pub enum DataplaneStat {
     RecordWakeups = 5,
 }
 
+/// Entries of [`DATAPLANE_STATS_MAP`]: room beyond [`DataplaneStat::COUNT`] so a counter
+/// added later does not change the pinned map's layout (a pinned map whose size differs
+/// cannot be reused by a newer edgeproxy; see `IncompatiblePins`).
+pub const DATAPLANE_STATS_SLOTS: u32 = 16;
+const _: () = assert!(DataplaneStat::COUNT <= DATAPLANE_STATS_SLOTS);
+
 impl DataplaneStat {
     pub const COUNT: u32 = 6;
     pub const ALL: [DataplaneStat; Self::COUNT as usize] = [

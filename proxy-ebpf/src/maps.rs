@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, PerCpuArray, RingBuf},
 };
 use proxy_common::{
-    Counter, DataplaneStat, ProtoClass, RECORD_RING_PER_CPU_BYTES, RECORD_RINGS_MAX_CPUS,
-    RECORDS_BYTES,
+    Counter, DATAPLANE_STATS_SLOTS, DataplaneStat, ProtoClass, RECORD_RING_PER_CPU_BYTES,
+    RECORD_RINGS_MAX_CPUS, RECORDS_BYTES,
     policy::{
         ACTIONS_PER_SLOT, DEFAULT_LPM_ENTRIES, LpmV4, LpmV6, PORT_ENTRIES, PROTO_ENTRIES,
         PolicyState, RuleAction, RuleSet, SLOTS, Verdict,
@@ -21,7 +21,7 @@ pub static PROTO_COUNTERS: PerCpuArray<Counter> =
 
 #[map(name = "DATAPLANE_STATS")]
 pub static DATAPLANE_STATS: PerCpuArray<u64> =
-    PerCpuArray::with_max_entries(DataplaneStat::COUNT, 0);
+    PerCpuArray::with_max_entries(DATAPLANE_STATS_SLOTS, 0);
 
 #[map(name = "VERDICT_COUNTERS")]
 pub static VERDICT_COUNTERS: PerCpuArray<Counter> =

@@ -8,8 +8,10 @@ use nix::{
     unistd::Pid,
 };
 
-/// The CPUs the calling thread may run on, ascending. Falls back to
-/// `0..available_parallelism` if the mask cannot be read.
+/// The CPUs the calling thread may run on, ascending (call it from a thread we have not
+/// pinned: the main or control thread). Falls back to `0..available_parallelism` if
+/// the mask cannot be read. The mask is what `data_cpus` is checked against: a worker
+/// pinned outside it would fail to pin.
 pub fn allowed() -> Vec<usize> {
     match sched_getaffinity(Pid::from_raw(0)) {
         Ok(set) => (0..CpuSet::count())
@@ -17,6 +19,14 @@ pub fn allowed() -> Vec<usize> {
             .collect(),
         Err(_) => (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect(),
     }
+}
+
+/// The default data CPUs: the allowed ones, no more of them than the CPU quota (a
+/// cgroup's `cpu.max`, which `available_parallelism` honours) lets run at once — a pod
+/// limited to 2 CPUs on a 64-CPU node gets 2 workers, not 64 throttled ones.
+pub fn default_data_cpus() -> Vec<usize> {
+    let quota = std::thread::available_parallelism().map_or(1, |n| n.get());
+    allowed().into_iter().take(quota).collect()
 }
 
 /// Pins the calling thread to `cpu` (a warning, not an error, when it cannot).
@@ -76,6 +86,14 @@ mod tests {
         assert_eq!(cycle(&[4, 6], 3), vec![4, 6, 4]);
         assert_eq!(cycle(&[2], 2), vec![2, 2]);
         assert!(cycle(&[], 2).is_empty());
+    }
+
+    #[test]
+    fn the_default_is_allowed_cpus_within_the_quota() {
+        let d = default_data_cpus();
+        let quota = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert!(!d.is_empty() && d.len() <= quota, "{d:?}");
+        assert!(allowed().starts_with(&d), "{d:?}");
     }
 
     #[test]

@@ -37,7 +37,12 @@ pub struct RunOptions {
     pub policy: Option<(Policy, String)>,
     /// Where the policy loader keeps each slot's source (`policy show` reads it).
     pub store_dir: Option<PathBuf>,
+    /// Leave the record rings to another process (`logs --capture-from`).
+    pub leave_records: bool,
 }
+
+/// How long a reader for the whole run waits for one that reads per pass to let go.
+const RING_LOCK_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The log pipeline to run beside the data plane: its configuration and the stop flag
 /// its control thread sets.
@@ -72,6 +77,38 @@ pub async fn run(
         .attach(&opts.iface, opts.mode)
         .with_context(|| format!("attaching to {}", opts.iface))?;
     let records = dp.take_records()?;
+    // One reader per ring (see RingReaderLock): a pipeline here must have them; the
+    // drain thread reads them unless told not to or another process already does.
+    let reader = dp
+        .pin_dir()
+        .map(crate::dataplane::RingReaderLock::open)
+        .transpose()?;
+    let records = match (reader, &logs) {
+        (Some(lock), Some(_)) => {
+            let lock = lock.take_for_life(RING_LOCK_PATIENCE)?;
+            tracing::info!("reading the record rings (their one reader)");
+            Some(records.hold(lock))
+        }
+        (_, None) if opts.leave_records => {
+            tracing::info!("leaving the record rings to another reader (--leave-records)");
+            None
+        }
+        (Some(lock), None) => match lock.take_for_life(RING_LOCK_PATIENCE) {
+            Ok(lock) => {
+                tracing::info!("reading the record rings (their one reader)");
+                Some(records.hold(lock))
+            }
+            Err(crate::dataplane::DataplaneError::RingsTaken { dir }) => {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "another process reads the record rings; leaving them to it (no record tally or HTTP request lines in this report)"
+                );
+                None
+            }
+            Err(e) => return Err(e.into()),
+        },
+        (None, _) => Some(records),
+    };
     let logger = dp.take_logger()?;
     let stats_fd = if opts.bpf_stats {
         Some(crate::dataplane::enable_run_time_stats()?)
@@ -81,8 +118,8 @@ pub async fn run(
     let stats_before = dp.program_stats()?;
     let started = Instant::now();
 
-    let (records, pipeline) = match logs {
-        Some(LogPipeline { shared, stop }) => {
+    let (records, pipeline) = match (logs, records) {
+        (Some(LogPipeline { shared, stop }), Some(records)) => {
             let h = thread::Builder::new()
                 .name("ep-logs".into())
                 .spawn(move || {
@@ -95,7 +132,9 @@ pub async fn run(
                 .context("spawning the log pipeline")?;
             (None, Some(h))
         }
-        None => (Some(records), None),
+        // A pipeline takes the rings or the start failed above.
+        (Some(_), None) => anyhow::bail!("internal error: a log pipeline without the record rings"),
+        (None, records) => (records, None),
     };
     let stopping = Arc::new(AtomicBool::new(false));
     let drain = {
@@ -152,6 +191,9 @@ pub async fn run(
         // its HTTP request lines are the report's.
         records.captures = outcome.counts.captured;
         records.samples = outcome.counts.samples_skipped;
+        records.bad = outcome.counts.records_bad;
+        records.other_reader = outcome.counts.ring_other_reader;
+        records.skips = outcome.counts.ring_skips;
         http.merge(&outcome.http);
     }
     let xdp_cost = match stats_fd {

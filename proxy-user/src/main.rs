@@ -121,6 +121,11 @@ enum Command {
         /// With routes: rewrite the TCP counters to this file as JSON four times a second.
         #[arg(long)]
         stats_file: Option<PathBuf>,
+        /// Do not read the record rings: another process does (`edgeproxy logs
+        /// --capture-from`). A ring has one reader; without this flag a pinned run reads
+        /// them unless another reader already holds them.
+        #[arg(long, conflicts_with_all = ["logs", "config", "listen"])]
+        leave_records: bool,
     },
     /// Receive, decode and aggregate UDP syslog on pinned workers; one JSON line per
     /// window on stdout, then a summary with exact accounting.
@@ -313,6 +318,7 @@ fn real_main() -> anyhow::Result<()> {
             config,
             listen,
             stats_file,
+            leave_records,
         } => {
             let duration = duration.map(|d| seconds("duration", d)).transpose()?;
             let logs = (logs || config.is_some() || !listen.is_empty()).then_some(LogSetup {
@@ -342,6 +348,7 @@ fn real_main() -> anyhow::Result<()> {
                 policy,
                 store_dir: (!ephemeral).then(|| paths.store_dir.clone()),
                 iface,
+                leave_records,
             };
             run(
                 opts,

@@ -191,3 +191,39 @@ fn lifecycle(hook: &str) {
     send(DROP_PORT, 50);
     assert_eq!(received(&blocked), 50, "traffic flows after detach");
 }
+
+/// Maps pinned by an edgeproxy with another layout (here: the stats map replaced by a
+/// map of another size) are not reused blindly: the load fails naming the map, the
+/// difference and the way out, instead of a generic load error.
+#[test]
+fn pins_with_another_map_layout_are_refused_with_the_way_out() {
+    use proxy_common::{DATAPLANE_STATS_MAP, PROTO_COUNTERS_MAP};
+    use proxy_user::dataplane::{Dataplane, DataplaneError, LoadOptions};
+    if !require_root("pins_with_another_map_layout_are_refused_with_the_way_out") {
+        return;
+    }
+    let root = PinRoot::new().expect("pin root");
+    let dir = root.path().join("layout");
+    let opts = || LoadOptions {
+        pin_dir: Some(dir.clone()),
+        ..LoadOptions::default()
+    };
+    drop(Dataplane::load(opts()).expect("first load pins the maps"));
+    // The same pins load again.
+    drop(Dataplane::load(opts()).expect("a second load reuses them"));
+    // An "older" stats map: another map pinned under its name.
+    let other = aya::maps::MapData::from_pin(dir.join(PROTO_COUNTERS_MAP)).expect("open pin");
+    std::fs::remove_file(dir.join(DATAPLANE_STATS_MAP)).expect("unpin");
+    other.pin(dir.join(DATAPLANE_STATS_MAP)).expect("pin");
+    let err = match Dataplane::load(opts()) {
+        Ok(_) => panic!("a map of another layout was reused"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(err, DataplaneError::IncompatiblePins { .. }),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(text.contains(DATAPLANE_STATS_MAP), "{text}");
+    assert!(text.contains("edgeproxy detach"), "{text}");
+}

@@ -798,3 +798,140 @@ fn raw_messages_are_routed_to_sinks_exactly_once() {
     assert!(seen.iter().all(|&b| b), "every message in the text sink");
     assert_eq!(counted, N);
 }
+
+/// A pinned data plane's record rings have one reader across processes (an flock on the
+/// pin directory), so captured datagrams are never split between two of them: a `run`
+/// that reads the rings keeps `logs --capture-from` from starting; `run
+/// --leave-records` lets it read every capture; a `run` started while a pipeline reads
+/// them leaves them to it.
+#[test]
+fn a_pinned_record_ring_has_one_reader_across_processes() {
+    use edgeproxy_testbed::{scratch::PinRoot, try_start_edgeproxy_until};
+    if !require_root("a_pinned_record_ring_has_one_reader_across_processes") {
+        return;
+    }
+    const CAP: u16 = 5610;
+    const SOCK: u16 = 5611;
+    const N: u64 = 600;
+    let pair = VethPair::create().expect("veth pair");
+    let root = PinRoot::new().expect("pin root");
+    let dir = ScratchDir::new().expect("scratch");
+    let pin_dir = root.path().join(pair.a_if);
+    let policy = dir.file(
+        "policy.toml",
+        &format!(
+            "[[rule]]\nproto = \"udp\"\ndst_port = {CAP}\naction = \"capture\"\nthen = \"drop\"\n"
+        ),
+    );
+    let run_args = |extra: &[&str]| -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = ["run", "--iface", pair.a_if, "--json"]
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        a.extend(["--pin-root".into(), root.path().into()]);
+        a.extend(["--state-dir".into(), dir.path().join("state").into()]);
+        a.extend(["--policy".into(), policy.clone().into()]);
+        a.extend(["--duration".into(), "60".into()]);
+        a.extend(extra.iter().map(Into::into));
+        a
+    };
+    let logs_args = |seconds: &str| -> Vec<std::ffi::OsString> {
+        vec![
+            "logs".into(),
+            "--window".into(),
+            "0.3".into(),
+            "--duration".into(),
+            seconds.into(),
+            "--capture-from".into(),
+            pin_dir.clone().into(),
+            "--listen".into(),
+            format!("{}:{SOCK}", pair.a_v4).into(),
+        ]
+    };
+    let send = || {
+        pair.b.run(|| {
+            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            for i in 0..N {
+                s.send_to(
+                    format!("<14>1 - h cap - - - m {i}").as_bytes(),
+                    (pair.a_v4, CAP),
+                )
+                .expect("send");
+                if i % 50 == 49 {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(800));
+    };
+    let captured = |out: &str| -> u64 {
+        let summary = out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v.get("summary").is_some())
+            .expect("summary line");
+        summary["summary"]["counts"]["captured"]
+            .as_u64()
+            .expect("captured")
+    };
+    let report =
+        |out: &str| -> serde_json::Value { serde_json::from_str(out).expect("JSON report") };
+
+    // 1. A `run` reads the rings: a pipeline in another process is refused, by name.
+    let (run, _log) =
+        try_start_edgeproxy_until(&pair.a, run_args(&[]), "reading the record rings").expect("run");
+    let refused = pair
+        .a
+        .command(edgeproxy_testbed::edgeproxy_bin().expect("binary"))
+        // Bounded: a second reader that wrongly starts ends by itself.
+        .args(logs_args("3"))
+        .output()
+        .expect("logs");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "a second reader started: {err}");
+    assert!(err.contains("read by another process"), "{err}");
+    send();
+    let r = report(&stop_and_collect(run));
+    assert_eq!(
+        r["records"]["captures"], N,
+        "the run read every capture: {r}"
+    );
+
+    // 2. `run --leave-records`: the pipeline elsewhere reads every capture, run none.
+    let (run, _log) = try_start_edgeproxy_until(
+        &pair.a,
+        run_args(&["--leave-records"]),
+        "leaving the record rings",
+    )
+    .expect("run --leave-records");
+    let logs = start_edgeproxy(&pair.a, logs_args("60"));
+    send();
+    assert_eq!(captured(&stop_and_collect(logs)), N);
+
+    // 3. A `run` started while that pipeline reads them leaves them to it.
+    let logs = start_edgeproxy(&pair.a, logs_args("60"));
+    let r = report(&stop_and_collect(run));
+    assert_eq!(
+        r["records"]["total"], 0,
+        "--leave-records read nothing: {r}"
+    );
+    let (run, _log) = try_start_edgeproxy_until(
+        &pair.a,
+        run_args(&[]),
+        "another process reads the record rings",
+    )
+    .expect("run beside a reader");
+    send();
+    assert_eq!(captured(&stop_and_collect(logs)), N);
+    let r = report(&stop_and_collect(run));
+    assert_eq!(
+        r["records"]["total"], 0,
+        "the second reader read nothing: {r}"
+    );
+    // The pinned counters span the three runs: every datagram was captured once.
+    assert_eq!(
+        r["counters"]["stats"]["records_pushed"],
+        3 * N,
+        "the data plane captured them: {r}"
+    );
+}

@@ -429,9 +429,10 @@ fn the_record_ring_is_reused_drain_after_drain_without_loss() {
         return;
     }
     // One CPU, so one per-CPU ring holds every record in the order it was written.
+    let cpu = proxy_user::cpus::allowed()[0];
     let mut one = nix::sched::CpuSet::new();
-    one.set(0).expect("cpu 0");
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("pin to CPU 0");
+    one.set(cpu).expect("a CPU");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("pin");
     let mut dp = Dataplane::load(LoadOptions::default()).expect("load");
     policy_util::load(
         &mut policy_util::loader(&mut dp),
@@ -464,21 +465,21 @@ fn the_record_ring_is_reused_drain_after_drain_without_loss() {
         )
     };
     let mut next = 0u32;
-    let mut check = |records: &mut proxy_user::dataplane::Records| {
+    let check = |records: &mut proxy_user::dataplane::Records, next: &mut u32| {
         for (_, data) in drain_all(records) {
             assert_eq!(data.len(), 100);
             let seq = u32::from_le_bytes(data[..4].try_into().unwrap());
-            assert_eq!(seq, next, "records out of order or lost");
-            next += 1;
+            assert_eq!(seq, *next, "records out of order or lost");
+            *next += 1;
         }
     };
     for seq in 0..total as u32 {
         runner.run(&frame(seq), 1).expect("test run");
         if seq % 1000 == 999 {
-            check(&mut records);
+            check(&mut records, &mut next);
         }
     }
-    check(&mut records);
+    check(&mut records, &mut next);
     let delta = counters.snapshot().expect("snapshot").since(&before);
     assert_eq!(
         delta.stat(DataplaneStat::RingbufFull),
@@ -486,4 +487,34 @@ fn the_record_ring_is_reused_drain_after_drain_without_loss() {
         "the ring filled up"
     );
     assert_eq!(next as usize, total, "every capture drained");
+    // Drained every 352 KB, the ring never held the wake-up threshold: no wake-up. Left
+    // undrained past it, the program wakes the consumer exactly once and the ring's fd
+    // turns readable.
+    assert_eq!(delta.stat(DataplaneStat::RecordWakeups), 0);
+    let readable = |records: &proxy_user::dataplane::Records| {
+        let mut fds: Vec<nix::poll::PollFd<'_>> = records
+            .fds()
+            .into_iter()
+            .map(|fd| nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN))
+            .collect();
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).expect("poll") > 0
+    };
+    assert!(!readable(&records), "an empty ring is not readable");
+    let before = counters.snapshot().expect("snapshot");
+    let past = proxy_common::RECORDS_WAKEUP_BYTES as usize / 352 + 10;
+    for seq in 0..past as u32 {
+        runner.run(&frame(next + seq), 1).expect("test run");
+    }
+    let delta = counters.snapshot().expect("snapshot").since(&before);
+    assert_eq!(
+        delta.stat(DataplaneStat::RecordWakeups),
+        1,
+        "one crossing, one wake-up"
+    );
+    assert!(
+        readable(&records),
+        "the woken consumer finds its fd readable"
+    );
+    check(&mut records, &mut next);
+    assert_eq!(next as usize, total + past);
 }

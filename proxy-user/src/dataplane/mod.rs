@@ -60,7 +60,7 @@ pub use rawbpf::{
     MmapArray, all_keys, delete_batch, into_map_data, link_detach, link_update, obj_get,
     update_batch,
 };
-pub use records::{RecordTally, RecordView, Records, parse_record};
+pub use records::{RecordTally, RecordView, Records, RingReaderLock, parse_record};
 pub use testrun::{TestRunOutcome, XdpTestRunner, XdpVerdict};
 
 #[derive(Debug, thiserror::Error)]
@@ -105,8 +105,22 @@ pub enum DataplaneError {
     },
     #[error("per-CPU record rings")]
     Rings(#[source] std::io::Error),
+    #[error(
+        "the maps pinned in {dir} were made by an edgeproxy with another map layout ({detail}): `edgeproxy detach IFACE` removes them (filtering stops until the next start), or use another --pin-root"
+    )]
+    IncompatiblePins { dir: PathBuf, detail: String },
     #[error("mapping the record ring")]
     RecordRing(#[source] std::io::Error),
+    #[error("locking the record rings under {dir}")]
+    RingLock {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the record rings under {dir} are read by another process (another `logs --capture-from`, or an `edgeproxy run`, which reads them unless started with --leave-records): a ring has one reader"
+    )]
+    RingsTaken { dir: PathBuf },
     #[error("aya-log")]
     Log(#[source] aya_log::Error),
 }
@@ -210,7 +224,23 @@ impl Dataplane {
         }
         let ebpf = loader
             .load(object::EBPF_OBJECT)
-            .map_err(DataplaneError::Load)?;
+            .map_err(|e| match (e, &opts.pin_dir) {
+                (
+                    aya::EbpfError::MapError(aya::maps::MapError::IncompatiblePinnedMap {
+                        name,
+                        property,
+                        expected,
+                        actual,
+                    }),
+                    Some(dir),
+                ) => DataplaneError::IncompatiblePins {
+                    dir: dir.clone(),
+                    detail: format!(
+                        "{name}: {property} is {actual}, this edgeproxy needs {expected}"
+                    ),
+                },
+                (e, _) => DataplaneError::Load(e),
+            })?;
         let mut dp = Self {
             ebpf,
             attached: None,
@@ -283,6 +313,11 @@ impl Dataplane {
             .ok_or(DataplaneError::ProgramMissing(name))?
             .try_into()
             .map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    /// Where the maps are pinned (`None`: ephemeral).
+    pub fn pin_dir(&self) -> Option<&std::path::Path> {
+        self.pin_dir.as_deref()
     }
 
     /// Attaches to `iface` (resolved in the calling thread's network namespace) on the

@@ -43,18 +43,27 @@ pub struct RecordRing {
     size: usize,
     /// Where the next record starts; ahead of the published position mid-drain.
     pos: usize,
+    /// Drains that found the published position moved by someone else (another
+    /// process reading the same pinned ring).
+    followed: u64,
+    /// Times a position or record length made no sense and reading skipped to the
+    /// producer's position (the records in between are lost).
+    skipped: u64,
 }
 
 impl RecordRing {
     pub fn new(map: MapData) -> Result<Self, DataplaneError> {
-        let size = map
-            .info()
-            .map_err(|source| DataplaneError::Map {
-                name: RECORDS_MAP,
-                source,
-            })?
-            .max_entries() as usize;
         let io = DataplaneError::RecordRing;
+        let info = map.info().map_err(|source| DataplaneError::Map {
+            name: RECORDS_MAP,
+            source,
+        })?;
+        if !matches!(info.map_type(), Ok(aya::maps::MapType::RingBuf)) {
+            return Err(io(std::io::Error::other(
+                "the map is not a BPF ring buffer",
+            )));
+        }
+        let size = info.max_entries() as usize;
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         if !size.is_power_of_two() || !size.is_multiple_of(page) {
@@ -72,8 +81,11 @@ impl RecordRing {
             page,
             size,
             pos: 0,
+            followed: 0,
+            skipped: 0,
         };
-        // A pinned ring may have been read before: start where its last reader stopped.
+        // A pinned ring may have been read before: start where its last reader stopped
+        // (`follow` checks that position before anything is read at it).
         ring.pos = ring.consumer_pos().load(Ordering::Acquire);
         Ok(ring)
     }
@@ -95,12 +107,16 @@ impl RecordRing {
     }
 
     /// Hands every committed record to `f` in order, up to the first one still being
-    /// written; returns how many it handed over. Discarded records are skipped.
+    /// written and at most one ring's worth per call (so a producer faster than `f`
+    /// cannot keep the caller here forever); returns how many it handed over.
+    /// Discarded records are skipped.
     pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        let mut end = self.producer_pos().load(Ordering::Acquire);
+        self.follow(end);
         let mut n = 0;
         let mut published = self.pos;
-        let mut end = self.producer_pos().load(Ordering::Acquire);
-        loop {
+        let mut consumed = 0;
+        while consumed < self.size {
             if self.pos == end {
                 if self.pos != published {
                     self.consumer_pos().store(self.pos, Ordering::Release);
@@ -116,30 +132,38 @@ impl RecordRing {
             }
             let off = self.pos & (self.size - 1);
             // SAFETY: `off < size`, so the 8-byte header lies in the data mapping; it is
-            // 8-byte aligned (records are), and the kernel commits it with an xchg that
-            // this Acquire load pairs with, making the record's bytes visible.
+            // 8-byte aligned (positions are, `follow` checked ours), and the kernel
+            // commits it with an xchg that this Acquire load pairs with, making the
+            // record's bytes visible.
             let header = unsafe { self.data().add(off).cast::<AtomicU32>().as_ref() }
                 .load(Ordering::Acquire);
             if header & BUSY_BIT != 0 {
                 break;
             }
             let len = (header & !(BUSY_BIT | DISCARD_BIT)) as usize;
-            if len + HDR_LEN > self.size {
-                // Only a kernel ABI change could write this; never read past the ring.
-                tracing::error!(len, "record ring: a record longer than the ring; stopping");
+            let step = (len + HDR_LEN).next_multiple_of(8);
+            // `pos` is at most `size` behind `end` and never past it (`follow`), so this
+            // cannot wrap.
+            if step > end - self.pos {
+                // A record running past what the producer committed: not a record
+                // header at all. Never read past the ring; start again at `end`.
+                self.skip_to(end, "a record runs past the producer's position");
+                published = self.pos;
                 break;
             }
             if header & DISCARD_BIT == 0 {
-                // SAFETY: `off + 8 + len <= 2 * size` (the data pages are mapped twice),
-                // the record is committed and the producer will not reuse it before we
-                // publish a position past it, which happens only after `f` returns.
+                // SAFETY: `off + 8 + len <= off + step <= size + size`: inside the data
+                // pages, which are mapped twice in a row. The record is committed, and
+                // the producer will not reuse it before a position past it is
+                // published, which happens only after `f` returns.
                 let bytes = unsafe {
                     std::slice::from_raw_parts(self.data().add(off + HDR_LEN).as_ptr(), len)
                 };
                 f(bytes);
                 n += 1;
             }
-            self.pos += (len + HDR_LEN).next_multiple_of(8);
+            self.pos += step;
+            consumed += step;
             if self.pos.wrapping_sub(published) >= PUBLISH_BYTES {
                 self.consumer_pos().store(self.pos, Ordering::Release);
                 published = self.pos;
@@ -151,9 +175,121 @@ impl RecordRing {
         n
     }
 
+    /// Checks our position against the shared one and the producer's before reading.
+    /// One reader publishes what it read at the end of every drain, so the shared
+    /// position differs from ours only when another process reads the same pinned
+    /// ring: follow it rather than fight over it (each record then reaches one of the
+    /// two). A position that is misaligned, ahead of the producer or more than a ring
+    /// behind it cannot be read from.
+    fn follow(&mut self, end: usize) {
+        let shared = self.consumer_pos().load(Ordering::Acquire);
+        if shared != self.pos {
+            self.followed += 1;
+            if self.followed.is_power_of_two() {
+                tracing::warn!(
+                    times = self.followed,
+                    "record ring: another process is reading this ring too; records are split between the readers"
+                );
+            }
+            self.pos = shared;
+        }
+        if !self.pos.is_multiple_of(8) || end.wrapping_sub(self.pos) > self.size {
+            self.skip_to(end, "the ring's consumer position is not a record boundary");
+        }
+    }
+
+    fn skip_to(&mut self, end: usize, why: &'static str) {
+        self.skipped += 1;
+        if self.skipped.is_power_of_two() {
+            tracing::error!(
+                times = self.skipped,
+                why,
+                "record ring: skipping to the producer's position"
+            );
+        }
+        self.pos = end;
+        self.consumer_pos().store(end, Ordering::Release);
+    }
+
+    /// How often this reader found another reader's position, and how often it had to
+    /// skip ahead.
+    fn irregularities(&self) -> (u64, u64) {
+        (self.followed, self.skipped)
+    }
+
     /// Readable when the data plane woke its consumer.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.map.fd().as_fd()
+    }
+}
+
+/// One reader at a time for a pinned data plane's record rings: a ring has one consumer
+/// position, so two processes reading it would split (or repeat) its records between
+/// them. An flock on the pin directory decides who reads, held for the reader's life. A
+/// log pipeline (`run --config`, `logs --capture-from`) must get it or not start;
+/// `edgeproxy run` without one reads the rings only for its record tally and HTTP
+/// request lines, so it leaves them, with a warning, to a reader that already has them
+/// (and `--leave-records` makes it not try).
+pub struct RingReaderLock {
+    dir: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl RingReaderLock {
+    pub fn open(pin_dir: &std::path::Path) -> Result<Self, DataplaneError> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(pin_dir)
+            .map_err(|source| DataplaneError::RingLock {
+                dir: pin_dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            dir,
+            path: pin_dir.to_path_buf(),
+        })
+    }
+
+    /// Takes the lock if no other process holds it.
+    pub fn try_take(&self) -> Result<bool, DataplaneError> {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: flock on a descriptor this value owns; no memory is involved.
+        let rc = unsafe { libc::flock(self.dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Ok(false)
+        } else {
+            Err(DataplaneError::RingLock {
+                dir: self.path.clone(),
+                source: e,
+            })
+        }
+    }
+
+    pub fn release(&self) {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: as in `try_take`.
+        unsafe { libc::flock(self.dir.as_raw_fd(), libc::LOCK_UN) };
+    }
+
+    /// Takes the lock to keep, waiting up to `patience` for a reader that takes it only
+    /// per pass to let go; an error naming the directory if someone keeps it.
+    pub fn take_for_life(self, patience: std::time::Duration) -> Result<Self, DataplaneError> {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            if self.try_take()? {
+                return Ok(self);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(DataplaneError::RingsTaken { dir: self.path });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
     }
 }
 
@@ -171,6 +307,8 @@ pub struct Records {
     /// The CPU whose packets each ring holds (`None`: the shared ring).
     cpus: Vec<Option<u32>>,
     per_ring: Vec<u64>,
+    /// Kept while these rings are read for the whole run (every part of a split holds it).
+    reader: Option<std::sync::Arc<RingReaderLock>>,
 }
 
 impl Records {
@@ -199,7 +337,14 @@ impl Records {
             rings,
             cpus,
             per_ring,
+            reader: None,
         })
+    }
+
+    /// Keeps `lock` (taken for life) as long as these rings, or any part of them, live.
+    pub fn hold(mut self, lock: RingReaderLock) -> Self {
+        self.reader = Some(std::sync::Arc::new(lock));
+        self
     }
 
     /// Records drained from each ring so far (index 0: the shared ring).
@@ -235,6 +380,7 @@ impl Records {
                 rings: Vec::new(),
                 cpus: Vec::new(),
                 per_ring: Vec::new(),
+                reader: self.reader.clone(),
             });
             r.rings.push(ring);
             r.cpus.push(cpu);
@@ -252,6 +398,7 @@ impl Records {
     pub fn drain(&mut self, tally: &mut RecordTally, mut f: impl FnMut(&RecordView<'_>)) -> usize {
         let mut n = 0;
         for (ring, count) in self.rings.iter_mut().zip(self.per_ring.iter_mut()) {
+            let (followed, skipped) = ring.irregularities();
             let drained = ring.drain(|bytes| match parse_record(bytes) {
                 Some(view) => {
                     tally.add(&view.header);
@@ -261,6 +408,9 @@ impl Records {
             });
             n += drained;
             *count += drained as u64;
+            let (f, k) = ring.irregularities();
+            tally.other_reader += f - followed;
+            tally.skips += k - skipped;
         }
         n
     }
@@ -290,6 +440,12 @@ pub struct RecordTally {
     pub by_class: [u64; ProtoClass::COUNT as usize],
     /// Records with an unknown kind or class, or too short to hold their header and data.
     pub bad: u64,
+    /// Drains that found another process reading the same ring (records split between
+    /// the readers).
+    pub other_reader: u64,
+    /// Times reading skipped to the producer's position over something that was not a
+    /// record (records lost, number unknown).
+    pub skips: u64,
 }
 
 impl RecordTally {

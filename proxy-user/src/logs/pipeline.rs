@@ -57,7 +57,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             listeners: Vec::new(),
-            data_cpus: crate::cpus::allowed(),
+            data_cpus: crate::cpus::default_data_cpus(),
             backend: BackendChoice::Auto,
             receive: ReceiveConfig::default(),
             rcvbuf: Some(8 << 20),
@@ -148,6 +148,12 @@ pub struct MessageCounts {
     pub captured: u64,
     /// Sample records in the rings (not log traffic; counted, skipped).
     pub samples_skipped: u64,
+    /// Ring records that did not parse (a data plane from another version); dropped.
+    pub records_bad: u64,
+    /// Drains that found another process reading the same record ring.
+    pub ring_other_reader: u64,
+    /// Times reading a ring skipped over something that was not a record.
+    pub ring_skips: u64,
     pub messages: u64,
     pub rfc5424: u64,
     pub rfc3164: u64,
@@ -162,6 +168,9 @@ impl MessageCounts {
         self.datagrams += o.datagrams;
         self.captured += o.captured;
         self.samples_skipped += o.samples_skipped;
+        self.records_bad += o.records_bad;
+        self.ring_other_reader += o.ring_other_reader;
+        self.ring_skips += o.ring_skips;
         self.messages += o.messages;
         self.rfc5424 += o.rfc5424;
         self.rfc3164 += o.rfc3164;
@@ -363,6 +372,11 @@ pub fn spawn(
         CaptureSource::None => None,
         CaptureSource::Rings(r) => Some(r),
         CaptureSource::Pinned(dir) => {
+            // One reader per ring: wait briefly for an `edgeproxy run` that reads them
+            // per pass, refuse if a reader for its whole run has them.
+            let lock = crate::dataplane::RingReaderLock::open(&dir)
+                .and_then(|l| l.take_for_life(Duration::from_secs(2)))
+                .map_err(|e| io::Error::other(e.to_string()))?;
             let (per_cpu, shared_ring) =
                 crate::dataplane::open_pinned_rings(&dir).map_err(|e| {
                     io::Error::other(format!(
@@ -372,7 +386,8 @@ pub fn spawn(
                 })?;
             Some(
                 crate::dataplane::Records::from_rings(shared_ring, per_cpu)
-                    .map_err(io::Error::other)?,
+                    .map_err(io::Error::other)?
+                    .hold(lock),
             )
         }
     };
@@ -623,6 +638,9 @@ fn drain_captures(
             );
         }
     });
+    acc.counts.records_bad += tally.bad;
+    acc.counts.ring_other_reader += tally.other_reader;
+    acc.counts.ring_skips += tally.skips;
 }
 
 fn count_message(counts: &mut MessageCounts, rec: &super::decode::LogRecord<'_>, truncated: bool) {

@@ -127,6 +127,8 @@ impl RunSummary {
                 "samples": self.records.samples,
                 "captures": self.records.captures,
                 "bad": self.records.bad,
+                "other_reader_drains": self.records.other_reader,
+                "skips": self.records.skips,
             },
             "http": self.http.json(TOP_PATHS),
             "xdp_cost": self.xdp_cost.map(|c| serde_json::json!({

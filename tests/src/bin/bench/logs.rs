@@ -218,11 +218,15 @@ fn capture_point(rate: u64, seconds: f64) -> anyhow::Result<CapturePoint> {
     })
 }
 
-fn pin_to(cpu: usize) {
+/// The CPU the generator runs on; the veth pair's receive softirq runs there too.
+pub const GENERATOR_CPU: usize = 1;
+
+/// Pins the calling thread; the figures that name a CPU would be wrong otherwise.
+fn pin_to(cpu: usize) -> anyhow::Result<()> {
     let mut set = nix::sched::CpuSet::new();
-    if set.set(cpu).is_ok() {
-        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
-    }
+    set.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .map_err(|e| anyhow::anyhow!("pinning the generator to CPU {cpu}: {e}"))
 }
 
 /// One measurement at `rate` datagrams/s of `lines` lines each: returns (lines sent,
@@ -275,7 +279,7 @@ pub fn flood_lines(
 ) -> anyhow::Result<u64> {
     use std::os::fd::AsRawFd as _;
     pair.b.run(|| -> anyhow::Result<u64> {
-        pin_to(1);
+        pin_to(GENERATOR_CPU)?;
         let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
         sock.connect((pair.a_v4, port))?;
         const BATCH: usize = 64;

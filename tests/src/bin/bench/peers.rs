@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use edgeproxy_testbed::{netns::VethPair, scratch::ScratchDir};
 
-use super::logs::{capture_daemon_args, flood, loss_pct, rate_label};
+use super::logs::{GENERATOR_CPU, capture_daemon_args, flood, loss_pct, rate_label};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Receiver {
@@ -446,9 +446,10 @@ fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<
     let cpu_before = process_cpu_s(pid.as_raw())?;
     let softirq_before = softirq_s(GENERATOR_CPU)?;
     let sent = flood(&pair, PORT, rate, seconds)?;
+    // The receive softirq runs in the generator's sends: over the flood, not the settle.
+    let softirq_s = softirq_s(GENERATOR_CPU)? - softirq_before;
     settle(&out, Duration::from_millis(1500), Duration::from_secs(30));
     let cpu_s = process_cpu_s(pid.as_raw())? - cpu_before;
-    let softirq_s = softirq_s(GENERATOR_CPU)? - softirq_before;
     let mut xdp = None;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
     let status = child.take().wait()?;
@@ -546,12 +547,10 @@ fn settle(path: &Path, quiet: Duration, limit: Duration) {
     }
 }
 
-/// The CPU the generator is pinned to (`flood`), where the veth pair's receive softirq
-/// runs.
-const GENERATOR_CPU: usize = 1;
-
-/// Seconds one CPU has spent in softirq since boot (/proc/stat; sampled at the tick,
-/// 10 ms, so a 3 s point carries a few percent of noise).
+/// Seconds one CPU has spent in softirq and hardirq context since boot (/proc/stat, in
+/// USER_HZ units; without IRQ time accounting, as here, sampled at the tick, so a 3 s
+/// point carries a few percent of noise). Hardirq counts too: the XDP program's consumer
+/// wake-up runs as an irq_work.
 fn softirq_s(cpu: usize) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let name = format!("cpu{cpu}");
@@ -563,7 +562,8 @@ fn softirq_s(cpu: usize) -> anyhow::Result<f64> {
         .map(|v| v.parse().context("a /proc/stat field"))
         .collect::<anyhow::Result<_>>()?;
     // user nice system idle iowait irq softirq …
-    let ticks = *fields.get(6).context("softirq field in /proc/stat")?;
+    let ticks = fields.get(5).context("irq field in /proc/stat")?
+        + fields.get(6).context("softirq field in /proc/stat")?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Ok(ticks as f64 / hz)
