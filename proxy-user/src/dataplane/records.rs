@@ -123,7 +123,9 @@ impl RecordRing {
                     published = self.pos;
                 }
                 // Order the store above before the producer position's reload, so a
-                // producer checking our position and this reload cannot both miss.
+                // producer checking our position for a wake-up and this reload cannot
+                // both miss (this only matters to a producer using the kernel's default
+                // wake-up; ours names its flags, and the poll timeout covers the rest).
                 fence(Ordering::SeqCst);
                 end = self.producer_pos().load(Ordering::Acquire);
                 if self.pos == end {
