@@ -19,7 +19,9 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::path::PathBuf;
 
 use crate::{
-    dataplane::{Dataplane, EbpfLogDrain, HookChoice, LoadOptions, RecordTally, Records},
+    dataplane::{
+        Dataplane, EbpfLogDrain, HookChoice, LoadOptions, RecordTally, Records, RingReaderLock,
+    },
     policy::{Policy, loader::PolicyLoader},
     report::{RunSummary, http::HttpSamples},
 };
@@ -61,6 +63,10 @@ pub async fn run(
     stop: impl Future<Output = ()>,
     logs: Option<LogPipeline>,
 ) -> anyhow::Result<RunSummary> {
+    // One reader per ring (see RingReaderLock), decided before anything changes in the
+    // live data plane: a pipeline refused here must not have swapped the program, the
+    // policy or the rings of the one that reads them.
+    let access = ring_access(&opts, logs.is_some())?;
     let mut dp = Dataplane::load(opts.load.clone()).context("loading the XDP data plane")?;
     if let Some((policy, text)) = &opts.policy {
         let mut loader = PolicyLoader::new(dp.take_policy_maps()?, opts.store_dir.clone());
@@ -77,37 +83,11 @@ pub async fn run(
         .attach(&opts.iface, opts.mode)
         .with_context(|| format!("attaching to {}", opts.iface))?;
     let records = dp.take_records()?;
-    // One reader per ring (see RingReaderLock): a pipeline here must have them; the
-    // drain thread reads them unless told not to or another process already does.
-    let reader = dp
-        .pin_dir()
-        .map(crate::dataplane::RingReaderLock::open)
-        .transpose()?;
-    let records = match (reader, &logs) {
-        (Some(lock), Some(_)) => {
-            let lock = lock.take_for_life(RING_LOCK_PATIENCE)?;
-            tracing::info!("reading the record rings (their one reader)");
-            Some(records.hold(lock))
-        }
-        (_, None) if opts.leave_records => {
-            tracing::info!("leaving the record rings to another reader (--leave-records)");
-            None
-        }
-        (Some(lock), None) => match lock.take_for_life(RING_LOCK_PATIENCE) {
-            Ok(lock) => {
-                tracing::info!("reading the record rings (their one reader)");
-                Some(records.hold(lock))
-            }
-            Err(crate::dataplane::DataplaneError::RingsTaken { dir }) => {
-                tracing::warn!(
-                    dir = %dir.display(),
-                    "another process reads the record rings; leaving them to it (no record tally or HTTP request lines in this report)"
-                );
-                None
-            }
-            Err(e) => return Err(e.into()),
-        },
-        (None, _) => Some(records),
+    let rings = match access {
+        RingAccess::Private => DrainRings::Reading(records),
+        RingAccess::Reading(lock) => DrainRings::Reading(records.hold(lock)),
+        RingAccess::Waiting(lock) => DrainRings::Waiting(records, lock),
+        RingAccess::Leaving(lock) => DrainRings::Leaving(lock),
     };
     let logger = dp.take_logger()?;
     let stats_fd = if opts.bpf_stats {
@@ -118,8 +98,8 @@ pub async fn run(
     let stats_before = dp.program_stats()?;
     let started = Instant::now();
 
-    let (records, pipeline) = match (logs, records) {
-        (Some(LogPipeline { shared, stop }), Some(records)) => {
+    let (rings, pipeline) = match (logs, rings) {
+        (Some(LogPipeline { shared, stop }), DrainRings::Reading(records)) => {
             let h = thread::Builder::new()
                 .name("ep-logs".into())
                 .spawn(move || {
@@ -130,18 +110,18 @@ pub async fn run(
                     )
                 })
                 .context("spawning the log pipeline")?;
-            (None, Some(h))
+            (DrainRings::None, Some(h))
         }
-        // A pipeline takes the rings or the start failed above.
-        (Some(_), None) => anyhow::bail!("internal error: a log pipeline without the record rings"),
-        (None, records) => (records, None),
+        // `ring_access` gives a pipeline the rings or fails the start.
+        (Some(_), _) => anyhow::bail!("internal error: a log pipeline without the record rings"),
+        (None, rings) => (rings, None),
     };
     let stopping = Arc::new(AtomicBool::new(false));
     let drain = {
         let stopping = Arc::clone(&stopping);
         thread::Builder::new()
             .name("ep-drain".into())
-            .spawn(move || drain_loop(records, logger, &stopping))
+            .spawn(move || drain_loop(rings, logger, &stopping))
             .context("spawning the drain thread")?
     };
 
@@ -212,20 +192,104 @@ pub async fn run(
     Ok(summary)
 }
 
+/// Who reads the record rings in this process, decided before the data plane loads.
+enum RingAccess {
+    /// Ephemeral: nobody else can open them.
+    Private,
+    /// Ours, the lock held for the run.
+    Reading(RingReaderLock),
+    /// Another process reads them; the drain thread takes them if it lets go.
+    Waiting(RingReaderLock),
+    /// `--leave-records`: not ours to read; the drain thread only warns when nobody does.
+    Leaving(RingReaderLock),
+}
+
+fn ring_access(opts: &RunOptions, pipeline: bool) -> anyhow::Result<RingAccess> {
+    let Some(dir) = &opts.load.pin_dir else {
+        return Ok(RingAccess::Private);
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let lock = RingReaderLock::open(dir)?;
+    if pipeline {
+        let lock = lock.take_for_life(RING_LOCK_PATIENCE)?;
+        tracing::info!("reading the record rings (their one reader)");
+        return Ok(RingAccess::Reading(lock));
+    }
+    if opts.leave_records {
+        tracing::info!("leaving the record rings to another reader (--leave-records)");
+        return Ok(RingAccess::Leaving(lock));
+    }
+    if lock.wait_to_take(RING_LOCK_PATIENCE)? {
+        tracing::info!("reading the record rings (their one reader)");
+        Ok(RingAccess::Reading(lock))
+    } else {
+        tracing::warn!(
+            dir = %dir.display(),
+            "another process reads the record rings; leaving them to it until it stops (no record tally or HTTP request lines here meanwhile)"
+        );
+        Ok(RingAccess::Waiting(lock))
+    }
+}
+
+/// The drain thread's view of the rings.
+enum DrainRings {
+    /// The pipeline reads them, or there are none.
+    None,
+    Reading(Records),
+    /// Another process reads them; taken over (and resynchronised) when it lets go.
+    Waiting(Records, RingReaderLock),
+    /// `--leave-records`.
+    Leaving(RingReaderLock),
+}
+
+/// How often a `--leave-records` run checks that someone reads the rings.
+const LEAVING_CHECK: Duration = Duration::from_secs(5);
+
 fn drain_loop(
-    mut records: Option<Records>,
+    mut rings: DrainRings,
     mut logger: EbpfLogDrain,
     stopping: &AtomicBool,
 ) -> anyhow::Result<(RecordTally, HttpSamples)> {
     let mut tally = RecordTally::default();
     let mut http = HttpSamples::default();
+    let mut next_look = Instant::now();
+    let mut unread = false;
     loop {
         // Read the flag before the final drain so records that arrived before the stop
         // request are always counted.
         let stop = stopping.load(Ordering::Acquire);
+        rings = match rings {
+            DrainRings::Waiting(mut records, lock) => {
+                if lock.try_take()? {
+                    tracing::info!("the other reader of the record rings is gone: reading them");
+                    records.resync();
+                    DrainRings::Reading(records.hold(lock))
+                } else {
+                    DrainRings::Waiting(records, lock)
+                }
+            }
+            DrainRings::Leaving(lock) if Instant::now() >= next_look => {
+                next_look = Instant::now() + LEAVING_CHECK;
+                let read = lock.held_elsewhere()?;
+                if !read && !unread {
+                    tracing::warn!(
+                        "--leave-records, but no process reads the record rings: once they fill, packets to capture are passed (ringbuf_full counts them)"
+                    );
+                } else if read && unread {
+                    tracing::info!("the record rings have a reader again");
+                }
+                unread = !read;
+                DrainRings::Leaving(lock)
+            }
+            other => other,
+        };
+        let records = match &mut rings {
+            DrainRings::Reading(r) => Some(r),
+            _ => None,
+        };
         {
             let mut fds: Vec<PollFd<'_>> = records
-                .as_ref()
+                .as_deref()
                 .map(Records::fds)
                 .unwrap_or_default()
                 .into_iter()
@@ -242,7 +306,7 @@ fn drain_loop(
                 Err(e) => return Err(e).context("poll on the ring buffers"),
             }
         }
-        if let Some(r) = records.as_mut() {
+        if let Some(r) = records {
             r.drain(&mut tally, |v| http.add(&v.header, v.data));
         }
         logger.flush();

@@ -124,7 +124,7 @@ enum Command {
         /// Do not read the record rings: another process does (`edgeproxy logs
         /// --capture-from`). A ring has one reader; without this flag a pinned run reads
         /// them unless another reader already holds them.
-        #[arg(long, conflicts_with_all = ["logs", "config", "listen"])]
+        #[arg(long, conflicts_with_all = ["logs", "config", "listen", "ephemeral"])]
         leave_records: bool,
     },
     /// Receive, decode and aggregate UDP syslog on pinned workers; one JSON line per

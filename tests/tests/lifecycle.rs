@@ -192,14 +192,16 @@ fn lifecycle(hook: &str) {
     assert_eq!(received(&blocked), 50, "traffic flows after detach");
 }
 
-/// Maps pinned by an edgeproxy with another layout (here: the stats map replaced by a
-/// map of another size) are not reused blindly: the load fails naming the map, the
-/// difference and the way out, instead of a generic load error.
+/// Maps pinned by an edgeproxy with another layout: a counters map is started afresh
+/// (counts reset, the upgrade goes on); any other map stops the load, naming the map,
+/// the difference and the way out, instead of a generic load error.
 #[test]
-fn pins_with_another_map_layout_are_refused_with_the_way_out() {
-    use proxy_common::{DATAPLANE_STATS_MAP, PROTO_COUNTERS_MAP};
+fn pins_with_another_map_layout_reset_counters_and_refuse_the_rest() {
+    use proxy_common::{
+        DATAPLANE_STATS_MAP, DATAPLANE_STATS_SLOTS, PROTO_COUNTERS_MAP, policy::POLICY_STATE_MAP,
+    };
     use proxy_user::dataplane::{Dataplane, DataplaneError, LoadOptions};
-    if !require_root("pins_with_another_map_layout_are_refused_with_the_way_out") {
+    if !require_root("pins_with_another_map_layout_reset_counters_and_refuse_the_rest") {
         return;
     }
     let root = PinRoot::new().expect("pin root");
@@ -209,14 +211,24 @@ fn pins_with_another_map_layout_are_refused_with_the_way_out() {
         ..LoadOptions::default()
     };
     drop(Dataplane::load(opts()).expect("first load pins the maps"));
-    // The same pins load again.
     drop(Dataplane::load(opts()).expect("a second load reuses them"));
-    // An "older" stats map: another map pinned under its name.
-    let other = aya::maps::MapData::from_pin(dir.join(PROTO_COUNTERS_MAP)).expect("open pin");
-    std::fs::remove_file(dir.join(DATAPLANE_STATS_MAP)).expect("unpin");
-    other.pin(dir.join(DATAPLANE_STATS_MAP)).expect("pin");
+    // Another map pinned under `name`, as an edgeproxy with another layout would leave.
+    let replace = |name: &str| {
+        let other = aya::maps::MapData::from_pin(dir.join(PROTO_COUNTERS_MAP)).expect("open pin");
+        std::fs::remove_file(dir.join(name)).expect("unpin");
+        other.pin(dir.join(name)).expect("pin");
+    };
+    replace(DATAPLANE_STATS_MAP);
+    drop(Dataplane::load(opts()).expect("a counters map of another layout is replaced"));
+    let stats = aya::maps::MapData::from_pin(dir.join(DATAPLANE_STATS_MAP)).expect("open pin");
+    assert_eq!(
+        stats.info().expect("info").max_entries(),
+        DATAPLANE_STATS_SLOTS,
+        "a fresh stats map is pinned"
+    );
+    replace(POLICY_STATE_MAP);
     let err = match Dataplane::load(opts()) {
-        Ok(_) => panic!("a map of another layout was reused"),
+        Ok(_) => panic!("a policy map of another layout was reused"),
         Err(e) => e,
     };
     assert!(
@@ -224,6 +236,6 @@ fn pins_with_another_map_layout_are_refused_with_the_way_out() {
         "{err:?}"
     );
     let text = err.to_string();
-    assert!(text.contains(DATAPLANE_STATS_MAP), "{text}");
+    assert!(text.contains(POLICY_STATE_MAP), "{text}");
     assert!(text.contains("edgeproxy detach"), "{text}");
 }

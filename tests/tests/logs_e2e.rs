@@ -897,6 +897,29 @@ fn a_pinned_record_ring_has_one_reader_across_processes() {
         "the run read every capture: {r}"
     );
 
+    // A `run` with its own log pipeline keeps the rings through its workers' split.
+    let (run, _log) = try_start_edgeproxy_until(
+        &pair.a,
+        run_args(&["--listen", &format!("{}:{}", pair.a_v4, SOCK + 1)]),
+        "log pipeline started",
+    )
+    .expect("run --listen");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let refused = pair
+        .a
+        .command(edgeproxy_testbed::edgeproxy_bin().expect("binary"))
+        .args(logs_args("3"))
+        .output()
+        .expect("logs");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "a second reader started beside a pipeline: {err}"
+    );
+    assert!(err.contains("read by another process"), "{err}");
+    let (status, _) = edgeproxy_testbed::try_stop_and_collect(run).expect("stop");
+    assert!(status.success());
+
     // 2. `run --leave-records`: the pipeline elsewhere reads every capture, run none.
     let (run, _log) = try_start_edgeproxy_until(
         &pair.a,
@@ -915,7 +938,7 @@ fn a_pinned_record_ring_has_one_reader_across_processes() {
         r["records"]["total"], 0,
         "--leave-records read nothing: {r}"
     );
-    let (run, _log) = try_start_edgeproxy_until(
+    let (run, log) = try_start_edgeproxy_until(
         &pair.a,
         run_args(&[]),
         "another process reads the record rings",
@@ -923,15 +946,23 @@ fn a_pinned_record_ring_has_one_reader_across_processes() {
     .expect("run beside a reader");
     send();
     assert_eq!(captured(&stop_and_collect(logs)), N);
+    // 4. When that reader stops, the run takes the rings over and reads what follows.
+    log.wait_for(
+        "the other reader of the record rings is gone",
+        std::time::Duration::from_secs(10),
+    )
+    .expect("the run takes the rings back");
+    send();
     let r = report(&stop_and_collect(run));
+    assert_eq!(r["records"]["captures"], N, "only what came after: {r}");
     assert_eq!(
-        r["records"]["total"], 0,
-        "the second reader read nothing: {r}"
+        r["records"]["other_reader_drains"], 0,
+        "a silent resync: {r}"
     );
-    // The pinned counters span the three runs: every datagram was captured once.
+    // The pinned counters span the runs: every datagram was captured once.
     assert_eq!(
         r["counters"]["stats"]["records_pushed"],
-        3 * N,
+        4 * N,
         "the data plane captured them: {r}"
     );
 }

@@ -487,34 +487,49 @@ fn the_record_ring_is_reused_drain_after_drain_without_loss() {
         "the ring filled up"
     );
     assert_eq!(next as usize, total, "every capture drained");
-    // Drained every 352 KB, the ring never held the wake-up threshold: no wake-up. Left
-    // undrained past it, the program wakes the consumer exactly once and the ring's fd
-    // turns readable.
+    // Drained every 352 KB, the ring never held the wake-up threshold: no wake-up.
     assert_eq!(delta.stat(DataplaneStat::RecordWakeups), 0);
-    let readable = |records: &proxy_user::dataplane::Records| {
-        let mut fds: Vec<nix::poll::PollFd<'_>> = records
-            .fds()
-            .into_iter()
-            .map(|fd| nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN))
+    // A consumer asleep in poll() on the empty ring: records below the threshold leave
+    // it asleep; the one that crosses it wakes it, once.
+    use std::os::fd::{AsRawFd as _, BorrowedFd};
+    let raw: Vec<i32> = records.fds().iter().map(|fd| fd.as_raw_fd()).collect();
+    let poller = std::thread::spawn(move || {
+        // SAFETY: the fds belong to `records`, which outlives this thread (joined below
+        // before it is dropped).
+        let fds: Vec<BorrowedFd<'_>> = raw
+            .iter()
+            .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
             .collect();
-        nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).expect("poll") > 0
-    };
-    assert!(!readable(&records), "an empty ring is not readable");
+        let mut polled: Vec<nix::poll::PollFd<'_>> = fds
+            .iter()
+            .map(|fd| nix::poll::PollFd::new(*fd, nix::poll::PollFlags::POLLIN))
+            .collect();
+        let t = std::time::Instant::now();
+        let n = nix::poll::poll(&mut polled, nix::poll::PollTimeout::from(5000u16)).expect("poll");
+        (n, t.elapsed())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
     let before = counters.snapshot().expect("snapshot");
-    let past = proxy_common::RECORDS_WAKEUP_BYTES as usize / 352 + 10;
-    for seq in 0..past as u32 {
+    let threshold = proxy_common::RECORDS_WAKEUP_BYTES as usize / 352;
+    for seq in 0..(threshold - 10) as u32 {
         runner.run(&frame(next + seq), 1).expect("test run");
     }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!poller.is_finished(), "woken below the threshold");
+    for seq in (threshold - 10) as u32..(threshold + 10) as u32 {
+        runner.run(&frame(next + seq), 1).expect("test run");
+    }
+    let (ready, waited) = poller.join().expect("poller");
+    assert!(
+        ready > 0 && waited < std::time::Duration::from_millis(4000),
+        "not woken: {ready} after {waited:?}"
+    );
     let delta = counters.snapshot().expect("snapshot").since(&before);
     assert_eq!(
         delta.stat(DataplaneStat::RecordWakeups),
         1,
         "one crossing, one wake-up"
     );
-    assert!(
-        readable(&records),
-        "the woken consumer finds its fd readable"
-    );
     check(&mut records, &mut next);
-    assert_eq!(next as usize, total + past);
+    assert_eq!(next as usize, total + threshold + 10);
 }

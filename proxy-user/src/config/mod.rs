@@ -26,7 +26,7 @@ kind = "auto"            # auto | io_uring | epoll
 buffer_size = 9216       # largest datagram kept whole
 buffers = 1024           # io_uring buffer ring entries (a power of two) / recvmmsg batch
 merger_queue = 16        # windows/raw batches a worker may have queued for the merger
-# data_cpus = [0, 1]     # default: every online CPU
+# data_cpus = [0, 1]     # default: the CPUs this process may use, within its CPU quota
 
 [[listener]]
 address = "0.0.0.0:514"

@@ -29,6 +29,16 @@ use proxy_common::{
 
 /// Maps that live in the pin directory and so survive the daemon: policy, counters and
 /// the record ring. (aya-log's ring is per process and is not pinned.)
+/// Pinned maps that hold only counts, so one of another layout can be replaced by a
+/// fresh one (its counts reset) rather than stop an upgrade.
+const RESETTABLE_MAPS: [&str; 5] = [
+    PROTO_COUNTERS_MAP,
+    DATAPLANE_STATS_MAP,
+    VERDICT_COUNTERS_MAP,
+    SLOT_COUNTERS_MAP,
+    RULE_COUNTERS_MAP,
+];
+
 pub const PINNED_MAPS: [&str; 16] = [
     RECORD_RINGS_MAP,
     PROTO_COUNTERS_MAP,
@@ -106,7 +116,7 @@ pub enum DataplaneError {
     #[error("per-CPU record rings")]
     Rings(#[source] std::io::Error),
     #[error(
-        "the maps pinned in {dir} were made by an edgeproxy with another map layout ({detail}): `edgeproxy detach IFACE` removes them (filtering stops until the next start), or use another --pin-root"
+        "the maps pinned in {dir} were made by an edgeproxy with another map layout ({detail}): `edgeproxy detach IFACE` removes them and the stored policy (filtering stops until a start with --policy)"
     )]
     IncompatiblePins { dir: PathBuf, detail: String },
     #[error("mapping the record ring")]
@@ -222,25 +232,39 @@ impl Dataplane {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
-        let ebpf = loader
-            .load(object::EBPF_OBJECT)
-            .map_err(|e| match (e, &opts.pin_dir) {
+        // A pinned map of another layout (from another edgeproxy version): a counters
+        // map is started afresh (its counts reset; the running program keeps its own
+        // until the link is updated, so filtering never stops); any other is an error.
+        let mut restarted = Vec::new();
+        let ebpf = loop {
+            match (loader.load(object::EBPF_OBJECT), &opts.pin_dir) {
+                (Ok(ebpf), _) => break ebpf,
                 (
-                    aya::EbpfError::MapError(aya::maps::MapError::IncompatiblePinnedMap {
+                    Err(aya::EbpfError::MapError(aya::maps::MapError::IncompatiblePinnedMap {
                         name,
                         property,
                         expected,
                         actual,
-                    }),
+                    })),
                     Some(dir),
-                ) => DataplaneError::IncompatiblePins {
-                    dir: dir.clone(),
-                    detail: format!(
-                        "{name}: {property} is {actual}, this edgeproxy needs {expected}"
-                    ),
-                },
-                (e, _) => DataplaneError::Load(e),
-            })?;
+                ) => {
+                    let detail =
+                        format!("{name}: {property} is {actual}, this edgeproxy needs {expected}");
+                    if !RESETTABLE_MAPS.contains(&name.as_str()) || restarted.contains(&name) {
+                        return Err(DataplaneError::IncompatiblePins {
+                            dir: dir.clone(),
+                            detail,
+                        });
+                    }
+                    tracing::warn!(%detail, "a pinned counters map has another layout: starting it afresh (its counts reset)");
+                    let pin = dir.join(&name);
+                    std::fs::remove_file(&pin)
+                        .map_err(|source| DataplaneError::PinDir { dir: pin, source })?;
+                    restarted.push(name);
+                }
+                (Err(e), _) => return Err(DataplaneError::Load(e)),
+            }
+        };
         let mut dp = Self {
             ebpf,
             attached: None,

@@ -31,9 +31,11 @@ const BUSY_BIT: u32 = 1 << 31;
 const DISCARD_BIT: u32 = 1 << 30;
 const HDR_LEN: usize = 8;
 
-/// One BPF ring buffer (`BPF_MAP_TYPE_RINGBUF`), consumed here and nowhere else.
+/// One BPF ring buffer (`BPF_MAP_TYPE_RINGBUF`), read in place by one reader (see
+/// [`RingReaderLock`] for pinned rings).
 pub struct RecordRing {
-    map: MapData,
+    /// The map, for its fd (`None` only for the tests' rings in plain memory).
+    map: Option<MapData>,
     /// The consumer page: `consumer_pos` at offset 0, the only thing we write.
     consumer: Mapping,
     /// The producer page (`producer_pos` at offset 0) and then the data pages, mapped
@@ -74,6 +76,19 @@ impl RecordRing {
         let fd = map.fd().as_fd();
         let consumer = Mapping::shared(fd, page, 0, true).map_err(io)?;
         let producer = Mapping::shared(fd, page + 2 * size, page, false).map_err(io)?;
+        Ok(Self::from_parts(Some(map), consumer, producer, page, size))
+    }
+
+    /// `producer` must be `page + 2 * size` bytes laid out as the kernel maps a ring:
+    /// the producer page, then the data pages twice.
+    fn from_parts(
+        map: Option<MapData>,
+        consumer: Mapping,
+        producer: Mapping,
+        page: usize,
+        size: usize,
+    ) -> Self {
+        assert!(consumer.len() >= page && producer.len() >= page + 2 * size);
         let mut ring = Self {
             map,
             consumer,
@@ -86,8 +101,14 @@ impl RecordRing {
         };
         // A pinned ring may have been read before: start where its last reader stopped
         // (`follow` checks that position before anything is read at it).
-        ring.pos = ring.consumer_pos().load(Ordering::Acquire);
-        Ok(ring)
+        ring.resync();
+        ring
+    }
+
+    /// Takes up the shared position as ours without counting it as another reader's
+    /// doing: for a reader that has just become the ring's one reader.
+    pub fn resync(&mut self) {
+        self.pos = self.consumer_pos().load(Ordering::Acquire);
     }
 
     fn consumer_pos(&self) -> &AtomicUsize {
@@ -111,8 +132,9 @@ impl RecordRing {
     /// cannot keep the caller here forever); returns how many it handed over.
     /// Discarded records are skipped.
     pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
-        let mut end = self.producer_pos().load(Ordering::Acquire);
-        self.follow(end);
+        let Some(mut end) = self.follow() else {
+            return 0;
+        };
         let mut n = 0;
         let mut published = self.pos;
         let mut consumed = 0;
@@ -128,15 +150,20 @@ impl RecordRing {
                 // wake-up; ours names its flags, and the poll timeout covers the rest).
                 fence(Ordering::SeqCst);
                 end = self.producer_pos().load(Ordering::Acquire);
-                if self.pos == end {
+                // The producer is held back by the *shared* position: if another
+                // reader moved it, `end` may now be more than a ring ahead of us. Stop;
+                // the next drain's `follow` sorts it out.
+                let ahead = end.wrapping_sub(self.pos);
+                if ahead == 0 || ahead > self.size {
                     break;
                 }
             }
+            // Invariant here: 0 < end - pos <= size, and pos is a multiple of 8.
             let off = self.pos & (self.size - 1);
             // SAFETY: `off < size`, so the 8-byte header lies in the data mapping; it is
-            // 8-byte aligned (positions are, `follow` checked ours), and the kernel
-            // commits it with an xchg that this Acquire load pairs with, making the
-            // record's bytes visible.
+            // 8-byte aligned (positions are multiples of 8, checked by `follow` and
+            // kept by steps of multiples of 8), and the kernel commits it with an xchg
+            // that this Acquire load pairs with, making the record's bytes visible.
             let header = unsafe { self.data().add(off).cast::<AtomicU32>().as_ref() }
                 .load(Ordering::Acquire);
             if header & BUSY_BIT != 0 {
@@ -144,9 +171,7 @@ impl RecordRing {
             }
             let len = (header & !(BUSY_BIT | DISCARD_BIT)) as usize;
             let step = (len + HDR_LEN).next_multiple_of(8);
-            // `pos` is at most `size` behind `end` and never past it (`follow`), so this
-            // cannot wrap.
-            if step > end - self.pos {
+            if step > self.size || step > end.wrapping_sub(self.pos) {
                 // A record running past what the producer committed: not a record
                 // header at all. Never read past the ring; start again at `end`.
                 self.skip_to(end, "a record runs past the producer's position");
@@ -154,17 +179,17 @@ impl RecordRing {
                 break;
             }
             if header & DISCARD_BIT == 0 {
-                // SAFETY: `off + 8 + len <= off + step <= size + size`: inside the data
-                // pages, which are mapped twice in a row. The record is committed, and
-                // the producer will not reuse it before a position past it is
-                // published, which happens only after `f` returns.
+                // SAFETY: `off + 8 + len <= off + step <= 2 * size` (`off < size`, `step
+                // <= size`): inside the data pages, which are mapped twice in a row. The
+                // record is committed, and the producer will not reuse it before a
+                // position past it is published, which happens only after `f` returns.
                 let bytes = unsafe {
                     std::slice::from_raw_parts(self.data().add(off + HDR_LEN).as_ptr(), len)
                 };
                 f(bytes);
                 n += 1;
             }
-            self.pos += step;
+            self.pos = self.pos.wrapping_add(step);
             consumed += step;
             if self.pos.wrapping_sub(published) >= PUBLISH_BYTES {
                 self.consumer_pos().store(self.pos, Ordering::Release);
@@ -177,14 +202,17 @@ impl RecordRing {
         n
     }
 
-    /// Checks our position against the shared one and the producer's before reading.
-    /// One reader publishes what it read at the end of every drain, so the shared
-    /// position differs from ours only when another process reads the same pinned
-    /// ring: follow it rather than fight over it (each record then reaches one of the
-    /// two). A position that is misaligned, ahead of the producer or more than a ring
-    /// behind it cannot be read from.
-    fn follow(&mut self, end: usize) {
+    /// Checks our position against the shared one and the producer's before reading;
+    /// returns the producer's position, or `None` when there is nothing to read. One
+    /// reader publishes what it read at the end of every drain, so the shared position
+    /// differs from ours only when another process reads the same pinned ring (which
+    /// [`RingReaderLock`] prevents between edgeproxy processes): follow it rather than
+    /// fight over it. Records may then be lost, repeated or torn between the two.
+    fn follow(&mut self) -> Option<usize> {
+        // The shared position first: the producer never passes it by more than a ring,
+        // and loaded in this order `shared <= end` unless the shared one is corrupt.
         let shared = self.consumer_pos().load(Ordering::Acquire);
+        let end = self.producer_pos().load(Ordering::Acquire);
         if shared != self.pos {
             self.followed += 1;
             if self.followed.is_power_of_two() {
@@ -195,11 +223,24 @@ impl RecordRing {
             }
             self.pos = shared;
         }
-        if !self.pos.is_multiple_of(8) || end.wrapping_sub(self.pos) > self.size {
-            self.skip_to(end, "the ring's consumer position is not a record boundary");
-        }
+        let why = if !self.pos.is_multiple_of(8) {
+            "the ring's consumer position is not 8-byte aligned"
+        } else if end.wrapping_sub(self.pos) > self.size {
+            // Either ahead of the producer (wrapping) or more than a ring behind it.
+            "the ring's consumer position is not within a ring of the producer's"
+        } else {
+            return (end != self.pos).then_some(end);
+        };
+        // Loaded shared-first, a valid position is never ahead of `end`: this one is
+        // corrupt, and the producer, held back by it, needs it put right, even backwards.
+        self.skip_to(end, why);
+        self.consumer_pos().store(end, Ordering::Release);
+        None
     }
 
+    /// Moves to the producer's position; the shared position only forward (another
+    /// reader may have published past `end`, and the slots behind it may already hold
+    /// the next lap's records).
     fn skip_to(&mut self, end: usize, why: &'static str) {
         self.skipped += 1;
         if self.skipped.is_power_of_two() {
@@ -210,7 +251,15 @@ impl RecordRing {
             );
         }
         self.pos = end;
-        self.consumer_pos().store(end, Ordering::Release);
+        let shared = self.consumer_pos();
+        let mut cur = shared.load(Ordering::Acquire);
+        // `end` is ahead of `cur` when the distance from `cur` is at most a ring.
+        while end.wrapping_sub(cur) <= self.size && cur != end {
+            match shared.compare_exchange(cur, end, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
     }
 
     /// How often this reader found another reader's position, and how often it had to
@@ -219,9 +268,10 @@ impl RecordRing {
         (self.followed, self.skipped)
     }
 
-    /// Readable when the data plane woke its consumer.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.map.fd().as_fd()
+    /// Readable when the ring holds unread data (the data plane wakes pollers only when
+    /// it crosses the threshold, see `RECORDS_WAKEUP_BYTES`).
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.map.as_ref().map(|m| m.fd().as_fd())
     }
 }
 
@@ -273,24 +323,50 @@ impl RingReaderLock {
         }
     }
 
-    pub fn release(&self) {
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: as in `try_take`.
-        unsafe { libc::flock(self.dir.as_raw_fd(), libc::LOCK_UN) };
-    }
-
-    /// Takes the lock to keep, waiting up to `patience` for a reader that takes it only
-    /// per pass to let go; an error naming the directory if someone keeps it.
-    pub fn take_for_life(self, patience: std::time::Duration) -> Result<Self, DataplaneError> {
+    /// Tries to take the lock for up to `patience` (a reader that is stopping lets go
+    /// of it); whether it got it.
+    pub fn wait_to_take(&self, patience: std::time::Duration) -> Result<bool, DataplaneError> {
         let deadline = std::time::Instant::now() + patience;
         loop {
             if self.try_take()? {
-                return Ok(self);
+                return Ok(true);
             }
             if std::time::Instant::now() >= deadline {
-                return Err(DataplaneError::RingsTaken { dir: self.path });
+                return Ok(false);
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    /// Takes the lock to keep (see [`Self::wait_to_take`]); an error naming the
+    /// directory if another process keeps it.
+    pub fn take_for_life(self, patience: std::time::Duration) -> Result<Self, DataplaneError> {
+        if self.wait_to_take(patience)? {
+            Ok(self)
+        } else {
+            Err(DataplaneError::RingsTaken { dir: self.path })
+        }
+    }
+
+    /// Whether another process holds the lock (reads the rings), without taking it: a
+    /// shared lock is refused while someone holds the exclusive one.
+    pub fn held_elsewhere(&self) -> Result<bool, DataplaneError> {
+        use std::os::fd::AsRawFd as _;
+        let fd = self.dir.as_raw_fd();
+        // SAFETY: flock on a descriptor this value owns; no memory is involved.
+        if unsafe { libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+            // SAFETY: as above.
+            unsafe { libc::flock(fd, libc::LOCK_UN) };
+            return Ok(false);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Ok(true)
+        } else {
+            Err(DataplaneError::RingLock {
+                dir: self.path.clone(),
+                source: e,
+            })
         }
     }
 }
@@ -341,6 +417,14 @@ impl Records {
             per_ring,
             reader: None,
         })
+    }
+
+    /// Takes up each ring's shared position silently: for a reader that has just become
+    /// the rings' one reader (after waiting for another to let go).
+    pub fn resync(&mut self) {
+        for r in &mut self.rings {
+            r.resync();
+        }
     }
 
     /// Keeps `lock` (taken for life) as long as these rings, or any part of them, live.
@@ -395,7 +479,8 @@ impl Records {
         self.rings.len()
     }
 
-    /// Hands every record now in the rings to `f`; returns how many there were. Records
+    /// Hands the records now in the rings to `f` (at most a ring's worth of each per
+    /// call); returns how many there were. Records
     /// that do not parse (a mismatched eBPF object) are counted in `tally.bad`, never misread.
     pub fn drain(&mut self, tally: &mut RecordTally, mut f: impl FnMut(&RecordView<'_>)) -> usize {
         let mut n = 0;
@@ -410,16 +495,16 @@ impl Records {
             });
             n += drained;
             *count += drained as u64;
-            let (f, k) = ring.irregularities();
-            tally.other_reader += f - followed;
-            tally.skips += k - skipped;
+            let (followed_now, skipped_now) = ring.irregularities();
+            tally.other_reader += followed_now - followed;
+            tally.skips += skipped_now - skipped;
         }
         n
     }
 
     /// One fd per ring, readable when the data plane woke its consumer.
     pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
-        self.rings.iter().map(RecordRing::fd).collect()
+        self.rings.iter().filter_map(RecordRing::fd).collect()
     }
 }
 
@@ -477,6 +562,192 @@ impl RecordTally {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ring in plain memory laid out as the kernel maps one (the data pages written
+    /// twice, as the double mapping shows them), with a producer written here.
+    struct FakeRing {
+        ring: RecordRing,
+        prod: usize,
+    }
+
+    const PAGE: usize = 4096;
+    const SIZE: usize = 4 * PAGE;
+
+    impl FakeRing {
+        fn new(start: usize) -> Self {
+            let consumer = Mapping::new(PAGE, false).unwrap();
+            let producer = Mapping::new(PAGE + 2 * SIZE, false).unwrap();
+            let mut f = Self {
+                ring: RecordRing::from_parts(None, consumer, producer, PAGE, SIZE),
+                prod: start,
+            };
+            f.set_consumer(start);
+            f.ring.resync();
+            f.publish();
+            f
+        }
+
+        fn byte(&mut self, pos: usize, b: u8) {
+            let off = pos & (SIZE - 1);
+            let data = self.ring.data().as_ptr();
+            // SAFETY: `off < SIZE` and the data area is `2 * SIZE` bytes.
+            unsafe {
+                *data.add(off) = b;
+                *data.add(off + SIZE) = b;
+            }
+        }
+
+        /// Appends a record (header then `payload`), committed unless `busy`.
+        fn push(&mut self, payload: &[u8], discard: bool, busy: bool) {
+            let mut len = payload.len() as u32;
+            if discard {
+                len |= DISCARD_BIT;
+            }
+            if busy {
+                len |= BUSY_BIT;
+            }
+            let pos = self.prod;
+            for (i, b) in len.to_le_bytes().into_iter().chain([0; 4]).enumerate() {
+                self.byte(pos + i, b);
+            }
+            for (i, &b) in payload.iter().enumerate() {
+                self.byte(pos + HDR_LEN + i, b);
+            }
+            self.prod += (payload.len() + HDR_LEN).next_multiple_of(8);
+            self.publish();
+        }
+
+        fn publish(&self) {
+            self.ring.producer_pos().store(self.prod, Ordering::Release);
+        }
+
+        fn set_consumer(&self, pos: usize) {
+            self.ring.consumer_pos().store(pos, Ordering::Release);
+        }
+
+        fn shared(&self) -> usize {
+            self.ring.consumer_pos().load(Ordering::Acquire)
+        }
+
+        fn drain(&mut self) -> Vec<Vec<u8>> {
+            let mut out = Vec::new();
+            self.ring.drain(|b| out.push(b.to_vec()));
+            out
+        }
+    }
+
+    fn payload(i: usize) -> Vec<u8> {
+        (0..(i * 37) % 300 + 1).map(|k| (i + k) as u8).collect()
+    }
+
+    #[test]
+    fn records_come_out_in_order_across_many_laps_and_the_position_is_published() {
+        // Started near the end of a lap so records wrap in the first pass too.
+        let mut f = FakeRing::new(SIZE - 24);
+        let mut next = 0;
+        for round in 0..40 {
+            let mut want = Vec::new();
+            while f.prod - f.shared() < SIZE - 400 {
+                let discard = next % 7 == 3;
+                f.push(&payload(next), discard, false);
+                if !discard {
+                    want.push(payload(next));
+                }
+                next += 1;
+            }
+            assert_eq!(f.drain(), want, "round {round}");
+            assert_eq!(f.shared(), f.prod, "everything read is published");
+        }
+        assert_eq!(f.ring.irregularities(), (0, 0));
+    }
+
+    #[test]
+    fn a_record_being_written_stops_the_drain_until_it_is_committed() {
+        let mut f = FakeRing::new(0);
+        f.push(b"one", false, false);
+        let busy_at = f.prod;
+        f.push(b"two", false, true);
+        f.push(b"three", false, false);
+        assert_eq!(f.drain(), vec![b"one".to_vec()]);
+        assert_eq!(f.shared(), busy_at);
+        // Commit "two": clear its busy bit.
+        f.byte(busy_at + 3, 0);
+        assert_eq!(f.drain(), vec![b"two".to_vec(), b"three".to_vec()]);
+    }
+
+    #[test]
+    fn another_reader_moving_the_position_is_followed_and_counted() {
+        let mut f = FakeRing::new(0);
+        for i in 0..10 {
+            f.push(&payload(i), false, false);
+        }
+        // Another process read the first three and published that.
+        let three: usize = (0..3)
+            .map(|i| (payload(i).len() + HDR_LEN).next_multiple_of(8))
+            .sum();
+        f.set_consumer(three);
+        assert_eq!(f.drain(), (3..10).map(payload).collect::<Vec<_>>());
+        assert_eq!(f.ring.irregularities(), (1, 0));
+    }
+
+    #[test]
+    fn nonsense_positions_and_lengths_skip_to_the_producer_without_reading_past_it() {
+        let mut f = FakeRing::new(0);
+        f.push(b"fine", false, false);
+        // A length running past what was committed.
+        let bad = f.prod;
+        f.push(&[7; 16], false, false);
+        for (i, b) in 5000u32.to_le_bytes().into_iter().enumerate() {
+            f.byte(bad + i, b);
+        }
+        assert_eq!(f.drain(), vec![b"fine".to_vec()]);
+        assert_eq!(f.ring.irregularities(), (0, 1));
+        assert_eq!(f.shared(), f.prod, "skipped to the producer");
+        f.push(b"after", false, false);
+        assert_eq!(f.drain(), vec![b"after".to_vec()]);
+        // A misaligned shared position, and one ahead of the producer (corrupt): both
+        // are put right to the producer's position, the second backwards.
+        f.push(b"lost", false, false);
+        f.set_consumer(f.shared() + 4);
+        assert!(f.drain().is_empty());
+        assert_eq!(f.shared(), f.prod);
+        f.set_consumer(f.prod + 64);
+        assert!(f.drain().is_empty());
+        assert_eq!(
+            f.shared(),
+            f.prod,
+            "the producer is not left behind a bogus position"
+        );
+        f.push(b"again", false, false);
+        assert_eq!(f.drain(), vec![b"again".to_vec()]);
+        // More than a ring behind.
+        f.push(b"x", false, false);
+        f.set_consumer(f.prod.wrapping_sub(2 * SIZE));
+        assert!(f.drain().is_empty());
+        assert_eq!(f.shared(), f.prod);
+    }
+
+    #[test]
+    fn no_position_past_a_record_is_published_before_it_is_handed_over() {
+        let mut f = FakeRing::new(0);
+        // While a record is in the callback the producer must not be told it is free
+        // (it would overwrite it): the position published stays behind it.
+        for i in 0..20 {
+            f.push(&payload(i), false, false);
+        }
+        let start = f.shared();
+        let consumer = f.ring.consumer_pos() as *const AtomicUsize;
+        let mut seen = Vec::new();
+        f.ring.drain(|_| {
+            // SAFETY: the consumer page outlives the drain.
+            seen.push(unsafe { &*consumer }.load(Ordering::Acquire));
+        });
+        assert!(
+            seen.iter().all(|&p| p == start),
+            "published mid-record: {seen:?}"
+        );
+        assert_eq!(f.shared(), f.prod);
+    }
 
     fn bytes_of(h: &RecordHeader, data: &[u8]) -> Vec<u8> {
         // SAFETY: RecordHeader is repr(C) plain data without padding (size asserted in

@@ -374,9 +374,18 @@ pub fn spawn(
         CaptureSource::Pinned(dir) => {
             // One reader per ring: wait briefly for an `edgeproxy run` that reads them
             // per pass, refuse if a reader for its whole run has them.
+            if !dir.is_dir() {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "no data plane is pinned in {} (`edgeproxy run --iface IFACE` pins it under --pin-root/IFACE)",
+                        dir.display()
+                    ),
+                ));
+            }
             let lock = crate::dataplane::RingReaderLock::open(&dir)
                 .and_then(|l| l.take_for_life(Duration::from_secs(2)))
-                .map_err(|e| io::Error::other(e.to_string()))?;
+                .map_err(io::Error::other)?;
             let (per_cpu, shared_ring) =
                 crate::dataplane::open_pinned_rings(&dir).map_err(|e| {
                     io::Error::other(format!(

@@ -84,6 +84,14 @@ impl RunSummary {
             self.records.total(),
             self.counters.stat(DataplaneStat::RingbufFull),
         );
+        let r = &self.records;
+        if r.bad + r.other_reader + r.skips > 0 {
+            let _ = writeln!(
+                s,
+                "record ring irregularities: {} records that did not parse, {} drains that found another reader, {} skips to the producer",
+                r.bad, r.other_reader, r.skips
+            );
+        }
         if self.http.requests > 0 {
             let _ = writeln!(
                 s,
