@@ -856,28 +856,37 @@ impl ConfigWatch {
 
 /// Resolves on SIGINT, SIGTERM, or after `duration` (if given), logging which. If
 /// SIGTERM cannot be watched that is logged and the others still apply.
-async fn stop_signal(duration: Option<Duration>) {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Resolves on SIGINT, SIGTERM or after `duration`. The handlers are installed when this
+/// is called, not when the future is first polled: a signal during start-up (loading
+/// and verifying the data plane takes a while) then stops the daemon cleanly rather
+/// than killing it. Call it inside the runtime.
+fn stop_signal(duration: Option<Duration>) -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let wait = |s: std::io::Result<tokio::signal::unix::Signal>, name: &'static str| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, signal = name, "cannot watch this signal");
+                    std::future::pending::<()>().await;
+                }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot watch SIGTERM; SIGINT still stops");
-                std::future::pending::<()>().await;
+        };
+        let timer = async {
+            match duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
             }
+        };
+        tokio::select! {
+            () = wait(int, "SIGINT") => tracing::info!("SIGINT: stopping"),
+            () = wait(term, "SIGTERM") => tracing::info!("SIGTERM: stopping"),
+            () = timer => {}
         }
-    };
-    let timer = async {
-        match duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-        () = term => tracing::info!("SIGTERM: stopping"),
-        () = timer => {}
     }
 }
 

@@ -965,4 +965,45 @@ fn a_pinned_record_ring_has_one_reader_across_processes() {
         4 * N,
         "the data plane captured them: {r}"
     );
+
+    // 5. A pipeline reading another process's pinned rings stops, with an error, when
+    // that data plane is detached (a new one would pin new rings it would never read).
+    let (run, _log) = try_start_edgeproxy_until(
+        &pair.a,
+        run_args(&["--leave-records"]),
+        "leaving the record rings",
+    )
+    .expect("run --leave-records");
+    let (mut logs, log) =
+        try_start_edgeproxy_until(&pair.a, logs_args("60"), "log pipeline started").expect("logs");
+    let (status, out) = edgeproxy_testbed::try_stop_and_collect(run).expect("stop run");
+    assert!(status.success(), "{out}");
+    let detach = pair
+        .a
+        .command(edgeproxy_testbed::edgeproxy_bin().expect("binary"))
+        .args(["detach", pair.a_if, "--pin-root"])
+        .arg(root.path())
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .expect("detach");
+    assert!(detach.status.success(), "{detach:?}");
+    log.wait_for(
+        "was detached or pinned anew",
+        std::time::Duration::from_secs(10),
+    )
+    .expect("the pipeline notices");
+    let child = logs.0.as_mut().expect("child");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pipeline kept running"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(!status.success(), "it stops with an error");
 }

@@ -338,6 +338,22 @@ impl RingReaderLock {
         }
     }
 
+    /// Whether the pin directory this lock was taken on is still the one at its path.
+    /// `edgeproxy detach` removes it, and a new `run` pins new rings under a new
+    /// directory of the same name: a reader of the old ones then reads rings nothing
+    /// writes to any more.
+    pub fn is_current(&self) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        match (self.dir.metadata(), std::fs::metadata(&self.path)) {
+            (Ok(held), Ok(now)) => held.dev() == now.dev() && held.ino() == now.ino(),
+            _ => false,
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
     /// Takes the lock to keep (see [`Self::wait_to_take`]); an error naming the
     /// directory if another process keeps it.
     pub fn take_for_life(self, patience: std::time::Duration) -> Result<Self, DataplaneError> {
@@ -425,6 +441,11 @@ impl Records {
         for r in &mut self.rings {
             r.resync();
         }
+    }
+
+    /// The lock these rings are read under, if they hold one.
+    pub fn reader(&self) -> Option<std::sync::Arc<RingReaderLock>> {
+        self.reader.clone()
     }
 
     /// Keeps `lock` (taken for life) as long as these rings, or any part of them, live.

@@ -357,6 +357,12 @@ pub enum CaptureSource {
     Rings(crate::dataplane::Records),
 }
 
+/// The running workers, and the lock their capture rings are read under (pinned rings).
+pub struct Workers {
+    pub handles: Vec<thread::JoinHandle<io::Result<WorkerSummary>>>,
+    pub ring_reader: Option<Arc<crate::dataplane::RingReaderLock>>,
+}
+
 /// Starts one worker per data CPU. Partials go to `out`; workers stop when `stop` is set
 /// (after sending their last partial window).
 pub fn spawn(
@@ -364,16 +370,18 @@ pub fn spawn(
     captures: CaptureSource,
     out: mpsc::SyncSender<ToMerger>,
     stop: Arc<AtomicBool>,
-) -> io::Result<Vec<thread::JoinHandle<io::Result<WorkerSummary>>>> {
+) -> io::Result<Workers> {
     let snap = shared.latest();
     let cfg = &snap.pipeline;
     let workers = cfg.data_cpus.len().max(1);
+    // Another process's data plane (pinned) is watched for replacement; our own is not.
+    let pinned = matches!(captures, CaptureSource::Pinned(_));
     let records = match captures {
         CaptureSource::None => None,
         CaptureSource::Rings(r) => Some(r),
         CaptureSource::Pinned(dir) => {
-            // One reader per ring: wait briefly for an `edgeproxy run` that reads them
-            // per pass, refuse if a reader for its whole run has them.
+            // One reader per ring: wait briefly for a reader that is stopping, refuse
+            // if another keeps them.
             if !dir.is_dir() {
                 return Err(io::Error::new(
                     io::ErrorKind::NotFound,
@@ -400,7 +408,11 @@ pub fn spawn(
             )
         }
     };
-    // Ring of CPU c to the worker pinned to c if there is one, else to c mod workers; the
+    let ring_reader = records
+        .as_ref()
+        .filter(|_| pinned)
+        .and_then(crate::dataplane::Records::reader);
+    // Ring of CPU c to the worker pinned on c if there is one, else to c mod workers; the
     // shared fallback ring to worker 0. Every ring has exactly one consumer.
     let per_worker = match records {
         Some(r) => {
@@ -433,7 +445,10 @@ pub fn spawn(
                 .spawn(move || worker_loop(worker, cpu, sockets, records, &shared, &out, &stop))?,
         );
     }
-    Ok(handles)
+    Ok(Workers {
+        handles,
+        ring_reader,
+    })
 }
 
 /// One socket per listener, re-using (duplicating) those already open in `have`.
@@ -987,8 +1002,16 @@ pub fn run_with_sinks(
         (CaptureSource::None, Some(dir)) => CaptureSource::Pinned(dir.clone()),
         (c, _) => c,
     };
-    let handles = spawn(shared, captures, tx, Arc::clone(&stop))?;
+    let Workers {
+        handles,
+        ring_reader,
+    } = spawn(shared, captures, tx, Arc::clone(&stop))?;
     tracing::info!(workers = handles.len(), listeners = ?cfg.listeners, "log pipeline started");
+    // Pinned rings read from another process's data plane: if that data plane is
+    // detached and pinned anew, these rings receive nothing any more. Stop with an
+    // error (a supervisor's restart then reads the new ones) rather than read on.
+    let mut replaced: Option<std::path::PathBuf> = None;
+    let mut next_check = std::time::Instant::now();
     let mut merger = WindowMerger::new(handles.len());
     let mut total = MessageCounts::default();
     let mut lags: Vec<i64> = Vec::new();
@@ -1014,6 +1037,20 @@ pub fn run_with_sinks(
             Ok(ToMerger::Raw(b)) => held.take(b, shared, &mut sinks),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if let Some(lock) = &ring_reader
+            && replaced.is_none()
+            && std::time::Instant::now() >= next_check
+        {
+            next_check = std::time::Instant::now() + Duration::from_secs(1);
+            if !lock.is_current() {
+                tracing::error!(
+                    dir = %lock.path().display(),
+                    "the data plane whose record rings this pipeline reads was detached or pinned anew: stopping"
+                );
+                replaced = Some(lock.path().to_path_buf());
+                stop.store(true, Ordering::Release);
+            }
         }
     }
     for r in merger.flush() {
@@ -1075,6 +1112,13 @@ pub fn run_with_sinks(
             "pipeline_cpu_s": cpu_s - cpu_at_start,
         }})
     );
+    // After the summary, so what was read is still accounted for.
+    if let Some(dir) = replaced {
+        anyhow::bail!(
+            "the data plane pinned in {} was detached or replaced while this pipeline read its record rings; start the pipeline again to read the new ones",
+            dir.display()
+        );
+    }
     Ok(PipelineOutcome {
         counts: total,
         http,
