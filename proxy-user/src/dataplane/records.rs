@@ -306,10 +306,14 @@ impl RingReaderLock {
 
     /// Takes the lock if no other process holds it.
     pub fn try_take(&self) -> Result<bool, DataplaneError> {
+        self.flock_nb(libc::LOCK_EX)
+    }
+
+    /// `flock(op | LOCK_NB)`: whether it was granted (`false`: someone holds it).
+    fn flock_nb(&self, op: libc::c_int) -> Result<bool, DataplaneError> {
         use std::os::fd::AsRawFd as _;
         // SAFETY: flock on a descriptor this value owns; no memory is involved.
-        let rc = unsafe { libc::flock(self.dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
+        if unsafe { libc::flock(self.dir.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
             return Ok(true);
         }
         let e = std::io::Error::last_os_error();
@@ -367,23 +371,13 @@ impl RingReaderLock {
     /// Whether another process holds the lock (reads the rings), without taking it: a
     /// shared lock is refused while someone holds the exclusive one.
     pub fn held_elsewhere(&self) -> Result<bool, DataplaneError> {
-        use std::os::fd::AsRawFd as _;
-        let fd = self.dir.as_raw_fd();
-        // SAFETY: flock on a descriptor this value owns; no memory is involved.
-        if unsafe { libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) } == 0 {
-            // SAFETY: as above.
-            unsafe { libc::flock(fd, libc::LOCK_UN) };
+        if self.flock_nb(libc::LOCK_SH)? {
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: flock on a descriptor this value owns; no memory is involved.
+            unsafe { libc::flock(self.dir.as_raw_fd(), libc::LOCK_UN) };
             return Ok(false);
         }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            Ok(true)
-        } else {
-            Err(DataplaneError::RingLock {
-                dir: self.path.clone(),
-                source: e,
-            })
-        }
+        Ok(true)
     }
 }
 
