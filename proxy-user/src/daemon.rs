@@ -252,7 +252,8 @@ fn drain_loop(
 ) -> anyhow::Result<(RecordTally, HttpSamples)> {
     let mut tally = RecordTally::default();
     let mut http = HttpSamples::default();
-    let mut next_look = Instant::now();
+    // The first look after a while: the other reader may be starting too.
+    let mut next_look = Instant::now() + LEAVING_CHECK;
     let mut unread = false;
     loop {
         // Read the flag before the final drain so records that arrived before the stop
