@@ -920,13 +920,19 @@ fn a_pinned_record_ring_has_one_reader_across_processes() {
     let (status, _) = edgeproxy_testbed::try_stop_and_collect(run).expect("stop");
     assert!(status.success());
 
-    // 2. `run --leave-records`: the pipeline elsewhere reads every capture, run none.
-    let (run, _log) = try_start_edgeproxy_until(
+    // 2. `run --leave-records`: it says so when nobody reads the rings (full rings pass
+    // what they should capture); then the pipeline elsewhere reads every capture.
+    let (run, log) = try_start_edgeproxy_until(
         &pair.a,
         run_args(&["--leave-records"]),
         "leaving the record rings",
     )
     .expect("run --leave-records");
+    log.wait_for(
+        "no process reads the record rings",
+        std::time::Duration::from_secs(10),
+    )
+    .expect("the unread rings are reported");
     let logs = start_edgeproxy(&pair.a, logs_args("60"));
     send();
     assert_eq!(captured(&stop_and_collect(logs)), N);
