@@ -534,6 +534,21 @@ fn run_with_logs_is_one_daemon_for_both_ingest_paths() {
     both_ingest_paths(true);
 }
 
+/// `n` datagrams from the far end of `pair`, `datagram(i)` naming each one's port and
+/// text, paced (2 ms every 50) so no socket or ring overflows.
+fn send_paced(pair: &VethPair, n: u64, datagram: impl Fn(u64) -> (u16, String) + Sync) {
+    pair.b.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for i in 0..n {
+            let (port, text) = datagram(i);
+            s.send_to(text.as_bytes(), (pair.a_v4, port)).expect("send");
+            if i % 50 == 49 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+    });
+}
+
 fn both_ingest_paths(one_daemon: bool) {
     use edgeproxy_testbed::{policy_util, scratch::PinRoot};
     use proxy_user::dataplane::{Dataplane, HookChoice, LoadOptions};
@@ -587,23 +602,13 @@ fn both_ingest_paths(one_daemon: bool) {
         args.extend(["--listen".into(), format!("{}:{SOCK}", pair.a_v4).into()]);
     }
     let child = start_edgeproxy(&pair.a, args);
-    pair.b.run(|| {
-        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
-        for i in 0..2000u32 {
-            let (port, app) = if i % 2 == 0 {
-                (CAP, "cap")
-            } else {
-                (SOCK, "sock")
-            };
-            s.send_to(
-                format!("<14>1 - h {app} - - - m {i}").as_bytes(),
-                (pair.a_v4, port),
-            )
-            .expect("send");
-            if i % 50 == 49 {
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-        }
+    send_paced(&pair, 2000, |i| {
+        let (port, app) = if i % 2 == 0 {
+            (CAP, "cap")
+        } else {
+            (SOCK, "sock")
+        };
+        (port, format!("<14>1 - h {app} - - - m {i}"))
     });
     std::thread::sleep(std::time::Duration::from_millis(800));
     let out = stop_and_collect(child);
@@ -801,9 +806,11 @@ fn raw_messages_are_routed_to_sinks_exactly_once() {
 
 /// A pinned data plane's record rings have one reader across processes (an flock on the
 /// pin directory), so captured datagrams are never split between two of them: a `run`
-/// that reads the rings keeps `logs --capture-from` from starting; `run
-/// --leave-records` lets it read every capture; a `run` started while a pipeline reads
-/// them leaves them to it.
+/// that reads the rings, with or without its own pipeline, keeps `logs --capture-from`
+/// from starting; `run --leave-records` says when nobody reads them and lets the
+/// pipeline read every capture; a `run` started while a pipeline reads them leaves them
+/// to it and takes them over when it stops; a pipeline whose data plane is detached
+/// exits with an error.
 #[test]
 fn a_pinned_record_ring_has_one_reader_across_processes() {
     use edgeproxy_testbed::{scratch::PinRoot, try_start_edgeproxy_until};
@@ -849,19 +856,7 @@ fn a_pinned_record_ring_has_one_reader_across_processes() {
         ]
     };
     let send = || {
-        pair.b.run(|| {
-            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
-            for i in 0..N {
-                s.send_to(
-                    format!("<14>1 - h cap - - - m {i}").as_bytes(),
-                    (pair.a_v4, CAP),
-                )
-                .expect("send");
-                if i % 50 == 49 {
-                    std::thread::sleep(std::time::Duration::from_millis(2));
-                }
-            }
-        });
+        send_paced(&pair, N, |i| (CAP, format!("<14>1 - h cap - - - m {i}")));
         std::thread::sleep(std::time::Duration::from_millis(800));
     };
     let captured = |out: &str| -> u64 {
