@@ -8,6 +8,12 @@ use nix::{
     unistd::Pid,
 };
 
+/// How many CPUs this process may keep busy at once: the affinity mask and a cgroup's
+/// CPU quota (`cpu.max`), both of which `available_parallelism` honours.
+pub fn quota() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// The CPUs the calling thread may run on, ascending (call it from a thread we have not
 /// pinned: the main or control thread). Falls back to `0..available_parallelism` if
 /// the mask cannot be read. The mask is what `data_cpus` is checked against: a worker
@@ -17,16 +23,15 @@ pub fn allowed() -> Vec<usize> {
         Ok(set) => (0..CpuSet::count())
             .filter(|&c| set.is_set(c).unwrap_or(false))
             .collect(),
-        Err(_) => (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect(),
+        Err(_) => (0..quota()).collect(),
     }
 }
 
-/// The default data CPUs: the allowed ones, no more of them than the CPU quota (a
-/// cgroup's `cpu.max`, which `available_parallelism` honours) lets run at once — a pod
-/// limited to 2 CPUs on a 64-CPU node gets 2 workers, not 64 throttled ones.
+/// The default data CPUs: the allowed ones, no more of them than the [`quota`] lets run
+/// at once — a pod limited to 2 CPUs on a 64-CPU node gets 2 workers, not 64 throttled
+/// ones.
 pub fn default_data_cpus() -> Vec<usize> {
-    let quota = std::thread::available_parallelism().map_or(1, |n| n.get());
-    allowed().into_iter().take(quota).collect()
+    allowed().into_iter().take(quota()).collect()
 }
 
 /// Pins the calling thread to `cpu` (a warning, not an error, when it cannot).
@@ -91,8 +96,7 @@ mod tests {
     #[test]
     fn the_default_is_allowed_cpus_within_the_quota() {
         let d = default_data_cpus();
-        let quota = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert!(!d.is_empty() && d.len() <= quota, "{d:?}");
+        assert!(!d.is_empty() && d.len() <= quota(), "{d:?}");
         assert!(allowed().starts_with(&d), "{d:?}");
     }
 

@@ -43,9 +43,6 @@ pub struct RunOptions {
     pub leave_records: bool,
 }
 
-/// How long a reader for the whole run waits for one that reads per pass to let go.
-const RING_LOCK_PATIENCE: Duration = Duration::from_secs(2);
-
 /// The log pipeline to run beside the data plane: its configuration and the stop flag
 /// its control thread sets.
 pub struct LogPipeline {
@@ -211,7 +208,7 @@ fn ring_access(opts: &RunOptions, pipeline: bool) -> anyhow::Result<RingAccess> 
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let lock = RingReaderLock::open(dir)?;
     if pipeline {
-        let lock = lock.take_for_life(RING_LOCK_PATIENCE)?;
+        let lock = lock.take_for_life(crate::dataplane::RING_LOCK_PATIENCE)?;
         tracing::info!("reading the record rings (their one reader)");
         return Ok(RingAccess::Reading(lock));
     }
@@ -219,7 +216,7 @@ fn ring_access(opts: &RunOptions, pipeline: bool) -> anyhow::Result<RingAccess> 
         tracing::info!("leaving the record rings to another reader (--leave-records)");
         return Ok(RingAccess::Leaving(lock));
     }
-    if lock.wait_to_take(RING_LOCK_PATIENCE)? {
+    if lock.wait_to_take(crate::dataplane::RING_LOCK_PATIENCE)? {
         tracing::info!("reading the record rings (their one reader)");
         Ok(RingAccess::Reading(lock))
     } else {

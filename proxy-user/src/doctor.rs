@@ -128,7 +128,7 @@ pub fn probe(probe_xdp: bool) -> DoctorReport {
         io_uring: io_uring(),
         cpus: Cpus {
             online: read_trim("/sys/devices/system/cpu/online").unwrap_or_default(),
-            count: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            count: crate::cpus::quota(),
             allowed: crate::cpus::list(&crate::cpus::allowed()),
         },
         interfaces,

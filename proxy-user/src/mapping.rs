@@ -5,6 +5,13 @@ use std::{io, num::NonZeroUsize, os::fd::BorrowedFd, ptr::NonNull};
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, mmap_anonymous};
 
+/// The kernel's page size: the unit of every mapping (and of a zero-copy area's chunks).
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+}
+
 pub(crate) struct Mapping {
     ptr: NonNull<u8>,
     len: usize,

@@ -70,7 +70,9 @@ pub use rawbpf::{
     MmapArray, all_keys, delete_batch, into_map_data, link_detach, link_update, obj_get,
     update_batch,
 };
-pub use records::{RecordTally, RecordView, Records, RingReaderLock, parse_record};
+pub use records::{
+    RING_LOCK_PATIENCE, RecordTally, RecordView, Records, RingReaderLock, parse_record,
+};
 pub use testrun::{TestRunOutcome, XdpTestRunner, XdpVerdict};
 
 #[derive(Debug, thiserror::Error)]

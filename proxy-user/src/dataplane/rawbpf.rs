@@ -168,8 +168,7 @@ impl<T: Copy> MmapArray<T> {
             return Err(io::Error::other("map was not created with BPF_F_MMAPABLE"));
         }
         let stride = size_of::<T>().next_multiple_of(8);
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let page = crate::mapping::page_size();
         let len = (stride * info.max_entries() as usize).next_multiple_of(page);
         let nz = NonZeroUsize::new(len).ok_or_else(|| io::Error::other("empty map"))?;
         // SAFETY: mapping a BPF array fd shared read-write is what BPF_F_MMAPABLE is for;

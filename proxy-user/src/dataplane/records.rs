@@ -66,8 +66,7 @@ impl RecordRing {
             )));
         }
         let size = info.max_entries() as usize;
-        // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let page = crate::mapping::page_size();
         if !size.is_power_of_two() || !size.is_multiple_of(page) {
             return Err(io(std::io::Error::other(format!(
                 "ring of {size} bytes: not a power-of-two multiple of the page size"
@@ -275,13 +274,16 @@ impl RecordRing {
     }
 }
 
+/// How long a would-be reader of pinned rings waits for one that is stopping to let go.
+pub const RING_LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// One reader at a time for a pinned data plane's record rings: a ring has one consumer
 /// position, so two processes reading it would split (or repeat) its records between
 /// them. An flock on the pin directory decides who reads, held for the reader's life. A
 /// log pipeline (`run --config`, `logs --capture-from`) must get it or not start;
 /// `edgeproxy run` without one reads the rings only for its record tally and HTTP
 /// request lines, so it leaves them, with a warning, to a reader that already has them
-/// (and `--leave-records` makes it not try).
+/// and takes them when that reader stops (`--leave-records` makes it not try).
 pub struct RingReaderLock {
     dir: std::fs::File,
     path: std::path::PathBuf,

@@ -147,7 +147,9 @@ impl Rfc5424Encoder {
         s.clear();
         let facility = r.facility.filter(|f| *f <= 23).unwrap_or(DEFAULT_FACILITY);
         let severity = r.severity.filter(|v| *v <= 7).unwrap_or(DEFAULT_SEVERITY);
-        let _ = write!(s, "<{}>1 ", u16::from(facility) * 8 + u16::from(severity));
+        s.push(b'<');
+        int(u16::from(facility) * 8 + u16::from(severity), s);
+        s.extend_from_slice(b">1 ");
         time_and_host(m, s);
         s.push(b' ');
         header_field(r.app_name.as_deref().unwrap_or("-"), MAX_APP, s);
@@ -163,7 +165,9 @@ impl Rfc5424Encoder {
         let has_origin = sd.is_some_and(|sd| sd.contains("[origin ") || sd.contains("[origin]"));
         match m.source {
             Some(ip) if !has_origin => {
-                let _ = write!(s, "[origin ip=\"{ip}\"]");
+                s.extend_from_slice(b"[origin ip=\"");
+                address(ip, s);
+                s.extend_from_slice(b"\"]");
             }
             _ if sd.is_none() => s.push(b'-'),
             _ => {}

@@ -374,11 +374,11 @@ pub fn spawn(
     let snap = shared.latest();
     let cfg = &snap.pipeline;
     let workers = cfg.data_cpus.len().max(1);
-    // Another process's data plane (pinned) is watched for replacement; our own is not.
-    let pinned = matches!(captures, CaptureSource::Pinned(_));
-    let records = match captures {
-        CaptureSource::None => None,
-        CaptureSource::Rings(r) => Some(r),
+    // Another process's data plane (pinned) is watched for replacement (`ring_reader`);
+    // our own is not.
+    let (records, ring_reader) = match captures {
+        CaptureSource::None => (None, None),
+        CaptureSource::Rings(r) => (Some(r), None),
         CaptureSource::Pinned(dir) => {
             // One reader per ring: wait briefly for a reader that is stopping, refuse
             // if another keeps them.
@@ -392,7 +392,7 @@ pub fn spawn(
                 ));
             }
             let lock = crate::dataplane::RingReaderLock::open(&dir)
-                .and_then(|l| l.take_for_life(Duration::from_secs(2)))
+                .and_then(|l| l.take_for_life(crate::dataplane::RING_LOCK_PATIENCE))
                 .map_err(io::Error::other)?;
             let (per_cpu, shared_ring) =
                 crate::dataplane::open_pinned_rings(&dir).map_err(|e| {
@@ -401,17 +401,13 @@ pub fn spawn(
                         dir.display()
                     ))
                 })?;
-            Some(
-                crate::dataplane::Records::from_rings(shared_ring, per_cpu)
-                    .map_err(io::Error::other)?
-                    .hold(lock),
-            )
+            let records = crate::dataplane::Records::from_rings(shared_ring, per_cpu)
+                .map_err(io::Error::other)?
+                .hold(lock);
+            let reader = records.reader();
+            (Some(records), reader)
         }
     };
-    let ring_reader = records
-        .as_ref()
-        .filter(|_| pinned)
-        .and_then(crate::dataplane::Records::reader);
     // Ring of CPU c to the worker pinned on c if there is one, else to c mod workers; the
     // shared fallback ring to worker 0. Every ring has exactly one consumer.
     let per_worker = match records {

@@ -592,7 +592,7 @@ impl Worker {
         let zc_budget = match &zc {
             // Half the pages, and never more chunks than the backend can name.
             ZcPlan::Register { spec, .. } => {
-                (spec.area_bytes / ops::zcrx::page_size() / 2).min(ops::zcrx::MAX_CHUNKS / 2)
+                (spec.area_bytes / crate::mapping::page_size() / 2).min(ops::zcrx::MAX_CHUNKS / 2)
             }
             _ => 0,
         };

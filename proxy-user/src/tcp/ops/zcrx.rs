@@ -19,7 +19,7 @@ use std::{
 use io_uring::{IoUring, cqueue, squeue, types};
 
 use super::{F_MORE, F_ZC};
-use crate::mapping::Mapping;
+use crate::mapping::{Mapping, page_size};
 
 /// `IORING_REGISTER_ZCRX_IFQ` (kernel ABI).
 const IORING_REGISTER_ZCRX_IFQ: libc::c_long = 32;
@@ -174,13 +174,6 @@ pub struct Zcrx {
 fn region_bytes(entries: u32) -> usize {
     let page = page_size();
     (256 + entries as usize * std::mem::size_of::<types::io_uring_zcrx_rqe>()).div_ceil(page) * page
-}
-
-/// The kernel's page size: the unit of the area (one chunk pins one page).
-pub fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
 }
 
 impl Zcrx {

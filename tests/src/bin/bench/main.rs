@@ -353,21 +353,30 @@ fn veth_cost() -> anyhow::Result<()> {
 
 /// softirq + system CPU time of the whole machine, in nanoseconds (from /proc/stat).
 fn cpu_ns() -> anyhow::Result<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let line = stat.lines().next().context("empty /proc/stat")?;
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    let to_ns = |ticks: u64| ticks * 1_000_000_000 / hz.max(1);
+    let f = proc_stat_line(&std::fs::read_to_string("/proc/stat")?, "cpu")?;
+    let to_ns = |ticks: u64| (ticks as f64 * 1e9 / ticks_per_s()) as u64;
     // user nice system idle iowait irq softirq
     Ok((
         to_ns(*f.get(6).unwrap_or(&0)),
         to_ns(*f.get(2).unwrap_or(&0)),
     ))
+}
+
+/// The counters of the /proc/stat line `name` (`cpu`: the whole machine; `cpuN`: one
+/// CPU), in USER_HZ ticks: user nice system idle iowait irq softirq steal …
+fn proc_stat_line(stat: &str, name: &str) -> anyhow::Result<Vec<u64>> {
+    stat.lines()
+        .find_map(|l| l.strip_prefix(name).filter(|r| r.starts_with(' ')))
+        .with_context(|| format!("no {name} line in /proc/stat"))?
+        .split_whitespace()
+        .map(|v| v.parse().context("a /proc/stat field"))
+        .collect()
+}
+
+/// USER_HZ: the unit of the tick counters in /proc.
+fn ticks_per_s() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
 
 /// The first line of `program args` that mentions a version. xdp-filter and trafgen exit

@@ -153,8 +153,9 @@ struct Point {
     cpu_s: f64,
     /// edgeproxy-xdp only.
     xdp: Option<XdpCost>,
-    /// Softirq time on the generator's CPU over the same span: the kernel's receive work
-    /// for this receiver (the socket stack up to the receive queue, or the XDP program).
+    /// Softirq and hardirq time on the generator's CPU over the flood: the kernel's
+    /// receive work for this receiver (the socket stack up to the receive queue, or the
+    /// XDP program and its wake-ups).
     softirq_s: f64,
 }
 
@@ -553,20 +554,11 @@ fn settle(path: &Path, quiet: Duration, limit: Duration) {
 /// wake-up runs as an irq_work.
 fn softirq_s(cpu: usize) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
-    let name = format!("cpu{cpu}");
-    let fields: Vec<u64> = stat
-        .lines()
-        .find_map(|l| l.strip_prefix(&name).filter(|r| r.starts_with(' ')))
-        .with_context(|| format!("no {name} line in /proc/stat"))?
-        .split_whitespace()
-        .map(|v| v.parse().context("a /proc/stat field"))
-        .collect::<anyhow::Result<_>>()?;
+    let fields = super::proc_stat_line(&stat, &format!("cpu{cpu}"))?;
     // user nice system idle iowait irq softirq …
     let ticks = fields.get(5).context("irq field in /proc/stat")?
         + fields.get(6).context("softirq field in /proc/stat")?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Ok(ticks as f64 / hz)
+    Ok(ticks as f64 / super::ticks_per_s())
 }
 
 /// User + system CPU seconds of a whole process (all its threads), from /proc.
@@ -577,7 +569,5 @@ pub(super) fn process_cpu_s(pid: i32) -> anyhow::Result<f64> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).context("utime")?;
     let sticks: u64 = f.get(12).and_then(|v| v.parse().ok()).context("stime")?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Ok((ticks + sticks) as f64 / hz)
+    Ok((ticks + sticks) as f64 / super::ticks_per_s())
 }

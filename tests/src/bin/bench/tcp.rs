@@ -277,9 +277,7 @@ fn cpu_with_children(pid: i32) -> f64 {
     let ticks: u64 = (11..=14)
         .filter_map(|i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
         .sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz
+    ticks as f64 / super::ticks_per_s()
 }
 
 /// iperf3 through `port`: received bits/s.
@@ -404,20 +402,12 @@ impl CoreBusy {
     fn read() -> [(u64, u64); 2] {
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
         [CLIENT_CPU, PROXY_CPU].map(|cpu| {
-            let name = format!("cpu{cpu}");
-            stat.lines()
-                .find(|l| l.split_whitespace().next() == Some(name.as_str()))
-                .map_or((0, 0), |l| {
-                    let v: Vec<u64> = l
-                        .split_whitespace()
-                        .skip(1)
-                        .filter_map(|x| x.parse().ok())
-                        .collect();
-                    let total: u64 = v.iter().take(8).sum();
-                    // idle and iowait are the 4th and 5th fields.
-                    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-                    (total - idle, total)
-                })
+            super::proc_stat_line(&stat, &format!("cpu{cpu}")).map_or((0, 0), |v| {
+                let total: u64 = v.iter().take(8).sum();
+                // idle and iowait are the 4th and 5th fields.
+                let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+                (total - idle, total)
+            })
         })
     }
 
