@@ -15,7 +15,7 @@ use std::{
 
 use edgeproxy_testbed::{
     LogLines, Reaped,
-    netns::Netns,
+    netns::{Netns, VethPair},
     privilege::require_root,
     scratch::ScratchDir,
     tcp::{
@@ -71,6 +71,7 @@ on_both_engines!(
     slow_client_bounds_memory_splice,
     run_forwards_the_routes_of_its_configuration,
     zero_copy_falls_back_with_the_reason_and_require_refuses_to_start,
+    send_buffers_are_fixed_for_peers_on_this_host_only,
 );
 
 fn sa(s: &str) -> SocketAddr {
@@ -93,7 +94,11 @@ struct Bed {
 
 impl Bed {
     fn new() -> Self {
-        let ns = namespace().expect("namespace");
+        Self::inside(namespace().expect("namespace"))
+    }
+
+    /// A bed whose proxy runs in `ns`.
+    fn inside(ns: Netns) -> Self {
         let dir = ScratchDir::new().expect("scratch");
         let cfg = dir.path().join("proxy.toml");
         let stats = dir.path().join("stats.json");
@@ -1359,4 +1364,136 @@ fn zero_copy_falls_back_with_the_reason_and_require_refuses_to_start() {
             assert!(e.contains(expected), "{e}");
         }
     }
+}
+
+// --- socket options --------------------------------------------------------------------
+
+/// `(local, peer, send buffer)` of every established TCP socket in `ns`, from `ss`.
+fn send_buffers(ns: &Netns) -> Vec<(SocketAddr, SocketAddr, u64)> {
+    let out = ns
+        .command("ss")
+        .args(["-H", "-t", "-m", "-n", "state", "established"])
+        .output()
+        .expect("ss (iproute2) runs");
+    assert!(
+        out.status.success(),
+        "ss: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut found = Vec::new();
+    let mut ends: Option<(SocketAddr, SocketAddr)> = None;
+    for line in text.lines() {
+        if let Some(skmem) = line.split("skmem:(").nth(1) {
+            let tb = skmem
+                .split(',')
+                .find_map(|f| f.strip_prefix("tb"))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no tb in {line:?}"));
+            let (local, peer) = ends.take().unwrap_or_else(|| panic!("skmem alone: {text}"));
+            found.push((local, peer, tb));
+        } else if !line.trim().is_empty() {
+            let addrs: Vec<SocketAddr> = line
+                .split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            assert_eq!(addrs.len(), 2, "a socket line of ss: {line:?}");
+            ends = Some((addrs[0], addrs[1]));
+        }
+    }
+    found
+}
+
+/// The send buffer `local_sndbuf = bytes` gives a socket: doubled by the kernel after
+/// `net.core.wmem_max` clamps it.
+fn fixed_send_buffer(bytes: u64) -> u64 {
+    let max: u64 = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+        .expect("wmem_max")
+        .trim()
+        .parse()
+        .expect("wmem_max is a number");
+    2 * bytes.min(max)
+}
+
+/// Connections to a peer on this host (a loopback upstream, a client on one of our own
+/// addresses) get the fixed `local_sndbuf`; a client on another host keeps the kernel's
+/// autotuning, and `local_sndbuf = 0` (reloaded) leaves every new connection to it.
+fn send_buffers_are_fixed_for_peers_on_this_host_only() {
+    if !require_root("send_buffers_are_fixed_for_peers_on_this_host_only") {
+        return;
+    }
+    let pair = VethPair::create().expect("veth pair");
+    let VethPair {
+        a, b, a_v4, b_v4, ..
+    } = pair;
+    let mut bed = Bed::inside(a);
+    let up = sa("127.0.0.1:8101");
+    let listen = SocketAddr::new(a_v4.into(), 8100);
+    let _echo = bed.upstream(&up.to_string(), echo());
+    let routes = route(&listen.to_string(), &[&up.to_string()], "");
+    bed.start(
+        &format!("[tcp]\nlocal_sndbuf = 262144\n{routes}"),
+        &["--workers", "1"],
+    );
+    let fixed = fixed_send_buffer(262_144);
+    let echoes = |s: &mut TcpStream| {
+        s.write_all(b"ping").expect("write");
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).expect("echo");
+    };
+    let mut here = connect_from(&bed.ns, a_v4.into(), listen).expect("connect from this host");
+    let mut there = connect_from(&b, b_v4.into(), listen).expect("connect from the other host");
+    echoes(&mut here);
+    echoes(&mut there);
+    let socks = send_buffers(&bed.ns);
+    let proxy_side = |peer_ip: IpAddr| -> Vec<u64> {
+        socks
+            .iter()
+            .filter(|(l, p, _)| *l == listen && p.ip() == peer_ip)
+            .map(|s| s.2)
+            .collect()
+    };
+    assert_eq!(
+        proxy_side(a_v4.into()),
+        [fixed],
+        "client on this host: {socks:?}"
+    );
+    let remote = proxy_side(b_v4.into());
+    assert_eq!(remote.len(), 1, "{socks:?}");
+    assert_ne!(
+        remote[0], fixed,
+        "a client on another host keeps autotuning: {socks:?}"
+    );
+    let upstream_side: Vec<u64> = socks.iter().filter(|s| s.1 == up).map(|s| s.2).collect();
+    assert_eq!(
+        upstream_side,
+        [fixed, fixed],
+        "loopback upstream: {socks:?}"
+    );
+
+    // Off: a new connection from this host keeps the kernel's autotuning on both sides.
+    drop((here, there));
+    bed.settled(2);
+    bed.reload(&format!("[tcp]\nlocal_sndbuf = 0\n{routes}"));
+    let mut again = connect_from(&bed.ns, a_v4.into(), listen).expect("connect");
+    echoes(&mut again);
+    let socks = send_buffers(&bed.ns);
+    let proxied: Vec<u64> = socks
+        .iter()
+        .filter(|(l, p, _)| *l == listen || *p == up)
+        .map(|s| s.2)
+        .collect();
+    assert_eq!(proxied.len(), 2, "{socks:?}");
+    assert!(
+        proxied.iter().all(|&tb| tb != fixed),
+        "local_sndbuf = 0: {socks:?}"
+    );
+    drop(again);
+    bed.settled(3);
+    let report = bed.stop();
+    assert_eq!(
+        num(&report["workers"][0], "local_send_buffers"),
+        3,
+        "{report}"
+    );
 }

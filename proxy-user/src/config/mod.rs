@@ -168,6 +168,7 @@ struct RawTcp {
     buffer_size: Option<Spanned<i64>>,
     buffers: Option<Spanned<i64>>,
     pipe_size: Option<Spanned<i64>>,
+    local_sndbuf: Option<Spanned<i64>>,
     drain_seconds: Option<Spanned<f64>>,
     zero_copy: Option<Spanned<String>>,
     zero_copy_interface: Option<Spanned<String>>,
@@ -394,6 +395,18 @@ fn parse_tcp(
         && let Some(n) = int(cx, v, "tcp.pipe_size", 4096, 1 << 20)
     {
         t.pipe_size = n as usize;
+    }
+    if let Some(v) = &raw.local_sndbuf
+        && let Some(n) = int(cx, v, "tcp.local_sndbuf", 0, 1 << 30)
+    {
+        if (1..4096).contains(&n) {
+            cx.err(
+                v.span(),
+                format!("tcp.local_sndbuf must be 0 (autotuning) or 4096..=1073741824, not {n}"),
+            );
+        } else {
+            t.local_sndbuf = n as usize;
+        }
     }
     if let Some(v) = &raw.drain_seconds
         && let Some(d) = seconds(cx, v, "tcp.drain_seconds", 0.0, 86_400.0)
@@ -1077,11 +1090,14 @@ mod tests {
     fn routes_parse_with_defaults_and_overrides() {
         let c = parse_config(
             "c",
-            "[tcp]\ncopy = \"splice\"\ndrain_seconds = 2.5\n[[route]]\nlisten = \"127.0.0.1:8080\"\nupstreams = [\"127.0.0.1:9000\", \"localhost:9001\"]\n[[route]]\nname = \"web\"\nlisten = \"[::1]:443\"\nbalance = \"maglev\"\nconnect_timeout = 0.5\nmax_connections = 100\nsend_proxy = \"v2\"\naccept_proxy = true\n[[route.upstream]]\naddress = \"[::1]:8443\"\nweight = 3\nmax_connections = 10\n[route.health]\ninterval = 0.5\n",
+            "[tcp]\ncopy = \"splice\"\ndrain_seconds = 2.5\nlocal_sndbuf = 0\n[[route]]\nlisten = \"127.0.0.1:8080\"\nupstreams = [\"127.0.0.1:9000\", \"localhost:9001\"]\n[[route]]\nname = \"web\"\nlisten = \"[::1]:443\"\nbalance = \"maglev\"\nconnect_timeout = 0.5\nmax_connections = 100\nsend_proxy = \"v2\"\naccept_proxy = true\n[[route.upstream]]\naddress = \"[::1]:8443\"\nweight = 3\nmax_connections = 10\n[route.health]\ninterval = 0.5\n",
         )
         .expect("valid");
         assert_eq!(c.tcp.copy, CopyMode::Splice);
         assert_eq!(c.tcp.drain, Duration::from_millis(2500));
+        assert_eq!(c.tcp.local_sndbuf, 0, "0 turns it off");
+        let defaults = parse_config("c", "").expect("empty");
+        assert_eq!(defaults.tcp.local_sndbuf, 256 * 1024);
         let [a, b] = &c.routes[..] else {
             panic!("{:?}", c.routes)
         };
@@ -1110,7 +1126,7 @@ mod tests {
 
     #[test]
     fn route_problems_are_located() {
-        let cases: [(&str, &str); 7] = [
+        let cases: [(&str, &str); 9] = [
             (
                 "[[route]]\nlisten = \"1.2.3.4\"\nupstreams = [\"127.0.0.1:1\"]\n",
                 "c:2:10: route.listen \"1.2.3.4\" is not an address:port",
@@ -1138,6 +1154,14 @@ mod tests {
             (
                 "[tcp]\nbuffers = 1000\n",
                 "c:2:11: tcp.buffers must be a power of two",
+            ),
+            (
+                "[tcp]\nlocal_sndbuf = 100\n",
+                "c:2:16: tcp.local_sndbuf must be 0 (autotuning) or 4096..=1073741824, not 100",
+            ),
+            (
+                "[tcp]\nlocal_sndbuf = -1\n",
+                "c:2:16: tcp.local_sndbuf must be 0..=1073741824, not -1",
             ),
         ];
         for (src, want) in cases {

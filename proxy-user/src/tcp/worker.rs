@@ -171,6 +171,8 @@ pub struct WorkerStats {
     /// can change the path for new connections).
     pub splice_streams: u64,
     pub buffer_streams: u64,
+    /// Sockets to peers on this host whose send buffer was fixed at `local_sndbuf`.
+    pub local_send_buffers: u64,
     /// The rx queue this worker registered for zero-copy receive, or why it has none
     /// (when `[tcp] zero_copy` asked for one).
     pub zero_copy_queue: Option<u32>,
@@ -528,10 +530,26 @@ fn dst_reason(d: usize, e: i32) -> Reason {
     }
 }
 
+/// Fixes the send buffer of a socket to a peer on this host at `limit` (see
+/// `TcpSettings::local_sndbuf`); whether it did.
+fn fit_local_send_buffer(limit: usize, fd: &OwnedFd, local: SocketAddr, peer: SocketAddr) -> bool {
+    if limit == 0 || !socket::stays_on_this_host(local, peer) {
+        return false;
+    }
+    match socket::cap_send_buffer(fd, limit) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "SO_SNDBUF on a connection within this host");
+            false
+        }
+    }
+}
+
 struct Worker {
     ops: Box<dyn Ops>,
     buf_size: usize,
     pipe_size: usize,
+    local_sndbuf: usize,
     copy: CopyPath,
     /// The copy mode configured (`copy` is what it resolved to), to see reloads change it.
     copy_mode: CopyMode,
@@ -624,6 +642,7 @@ impl Worker {
             ops,
             buf_size: settings.buffer_size,
             pipe_size: settings.pipe_size,
+            local_sndbuf: settings.local_sndbuf,
             copy,
             copy_mode: settings.copy,
             engine,
@@ -795,6 +814,7 @@ impl Worker {
         // New connections get the new pipe size and copy path; a buffer pool, once it
         // exists, keeps its size (the control thread warns when that changed).
         self.pipe_size = routes.settings.pipe_size;
+        self.local_sndbuf = routes.settings.local_sndbuf;
         if routes.settings.copy != self.copy_mode {
             self.change_copy(routes.settings.copy, &routes.settings);
         }
@@ -934,6 +954,9 @@ impl Worker {
             route.stats.refused.add(Reason::ClientReset, 1);
             return;
         };
+        if fit_local_send_buffer(self.local_sndbuf, &fd, local, peer) {
+            self.stats.local_send_buffers += 1;
+        }
         let accept_proxy = route.spec.accept_proxy;
         let conn = Box::new(Conn {
             route,
@@ -1207,6 +1230,14 @@ impl Worker {
         route
             .pool
             .connect_succeeded(i, now.duration_since(c.connect_started));
+        let (limit, peer) = (self.local_sndbuf, route.pool.upstreams[i].address);
+        let c = self.conn(slot);
+        let fitted = c.upstream.as_ref().is_some_and(|fd| {
+            socket::local_addr(fd)
+                .is_some_and(|local| fit_local_send_buffer(limit, fd, local, peer))
+        });
+        self.stats.local_send_buffers += u64::from(fitted);
+        let c = self.conn(slot);
         route.pool.upstreams[i]
             .stats
             .connections

@@ -48,18 +48,25 @@ enum Proxy {
     EdgeproxyBuffers,
     /// edgeproxy on the epoll engine (the fallback where io_uring is not usable).
     EdgeproxyEpoll,
+    /// edgeproxy with `local_sndbuf = 0`: the kernel's autotuning on every socket.
+    EdgeproxyAutotuned,
     Haproxy,
+    /// HAProxy with the send buffers edgeproxy gives peers on this host
+    /// (`tune.sndbuf.client` and `.server`; every peer here is on this host).
+    HaproxySndbuf,
     Nginx,
     Socat,
 }
 
 impl Proxy {
-    const ALL: [Proxy; 7] = [
+    const ALL: [Proxy; 9] = [
         Proxy::Direct,
         Proxy::Edgeproxy,
         Proxy::EdgeproxyBuffers,
         Proxy::EdgeproxyEpoll,
+        Proxy::EdgeproxyAutotuned,
         Proxy::Haproxy,
+        Proxy::HaproxySndbuf,
         Proxy::Nginx,
         Proxy::Socat,
     ];
@@ -70,7 +77,9 @@ impl Proxy {
             Proxy::Edgeproxy => "edgeproxy",
             Proxy::EdgeproxyBuffers => "edgeproxy-buffers",
             Proxy::EdgeproxyEpoll => "edgeproxy-epoll",
+            Proxy::EdgeproxyAutotuned => "edgeproxy-autotuned",
             Proxy::Haproxy => "haproxy",
+            Proxy::HaproxySndbuf => "haproxy-sndbuf",
             Proxy::Nginx => "nginx",
             Proxy::Socat => "socat",
         }
@@ -152,7 +161,10 @@ impl Bench {
         let ups = [IPERF_PORT, ECHO_PORT];
         let children = match p {
             Proxy::Direct => return Ok(Vec::new()),
-            Proxy::Edgeproxy | Proxy::EdgeproxyBuffers | Proxy::EdgeproxyEpoll => {
+            Proxy::Edgeproxy
+            | Proxy::EdgeproxyBuffers
+            | Proxy::EdgeproxyEpoll
+            | Proxy::EdgeproxyAutotuned => {
                 let copy = if p == Proxy::EdgeproxyBuffers {
                     "buffers"
                 } else {
@@ -166,6 +178,9 @@ impl Bench {
                 let mut cfg = format!(
                     "[engine]\nkind = \"{engine}\"\ndata_cpus = [{PROXY_CPU}]\n[tcp]\ncopy = \"{copy}\"\n"
                 );
+                if p == Proxy::EdgeproxyAutotuned {
+                    cfg += "local_sndbuf = 0\n";
+                }
                 for u in ups {
                     cfg += &format!(
                         "[[route]]\nlisten = \"{SERVER}:{}\"\nupstreams = [\"{SERVER}:{u}\"]\nidle_timeout = 120\n",
@@ -184,8 +199,15 @@ impl Bench {
                 )?;
                 vec![child]
             }
-            Proxy::Haproxy => {
-                let mut cfg = "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n".to_owned();
+            Proxy::Haproxy | Proxy::HaproxySndbuf => {
+                let tune = if p == Proxy::HaproxySndbuf {
+                    "  tune.sndbuf.client 262144\n  tune.sndbuf.server 262144\n"
+                } else {
+                    ""
+                };
+                let mut cfg = format!(
+                    "global\n  nbthread 1\n  maxconn 8000\n{tune}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n"
+                );
                 for u in ups {
                     cfg += &format!(
                         "listen fwd{u}\n  bind {SERVER}:{}\n  server s1 {SERVER}:{u}\n",
@@ -615,6 +637,8 @@ pub fn tcp_peers() -> anyhow::Result<()> {
     );
     let buffers = get(Proxy::EdgeproxyBuffers)?;
     let epoll = get(Proxy::EdgeproxyEpoll)?;
+    let autotuned = get(Proxy::EdgeproxyAutotuned)?;
+    let haproxy_sndbuf = get(Proxy::HaproxySndbuf)?;
     println!("(min/median/max over {ROUNDS} rounds)");
     println!(
         "core busy during the throughput runs (medians, client core {CLIENT_CPU} / proxy core {PROXY_CPU}; a client core near 100% bounds every proxy alike):"
@@ -673,6 +697,16 @@ pub fn tcp_peers() -> anyhow::Result<()> {
         epoll.2 / ours.2,
         epoll.3 / ours.3,
         epoll.4 / ours.4
+    );
+    println!(
+        "ratios (medians): send buffers fixed for peers on this host: edgeproxy / edgeproxy-autotuned: 1 stream {:.2}, 8 streams {:.2}, p99 {:.2}; haproxy-sndbuf / haproxy: 1 stream {:.2}, 8 streams {:.2}; edgeproxy / haproxy-sndbuf: 1 stream {:.2}, 8 streams {:.2}",
+        ours.1 / autotuned.1,
+        ours.2 / autotuned.2,
+        ours.3 / autotuned.3,
+        haproxy_sndbuf.1 / haproxy.1,
+        haproxy_sndbuf.2 / haproxy.2,
+        ours.1 / haproxy_sndbuf.1,
+        ours.2 / haproxy_sndbuf.2
     );
     Ok(())
 }
