@@ -169,6 +169,7 @@ struct RawTcp {
     buffers: Option<Spanned<i64>>,
     pipe_size: Option<Spanned<i64>>,
     local_sndbuf: Option<Spanned<i64>>,
+    coalesce_usec: Option<Spanned<i64>>,
     drain_seconds: Option<Spanned<f64>>,
     zero_copy: Option<Spanned<String>>,
     zero_copy_interface: Option<Spanned<String>>,
@@ -395,6 +396,11 @@ fn parse_tcp(
         && let Some(n) = int(cx, v, "tcp.pipe_size", 4096, 1 << 20)
     {
         t.pipe_size = n as usize;
+    }
+    if let Some(v) = &raw.coalesce_usec
+        && let Some(n) = int(cx, v, "tcp.coalesce_usec", 0, 1000)
+    {
+        t.coalesce_usec = n as u32;
     }
     if let Some(v) = &raw.local_sndbuf
         && let Some(n) = int(cx, v, "tcp.local_sndbuf", 0, 1 << 30)
@@ -1090,7 +1096,7 @@ mod tests {
     fn routes_parse_with_defaults_and_overrides() {
         let c = parse_config(
             "c",
-            "[tcp]\ncopy = \"splice\"\ndrain_seconds = 2.5\nlocal_sndbuf = 0\n[[route]]\nlisten = \"127.0.0.1:8080\"\nupstreams = [\"127.0.0.1:9000\", \"localhost:9001\"]\n[[route]]\nname = \"web\"\nlisten = \"[::1]:443\"\nbalance = \"maglev\"\nconnect_timeout = 0.5\nmax_connections = 100\nsend_proxy = \"v2\"\naccept_proxy = true\n[[route.upstream]]\naddress = \"[::1]:8443\"\nweight = 3\nmax_connections = 10\n[route.health]\ninterval = 0.5\n",
+            "[tcp]\ncopy = \"splice\"\ndrain_seconds = 2.5\nlocal_sndbuf = 0\ncoalesce_usec = 0\n[[route]]\nlisten = \"127.0.0.1:8080\"\nupstreams = [\"127.0.0.1:9000\", \"localhost:9001\"]\n[[route]]\nname = \"web\"\nlisten = \"[::1]:443\"\nbalance = \"maglev\"\nconnect_timeout = 0.5\nmax_connections = 100\nsend_proxy = \"v2\"\naccept_proxy = true\n[[route.upstream]]\naddress = \"[::1]:8443\"\nweight = 3\nmax_connections = 10\n[route.health]\ninterval = 0.5\n",
         )
         .expect("valid");
         assert_eq!(c.tcp.copy, CopyMode::Splice);
@@ -1098,6 +1104,7 @@ mod tests {
         assert_eq!(c.tcp.local_sndbuf, 0, "0 turns it off");
         let defaults = parse_config("c", "").expect("empty");
         assert_eq!(defaults.tcp.local_sndbuf, 256 * 1024);
+        assert_eq!((c.tcp.coalesce_usec, defaults.tcp.coalesce_usec), (0, 20));
         let [a, b] = &c.routes[..] else {
             panic!("{:?}", c.routes)
         };
@@ -1126,7 +1133,7 @@ mod tests {
 
     #[test]
     fn route_problems_are_located() {
-        let cases: [(&str, &str); 9] = [
+        let cases: [(&str, &str); 10] = [
             (
                 "[[route]]\nlisten = \"1.2.3.4\"\nupstreams = [\"127.0.0.1:1\"]\n",
                 "c:2:10: route.listen \"1.2.3.4\" is not an address:port",
@@ -1158,6 +1165,10 @@ mod tests {
             (
                 "[tcp]\nlocal_sndbuf = 100\n",
                 "c:2:16: tcp.local_sndbuf must be 0 (autotuning) or 4096..=1073741824, not 100",
+            ),
+            (
+                "[tcp]\ncoalesce_usec = 5000\n",
+                "c:2:17: tcp.coalesce_usec must be 0..=1000, not 5000",
             ),
             (
                 "[tcp]\nlocal_sndbuf = -1\n",

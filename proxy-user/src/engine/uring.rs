@@ -44,9 +44,32 @@ pub(crate) fn submit_and_wait<
     ring: &IoUring<S, C>,
     timeout: std::time::Duration,
 ) -> io::Result<()> {
+    submit_and_wait_batch(ring, timeout, None)
+}
+
+/// A batch to wait for: up to `events` completions, for at most `usec` µs once one is
+/// there (io_uring's minimum wait, `IORING_FEAT_MIN_TIMEOUT`, kernel 6.12).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Batch {
+    pub events: usize,
+    pub usec: u32,
+}
+
+/// [`submit_and_wait`], but with `batch` the kernel neither wakes the thread for each
+/// completion (deferred task work wakes it at `events`) nor lets the first one wait
+/// more than `usec` µs; with nothing in by then it wakes at the first, as without.
+pub(crate) fn submit_and_wait_batch<
+    S: io_uring::squeue::EntryMarker,
+    C: io_uring::cqueue::EntryMarker,
+>(
+    ring: &IoUring<S, C>,
+    timeout: std::time::Duration,
+    batch: Option<Batch>,
+) -> io::Result<()> {
     let ts = types::Timespec::from(timeout);
-    let args = types::SubmitArgs::new().timespec(&ts);
-    match ring.submitter().submit_with_args(1, &args) {
+    let (want, usec) = batch.map_or((1, 0), |b| (b.events, b.usec));
+    let args = types::SubmitArgs::new().timespec(&ts).min_wait_usec(usec);
+    match ring.submitter().submit_with_args(want, &args) {
         Ok(_) => Ok(()),
         Err(e)
             if matches!(

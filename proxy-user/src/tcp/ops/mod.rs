@@ -101,6 +101,12 @@ pub trait Ops {
     fn flush(&mut self);
     /// Waits up to `timeout` for at least one completion; appends what completed.
     fn wait(&mut self, timeout: Duration, out: &mut Vec<(u64, i32, u32)>);
+    /// With `Some(usec)` (bulk traffic), the next waits gather a few completions for up
+    /// to `usec` µs instead of waking at each; `None` wakes at each. Whether they will
+    /// gather (a backend without the means does not).
+    fn coalesce(&mut self, _usec: Option<u32>) -> bool {
+        false
+    }
     /// The first `len` bytes of buffer or chunk `bid`.
     fn buf(&self, bid: BufId, len: usize) -> &[u8];
     /// Returns buffer or chunk `bid` (a chunk goes back to the NIC).

@@ -50,6 +50,8 @@ enum Proxy {
     EdgeproxyEpoll,
     /// edgeproxy with `local_sndbuf = 0`: the kernel's autotuning on every socket.
     EdgeproxyAutotuned,
+    /// edgeproxy with `coalesce_usec = 0`: every completion wakes the worker.
+    EdgeproxyEager,
     Haproxy,
     /// HAProxy with the send buffers edgeproxy gives peers on this host
     /// (`tune.sndbuf.client` and `.server`; every peer here is on this host).
@@ -59,12 +61,13 @@ enum Proxy {
 }
 
 impl Proxy {
-    const ALL: [Proxy; 9] = [
+    const ALL: [Proxy; 10] = [
         Proxy::Direct,
         Proxy::Edgeproxy,
         Proxy::EdgeproxyBuffers,
         Proxy::EdgeproxyEpoll,
         Proxy::EdgeproxyAutotuned,
+        Proxy::EdgeproxyEager,
         Proxy::Haproxy,
         Proxy::HaproxySndbuf,
         Proxy::Nginx,
@@ -78,6 +81,7 @@ impl Proxy {
             Proxy::EdgeproxyBuffers => "edgeproxy-buffers",
             Proxy::EdgeproxyEpoll => "edgeproxy-epoll",
             Proxy::EdgeproxyAutotuned => "edgeproxy-autotuned",
+            Proxy::EdgeproxyEager => "edgeproxy-eager",
             Proxy::Haproxy => "haproxy",
             Proxy::HaproxySndbuf => "haproxy-sndbuf",
             Proxy::Nginx => "nginx",
@@ -164,7 +168,8 @@ impl Bench {
             Proxy::Edgeproxy
             | Proxy::EdgeproxyBuffers
             | Proxy::EdgeproxyEpoll
-            | Proxy::EdgeproxyAutotuned => {
+            | Proxy::EdgeproxyAutotuned
+            | Proxy::EdgeproxyEager => {
                 let copy = if p == Proxy::EdgeproxyBuffers {
                     "buffers"
                 } else {
@@ -180,6 +185,9 @@ impl Bench {
                 );
                 if p == Proxy::EdgeproxyAutotuned {
                     cfg += "local_sndbuf = 0\n";
+                }
+                if p == Proxy::EdgeproxyEager {
+                    cfg += "coalesce_usec = 0\n";
                 }
                 for u in ups {
                     cfg += &format!(
@@ -639,6 +647,7 @@ pub fn tcp_peers() -> anyhow::Result<()> {
     let epoll = get(Proxy::EdgeproxyEpoll)?;
     let autotuned = get(Proxy::EdgeproxyAutotuned)?;
     let haproxy_sndbuf = get(Proxy::HaproxySndbuf)?;
+    let eager = get(Proxy::EdgeproxyEager)?;
     println!("(min/median/max over {ROUNDS} rounds)");
     println!(
         "core busy during the throughput runs (medians, client core {CLIENT_CPU} / proxy core {PROXY_CPU}; a client core near 100% bounds every proxy alike):"
@@ -707,6 +716,13 @@ pub fn tcp_peers() -> anyhow::Result<()> {
         haproxy_sndbuf.2 / haproxy.2,
         ours.1 / haproxy_sndbuf.1,
         ours.2 / haproxy_sndbuf.2
+    );
+    println!(
+        "ratios (medians): completions gathered under bulk traffic: edgeproxy / edgeproxy-eager: 1 stream {:.2}, 8 streams {:.2}, p99 {:.2}, connections/s {:.2}",
+        ours.1 / eager.1,
+        ours.2 / eager.2,
+        ours.3 / eager.3,
+        ours.4 / eager.4
     );
     Ok(())
 }
