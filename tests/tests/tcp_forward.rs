@@ -179,6 +179,17 @@ fn num(v: &serde_json::Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or(0)
 }
 
+/// Whether the running kernel is `major.minor` or newer.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let have = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    have >= (major, minor)
+}
+
 fn set_reset_on_close(s: &TcpStream) {
     let l = libc::linger {
         l_onoff: 1,
@@ -282,6 +293,19 @@ fn hundred_megabytes_each_way(copy: &str) {
     );
     let report = bed.stop();
     assert_eq!(report["copy"], copy);
+    // Bulk traffic made io_uring's waits gather completions (minimum waits: kernel
+    // 6.12); epoll has no such wait.
+    let gathered: u64 = report["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| num(w, "coalesced_waits"))
+        .sum();
+    if ENGINE.get() == "epoll" || !kernel_at_least(6, 12) {
+        assert_eq!(gathered, 0, "{report}");
+    } else {
+        assert!(gathered > 0, "no wait gathered completions: {report}");
+    }
     // The zero-copy probe ran for the listener's interface (loopback here) and said why
     // it is not used.
     let zc = &report["zero_copy"][0];
@@ -1026,6 +1050,8 @@ fn reload_changes_the_copy_path_for_new_connections() {
         (1, 1),
         "{w}"
     );
+    // Round trips of a few bytes never make a wait gather completions.
+    assert_eq!(num(w, "coalesced_waits"), 0, "{w}");
 }
 
 fn idle_connections_are_closed_and_counted() {

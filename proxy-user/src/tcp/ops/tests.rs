@@ -402,3 +402,70 @@ fn zero_copy_receive_without_a_queue_is_refused() {
         );
     }
 }
+
+/// Under bulk traffic io_uring's wait gathers completions: a lone one comes out after the
+/// minimum wait (not at once, not at the timeout), a batch comes out together; without
+/// it the wait returns at the first. Epoll has no such wait and says so.
+#[test]
+fn a_gathering_wait_holds_a_lone_completion_only_for_its_minimum() {
+    let mut epoll = EpollOps::new(None).unwrap();
+    assert!(!epoll.coalesce(Some(1000)), "epoll cannot gather");
+    if let Some(why) = super::uring::unavailable() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "io_uring must be usable in CI: {why}"
+        );
+        println!("skipped: io_uring unavailable here ({why})");
+        return;
+    }
+    let min_wait = io_uring::IoUring::new(2)
+        .unwrap()
+        .params()
+        .is_feature_min_timeout();
+    let mut ops = UringOps::new(None).unwrap();
+    assert_eq!(
+        ops.coalesce(Some(1000)),
+        min_wait,
+        "gathers where the kernel can"
+    );
+    let pairs: Vec<_> = (0..8).map(|_| pair()).collect();
+    let poll = |ops: &mut UringOps, i: usize| {
+        assert!(ops.push(
+            Op::Poll {
+                fd: pairs[i].0.as_raw_fd(),
+                events: libc::POLLIN as u32
+            },
+            i as u64
+        ));
+    };
+    for (_, peer) in &pairs {
+        (&*peer).write_all(b"x").unwrap();
+    }
+    // One completion: held for the 1 ms minimum, then handed over.
+    poll(&mut ops, 0);
+    let mut got = Vec::new();
+    let started = Instant::now();
+    ops.wait(Duration::from_secs(5), &mut got);
+    let waited = started.elapsed();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(waited < Duration::from_secs(4), "held until the timeout");
+    if min_wait {
+        assert!(
+            waited >= Duration::from_micros(900),
+            "not gathered: {waited:?}"
+        );
+    }
+    // Eight at once: one wait hands over all of them.
+    for i in 0..8 {
+        poll(&mut ops, i);
+    }
+    got.clear();
+    ops.wait(Duration::from_secs(5), &mut got);
+    assert_eq!(got.len(), 8, "{got:?}");
+    // Interactive again: the first completion ends the wait.
+    assert!(!ops.coalesce(None));
+    poll(&mut ops, 1);
+    got.clear();
+    ops.wait(Duration::from_secs(5), &mut got);
+    assert_eq!(got.len(), 1, "{got:?}");
+}
