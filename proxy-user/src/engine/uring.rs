@@ -47,17 +47,19 @@ pub(crate) fn submit_and_wait<
     submit_and_wait_batch(ring, timeout, None)
 }
 
-/// A batch to wait for: up to `events` completions, for at most `usec` µs once one is
-/// there (io_uring's minimum wait, `IORING_FEAT_MIN_TIMEOUT`, kernel 6.12).
+/// A batch to wait for: `events` completions, or what came in within `usec` µs of the
+/// wait's start (io_uring's minimum wait, `IORING_FEAT_MIN_TIMEOUT`, kernel 6.12).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Batch {
+pub struct Batch {
     pub events: usize,
     pub usec: u32,
 }
 
-/// [`submit_and_wait`], but with `batch` the kernel neither wakes the thread for each
-/// completion (deferred task work wakes it at `events`) nor lets the first one wait
-/// more than `usec` µs; with nothing in by then it wakes at the first, as without.
+/// [`submit_and_wait`], but with `batch` the kernel does not wake the thread for each
+/// completion (deferred task work wakes it at `events`), and `usec` µs after the wait
+/// began it returns with whatever came in; with nothing in by then it wakes at the
+/// first, as without. Only on a ring with deferred task work: without it, kernels
+/// have waited for all `events` after the minimum (liburing issue 1477).
 pub(crate) fn submit_and_wait_batch<
     S: io_uring::squeue::EntryMarker,
     C: io_uring::cqueue::EntryMarker,

@@ -146,8 +146,9 @@ impl Default for TcpSettings {
             // 256 KiB moved 4–10% more than 64 KiB (same run) with a third less proxy
             // CPU: fewer splice calls per byte and fewer short tail segments.
             pipe_size: 256 * 1024,
-            // A peer on this host is microseconds away, so 256 KiB (512 KiB once the
-            // kernel doubles it) never limits its window, and what the proxy writes
+            // A peer on this host is microseconds away, so 256 KiB (doubled by the
+            // kernel after clamping at net.core.wmem_max: 416–512 KiB) never limits its
+            // window, and what the proxy writes
             // leaves at once, in the proxy's own system call and on its core, instead of
             // queueing behind the window and going out later from the ACK path on the
             // peer's core (which on loopback also reorders segments). Measured with one

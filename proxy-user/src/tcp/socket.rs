@@ -121,10 +121,12 @@ pub fn no_delay(fd: &OwnedFd) -> io::Result<()> {
 
 /// Whether a connection between `local` and `peer` stays on this host: the peer is a
 /// loopback address or our own (the kernel routes a connection to one of its own
-/// addresses over loopback and picks that address as the source).
+/// addresses over loopback and picks that address as the source), or the unspecified
+/// address, which Linux connects to this host. A peer on another of this host's
+/// addresses than the one the connection uses is not recognised.
 pub fn stays_on_this_host(local: SocketAddr, peer: SocketAddr) -> bool {
     let peer = peer.ip().to_canonical();
-    peer.is_loopback() || peer == local.ip().to_canonical()
+    peer.is_loopback() || peer.is_unspecified() || peer == local.ip().to_canonical()
 }
 
 /// Fixes the kernel's send buffer of `fd` at `bytes` (the kernel doubles the value for
@@ -261,6 +263,9 @@ mod tests {
             ("10.1.2.3:80", "127.0.0.1:5000", true),
             ("10.1.2.3:80", "10.1.2.3:5000", true),
             ("10.1.2.3:80", "10.1.2.4:5000", false),
+            // An upstream configured as 0.0.0.0 or [::] is this host.
+            ("127.0.0.1:80", "0.0.0.0:5000", true),
+            ("[::1]:80", "[::]:5000", true),
             ("[::1]:80", "[::1]:5000", true),
             ("[fd00:200::1]:80", "[fd00:200::1]:5000", true),
             ("[fd00:200::1]:80", "[fd00:200::2]:5000", false),

@@ -9,6 +9,8 @@ use std::{os::fd::RawFd, time::Duration};
 
 use io_uring::types;
 
+pub use crate::engine::uring::Batch;
+
 pub mod epoll;
 pub mod uring;
 pub mod zcrx;
@@ -101,12 +103,14 @@ pub trait Ops {
     fn flush(&mut self);
     /// Waits up to `timeout` for at least one completion; appends what completed.
     fn wait(&mut self, timeout: Duration, out: &mut Vec<(u64, i32, u32)>);
-    /// With `Some(usec)` (bulk traffic), the next waits gather a few completions for up
-    /// to `usec` µs instead of waking at each; `None` wakes at each. Whether they will
-    /// gather (a backend without the means does not).
-    fn coalesce(&mut self, _usec: Option<u32>) -> bool {
+    /// Whether waits can gather completions ([`Ops::gather`]).
+    fn can_gather(&self) -> bool {
         false
     }
+    /// With `Some(batch)` (bulk traffic), the next waits gather completions (see
+    /// [`Batch`]) instead of waking at each; `None` wakes at each. Ignored where
+    /// [`Ops::can_gather`] is false.
+    fn gather(&mut self, _batch: Option<Batch>) {}
     /// The first `len` bytes of buffer or chunk `bid`.
     fn buf(&self, bid: BufId, len: usize) -> &[u8];
     /// Returns buffer or chunk `bid` (a chunk goes back to the NIC).

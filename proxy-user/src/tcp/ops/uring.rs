@@ -13,12 +13,6 @@ use crate::engine::uring::{Batch, BufRing};
 
 const BGID: u16 = 7;
 
-/// Completions a wait gathers under bulk traffic (for at most `[tcp] coalesce_usec`).
-/// Without it each arrival of data wakes the worker, and on a host where the sender's
-/// core pays for that wake-up (an IPI; a VM exit in a guest) that is most of what a
-/// proxy costs it. 8 and 16 measured alike; see the README's benchmarks.
-const BULK_EVENTS: usize = 8;
-
 pub struct UringOps<C: Cqe = cqueue::Entry> {
     ring: IoUring<squeue::Entry, C>,
     /// The ring runs task work deferred (DEFER_TASKRUN).
@@ -340,15 +334,14 @@ impl<C: Cqe> Ops for UringOps<C> {
         }
     }
 
-    fn coalesce(&mut self, usec: Option<u32>) -> bool {
-        // Only with deferred task work (which wakes the thread at the batch, not at each
-        // completion) and a kernel that bounds the wait for the rest of it.
-        let able = self.deferred && self.ring.params().is_feature_min_timeout();
-        self.batch = usec.filter(|_| able).map(|usec| Batch {
-            events: BULK_EVENTS,
-            usec,
-        });
-        self.batch.is_some()
+    fn can_gather(&self) -> bool {
+        // Deferred task work wakes the thread at the batch, not at each completion, and
+        // the kernel must know minimum waits (an older one rejects the field).
+        self.deferred && self.ring.params().is_feature_min_timeout()
+    }
+
+    fn gather(&mut self, batch: Option<Batch>) {
+        self.batch = batch.filter(|_| self.can_gather());
     }
 
     fn wait(&mut self, timeout: Duration, out: &mut Vec<(u64, i32, u32)>) {
@@ -358,8 +351,16 @@ impl<C: Cqe> Ops for UringOps<C> {
         if let Some(z) = self.zc.as_mut() {
             z.publish();
         }
-        if let Err(e) = crate::engine::uring::submit_and_wait_batch(&self.ring, timeout, self.batch)
-        {
+        let mut batch = self.batch;
+        if batch.is_some() {
+            // What completes as it is submitted (a poll on a socket that is ready) is
+            // work already here: no reason to wait for company.
+            self.flush();
+            if !self.ring.completion().is_empty() {
+                batch = None;
+            }
+        }
+        if let Err(e) = crate::engine::uring::submit_and_wait_batch(&self.ring, timeout, batch) {
             tracing::error!(error = %e, "io_uring wait");
         }
         let first = out.len();
