@@ -700,29 +700,30 @@ pub fn tcp_peers() -> anyhow::Result<()> {
         buffers.1 / haproxy.1,
         buffers.2 / haproxy.2
     );
+    // Medians of `a` over those of `b`: throughput (one and eight streams), p99 and
+    // connections per second.
+    let versus = |a: (Proxy, f64, f64, f64, f64), b: (Proxy, f64, f64, f64, f64)| {
+        format!(
+            "1 stream {:.2}, 8 streams {:.2}, p99 {:.2}, connections/s {:.2}",
+            a.1 / b.1,
+            a.2 / b.2,
+            a.3 / b.3,
+            a.4 / b.4
+        )
+    };
     println!(
-        "ratios (medians): edgeproxy-epoll / edgeproxy (io_uring): 1 stream {:.2}, 8 streams {:.2}, p99 {:.2}, connections/s {:.2}",
-        epoll.1 / ours.1,
-        epoll.2 / ours.2,
-        epoll.3 / ours.3,
-        epoll.4 / ours.4
+        "ratios (medians): edgeproxy-epoll / edgeproxy (io_uring): {}",
+        versus(epoll, ours)
     );
     println!(
-        "ratios (medians): send buffers fixed for peers on this host: edgeproxy / edgeproxy-autotuned: 1 stream {:.2}, 8 streams {:.2}, p99 {:.2}; haproxy-sndbuf / haproxy: 1 stream {:.2}, 8 streams {:.2}; edgeproxy / haproxy-sndbuf: 1 stream {:.2}, 8 streams {:.2}",
-        ours.1 / autotuned.1,
-        ours.2 / autotuned.2,
-        ours.3 / autotuned.3,
-        haproxy_sndbuf.1 / haproxy.1,
-        haproxy_sndbuf.2 / haproxy.2,
-        ours.1 / haproxy_sndbuf.1,
-        ours.2 / haproxy_sndbuf.2
+        "ratios (medians): send buffers fixed for peers on this host: edgeproxy / edgeproxy-autotuned: {}; haproxy-sndbuf / haproxy: {}; edgeproxy / haproxy-sndbuf: {}",
+        versus(ours, autotuned),
+        versus(haproxy_sndbuf, haproxy),
+        versus(ours, haproxy_sndbuf)
     );
     println!(
-        "ratios (medians): completions gathered under bulk traffic: edgeproxy / edgeproxy-eager: 1 stream {:.2}, 8 streams {:.2}, p99 {:.2}, connections/s {:.2}",
-        ours.1 / eager.1,
-        ours.2 / eager.2,
-        ours.3 / eager.3,
-        ours.4 / eager.4
+        "ratios (medians): completions gathered under bulk traffic: edgeproxy / edgeproxy-eager: {}",
+        versus(ours, eager)
     );
     Ok(())
 }
