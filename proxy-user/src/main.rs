@@ -854,12 +854,11 @@ impl ConfigWatch {
     }
 }
 
-/// Resolves on SIGINT, SIGTERM, or after `duration` (if given), logging which. If
-/// SIGTERM cannot be watched that is logged and the others still apply.
-/// Resolves on SIGINT, SIGTERM or after `duration`. The handlers are installed when this
-/// is called, not when the future is first polled: a signal during start-up (loading
-/// and verifying the data plane takes a while) then stops the daemon cleanly rather
-/// than killing it. Call it inside the runtime.
+/// Resolves on SIGINT, SIGTERM or after `duration` (if given), logging which; a signal
+/// that cannot be watched is logged and the others still apply. The handlers are
+/// installed when this is called, not when the future is first polled: a signal during
+/// start-up (loading and verifying the data plane takes a while) then stops the daemon
+/// cleanly rather than killing it. Call it inside the runtime.
 fn stop_signal(duration: Option<Duration>) -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let term = signal(SignalKind::terminate());

@@ -927,7 +927,7 @@ pub fn parse_config(file: &str, src: &str) -> Result<Config, FileErrors> {
     if p.listeners.is_empty() {
         cx.err(0..0, "no listener");
     }
-    // Only data CPUs the file names: the default (every online CPU) depends on the host.
+    // Only data CPUs the file names: the default (the allowed CPUs) depends on the host.
     let named_cpus = raw
         .engine
         .as_ref()

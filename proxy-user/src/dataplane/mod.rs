@@ -27,8 +27,6 @@ use proxy_common::{
     },
 };
 
-/// Maps that live in the pin directory and so survive the daemon: policy, counters and
-/// the record ring. (aya-log's ring is per process and is not pinned.)
 /// Pinned maps that hold only counts, so one of another layout can be replaced by a
 /// fresh one (its counts reset) rather than stop an upgrade.
 const RESETTABLE_MAPS: [&str; 5] = [
@@ -39,6 +37,8 @@ const RESETTABLE_MAPS: [&str; 5] = [
     RULE_COUNTERS_MAP,
 ];
 
+/// Maps that live in the pin directory and so survive the daemon: policy, counters and
+/// the record ring. (aya-log's ring is per process and is not pinned.)
 pub const PINNED_MAPS: [&str; 16] = [
     RECORD_RINGS_MAP,
     PROTO_COUNTERS_MAP,

@@ -5,13 +5,12 @@
 use std::{
     io,
     marker::PhantomData,
-    num::NonZeroUsize,
     os::fd::{AsFd, AsRawFd},
-    ptr::NonNull,
 };
 
 use aya::maps::{Map, MapData};
-use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
+
+use crate::mapping::Mapping;
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
@@ -146,8 +145,8 @@ pub fn all_keys(map: &MapData, key_size: usize, value_size: usize) -> io::Result
 /// A `BPF_F_MMAPABLE` array map mapped into this process. Writes are plain stores,
 /// visible to the BPF program; callers publish them with a later syscall.
 pub struct MmapArray<T> {
-    ptr: NonNull<libc::c_void>,
-    len: usize,
+    /// Declared before the map: unmapped first.
+    memory: Mapping,
     entries: u32,
     stride: usize,
     _map: MapData,
@@ -170,22 +169,11 @@ impl<T: Copy> MmapArray<T> {
         let stride = size_of::<T>().next_multiple_of(8);
         let page = crate::mapping::page_size();
         let len = (stride * info.max_entries() as usize).next_multiple_of(page);
-        let nz = NonZeroUsize::new(len).ok_or_else(|| io::Error::other("empty map"))?;
-        // SAFETY: mapping a BPF array fd shared read-write is what BPF_F_MMAPABLE is for;
-        // the length is the kernel's array size rounded to pages; we keep the fd alive.
-        let ptr = unsafe {
-            mmap(
-                None,
-                nz,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                map.fd().as_fd(),
-                0,
-            )
-        }?;
+        // Shared read-write is what BPF_F_MMAPABLE is for; the length is the kernel's
+        // array size rounded to pages.
+        let memory = Mapping::shared(map.fd().as_fd(), len, 0, true)?;
         Ok(Self {
-            ptr,
-            len,
+            memory,
             entries: info.max_entries(),
             stride,
             _map: map,
@@ -206,9 +194,9 @@ impl<T: Copy> MmapArray<T> {
         // SAFETY: index < entries, so the element lies inside the mapping; elements are
         // 8-byte aligned (stride) in a page-aligned mapping and T's alignment is ≤ 8.
         unsafe {
-            self.ptr
+            self.memory
+                .ptr()
                 .as_ptr()
-                .cast::<u8>()
                 .add(index as usize * self.stride)
                 .cast::<T>()
                 .write_volatile(value)
@@ -223,26 +211,15 @@ impl<T: Copy> MmapArray<T> {
         );
         // SAFETY: as in `set`.
         unsafe {
-            self.ptr
+            self.memory
+                .ptr()
                 .as_ptr()
-                .cast::<u8>()
                 .add(index as usize * self.stride)
                 .cast::<T>()
                 .read_volatile()
         }
     }
 }
-
-impl<T> Drop for MmapArray<T> {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly what mmap returned; nothing borrows the mapping.
-        let _ = unsafe { munmap(self.ptr, self.len) };
-    }
-}
-
-// SAFETY: the mapping is owned by this value; concurrent access from other threads needs
-// `&mut` for writes like any other owned buffer.
-unsafe impl<T: Send> Send for MmapArray<T> {}
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;

@@ -374,9 +374,7 @@ impl RingReaderLock {
     /// shared lock is refused while someone holds the exclusive one.
     pub fn held_elsewhere(&self) -> Result<bool, DataplaneError> {
         if self.flock_nb(libc::LOCK_SH)? {
-            use std::os::fd::AsRawFd as _;
-            // SAFETY: flock on a descriptor this value owns; no memory is involved.
-            unsafe { libc::flock(self.dir.as_raw_fd(), libc::LOCK_UN) };
+            self.flock_nb(libc::LOCK_UN)?;
             return Ok(false);
         }
         Ok(true)
