@@ -176,6 +176,14 @@ fn copy_section(copy: &str) -> String {
     format!("[tcp]\ncopy = \"{copy}\"\n")
 }
 
+/// Sends `msg` through an echoing route and checks it comes back whole.
+fn echoes(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).expect("write");
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).expect("echo");
+    assert_eq!(back, msg);
+}
+
 fn num(v: &serde_json::Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or(0)
 }
@@ -1006,12 +1014,6 @@ fn reload_changes_the_copy_path_for_new_connections() {
         &format!("{}{routes}", copy_section("splice")),
         &["--workers", "1"],
     );
-    let echoes = |s: &mut TcpStream, msg: &[u8]| {
-        s.write_all(msg).expect("write");
-        let mut back = vec![0u8; msg.len()];
-        s.read_exact(&mut back).expect("echo");
-        assert_eq!(back, msg);
-    };
     let mut old = connect(&bed.ns, sa("10.200.0.1:8010")).expect("connect");
     echoes(&mut old, b"through pipes");
     bed.reload(&format!("{}{routes}", copy_section("buffers")));
@@ -1439,15 +1441,10 @@ fn send_buffers_are_fixed_for_peers_on_this_host_only() {
         &["--workers", "1"],
     );
     let fixed = fixed_send_buffer(262_144);
-    let echoes = |s: &mut TcpStream| {
-        s.write_all(b"ping").expect("write");
-        let mut back = [0u8; 4];
-        s.read_exact(&mut back).expect("echo");
-    };
     let mut here = connect_from(&bed.ns, a_v4.into(), listen).expect("connect from this host");
     let mut there = connect_from(&b, b_v4.into(), listen).expect("connect from the other host");
-    echoes(&mut here);
-    echoes(&mut there);
+    echoes(&mut here, b"ping");
+    echoes(&mut there, b"ping");
     let socks = send_buffers(&bed.ns);
     let proxy_side = |peer_ip: IpAddr| -> Vec<u64> {
         socks
@@ -1479,7 +1476,7 @@ fn send_buffers_are_fixed_for_peers_on_this_host_only() {
     bed.settled(2);
     bed.reload(&format!("[tcp]\nlocal_sndbuf = 0\n{routes}"));
     let mut again = connect_from(&bed.ns, a_v4.into(), listen).expect("connect");
-    echoes(&mut again);
+    echoes(&mut again, b"ping");
     let socks = send_buffers(&bed.ns);
     let proxied: Vec<u64> = socks
         .iter()
