@@ -1358,10 +1358,19 @@ impl Worker {
                 CopyPath::Buffers => self.recv(slot, d),
                 CopyPath::Splice => self.splice_pump(slot, d),
             }
-            if self.conn(slot).phase == Phase::Closing {
+            // Pumping a direction can end the connection, and so free its slot.
+            if !self.is_streaming(slot) {
                 return;
             }
         }
+    }
+
+    /// The connection in `slot` is still allocated and streaming.
+    fn is_streaming(&self, slot: u32) -> bool {
+        self.conns
+            .get(slot as usize)
+            .and_then(|c| c.as_deref())
+            .is_some_and(|c| c.phase == Phase::Streaming)
     }
 
     fn recv(&mut self, slot: u32, d: usize) {
@@ -1939,6 +1948,21 @@ impl Worker {
     }
 }
 
+/// Stops the other workers when this one panics. A worker that died has closed its
+/// listeners and dropped its connections; rather than serve on with a share of the
+/// workers gone (and say so only at exit), the others drain and the daemon exits with an
+/// error, for its supervisor to restart it.
+struct HaltOnPanic(Arc<AtomicBool>);
+
+impl Drop for HaltOnPanic {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            tracing::error!("a TCP worker panicked: the other workers drain and stop");
+            self.0.store(true, Ordering::Release);
+        }
+    }
+}
+
 /// user_data of a connection's operation.
 fn user_data(slot: u32, op: u8) -> u64 {
     u64::from(slot) << 8 | u64::from(op)
@@ -2012,7 +2036,8 @@ pub fn run(
                         }
                     };
                     let _ = ready.send(Ok(()));
-                    // Stop when asked, or when another worker failed to start.
+                    let _halt_on_panic = HaltOnPanic(Arc::clone(&halt));
+                    // Stop when asked, or when another worker failed to start or died.
                     worker.run(&[&stop, &halt])
                 })
                 .context("spawning a TCP worker")?,
@@ -2032,10 +2057,16 @@ pub fn run(
         None => tracing::info!(workers = cpus.len(), "TCP forwarding started"),
     }
     let mut workers = Vec::new();
+    let mut panicked = 0;
     for h in handles {
-        workers.push(
-            h.join()
-                .map_err(|_| anyhow::anyhow!("a TCP worker panicked"))?,
+        match h.join() {
+            Ok(w) => workers.push(w),
+            Err(_) => panicked += 1,
+        }
+    }
+    if panicked > 0 {
+        anyhow::bail!(
+            "{panicked} TCP worker(s) panicked (the message is above); the others drained and stopped"
         );
     }
     if let Some(e) = failure {
@@ -2264,6 +2295,165 @@ mod tests {
                 stats.zero_copy_waits > 0,
                 "{engine:?}: the chunk budget held receives back"
             );
+        }
+    }
+
+    #[test]
+    fn a_worker_that_panics_halts_the_others_and_one_that_returns_does_not() {
+        let halt = Arc::new(AtomicBool::new(false));
+        let spawn = |fail: bool| {
+            let halt = Arc::clone(&halt);
+            thread::spawn(move || {
+                let _guard = HaltOnPanic(halt);
+                assert!(!fail, "a worker bug");
+            })
+        };
+        assert!(spawn(false).join().is_ok());
+        assert!(!halt.load(Ordering::Acquire));
+        assert!(spawn(true).join().is_err());
+        assert!(halt.load(Ordering::Acquire));
+    }
+
+    /// A backend that holds back every batch carrying a completion of operation `op`
+    /// (of any connection) for `hold`.
+    struct HoldAfter {
+        inner: Box<dyn Ops>,
+        op: u8,
+        hold: Duration,
+    }
+
+    impl Ops for HoldAfter {
+        fn push(&mut self, op: Op, user_data: u64) -> bool {
+            self.inner.push(op, user_data)
+        }
+        fn flush(&mut self) {
+            self.inner.flush();
+        }
+        fn wait(&mut self, timeout: Duration, out: &mut Vec<(u64, i32, u32)>) {
+            let before = out.len();
+            self.inner.wait(timeout, out);
+            if out[before..]
+                .iter()
+                .any(|&(ud, _, _)| ud & LISTENER == 0 && (ud & 0xff) as u8 == self.op)
+            {
+                thread::sleep(self.hold);
+            }
+        }
+        fn buf(&self, bid: ops::BufId, len: usize) -> &[u8] {
+            self.inner.buf(bid, len)
+        }
+        fn recycle(&mut self, bid: ops::BufId) {
+            self.inner.recycle(bid);
+        }
+        fn has_pool(&self) -> bool {
+            self.inner.has_pool()
+        }
+        fn buffers_available(&self) -> bool {
+            self.inner.buffers_available()
+        }
+        fn add_pool(&mut self, count: u16, size: usize) -> io::Result<()> {
+            self.inner.add_pool(count, size)
+        }
+        fn forget(&mut self, fd: RawFd) {
+            self.inner.forget(fd);
+        }
+        fn name(&self) -> &'static str {
+            self.inner.name()
+        }
+    }
+
+    /// Regression: a connection whose client and upstream have both finished by the time
+    /// its PROXY header is sent (the last operation in flight) ends while its directions
+    /// are first pumped; the pump of the second must not look for it. This was a worker
+    /// panic on short connections through `send_proxy` routes.
+    #[test]
+    fn a_connection_that_ends_as_it_starts_streaming_is_freed_once() {
+        use std::io::{Read, Write};
+        let mut engines = vec![Engine::Epoll];
+        if ops::uring::unavailable().is_none() {
+            engines.push(Engine::IoUring);
+        }
+        for engine in engines {
+            let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let up_addr = upstream.local_addr().unwrap();
+            let listen = socket::listener("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = socket::local_addr(&listen).unwrap();
+            let cfg = crate::config::parse_config(
+                "t.toml",
+                &format!(
+                    "[[route]]\nlisten = \"{addr}\"\nupstreams = [\"{up_addr}\"]\nsend_proxy = \"v1\"\n"
+                ),
+            )
+            .unwrap();
+            let shared = SharedRoutes::new(super::super::Routes::build(
+                &cfg.routes,
+                cfg.tcp.clone(),
+                None,
+            ));
+            let route = Arc::clone(&shared.latest().routes[0]);
+            let stop = Arc::new(AtomicBool::new(false));
+            let worker = {
+                let stop = Arc::clone(&stop);
+                thread::spawn(move || {
+                    let mut w = Worker::new(
+                        0,
+                        engine,
+                        CopyPath::Splice,
+                        shared,
+                        vec![(listen, route)],
+                        ZcPlan::Off,
+                    )
+                    .unwrap();
+                    let inner: Box<dyn Ops> = match engine {
+                        Engine::IoUring => Box::new(UringOps::new(None).unwrap()),
+                        Engine::Epoll => Box::new(EpollOps::new(None).unwrap()),
+                    };
+                    // Both ends are done before the worker learns the header went out.
+                    w.ops = Box::new(HoldAfter {
+                        inner,
+                        op: OP_HDR_SEND,
+                        hold: Duration::from_millis(100),
+                    });
+                    w.run(&[&stop])
+                })
+            };
+            const CONNS: usize = 3;
+            let server = thread::spawn(move || {
+                (0..CONNS)
+                    .map(|_| {
+                        let (mut s, _) = upstream.accept().unwrap();
+                        s.shutdown(std::net::Shutdown::Write).unwrap();
+                        let mut got = Vec::new();
+                        s.read_to_end(&mut got).unwrap();
+                        got
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let mut want = Vec::new();
+            for _ in 0..CONNS {
+                let mut c = std::net::TcpStream::connect(addr).unwrap();
+                let mut expected = Vec::new();
+                proxy_protocol::encode(
+                    proxy_protocol::Version::V1,
+                    c.local_addr().unwrap(),
+                    addr,
+                    &mut expected,
+                );
+                expected.extend_from_slice(b"all at once");
+                want.push(expected);
+                c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                c.write_all(b"all at once").unwrap();
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut back = Vec::new();
+                c.read_to_end(&mut back).unwrap();
+                assert!(back.is_empty(), "{engine:?}");
+            }
+            let got = server.join().unwrap();
+            stop.store(true, Ordering::Release);
+            let stats = worker.join().expect("the worker did not panic");
+            assert_eq!(got, want, "{engine:?}");
+            assert_eq!(stats.connections, CONNS as u64, "{engine:?}");
+            assert_eq!(stats.left_open, 0, "{engine:?}");
         }
     }
 }
