@@ -73,6 +73,7 @@ on_both_engines!(
     zero_copy_falls_back_with_the_reason_and_require_refuses_to_start,
     send_buffers_are_fixed_for_peers_on_this_host_only,
     bulk_transfers_make_waits_gather_splice,
+    short_connections_ending_every_way_leave_nothing_open,
 );
 
 fn sa(s: &str) -> SocketAddr {
@@ -974,6 +975,177 @@ fn proxy_protocol_is_sent_accepted_and_checked() {
         "a refused connection reached the upstream"
     );
     bed.stop();
+}
+
+// --- many short connections, every way of ending ------------------------------------------
+
+/// Half-closes at once, then reads the client's bytes to EOF.
+fn fin_first() -> Handler {
+    Arc::new(|mut s: TcpStream| {
+        let _ = s.shutdown(Shutdown::Write);
+        let _ = std::io::copy(&mut s, &mut std::io::sink());
+    })
+}
+
+/// Reads once, then resets.
+fn reset_after_first_read() -> Handler {
+    Arc::new(|mut s: TcpStream| {
+        let mut b = [0u8; 1000];
+        let _ = s.read(&mut b);
+        set_reset_on_close(&s);
+    })
+}
+
+/// Closes without reading (what arrives later is answered with a reset).
+fn close_unread() -> Handler {
+    Arc::new(drop)
+}
+
+/// One client connection doing `action` on `route` (index into the routes below).
+/// Returns an error message when an echo came back wrong.
+fn short_connection(rng: &mut rand::rngs::StdRng, route: usize) -> Result<(), String> {
+    use rand::Rng as _;
+    let listen = sa(&format!("10.200.0.1:{}", 7601 + route));
+    let mut s = edgeproxy_testbed::tcp::connect_here(ip("10.200.0.1"), listen)
+        .map_err(|e| format!("connect to {listen}: {e}"))?;
+    let mut payload = vec![0u8; rng.random_range(0..64 * 1024)];
+    rng.fill_bytes(&mut payload);
+    let chain = route == 4;
+    let mut sent = Vec::new();
+    if chain {
+        if rng.random_range(0..4) == 0 {
+            sent.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        } else {
+            let version = if rng.random() {
+                proxy_protocol::Version::V1
+            } else {
+                proxy_protocol::Version::V2
+            };
+            proxy_protocol::encode(version, sa("10.200.9.9:5555"), listen, &mut sent);
+        }
+    }
+    sent.extend_from_slice(&payload);
+    match rng.random_range(0..4) {
+        // Sends, half-closes, reads to the end.
+        0 | 1 => {
+            let wrote = s.write_all(&sent).is_ok();
+            let _ = s.shutdown(Shutdown::Write);
+            let mut back = Vec::new();
+            let read = s.read_to_end(&mut back);
+            let valid_chain = chain && !sent.starts_with(b"GET");
+            if route == 0 && (!wrote || read.is_err() || back != payload) {
+                return Err(format!(
+                    "echo route: wrote {wrote}, read {read:?}, {} of {} bytes back",
+                    back.len(),
+                    payload.len()
+                ));
+            }
+            if valid_chain && read.is_ok() && !back.ends_with(&payload) {
+                return Err(format!("chain route: {} bytes back", back.len()));
+            }
+        }
+        // Sends, then resets.
+        2 => {
+            let _ = s.write_all(&sent);
+            set_reset_on_close(&s);
+        }
+        // Connects and closes.
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Many short connections at once through routes whose clients and upstreams end in
+/// every way (FIN first from either side, resets, closing unread, no data, bad PROXY
+/// headers), on both copy paths (a reload switches midway): the proxy keeps running,
+/// accepts every connection, ends every one, echoes come back whole, and it exits
+/// cleanly. A worker panic on such a connection was found this way.
+fn short_connections_ending_every_way_leave_nothing_open() {
+    if !require_root("short_connections_ending_every_way_leave_nothing_open") {
+        return;
+    }
+    const THREADS: u64 = 8;
+    const EACH: u64 = 100;
+    let seed: u64 = rand::random();
+    eprintln!("short connections: seed {seed}");
+    let mut bed = Bed::new();
+    let _ups = [
+        bed.upstream("10.200.0.1:7651", echo()),
+        bed.upstream("10.200.0.1:7652", fin_first()),
+        bed.upstream("10.200.0.1:7653", reset_after_first_read()),
+        bed.upstream("10.200.0.1:7654", close_unread()),
+    ];
+    let routes = [
+        ("echo", 7601, 7651, ""),
+        ("fin_first", 7602, 7652, "send_proxy = \"v1\""),
+        ("reset", 7603, 7653, "send_proxy = \"v2\""),
+        ("close_unread", 7604, 7654, ""),
+        (
+            "chain",
+            7605,
+            7651,
+            "accept_proxy = true\nsend_proxy = \"v2\"",
+        ),
+    ]
+    .map(|(name, listen, up, extra)| {
+        route(
+            &format!("10.200.0.1:{listen}"),
+            &[&format!("10.200.0.1:{up}")],
+            extra,
+        )
+        .replace("name = \"r\"", &format!("name = \"{name}\""))
+    })
+    .concat();
+    bed.start(&format!("{}{routes}", copy_section("splice")), &[]);
+    let mut made = 0;
+    for (phase, copy) in ["splice", "buffers"].into_iter().enumerate() {
+        if phase > 0 {
+            bed.reload(&format!("{}{routes}", copy_section(copy)));
+        }
+        let failures: Vec<String> = bed.ns.run(|| {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..THREADS)
+                    .map(|t| {
+                        scope.spawn(move || {
+                            let mut rng = rand::rngs::StdRng::seed_from_u64(
+                                seed ^ (t + THREADS * phase as u64).wrapping_mul(0x9e37_79b9),
+                            );
+                            let mut failures = Vec::new();
+                            for i in 0..EACH {
+                                let route = (i % 5) as usize;
+                                if let Err(e) = short_connection(&mut rng, route) {
+                                    failures.push(format!("{copy}, thread {t}, #{i}: {e}"));
+                                }
+                            }
+                            failures
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().expect("client thread"))
+                    .collect()
+            })
+        });
+        assert!(failures.is_empty(), "seed {seed}: {failures:#?}");
+        made += THREADS * EACH;
+    }
+    let routes = wait_stats(&bed.stats, Duration::from_secs(20), |r| {
+        r.as_array().is_some_and(|a| {
+            a.iter().map(|r| num(r, "accepted")).sum::<u64>() == made
+                && a.iter().all(|r| num(r, "active") == 0)
+        })
+    })
+    .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    let refused_chain = routes
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["name"] == "chain"))
+        .map_or(0, |r| num(&r["refused"], "proxy_header_missing"));
+    assert!(refused_chain > 0, "seed {seed}: bad headers were refused");
+    let report = bed.stop();
+    for w in report["workers"].as_array().expect("workers") {
+        assert_eq!(num(w, "left_open"), 0, "seed {seed}: {w}");
+    }
 }
 
 // --- lifecycle: reload, idle, drain, memory ------------------------------------------------
