@@ -147,12 +147,25 @@ pub fn connect(ns: &Netns, to: SocketAddr) -> std::io::Result<TcpStream> {
     connect_from(ns, from, to)
 }
 
+/// One `read`, retried when a signal interrupts it. A socket read with a timeout (every
+/// client here has one) is not restarted after a signal, nor after the process was
+/// stopped or frozen and resumed: it fails with `Interrupted` (as `read_exact` and
+/// `read_to_end` already retry).
+pub fn read_some(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Reads one `\n`-terminated line (an upstream's id).
 pub fn read_line(s: &mut TcpStream) -> std::io::Result<String> {
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     loop {
-        if s.read(&mut b)? == 0 {
+        if read_some(s, &mut b)? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         if b[0] == b'\n' {

@@ -19,8 +19,8 @@ use edgeproxy_testbed::{
     privilege::require_root,
     scratch::ScratchDir,
     tcp::{
-        Handler, Upstream, connect, connect_from, echo, identify, namespace, read_line, rss_kib,
-        start_proxy, upstream_stats, wait_stats,
+        Handler, Upstream, connect, connect_from, echo, identify, namespace, read_line, read_some,
+        rss_kib, start_proxy, upstream_stats, wait_stats,
     },
     try_stop_and_collect,
 };
@@ -224,7 +224,7 @@ fn drain_digest(r: &mut impl Read) -> std::io::Result<(u64, u64)> {
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0;
     loop {
-        let n = r.read(&mut buf)?;
+        let n = read_some(r, &mut buf)?;
         if n == 0 {
             return Ok((total, h.finish()));
         }
@@ -418,7 +418,7 @@ fn half_close_and_resets(copy: &str) {
     let mut s = connect(&bed.ns, sa("10.200.0.1:7003")).expect("connect c");
     s.write_all(b"0123456789").expect("write");
     let mut b = [0u8; 16];
-    let e = s.read(&mut b).expect_err("a reset, not data or EOF");
+    let e = read_some(&mut s, &mut b).expect_err("a reset, not data or EOF");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
 
     // The client resets: the upstream sees a reset.
@@ -533,7 +533,7 @@ fn refused_upstreams_are_retried_then_ejected() {
     let mut s = connect(&bed.ns, sa("10.200.0.1:7310")).expect("connect");
     let mut b = [0u8; 4];
     assert!(
-        matches!(s.read(&mut b), Ok(0) | Err(_)),
+        matches!(read_some(&mut s, &mut b), Ok(0) | Err(_)),
         "no upstream: no data"
     );
     drop(s);
@@ -618,7 +618,7 @@ fn connection_limits_refuse_and_count() {
     let refused = |bed: &Bed, addr: &str| {
         let mut s = connect(&bed.ns, sa(addr)).expect("connect");
         let mut b = [0u8; 4];
-        match s.read(&mut b) {
+        match read_some(&mut s, &mut b) {
             Ok(0) => true,
             Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
             Ok(_) => false,
@@ -958,7 +958,7 @@ fn proxy_protocol_is_sent_accepted_and_checked() {
         let mut s = connect(&bed.ns, sa("10.200.0.1:7930")).expect("connect");
         s.write_all(bad).expect("write");
         let mut b = [0u8; 4];
-        assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
+        assert!(matches!(read_some(&mut s, &mut b), Ok(0) | Err(_)));
     }
     let routes = bed.stats_when(|r| {
         r.as_array().is_some_and(|a| {
@@ -1223,7 +1223,7 @@ fn idle_connections_are_closed_and_counted() {
     assert_eq!(read_line(&mut s).expect("id"), "a");
     let t = Instant::now();
     let mut b = [0u8; 4];
-    assert_eq!(s.read(&mut b).expect("EOF"), 0);
+    assert_eq!(read_some(&mut s, &mut b).expect("EOF"), 0);
     let waited = t.elapsed();
     assert!(
         waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
@@ -1275,7 +1275,7 @@ fn sigterm_drains_open_connections_then_resets_at_the_deadline() {
     let mut rest = Vec::new();
     finishing.read_to_end(&mut rest).expect("clean EOF");
     // The other one never ends by itself: reset at the deadline.
-    let e = lingering.read(&mut b).expect_err("reset at the deadline");
+    let e = read_some(&mut lingering, &mut b).expect_err("reset at the deadline");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
     let at = t.elapsed();
     assert!(
@@ -1322,7 +1322,7 @@ fn slow_client(copy: &str) {
     let mut read = buf.len() as u64;
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
-        read += s.read(&mut buf).expect("read") as u64;
+        read += read_some(&mut s, &mut buf).expect("read") as u64;
         std::thread::sleep(Duration::from_millis(20));
     }
     let rss_end = rss_kib(pid).expect("rss");
