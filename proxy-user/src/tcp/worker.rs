@@ -63,6 +63,9 @@ const OP_CANCEL: u8 = 14;
 
 /// How often idle connections and the drain deadline are checked.
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
+/// A closing connection whose operations have not all completed this long after it
+/// cancelled them cancels them again (the first cancellation may not have been queued).
+const CANCEL_AGAIN_AFTER: Duration = Duration::from_secs(1);
 /// How long a listener rests after an accept error before accepting again.
 const ACCEPT_REST: Duration = Duration::from_millis(100);
 /// The longest a worker waits in the ring before looking at reloads and the stop flag.
@@ -177,6 +180,9 @@ pub struct WorkerStats {
     pub buffer_waits: u64,
     /// Connections still open when the worker ended (0 unless the drain gave up).
     pub left_open: usize,
+    /// Closing connections that cancelled their operations again because the first
+    /// cancellation could not be queued (a full submission queue; 0 normally).
+    pub cancel_retries: u64,
     /// Connections that streamed through splice and through pooled buffers (a reload
     /// can change the path for new connections).
     pub splice_streams: u64,
@@ -941,6 +947,8 @@ impl Worker {
                 // One whose last operation could not even be queued.
                 if c.inflight == 0 {
                     self.finish_if_idle(slot);
+                } else if self.now.duration_since(c.last_active) > CANCEL_AGAIN_AFTER {
+                    self.cancel_in_flight(slot);
                 }
                 continue;
             }
@@ -1882,11 +1890,13 @@ impl Worker {
         reset_client: bool,
         reset_upstream: bool,
     ) {
+        let now = self.now;
         let c = self.conn(slot);
         if c.phase == Phase::Closing {
             return;
         }
         c.phase = Phase::Closing;
+        c.last_active = now;
         c.reset_client = reset_client;
         c.reset_upstream = reset_upstream;
         if let Some(reason) = reason {
@@ -1896,15 +1906,37 @@ impl Worker {
             }
         }
         if c.inflight > 0 {
-            let fds: Vec<RawFd> = std::iter::once(c.client.as_raw_fd())
-                .chain(c.upstream.as_ref().map(AsRawFd::as_raw_fd))
-                .collect();
-            for fd in fds {
-                self.submit(slot, OP_CANCEL, Op::CancelFd { fd });
-            }
-            // Cancel while the fds still name these sockets.
-            self.ops.flush();
+            self.cancel_fds(slot);
         }
+    }
+
+    /// Cancels every operation on the connection's sockets. A cancellation that cannot
+    /// be queued (a full submission queue) fails nothing here: the sweep tries again.
+    fn cancel_fds(&mut self, slot: u32) {
+        let c = self.conn(slot);
+        let fds: Vec<RawFd> = std::iter::once(c.client.as_raw_fd())
+            .chain(c.upstream.as_ref().map(AsRawFd::as_raw_fd))
+            .collect();
+        for fd in fds {
+            self.submit(slot, OP_CANCEL, Op::CancelFd { fd });
+        }
+        // Cancel while the fds still name these sockets.
+        self.ops.flush();
+    }
+
+    /// A closing connection still waiting for operations long after cancelling them:
+    /// cancels them again, so that one lost cancellation cannot hold its sockets open.
+    fn cancel_in_flight(&mut self, slot: u32) {
+        let now = self.now;
+        let c = self.conn(slot);
+        c.last_active = now;
+        tracing::warn!(
+            client = %c.client_addr,
+            in_flight = c.inflight,
+            "a closing connection still has operations in flight; cancelling them again"
+        );
+        self.stats.cancel_retries += 1;
+        self.cancel_fds(slot);
     }
 
     /// Closes and frees a closing connection once none of its operations is in flight.
@@ -2314,16 +2346,21 @@ mod tests {
         assert!(halt.load(Ordering::Acquire));
     }
 
-    /// A backend that holds back every batch carrying a completion of operation `op`
-    /// (of any connection) for `hold`.
-    struct HoldAfter {
+    /// A backend that meddles: it holds back every batch carrying a completion of
+    /// operation `hold_after.0` (of any connection) for `hold_after.1`, and refuses the
+    /// first `refuse_cancels` cancellations as a full submission queue would.
+    struct Meddling {
         inner: Box<dyn Ops>,
-        op: u8,
-        hold: Duration,
+        hold_after: Option<(u8, Duration)>,
+        refuse_cancels: usize,
     }
 
-    impl Ops for HoldAfter {
+    impl Ops for Meddling {
         fn push(&mut self, op: Op, user_data: u64) -> bool {
+            if matches!(op, Op::CancelFd { .. }) && self.refuse_cancels > 0 {
+                self.refuse_cancels -= 1;
+                return false;
+            }
             self.inner.push(op, user_data)
         }
         fn flush(&mut self) {
@@ -2332,11 +2369,12 @@ mod tests {
         fn wait(&mut self, timeout: Duration, out: &mut Vec<(u64, i32, u32)>) {
             let before = out.len();
             self.inner.wait(timeout, out);
-            if out[before..]
-                .iter()
-                .any(|&(ud, _, _)| ud & LISTENER == 0 && (ud & 0xff) as u8 == self.op)
+            if let Some((op, hold)) = self.hold_after
+                && out[before..]
+                    .iter()
+                    .any(|&(ud, _, _)| ud & LISTENER == 0 && (ud & 0xff) as u8 == op)
             {
-                thread::sleep(self.hold);
+                thread::sleep(hold);
             }
         }
         fn buf(&self, bid: ops::BufId, len: usize) -> &[u8] {
@@ -2362,6 +2400,105 @@ mod tests {
         }
     }
 
+    /// A worker on `engine` (splice path) for one route from `listen` to `upstream` with
+    /// `extra` route settings, its backend wrapped in [`Meddling`]; runs until `stop`.
+    fn meddled_worker(
+        engine: Engine,
+        upstream: SocketAddr,
+        extra: &str,
+        meddle: impl FnOnce(Box<dyn Ops>) -> Meddling + Send + 'static,
+        stop: &Arc<AtomicBool>,
+    ) -> (SocketAddr, thread::JoinHandle<WorkerStats>) {
+        let listen = socket::listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket::local_addr(&listen).unwrap();
+        let cfg = crate::config::parse_config(
+            "t.toml",
+            &format!("[[route]]\nlisten = \"{addr}\"\nupstreams = [\"{upstream}\"]\n{extra}\n"),
+        )
+        .unwrap();
+        let shared = SharedRoutes::new(super::super::Routes::build(
+            &cfg.routes,
+            cfg.tcp.clone(),
+            None,
+        ));
+        let route = Arc::clone(&shared.latest().routes[0]);
+        let stop = Arc::clone(stop);
+        let worker = thread::spawn(move || {
+            let mut w = Worker::new(
+                0,
+                engine,
+                CopyPath::Splice,
+                shared,
+                vec![(listen, route)],
+                ZcPlan::Off,
+            )
+            .unwrap();
+            let inner: Box<dyn Ops> = match engine {
+                Engine::IoUring => Box::new(UringOps::new(None).unwrap()),
+                Engine::Epoll => Box::new(EpollOps::new(None).unwrap()),
+            };
+            w.ops = Box::new(meddle(inner));
+            w.run(&[&stop])
+        });
+        (addr, worker)
+    }
+
+    fn engines() -> Vec<Engine> {
+        let mut engines = vec![Engine::Epoll];
+        if ops::uring::unavailable().is_none() {
+            engines.push(Engine::IoUring);
+        }
+        engines
+    }
+
+    /// A closing connection whose cancellations could not be queued cancels again from
+    /// the sweep, instead of holding its sockets (and its client) open for good.
+    #[test]
+    fn a_lost_cancellation_is_retried_and_the_connection_closes() {
+        use std::io::Read;
+        for engine in engines() {
+            let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let up_addr = upstream.local_addr().unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            // Idle connections are closed after 0.2 s; both cancellations (client and
+            // upstream socket) of that close are refused.
+            let (addr, worker) = meddled_worker(
+                engine,
+                up_addr,
+                "idle_timeout = 0.2",
+                |inner| Meddling {
+                    inner,
+                    hold_after: None,
+                    refuse_cancels: 2,
+                },
+                &stop,
+            );
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            let (_held, _) = upstream.accept().unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let t = Instant::now();
+            let mut b = [0u8; 1];
+            // This thread made rings (the engine probe): their teardown interrupts a
+            // socket read with a timeout once, as a signal would.
+            let end = loop {
+                match c.read(&mut b) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => break other,
+                }
+            };
+            let took = t.elapsed();
+            stop.store(true, Ordering::Release);
+            let stats = worker.join().expect("the worker ended");
+            assert!(
+                matches!(end, Ok(0)),
+                "{engine:?}: the idle connection was closed ({end:?} after {took:?})"
+            );
+            assert!(took >= CANCEL_AGAIN_AFTER, "{engine:?}: {took:?}");
+            assert!(stats.cancel_retries >= 1, "{engine:?}: {stats:?}");
+            assert_eq!(stats.left_open, 0, "{engine:?}");
+        }
+    }
+
     /// Regression: a connection whose client and upstream have both finished by the time
     /// its PROXY header is sent (the last operation in flight) ends while its directions
     /// are first pumped; the pump of the second must not look for it. This was a worker
@@ -2369,54 +2506,22 @@ mod tests {
     #[test]
     fn a_connection_that_ends_as_it_starts_streaming_is_freed_once() {
         use std::io::{Read, Write};
-        let mut engines = vec![Engine::Epoll];
-        if ops::uring::unavailable().is_none() {
-            engines.push(Engine::IoUring);
-        }
-        for engine in engines {
+        for engine in engines() {
             let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let up_addr = upstream.local_addr().unwrap();
-            let listen = socket::listener("127.0.0.1:0".parse().unwrap()).unwrap();
-            let addr = socket::local_addr(&listen).unwrap();
-            let cfg = crate::config::parse_config(
-                "t.toml",
-                &format!(
-                    "[[route]]\nlisten = \"{addr}\"\nupstreams = [\"{up_addr}\"]\nsend_proxy = \"v1\"\n"
-                ),
-            )
-            .unwrap();
-            let shared = SharedRoutes::new(super::super::Routes::build(
-                &cfg.routes,
-                cfg.tcp.clone(),
-                None,
-            ));
-            let route = Arc::clone(&shared.latest().routes[0]);
             let stop = Arc::new(AtomicBool::new(false));
-            let worker = {
-                let stop = Arc::clone(&stop);
-                thread::spawn(move || {
-                    let mut w = Worker::new(
-                        0,
-                        engine,
-                        CopyPath::Splice,
-                        shared,
-                        vec![(listen, route)],
-                        ZcPlan::Off,
-                    )
-                    .unwrap();
-                    let inner: Box<dyn Ops> = match engine {
-                        Engine::IoUring => Box::new(UringOps::new(None).unwrap()),
-                        Engine::Epoll => Box::new(EpollOps::new(None).unwrap()),
-                    };
-                    // Both ends are done before the worker learns the header went out.
-                    w.ops = Box::new(HoldAfter {
-                        inner,
-                        op: OP_HDR_SEND,
-                        hold: Duration::from_millis(100),
-                    });
-                    w.run(&[&stop])
-                })
-            };
+            // Both ends are done before the worker learns the header went out.
+            let (addr, worker) = meddled_worker(
+                engine,
+                up_addr,
+                "send_proxy = \"v1\"",
+                |inner| Meddling {
+                    inner,
+                    hold_after: Some((OP_HDR_SEND, Duration::from_millis(100))),
+                    refuse_cancels: 0,
+                },
+                &stop,
+            );
             const CONNS: usize = 3;
             let server = thread::spawn(move || {
                 (0..CONNS)
