@@ -2160,57 +2160,22 @@ mod tests {
         use crate::tcp::ops::zcrx::emulation::ZcEmulation;
         const PIECE: usize = 3000;
         const BUDGET: usize = 2;
-        let mut engines = vec![Engine::Epoll];
-        if ops::uring::unavailable().is_none() {
-            engines.push(Engine::IoUring);
-        }
-        for engine in engines {
-            let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let up_addr = upstream.local_addr().unwrap();
-            let listen = socket::listener("127.0.0.1:0".parse().unwrap()).unwrap();
-            let addr = socket::local_addr(&listen).unwrap();
-            let cfg = crate::config::parse_config(
-                "t.toml",
-                &format!("[[route]]\nlisten = \"{addr}\"\nupstreams = [\"{up_addr}\"]\n"),
-            )
-            .unwrap();
-            let buf_size = cfg.tcp.buffer_size;
-            let shared = SharedRoutes::new(super::super::Routes::build(
-                &cfg.routes,
-                cfg.tcp.clone(),
-                None,
-            ));
-            let route = Arc::clone(&shared.latest().routes[0]);
-            let stop = Arc::new(AtomicBool::new(false));
+        for engine in engines() {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-            let worker = {
-                let stop = Arc::clone(&stop);
-                thread::spawn(move || {
-                    let mut w = Worker::new(
-                        0,
-                        engine,
-                        CopyPath::Splice,
-                        shared,
-                        vec![(listen, route)],
-                        ZcPlan::Off,
-                    )
+            let tw = TestWorker::start(engine, "", move |w, addr| {
+                let mut emu =
+                    ZcEmulation::new(backend(engine, Some((16, 16_384))), PIECE as u32, 16_384);
+                emu.fail_every = Some(7);
+                ready_tx
+                    .send((Arc::clone(&emu.held_max), Arc::clone(&emu.iov_max)))
                     .unwrap();
-                    let inner: Box<dyn Ops> = match engine {
-                        Engine::IoUring => Box::new(UringOps::new(Some((16, 16_384))).unwrap()),
-                        Engine::Epoll => Box::new(EpollOps::new(Some((16, 16_384))).unwrap()),
-                    };
-                    let mut emu = ZcEmulation::new(inner, PIECE as u32, 16_384);
-                    emu.fail_every = Some(7);
-                    ready_tx
-                        .send((Arc::clone(&emu.held_max), Arc::clone(&emu.iov_max)))
-                        .unwrap();
-                    w.ops = Box::new(emu);
-                    w.zc_addrs = vec![addr.ip()];
-                    // A small chunk budget, so that receives wait for chunks to return.
-                    w.zc_budget = BUDGET;
-                    w.run(&[&stop])
-                })
-            };
+                w.ops = Box::new(emu);
+                w.zc_addrs = vec![addr.ip()];
+                // A small chunk budget, so that receives wait for chunks to return.
+                w.zc_budget = BUDGET;
+            });
+            let (addr, upstream, buf_size) =
+                (tw.addr, tw.upstream.try_clone().unwrap(), tw.buf_size);
             let (held_max, iov_max) = ready_rx.recv().unwrap();
             // Three connections at once, so that one's held chunks make another wait.
             const CONNS: u32 = 3;
@@ -2295,10 +2260,8 @@ mod tests {
             let reset = (0..1000).any(|_| c.write_all(&chunk).is_err());
             assert!(reset, "{engine:?}: the upstream's reset reached the client");
             let got = server.join().unwrap();
-            stop.store(true, Ordering::Release);
-            let stats = worker
-                .join()
-                .expect("the worker (and its chunk check) ended cleanly");
+            // The worker's end also checks that every chunk came back.
+            let stats = tw.stop();
             let mut total = 0;
             for g in &got {
                 let k = u32::from_be_bytes(g[..4].try_into().unwrap());
@@ -2400,47 +2363,78 @@ mod tests {
         }
     }
 
-    /// A worker on `engine` (splice path) for one route from `listen` to `upstream` with
-    /// `extra` route settings, its backend wrapped in [`Meddling`]; runs until `stop`.
-    fn meddled_worker(
-        engine: Engine,
-        upstream: SocketAddr,
-        extra: &str,
-        meddle: impl FnOnce(Box<dyn Ops>) -> Meddling + Send + 'static,
-        stop: &Arc<AtomicBool>,
-    ) -> (SocketAddr, thread::JoinHandle<WorkerStats>) {
-        let listen = socket::listener("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = socket::local_addr(&listen).unwrap();
-        let cfg = crate::config::parse_config(
-            "t.toml",
-            &format!("[[route]]\nlisten = \"{addr}\"\nupstreams = [\"{upstream}\"]\n{extra}\n"),
-        )
-        .unwrap();
-        let shared = SharedRoutes::new(super::super::Routes::build(
-            &cfg.routes,
-            cfg.tcp.clone(),
-            None,
-        ));
-        let route = Arc::clone(&shared.latest().routes[0]);
-        let stop = Arc::clone(stop);
-        let worker = thread::spawn(move || {
-            let mut w = Worker::new(
-                0,
-                engine,
-                CopyPath::Splice,
-                shared,
-                vec![(listen, route)],
-                ZcPlan::Off,
+    /// A worker on `engine` (splice path) for one route from `addr` to `upstream` (a
+    /// listener the test accepts on) with `extra` route settings, `setup` applied to it
+    /// (and its address) on its thread before it runs; it runs until [`Self::stop`].
+    struct TestWorker {
+        addr: SocketAddr,
+        upstream: std::net::TcpListener,
+        buf_size: usize,
+        stop: Arc<AtomicBool>,
+        worker: thread::JoinHandle<WorkerStats>,
+    }
+
+    impl TestWorker {
+        fn start(
+            engine: Engine,
+            extra: &str,
+            setup: impl FnOnce(&mut Worker, SocketAddr) + Send + 'static,
+        ) -> Self {
+            let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let up_addr = upstream.local_addr().unwrap();
+            let listen = socket::listener("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = socket::local_addr(&listen).unwrap();
+            let cfg = crate::config::parse_config(
+                "t.toml",
+                &format!("[[route]]\nlisten = \"{addr}\"\nupstreams = [\"{up_addr}\"]\n{extra}\n"),
             )
             .unwrap();
-            let inner: Box<dyn Ops> = match engine {
-                Engine::IoUring => Box::new(UringOps::new(None).unwrap()),
-                Engine::Epoll => Box::new(EpollOps::new(None).unwrap()),
+            let buf_size = cfg.tcp.buffer_size;
+            let shared = SharedRoutes::new(super::super::Routes::build(
+                &cfg.routes,
+                cfg.tcp.clone(),
+                None,
+            ));
+            let route = Arc::clone(&shared.latest().routes[0]);
+            let stop = Arc::new(AtomicBool::new(false));
+            let worker = {
+                let stop = Arc::clone(&stop);
+                thread::spawn(move || {
+                    let mut w = Worker::new(
+                        0,
+                        engine,
+                        CopyPath::Splice,
+                        shared,
+                        vec![(listen, route)],
+                        ZcPlan::Off,
+                    )
+                    .unwrap();
+                    setup(&mut w, addr);
+                    w.run(&[&stop])
+                })
             };
-            w.ops = Box::new(meddle(inner));
-            w.run(&[&stop])
-        });
-        (addr, worker)
+            Self {
+                addr,
+                upstream,
+                buf_size,
+                stop,
+                worker,
+            }
+        }
+
+        /// Stops the worker; its stats.
+        fn stop(self) -> WorkerStats {
+            self.stop.store(true, Ordering::Release);
+            self.worker.join().expect("the worker did not panic")
+        }
+    }
+
+    /// A fresh backend of `engine` (with a buffer pool of `pool` = (count, size)).
+    fn backend(engine: Engine, pool: Option<(u16, usize)>) -> Box<dyn Ops> {
+        match engine {
+            Engine::IoUring => Box::new(UringOps::new(pool).unwrap()),
+            Engine::Epoll => Box::new(EpollOps::new(pool).unwrap()),
+        }
     }
 
     fn engines() -> Vec<Engine> {
@@ -2457,24 +2451,17 @@ mod tests {
     fn a_lost_cancellation_is_retried_and_the_connection_closes() {
         use std::io::Read;
         for engine in engines() {
-            let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let up_addr = upstream.local_addr().unwrap();
-            let stop = Arc::new(AtomicBool::new(false));
             // Idle connections are closed after 0.2 s; both cancellations (client and
             // upstream socket) of that close are refused.
-            let (addr, worker) = meddled_worker(
-                engine,
-                up_addr,
-                "idle_timeout = 0.2",
-                |inner| Meddling {
-                    inner,
+            let w = TestWorker::start(engine, "idle_timeout = 0.2", move |w, _| {
+                w.ops = Box::new(Meddling {
+                    inner: backend(engine, None),
                     hold_after: None,
                     refuse_cancels: 2,
-                },
-                &stop,
-            );
-            let mut c = std::net::TcpStream::connect(addr).unwrap();
-            let (_held, _) = upstream.accept().unwrap();
+                });
+            });
+            let mut c = std::net::TcpStream::connect(w.addr).unwrap();
+            let (_held, _) = w.upstream.accept().unwrap();
             c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let t = Instant::now();
             let mut b = [0u8; 1];
@@ -2487,8 +2474,7 @@ mod tests {
                 }
             };
             let took = t.elapsed();
-            stop.store(true, Ordering::Release);
-            let stats = worker.join().expect("the worker ended");
+            let stats = w.stop();
             assert!(
                 matches!(end, Ok(0)),
                 "{engine:?}: the idle connection was closed ({end:?} after {took:?})"
@@ -2507,21 +2493,15 @@ mod tests {
     fn a_connection_that_ends_as_it_starts_streaming_is_freed_once() {
         use std::io::{Read, Write};
         for engine in engines() {
-            let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let up_addr = upstream.local_addr().unwrap();
-            let stop = Arc::new(AtomicBool::new(false));
             // Both ends are done before the worker learns the header went out.
-            let (addr, worker) = meddled_worker(
-                engine,
-                up_addr,
-                "send_proxy = \"v1\"",
-                |inner| Meddling {
-                    inner,
+            let w = TestWorker::start(engine, "send_proxy = \"v1\"", move |w, _| {
+                w.ops = Box::new(Meddling {
+                    inner: backend(engine, None),
                     hold_after: Some((OP_HDR_SEND, Duration::from_millis(100))),
                     refuse_cancels: 0,
-                },
-                &stop,
-            );
+                });
+            });
+            let (addr, upstream) = (w.addr, w.upstream.try_clone().unwrap());
             const CONNS: usize = 3;
             let server = thread::spawn(move || {
                 (0..CONNS)
@@ -2554,8 +2534,7 @@ mod tests {
                 assert!(back.is_empty(), "{engine:?}");
             }
             let got = server.join().unwrap();
-            stop.store(true, Ordering::Release);
-            let stats = worker.join().expect("the worker did not panic");
+            let stats = w.stop();
             assert_eq!(got, want, "{engine:?}");
             assert_eq!(stats.connections, CONNS as u64, "{engine:?}");
             assert_eq!(stats.left_open, 0, "{engine:?}");
