@@ -1098,34 +1098,43 @@ fn short_connections_ending_every_way_leave_nothing_open() {
     .concat();
     bed.start(&format!("{}{routes}", copy_section("splice")), &[]);
     let mut made = 0;
-    for (phase, copy) in ["splice", "buffers"].into_iter().enumerate() {
-        if phase > 0 {
-            bed.reload(&format!("{}{routes}", copy_section(copy)));
-        }
-        let failures: Vec<String> = bed.ns.run(|| {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..THREADS)
-                    .map(|t| {
-                        scope.spawn(move || {
-                            let mut rng = rand::rngs::StdRng::seed_from_u64(
-                                seed ^ (t + THREADS * phase as u64).wrapping_mul(0x9e37_79b9),
-                            );
-                            let mut failures = Vec::new();
-                            for i in 0..EACH {
-                                let route = (i % 5) as usize;
-                                if let Err(e) = short_connection(&mut rng, route) {
-                                    failures.push(format!("{copy}, thread {t}, #{i}: {e}"));
+    for (phase, label) in ["splice", "splice, then buffers"].into_iter().enumerate() {
+        let ns = &bed.ns;
+        let clients = move || -> Vec<String> {
+            ns.run(|| {
+                std::thread::scope(|scope| {
+                    let handles: Vec<_> = (0..THREADS)
+                        .map(|t| {
+                            scope.spawn(move || {
+                                let mut rng = rand::rngs::StdRng::seed_from_u64(
+                                    seed ^ (t + THREADS * phase as u64).wrapping_mul(0x9e37_79b9),
+                                );
+                                let mut failures = Vec::new();
+                                for i in 0..EACH {
+                                    let route = (i % 5) as usize;
+                                    if let Err(e) = short_connection(&mut rng, route) {
+                                        failures.push(format!("{label}, thread {t}, #{i}: {e}"));
+                                    }
                                 }
-                            }
-                            failures
+                                failures
+                            })
                         })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().expect("client thread"))
-                    .collect()
+                        .collect();
+                    handles
+                        .into_iter()
+                        .flat_map(|h| h.join().expect("client thread"))
+                        .collect()
+                })
             })
+        };
+        let failures = std::thread::scope(|s| {
+            let traffic = s.spawn(clients);
+            if phase > 0 {
+                // In the middle of the traffic: open connections keep their path.
+                std::thread::sleep(Duration::from_millis(100));
+                bed.reload(&format!("{}{routes}", copy_section("buffers")));
+            }
+            traffic.join().expect("clients")
         });
         assert!(failures.is_empty(), "seed {seed}: {failures:#?}");
         made += THREADS * EACH;
@@ -1143,9 +1152,15 @@ fn short_connections_ending_every_way_leave_nothing_open() {
         .map_or(0, |r| num(&r["refused"], "proxy_header_missing"));
     assert!(refused_chain > 0, "seed {seed}: bad headers were refused");
     let report = bed.stop();
-    for w in report["workers"].as_array().expect("workers") {
+    let workers = report["workers"].as_array().expect("workers");
+    for w in workers {
         assert_eq!(num(w, "left_open"), 0, "seed {seed}: {w}");
     }
+    let streams = |k| workers.iter().map(|w| num(w, k)).sum::<u64>();
+    assert!(
+        streams("splice_streams") > 0 && streams("buffer_streams") > 0,
+        "both copy paths carried connections: {workers:?}"
+    );
 }
 
 // --- lifecycle: reload, idle, drain, memory ------------------------------------------------
