@@ -935,7 +935,18 @@ fn run(
             Some(
                 std::thread::Builder::new()
                     .name("ep-tcp-main".into())
-                    .spawn(move || proxy_user::tcp::run(routes, &cpus, engine, stop))
+                    .spawn(move || {
+                        let ended =
+                            proxy_user::tcp::run(routes, &cpus, engine, std::sync::Arc::clone(&stop));
+                        if let Err(e) = &ended {
+                            // Forwarding could not start or a worker died: the whole
+                            // daemon stops now and exits with this error, rather than
+                            // run on without forwarding and say so only at the end.
+                            tracing::error!(error = %format!("{e:#}"), "TCP forwarding failed; stopping");
+                            stop.store(true, Ordering::Release);
+                        }
+                        ended
+                    })
                     .context("spawning TCP forwarding")?,
             )
         }

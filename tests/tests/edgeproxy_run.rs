@@ -89,6 +89,52 @@ fn edgeproxy_run_on_a_missing_interface_fails_with_one_clear_line() {
     );
 }
 
+/// TCP forwarding inside `run` that cannot start (a route on an address this host does
+/// not have) stops the whole daemon at once with the reason, instead of running on
+/// without forwarding until the end.
+#[test]
+fn edgeproxy_run_stops_at_once_when_forwarding_cannot_start() {
+    if !require_root("edgeproxy_run_stops_at_once_when_forwarding_cannot_start") {
+        return;
+    }
+    let bin = edgeproxy_bin().expect("edgeproxy binary");
+    let pair = VethPair::create().expect("veth pair");
+    let dir = ScratchDir::new().expect("scratch");
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        "[[route]]\nlisten = \"10.200.99.99:8080\"\nupstreams = [\"10.200.0.1:9\"]\n",
+    )
+    .expect("config");
+    let t = std::time::Instant::now();
+    let out = pair
+        .a
+        .command(&bin)
+        .args([
+            "run",
+            "--ephemeral",
+            "--iface",
+            pair.a_if,
+            "--duration",
+            "30",
+        ])
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("run edgeproxy");
+    let took = t.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "stderr: {err}");
+    assert!(
+        err.contains("listening on 10.200.99.99:8080"),
+        "stderr: {err}"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "stopped after {took:?}, not at once"
+    );
+}
+
 /// HTTP sampling: the policy samples TCP port 8080; the report's top paths are the
 /// request lines that real clients sent through the interface, counted exactly.
 #[test]
