@@ -4,6 +4,7 @@
 //!   record ring buffer, run the program on crafted packets (BPF_PROG_TEST_RUN).
 //! - [`report`]: counter tables and JSON for operators.
 //! - [`telemetry`]: `tracing` set-up, including eBPF log lines from aya-log.
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod cpus;

@@ -121,6 +121,10 @@ enum Command {
         /// With routes: rewrite the TCP counters to this file as JSON four times a second.
         #[arg(long)]
         stats_file: Option<PathBuf>,
+        /// With routes: serve the TCP counters at http://ADDR/metrics (Prometheus text
+        /// format) and a liveness check at /healthz.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
         /// Do not read the record rings: another process does (`edgeproxy logs
         /// --capture-from`). A ring has one reader; without this flag a pinned run reads
         /// them unless another reader already holds them.
@@ -170,6 +174,10 @@ enum Command {
         /// Rewrite this file with the counters as JSON four times a second (atomically).
         #[arg(long)]
         stats_file: Option<PathBuf>,
+        /// Serve the counters at http://ADDR/metrics (Prometheus text format) and a
+        /// liveness check at /healthz.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
         /// Print the final report as JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -318,6 +326,7 @@ fn real_main() -> anyhow::Result<()> {
             config,
             listen,
             stats_file,
+            admin,
             leave_records,
         } => {
             let duration = duration.map(|d| seconds("duration", d)).transpose()?;
@@ -357,7 +366,7 @@ fn real_main() -> anyhow::Result<()> {
                 json,
                 ephemeral,
                 &paths.pin_dir,
-                stats_file,
+                TcpOutputs { stats_file, admin },
             )
         }
         Command::Policy { command } => match command {
@@ -441,12 +450,13 @@ fn real_main() -> anyhow::Result<()> {
             workers,
             duration,
             stats_file,
+            admin,
             json,
         } => proxy_command(
             config,
             workers,
             duration.map(|d| seconds("duration", d)).transpose()?,
-            stats_file,
+            TcpOutputs { stats_file, admin },
             json,
         ),
         Command::Doctor { probe_xdp, json } => {
@@ -479,7 +489,7 @@ fn proxy_command(
     config: PathBuf,
     workers: Option<usize>,
     duration: Option<Duration>,
-    stats_file: Option<PathBuf>,
+    outputs: TcpOutputs,
     json: bool,
 ) -> anyhow::Result<()> {
     use proxy_user::tcp::{Routes, SharedRoutes};
@@ -501,7 +511,7 @@ fn proxy_command(
         Ok(c) => publish_routes(&publish_to, &c, why, false),
         Err(e) => tracing::error!("{why}: configuration rejected, keeping the running one: {e:#}"),
     };
-    let background = tcp_background(std::sync::Arc::clone(&shared), stats_file);
+    let background = tcp_background(std::sync::Arc::clone(&shared), outputs)?;
     let stop = start_control(Some(config), duration, Box::new(reload), background)?;
     let summary = proxy_user::tcp::run(shared, &cpus, cfg.pipeline.backend, stop)?;
     if json {
@@ -546,19 +556,35 @@ fn publish_routes(
     );
 }
 
+/// Where the live TCP counters go, besides the final report.
+#[derive(Default)]
+struct TcpOutputs {
+    /// Rewritten as JSON four times a second.
+    stats_file: Option<PathBuf>,
+    /// The admin endpoint's address (`/metrics`, `/healthz`).
+    admin: Option<std::net::SocketAddr>,
+}
+
 /// What the control thread runs for TCP forwarding: the health checks and, if asked for,
-/// the stats file.
+/// the stats file and the admin endpoint (bound here, so a bad address fails the start).
 fn tcp_background(
     shared: std::sync::Arc<proxy_user::tcp::SharedRoutes>,
-    stats_file: Option<PathBuf>,
-) -> Vec<Background> {
+    outputs: TcpOutputs,
+) -> anyhow::Result<Vec<Background>> {
     let mut background: Vec<Background> = vec![Box::pin(proxy_user::tcp::health::run(
         std::sync::Arc::clone(&shared),
     ))];
-    if let Some(file) = stats_file {
+    if let Some(addr) = outputs.admin {
+        let listener = proxy_user::admin::bind(addr)?;
+        background.push(Box::pin(proxy_user::admin::serve(
+            listener,
+            std::sync::Arc::clone(&shared),
+        )));
+    }
+    if let Some(file) = outputs.stats_file {
         background.push(stats_writer(shared, file));
     }
-    background
+    Ok(background)
 }
 
 /// Rewrites the routes' counters to `file` as JSON four times a second.
@@ -645,8 +671,13 @@ fn logs_command(
 ) -> anyhow::Result<()> {
     use proxy_user::logs::pipeline::{CaptureSource, run_with_sinks};
     let base = read_config_or_defaults(config.as_deref())?;
-    let (shared, stop) =
-        start_log_control(LogSetup { config, overrides }, &base, duration, None, None)?;
+    let (shared, stop) = start_log_control(
+        LogSetup { config, overrides },
+        &base,
+        duration,
+        None,
+        TcpOutputs::default(),
+    )?;
     run_with_sinks(&shared, CaptureSource::None, stop).map(|_| ())
 }
 
@@ -658,7 +689,7 @@ fn start_log_control(
     base: &proxy_user::config::Config,
     duration: Option<Duration>,
     routes: Option<std::sync::Arc<proxy_user::tcp::SharedRoutes>>,
-    stats_file: Option<PathBuf>,
+    outputs: TcpOutputs,
 ) -> anyhow::Result<(
     std::sync::Arc<proxy_user::logs::pipeline::SharedConfig>,
     std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -696,7 +727,10 @@ fn start_log_control(
             publish_routes(routes, &base, why, true);
         }
     };
-    let background = routes.map_or_else(Vec::new, |r| tcp_background(r, stats_file));
+    let background = routes
+        .map(|r| tcp_background(r, outputs))
+        .transpose()?
+        .unwrap_or_default();
     let stop = start_control(config, duration, Box::new(reload), background)?;
     Ok((shared, stop))
 }
@@ -896,7 +930,7 @@ fn run(
     json: bool,
     ephemeral: bool,
     pin_dir: &Path,
-    stats_file: Option<PathBuf>,
+    outputs: TcpOutputs,
 ) -> anyhow::Result<()> {
     use std::sync::atomic::Ordering;
     let iface = opts.iface.clone();
@@ -915,8 +949,8 @@ fn run(
         (routes, c.pipeline.data_cpus.clone(), c.pipeline.backend)
     });
     anyhow::ensure!(
-        stats_file.is_none() || tcp_setup.is_some(),
-        "--stats-file writes TCP counters: the --config file has no [[route]]"
+        (outputs.stats_file.is_none() && outputs.admin.is_none()) || tcp_setup.is_some(),
+        "--stats-file and --admin serve TCP counters: the --config file has no [[route]]"
     );
     // With the log pipeline, its control thread owns the signals (stop and reload) and
     // the data plane follows its stop flag.
@@ -924,7 +958,7 @@ fn run(
         .zip(base.as_ref())
         .map(|(setup, base)| {
             let routes = tcp_setup.as_ref().map(|(r, ..)| std::sync::Arc::clone(r));
-            start_log_control(setup, base, duration, routes, stats_file)
+            start_log_control(setup, base, duration, routes, outputs)
                 .map(|(shared, stop)| daemon::LogPipeline { shared, stop })
         })
         .transpose()?;

@@ -74,6 +74,7 @@ on_both_engines!(
     send_buffers_are_fixed_for_peers_on_this_host_only,
     bulk_transfers_make_waits_gather_splice,
     short_connections_ending_every_way_leave_nothing_open,
+    admin_endpoint_serves_the_counters_to_a_scraper,
 );
 
 fn sa(s: &str) -> SocketAddr {
@@ -1160,6 +1161,113 @@ fn short_connections_ending_every_way_leave_nothing_open() {
     assert!(
         streams("splice_streams") > 0 && streams("buffer_streams") > 0,
         "both copy paths carried connections: {workers:?}"
+    );
+}
+
+// --- admin endpoint ---------------------------------------------------------------------
+
+/// One HTTP/1.1 request to the admin endpoint inside `ns`: (status line, body).
+fn admin_get(ns: &Netns, addr: SocketAddr, request: &str) -> (String, String) {
+    let mut s = connect(ns, addr).expect("connect to the admin endpoint");
+    s.write_all(request.as_bytes()).expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    let (head, body) = out.split_once("\r\n\r\n").expect("a response head");
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// The value of the one sample named `series` (name and labels) in a scrape.
+fn sample(body: &str, series: &str) -> Option<u64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `--admin`: a Prometheus scrape shows the connection just made (accepted, bytes both
+/// ways, its connect latency), /healthz answers, and an address the host does not have
+/// fails the start with the reason.
+fn admin_endpoint_serves_the_counters_to_a_scraper() {
+    if !require_root("admin_endpoint_serves_the_counters_to_a_scraper") {
+        return;
+    }
+    let mut bed = Bed::new();
+    let _up = bed.upstream("10.200.0.1:7981", echo());
+    bed.start(
+        &route("10.200.0.1:7980", &["10.200.0.1:7981"], ""),
+        &["--admin", "10.200.0.1:7990"],
+    );
+    let admin = sa("10.200.0.1:7990");
+    let mut c = connect(&bed.ns, sa("10.200.0.1:7980")).expect("connect");
+    echoes(&mut c, &[3u8; 5000]);
+    drop(c);
+    bed.settled(1);
+    let (status, body) = admin_get(&bed.ns, admin, "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let route = r#"{route="r",listen="10.200.0.1:7980"}"#;
+    let up = r#"route="r",upstream="10.200.0.1:7981""#;
+    assert_eq!(
+        sample(&body, &format!("edgeproxy_tcp_route_accepted_total{route}")),
+        Some(1),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, &format!("edgeproxy_tcp_route_active{route}")),
+        Some(0)
+    );
+    for direction in ["up", "down"] {
+        assert_eq!(
+            sample(
+                &body,
+                &format!("edgeproxy_tcp_upstream_bytes_total{{{up},direction=\"{direction}\"}}")
+            ),
+            Some(5000),
+            "{direction}"
+        );
+    }
+    assert_eq!(
+        sample(
+            &body,
+            &format!("edgeproxy_tcp_upstream_connect_seconds_count{{{up}}}")
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        sample(
+            &body,
+            &format!("edgeproxy_tcp_upstream_connect_seconds_bucket{{{up},le=\"+Inf\"}}")
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        admin_get(&bed.ns, admin, "GET /healthz HTTP/1.1\r\n\r\n"),
+        ("HTTP/1.1 200 OK".to_string(), "ok\n".to_string())
+    );
+    let (status, _) = admin_get(&bed.ns, admin, "GET /other HTTP/1.1\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    bed.stop();
+
+    // An address this host does not have: no start, and the reason.
+    let out = bed
+        .ns
+        .command(edgeproxy_testbed::edgeproxy_bin().expect("binary"))
+        .args([
+            "proxy",
+            "--admin",
+            "10.200.99.99:7990",
+            "--duration",
+            "5",
+            "--config",
+        ])
+        .arg(&bed.cfg)
+        .output()
+        .expect("run edgeproxy proxy");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("admin endpoint: binding 10.200.99.99:7990"),
+        "{err}"
     );
 }
 

@@ -1,5 +1,6 @@
 //! Human-readable and JSON reports of what the data plane counted.
 pub mod http;
+pub mod prometheus;
 
 use std::{fmt::Write as _, time::Duration};
 

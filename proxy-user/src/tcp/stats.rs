@@ -105,19 +105,35 @@ impl ReasonCounts {
 #[derive(Debug, Default)]
 pub struct LatencyHistogram {
     buckets: [AtomicU64; Self::BUCKETS],
+    /// Every recorded latency added up, in microseconds (Prometheus' `_sum`).
+    sum_us: AtomicU64,
 }
 
 impl LatencyHistogram {
-    const BUCKETS: usize = 26; // up to 2^25 µs ≈ 33 s
+    pub const BUCKETS: usize = 26; // up to 2^25 µs ≈ 33 s
 
     pub fn record(&self, d: Duration) {
         let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
         let i = ((u64::BITS - us.leading_zeros()) as usize).min(Self::BUCKETS - 1);
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
     pub fn count(&self) -> u64 {
         self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us.load(Ordering::Relaxed)
+    }
+
+    /// Each bucket's upper bound in microseconds (latencies below it; `None` for the
+    /// last, which takes everything longer) and its count.
+    pub fn buckets(&self) -> impl Iterator<Item = (Option<u64>, u64)> + '_ {
+        self.buckets.iter().enumerate().map(|(i, b)| {
+            let bound = (i + 1 < Self::BUCKETS).then_some(1u64 << i);
+            (bound, b.load(Ordering::Relaxed))
+        })
     }
 
     /// The upper bound of the bucket holding quantile `q` (0..=1), in microseconds.
@@ -193,5 +209,13 @@ mod tests {
         assert_eq!(h.quantile_us(1.0), Some(1 << 25));
         h.record(Duration::ZERO);
         assert_eq!(h.quantile_us(0.0), Some(1));
+        assert_eq!(h.sum_us(), 98 * 100 + 5_000 + 100_000_000);
+        let b: Vec<(Option<u64>, u64)> = h.buckets().collect();
+        assert_eq!(b.len(), LatencyHistogram::BUCKETS);
+        assert_eq!(b[0], (Some(1), 1));
+        assert_eq!(b[7], (Some(128), 98));
+        assert_eq!(b[13], (Some(8192), 1));
+        assert_eq!(b[25], (None, 1));
+        assert_eq!(b.iter().map(|(_, c)| c).sum::<u64>(), h.count());
     }
 }
