@@ -189,22 +189,12 @@ impl Response {
     }
 }
 
-/// The method and the path (without a query string) of an HTTP/1.x request head.
+/// The method and the path (without a query string) of a complete HTTP/1.x request
+/// line: the sampled-request parser's, which also serves the reports.
 fn request_line(head: &[u8]) -> Option<(&str, &str)> {
-    let line = head.split(|&b| b == b'\n').next()?;
-    let line = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
-    let mut parts = line.split(' ');
-    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some()
-        || method.is_empty()
-        || !method.bytes().all(|b| b.is_ascii_uppercase())
-        || !target.starts_with('/')
-        || !version.starts_with("HTTP/1.")
-    {
-        return None;
-    }
-    let path = target.split(['?', '#']).next().unwrap_or(target);
-    Some((method, path))
+    crate::report::http::request_line(head)
+        .filter(|r| !r.truncated && r.path.starts_with('/'))
+        .map(|r| (r.method, r.path))
 }
 
 #[cfg(test)]
@@ -240,7 +230,6 @@ mod tests {
             b"GET metrics HTTP/1.1\r\n\r\n",
             b"get /metrics HTTP/1.1\r\n\r\n",
             b"GET /metrics HTTP/2\r\n\r\n",
-            b"GET /metrics HTTP/1.1 extra\r\n\r\n",
             b"\r\n\r\n",
             b"\xff /metrics HTTP/1.1\r\n\r\n",
         ] {

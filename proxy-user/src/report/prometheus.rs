@@ -61,27 +61,28 @@ fn seconds(us: u64) -> String {
 /// Appends the metrics of `routes` to `out`.
 pub fn tcp(routes: &Routes, out: &mut String) {
     let route_labels = |r: &crate::tcp::Route| (r.spec.name.clone(), r.spec.listen.to_string());
-    let mut f = Family::new(
-        out,
-        "edgeproxy_tcp_route_active",
-        "gauge",
-        "Connections of the route open now.",
-    );
-    for r in &routes.routes {
-        let (name, listen) = route_labels(r);
-        let labels = [("route", name.as_str()), ("listen", listen.as_str())];
-        f.sample("", &labels, r.stats.active.load(Ordering::Relaxed));
-    }
-    let mut f = Family::new(
-        out,
-        "edgeproxy_tcp_route_accepted_total",
-        "counter",
-        "Connections accepted on the route's listener (refused ones included).",
-    );
-    for r in &routes.routes {
-        let (name, listen) = route_labels(r);
-        let labels = [("route", name.as_str()), ("listen", listen.as_str())];
-        f.sample("", &labels, r.stats.accepted.load(Ordering::Relaxed));
+    type RouteValue = fn(&crate::tcp::stats::RouteStats) -> u64;
+    let per_route: [(&'static str, &str, &str, RouteValue); 2] = [
+        (
+            "edgeproxy_tcp_route_active",
+            "gauge",
+            "Connections of the route open now.",
+            |s| s.active.load(Ordering::Relaxed),
+        ),
+        (
+            "edgeproxy_tcp_route_accepted_total",
+            "counter",
+            "Connections accepted on the route's listener (refused ones included).",
+            |s| s.accepted.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, help, value) in per_route {
+        let mut f = Family::new(out, name, kind, help);
+        for r in &routes.routes {
+            let (route, listen) = route_labels(r);
+            let labels = [("route", route.as_str()), ("listen", listen.as_str())];
+            f.sample("", &labels, value(&r.stats));
+        }
     }
     let mut f = Family::new(
         out,
@@ -109,8 +110,8 @@ pub fn tcp(routes: &Routes, out: &mut String) {
                 .map(move |u| (r.spec.name.as_str(), u.address.to_string(), u))
         })
     };
-    type Gauge = fn(&crate::tcp::pool::Upstream) -> u64;
-    let per_upstream: [(&'static str, &str, &str, Gauge); 4] = [
+    type UpstreamValue = fn(&crate::tcp::pool::Upstream) -> u64;
+    let per_upstream: [(&'static str, &str, &str, UpstreamValue); 4] = [
         (
             "edgeproxy_tcp_upstream_healthy",
             "gauge",
