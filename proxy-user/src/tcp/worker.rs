@@ -48,6 +48,10 @@ use crate::engine::BackendChoice;
 const LISTENER: u64 = 1 << 63;
 /// user_data of listener cancellations (nothing to do on completion).
 const LISTENER_CANCEL: u64 = 1 << 62;
+/// A listener's accepts carry its tag (bits 32..62) beside its index (bits 0..32): a
+/// reload may give a closed listener's index to a new one while accepts of the old one
+/// still complete, and those must not be taken for the new route's.
+const LISTENER_TAG_MASK: u64 = (1 << 30) - 1;
 
 // Connection operations: user_data = slot << 8 | op.
 const OP_HDR_PEEK: u8 = 1;
@@ -375,6 +379,9 @@ pub struct TcpSummary {
 struct Listener {
     fd: OwnedFd,
     route: Arc<Route>,
+    /// Tells this listener's accept completions from those of an earlier listener at
+    /// the same index (see [`LISTENER_TAG_MASK`]).
+    tag: u32,
     /// Connections reach the worker that owns the rx queue they arrived on (needed for
     /// zero-copy receive with several workers: a queue's pages are readable only through
     /// its own worker's ring).
@@ -583,6 +590,8 @@ struct Worker {
     copy_mode: CopyMode,
     engine: Engine,
     listeners: Vec<Option<Listener>>,
+    /// The tag the next listener opened gets.
+    next_listener_tag: u32,
     conns: Vec<Option<Box<Conn>>>,
     free: Vec<u32>,
     starved: VecDeque<(u32, usize)>,
@@ -667,6 +676,7 @@ impl Worker {
         };
         let now = Instant::now();
         let gathering_supported = ops.can_gather();
+        let initial_listeners = listeners.len() as u32;
         Ok(Self {
             ops,
             buf_size: settings.buffer_size,
@@ -680,10 +690,12 @@ impl Worker {
             engine,
             listeners: listeners
                 .into_iter()
-                .map(|(fd, route)| {
+                .zip(0..)
+                .map(|((fd, route), tag)| {
                     Some(Listener {
                         fd,
                         route,
+                        tag,
                         // Opened in worker order before any worker started: see
                         // `steer_zero_copy`.
                         steered: true,
@@ -692,6 +704,7 @@ impl Worker {
                     })
                 })
                 .collect(),
+            next_listener_tag: initial_listeners,
             conns: Vec::new(),
             free: Vec::new(),
             starved: VecDeque::new(),
@@ -811,7 +824,8 @@ impl Worker {
                 continue;
             }
             if ud & LISTENER != 0 {
-                self.on_accept((ud & !LISTENER) as usize, res, flags);
+                let (li, tag) = (ud & 0xffff_ffff, (ud >> 32) & LISTENER_TAG_MASK);
+                self.on_accept(li as usize, tag as u32, res, flags);
             } else {
                 self.on_conn((ud >> 8) as u32, (ud & 0xff) as u8, res, flags);
             }
@@ -828,7 +842,8 @@ impl Worker {
                 continue;
             }
             let fd = l.fd.as_raw_fd();
-            if self.ops.push(Op::AcceptMulti { fd }, LISTENER | li as u64)
+            let ud = LISTENER | (u64::from(l.tag) & LISTENER_TAG_MASK) << 32 | li as u64;
+            if self.ops.push(Op::AcceptMulti { fd }, ud)
                 && let Some(l) = self.listeners[li].as_mut()
             {
                 l.armed = true;
@@ -883,16 +898,30 @@ impl Worker {
                         if self.zc_needs_steering {
                             tracing::warn!(route = %r.spec.name, "a route added by a reload is not steered by rx queue: it uses the copy path, and its flows must not be sent to zero-copy queues before a restart");
                         }
-                        self.listeners.push(Some(Listener {
+                        let tag = self.next_listener_tag;
+                        self.next_listener_tag = tag.wrapping_add(1);
+                        let l = Listener {
                             fd,
                             route: Arc::clone(r),
+                            tag,
                             // Listeners open in each worker's own order after a reload,
                             // so the group's order is not the workers': no steering.
                             steered: !self.zc_needs_steering,
                             armed: false,
                             rest_until: None,
-                        }));
-                        keep.push(true);
+                        };
+                        // The index of one a reload closed, else a new one: the
+                        // vector does not grow with routes coming and going.
+                        match self.listeners.iter().position(Option::is_none) {
+                            Some(li) => {
+                                self.listeners[li] = Some(l);
+                                keep[li] = true;
+                            }
+                            None => {
+                                self.listeners.push(Some(l));
+                                keep.push(true);
+                            }
+                        }
                     }
                     Err(e) => {
                         tracing::error!(route = %r.spec.name, listen = %r.spec.listen, error = %e, "cannot listen; the route is not served")
@@ -962,8 +991,13 @@ impl Worker {
         }
     }
 
-    fn on_accept(&mut self, li: usize, res: i32, flags: u32) {
-        let Some(l) = self.listeners.get_mut(li).and_then(Option::as_mut) else {
+    fn on_accept(&mut self, li: usize, tag: u32, res: i32, flags: u32) {
+        let Some(l) = self
+            .listeners
+            .get_mut(li)
+            .and_then(Option::as_mut)
+            .filter(|l| u64::from(l.tag) & LISTENER_TAG_MASK == u64::from(tag))
+        else {
             if res >= 0 {
                 drop(socket::adopt(res)); // accepted as the listener closed
             }
@@ -2443,6 +2477,93 @@ mod tests {
             engines.push(Engine::IoUring);
         }
         engines
+    }
+
+    /// Routes that come and go reuse the listener slots reloads closed (the vector does
+    /// not grow with churn), and an accept that completes for an earlier listener at a
+    /// reused index is not taken for the new route: the connection is closed, uncounted.
+    #[test]
+    fn reloads_reuse_closed_listener_slots_and_drop_stale_accepts() {
+        use std::{
+            io::Read as _,
+            os::fd::{IntoRawFd as _, RawFd},
+        };
+        for engine in engines() {
+            let listen_a = socket::listener("127.0.0.1:0".parse().unwrap()).unwrap();
+            let a = socket::local_addr(&listen_a).unwrap();
+            // Another loopback address on the same port: free, since the port is ours.
+            let b = SocketAddr::new("127.0.0.2".parse().unwrap(), a.port());
+            let up = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let up_addr = up.local_addr().unwrap();
+            let config = |with_b: bool| {
+                let mut text = format!(
+                    "[[route]]\nname = \"a\"\nlisten = \"{a}\"\nupstreams = [\"{up_addr}\"]\n"
+                );
+                if with_b {
+                    text += &format!(
+                        "[[route]]\nname = \"b\"\nlisten = \"{b}\"\nupstreams = [\"{up_addr}\"]\n"
+                    );
+                }
+                crate::config::parse_config("t.toml", &text).unwrap()
+            };
+            let (only_a, with_b) = (config(false), config(true));
+            let shared = SharedRoutes::new(super::super::Routes::build(
+                &only_a.routes,
+                only_a.tcp.clone(),
+                None,
+            ));
+            let route_a = Arc::clone(&shared.latest().routes[0]);
+            let mut w = Worker::new(
+                0,
+                engine,
+                CopyPath::Splice,
+                Arc::clone(&shared),
+                vec![(listen_a, route_a)],
+                ZcPlan::Off,
+            )
+            .unwrap();
+            let tag_of = |w: &Worker, li: usize| w.listeners[li].as_ref().map(|l| l.tag);
+            let mut tags = Vec::new();
+            for _ in 0..10 {
+                shared.publish(&with_b.routes, with_b.tcp.clone());
+                w.follow_reload();
+                assert_eq!(w.listeners.len(), 2, "{engine:?}");
+                tags.push(tag_of(&w, 1).expect("b listens"));
+                shared.publish(&only_a.routes, only_a.tcp.clone());
+                w.follow_reload();
+                assert!(w.listeners[1].is_none(), "{engine:?}");
+            }
+            tags.dedup();
+            assert_eq!(tags.len(), 10, "{engine:?}: each b gets its own tag");
+            // b once more, at index 1; an accept of the b before it completes now.
+            shared.publish(&with_b.routes, with_b.tcp.clone());
+            w.follow_reload();
+            let stale_tag = tags[9];
+            assert_ne!(tag_of(&w, 1), Some(stale_tag));
+            let mut client = std::net::TcpStream::connect(up_addr).unwrap();
+            let (accepted, _) = up.accept().unwrap();
+            let fd: RawFd = accepted.into_raw_fd();
+            w.on_accept(1, stale_tag, fd, 0);
+            let route_b = Arc::clone(&shared.latest().routes[1]);
+            assert_eq!(
+                route_b.stats.accepted.load(Ordering::Relaxed),
+                0,
+                "{engine:?}"
+            );
+            assert_eq!(w.open(), 0, "{engine:?}");
+            // The stale connection was closed: its peer reads EOF.
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut byte = [0u8; 1];
+            let eof = loop {
+                match client.read(&mut byte) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => break other,
+                }
+            };
+            assert!(matches!(eof, Ok(0)), "{engine:?}: {eof:?}");
+        }
     }
 
     /// A closing connection whose cancellations could not be queued cancels again from
