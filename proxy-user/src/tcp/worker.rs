@@ -187,6 +187,10 @@ pub struct WorkerStats {
     /// Closing connections that cancelled their operations again because the first
     /// cancellation could not be queued (a full submission queue; 0 normally).
     pub cancel_retries: u64,
+    /// Connections whose accept completed just after a reload or the drain closed their
+    /// listener: closed at once (the route is gone; the kernel resets the rest of such a
+    /// listener's queue).
+    pub closed_with_listener: u64,
     /// Connections that streamed through splice and through pooled buffers (a reload
     /// can change the path for new connections).
     pub splice_streams: u64,
@@ -999,7 +1003,10 @@ impl Worker {
             .filter(|l| u64::from(l.tag) & LISTENER_TAG_MASK == u64::from(tag))
         else {
             if res >= 0 {
-                drop(socket::adopt(res)); // accepted as the listener closed
+                // Accepted as a reload or the drain closed the listener: its route is
+                // gone, so the worker counts it.
+                drop(socket::adopt(res));
+                self.stats.closed_with_listener += 1;
             }
             return;
         };
@@ -2551,6 +2558,7 @@ mod tests {
                 "{engine:?}"
             );
             assert_eq!(w.open(), 0, "{engine:?}");
+            assert_eq!(w.stats.closed_with_listener, 1, "{engine:?}");
             // The stale connection was closed: its peer reads EOF.
             client
                 .set_read_timeout(Some(Duration::from_secs(5)))
