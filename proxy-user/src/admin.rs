@@ -87,7 +87,7 @@ async fn answer(stream: TcpStream, routes: &SharedRoutes) -> std::io::Result<()>
     tokio::time::timeout(CLIENT_TIMEOUT, write_all(&stream, &response.bytes()))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "response"))??;
-    // The response ends with our FIN (and not a reset over unread request bytes).
+    // Our FIN ends the response (`Connection: close`).
     stream.into_std()?.shutdown(std::net::Shutdown::Write)
 }
 
