@@ -1203,8 +1203,35 @@ fn admin_endpoint_serves_the_counters_to_a_scraper() {
     echoes(&mut c, &[3u8; 5000]);
     drop(c);
     bed.settled(1);
-    let (status, body) = admin_get(&bed.ns, admin, "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
+    // Workers publish their own counters every sweep (100 ms): the connection shows there
+    // too, summed over the workers' CPUs.
+    let summed = |body: &str, name: &str| -> u64 {
+        body.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (status, body) = loop {
+        let (status, body) = admin_get(&bed.ns, admin, "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
+        if summed(&body, "edgeproxy_tcp_worker_connections_total{") == 1
+            || Instant::now() > deadline
+        {
+            break (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(
+        summed(&body, "edgeproxy_tcp_worker_connections_total{"),
+        1,
+        "{body}"
+    );
+    assert_eq!(
+        summed(&body, "edgeproxy_tcp_worker_streams_total{"),
+        1,
+        "one stream, on whichever copy path"
+    );
     let route = r#"{route="r",listen="10.200.0.1:7980"}"#;
     let up = r#"route="r",upstream="10.200.0.1:7981""#;
     assert_eq!(

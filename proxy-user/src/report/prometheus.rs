@@ -4,7 +4,7 @@
 //! force (a reload that keeps a route name or an upstream address keeps its counters).
 use std::{fmt::Write as _, sync::atomic::Ordering};
 
-use crate::tcp::{Routes, stats::Reason};
+use crate::tcp::{Routes, WorkerStats, stats::Reason};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -58,8 +58,9 @@ fn seconds(us: u64) -> String {
     format!("{}", us as f64 / 1e6)
 }
 
-/// Appends the metrics of `routes` to `out`.
-pub fn tcp(routes: &Routes, out: &mut String) {
+/// Appends the metrics of `routes` and of the workers (as they last published them) to
+/// `out`.
+pub fn tcp(routes: &Routes, workers: &[WorkerStats], out: &mut String) {
     let route_labels = |r: &crate::tcp::Route| (r.spec.name.clone(), r.spec.listen.to_string());
     type RouteValue = fn(&crate::tcp::stats::RouteStats) -> u64;
     let per_route: [(&'static str, &str, &str, RouteValue); 2] = [
@@ -194,6 +195,81 @@ pub fn tcp(routes: &Routes, out: &mut String) {
         f.sample("_sum", &labels, seconds(h.sum_us()));
         f.sample("_count", &labels, cumulative);
     }
+    workers_of(workers, out);
+}
+
+/// The workers' own counters, labelled by the CPU each is pinned to.
+fn workers_of(workers: &[WorkerStats], out: &mut String) {
+    type WorkerValue = fn(&WorkerStats) -> u64;
+    let per_worker: [(&'static str, &str, WorkerValue); 9] = [
+        (
+            "edgeproxy_tcp_worker_connections_total",
+            "Connections the worker accepted.",
+            |w| w.connections,
+        ),
+        (
+            "edgeproxy_tcp_worker_buffer_waits_total",
+            "Times a direction found the buffer pool empty and waited (memory bound at work).",
+            |w| w.buffer_waits,
+        ),
+        (
+            "edgeproxy_tcp_worker_local_send_buffers_total",
+            "Sockets to peers on this host whose send buffer was fixed (local_sndbuf).",
+            |w| w.local_send_buffers,
+        ),
+        (
+            "edgeproxy_tcp_worker_gathering_waits_total",
+            "Waits that gathered completions after bulk traffic (coalesce_usec).",
+            |w| w.gathering_waits,
+        ),
+        (
+            "edgeproxy_tcp_worker_cancel_retries_total",
+            "Closing connections that cancelled their operations again (0 normally).",
+            |w| w.cancel_retries,
+        ),
+        (
+            "edgeproxy_tcp_worker_closed_with_listener_total",
+            "Connections accepted just as a reload or the drain closed their listener.",
+            |w| w.closed_with_listener,
+        ),
+        (
+            "edgeproxy_tcp_worker_zero_copy_bytes_total",
+            "Client bytes received through the zero-copy queue.",
+            |w| w.zero_copy_bytes,
+        ),
+        (
+            "edgeproxy_tcp_worker_zero_copy_waits_total",
+            "Times a zero-copy direction waited for chunks to come back.",
+            |w| w.zero_copy_waits,
+        ),
+        (
+            "edgeproxy_tcp_worker_zero_copy_retries_total",
+            "Zero-copy receives the kernel ended for lack of room, issued again.",
+            |w| w.zero_copy_retries,
+        ),
+    ];
+    let cpus: Vec<String> = workers.iter().map(|w| w.cpu.to_string()).collect();
+    for (name, help, value) in per_worker {
+        let mut f = Family::new(out, name, "counter", help);
+        for (w, cpu) in workers.iter().zip(&cpus) {
+            f.sample("", &[("cpu", cpu)], value(w));
+        }
+    }
+    let mut f = Family::new(
+        out,
+        "edgeproxy_tcp_worker_streams_total",
+        "counter",
+        "Connections that streamed, by copy path.",
+    );
+    for (w, cpu) in workers.iter().zip(&cpus) {
+        for (path, n) in [
+            ("splice", w.splice_streams),
+            ("buffers", w.buffer_streams),
+            ("zero_copy", w.zero_copy_streams),
+        ] {
+            f.sample("", &[("cpu", cpu), ("path", path)], n);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -237,8 +313,16 @@ mod tests {
         u.stats.connect_latency.record(Duration::from_micros(100));
         u.stats.connect_latency.record(Duration::from_micros(300));
         u.stats.connect_latency.record(Duration::from_secs(100));
+        let worker = WorkerStats {
+            cpu: 3,
+            connections: 9,
+            splice_streams: 6,
+            buffer_streams: 2,
+            buffer_waits: 11,
+            ..WorkerStats::default()
+        };
         let mut text = String::new();
-        tcp(&routes, &mut text);
+        tcp(&routes, &[worker], &mut text);
 
         // The name's quote and backslash are escaped.
         let route = r#"route="we \"b\\",listen="127.0.0.1:8000""#;
@@ -292,6 +376,20 @@ mod tests {
             assert!(n >= last, "{l}");
             last = n;
         }
+
+        // The workers' counters, by CPU (and copy path).
+        assert_eq!(
+            value(&text, "edgeproxy_tcp_worker_connections_total{cpu=\"3\"}"),
+            "9"
+        );
+        assert_eq!(
+            value(&text, "edgeproxy_tcp_worker_buffer_waits_total{cpu=\"3\"}"),
+            "11"
+        );
+        let streams = "edgeproxy_tcp_worker_streams_total{cpu=\"3\",path=";
+        assert_eq!(value(&text, &format!("{streams}\"splice\"}}")), "6");
+        assert_eq!(value(&text, &format!("{streams}\"buffers\"}}")), "2");
+        assert_eq!(value(&text, &format!("{streams}\"zero_copy\"}}")), "0");
 
         // Each family is declared once, before its samples; every line is a comment or
         // `name{labels} value` with a numeric value.

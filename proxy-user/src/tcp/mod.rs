@@ -311,6 +311,8 @@ pub struct SharedRoutes {
     generation: AtomicU64,
     /// The generation each worker has applied (so a reload can be confirmed).
     applied: Mutex<Vec<Arc<AtomicU64>>>,
+    /// Each worker's counters as it last published them (every sweep, for `/metrics`).
+    workers: Mutex<Vec<Arc<Mutex<WorkerStats>>>>,
 }
 
 impl SharedRoutes {
@@ -319,7 +321,28 @@ impl SharedRoutes {
             generation: AtomicU64::new(routes.generation),
             current: Mutex::new(Arc::new(routes)),
             applied: Mutex::new(Vec::new()),
+            workers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// A worker's slot for publishing its counters.
+    pub fn register_worker_stats(&self) -> Arc<Mutex<WorkerStats>> {
+        let slot = Arc::new(Mutex::new(WorkerStats::default()));
+        self.workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::clone(&slot));
+        slot
+    }
+
+    /// The counters every worker last published.
+    pub fn worker_stats(&self) -> Vec<WorkerStats> {
+        self.workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|w| w.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .collect()
     }
 
     /// A worker's slot for the generation it has applied.

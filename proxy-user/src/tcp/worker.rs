@@ -604,6 +604,8 @@ struct Worker {
     generation: u64,
     /// Where this worker tells the control thread which generation it applied.
     applied: Arc<std::sync::atomic::AtomicU64>,
+    /// Where this worker's counters are published for `/metrics`.
+    published: Arc<std::sync::Mutex<WorkerStats>>,
     idle_sweep: Instant,
     now: Instant,
     /// Addresses of the zero-copy interface (empty without a registered queue).
@@ -715,6 +717,7 @@ impl Worker {
             balancers: Vec::new(),
             generation: routes.generation,
             applied: shared.register_worker(routes.generation),
+            published: shared.register_worker_stats(),
             shared,
             idle_sweep: now,
             now,
@@ -780,6 +783,7 @@ impl Worker {
             if self.now.duration_since(self.idle_sweep) >= SWEEP_EVERY {
                 self.idle_sweep = self.now;
                 self.sweep(drain_deadline);
+                self.publish_stats();
             }
             if let Some(deadline) = drain_deadline {
                 if self.open() == 0 {
@@ -800,7 +804,13 @@ impl Worker {
             self.feed_starved();
         }
         self.stats.left_open = self.open();
+        self.publish_stats();
         self.stats.clone()
+    }
+
+    /// Copies the counters to where `/metrics` reads them (per sweep, not per event).
+    fn publish_stats(&self) {
+        *self.published.lock().unwrap_or_else(|p| p.into_inner()) = self.stats.clone();
     }
 
     fn open(&self) -> usize {
