@@ -75,6 +75,7 @@ on_both_engines!(
     bulk_transfers_make_waits_gather_splice,
     short_connections_ending_every_way_leave_nothing_open,
     admin_endpoint_serves_the_counters_to_a_scraper,
+    routes_coming_and_going_under_traffic_leave_the_others_whole,
 );
 
 fn sa(s: &str) -> SocketAddr {
@@ -1162,6 +1163,101 @@ fn short_connections_ending_every_way_leave_nothing_open() {
         streams("splice_streams") > 0 && streams("buffer_streams") > 0,
         "both copy paths carried connections: {workers:?}"
     );
+}
+
+/// Ten reloads that add and remove a route while clients stream through another one
+/// and keep trying the coming-and-going one: every connection of the kept route is
+/// echoed whole, the other's connections are refused or whole (never cut), and nothing
+/// is left open. Removed listeners give their slots to the re-added ones.
+fn routes_coming_and_going_under_traffic_leave_the_others_whole() {
+    if !require_root("routes_coming_and_going_under_traffic_leave_the_others_whole") {
+        return;
+    }
+    let mut bed = Bed::new();
+    let _up = bed.upstream("10.200.0.1:7751", echo());
+    let kept = route("10.200.0.1:7701", &["10.200.0.1:7751"], "");
+    let coming = route("10.200.0.1:7702", &["10.200.0.1:7751"], "")
+        .replace("name = \"r\"", "name = \"coming\"");
+    bed.start(&format!("{kept}{coming}"), &[]);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let ns = &bed.ns;
+    let (kept_done, failures) = std::thread::scope(|s| {
+        let client = |port: u16, seed: u64| {
+            let stop = &stop;
+            s.spawn(move || {
+                ns.run(|| {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                    let (mut whole, mut failures) = (0u64, Vec::new());
+                    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                        let to = sa(&format!("10.200.0.1:{port}"));
+                        let Ok(mut c) = edgeproxy_testbed::tcp::connect_here(ip("10.200.0.1"), to)
+                        else {
+                            if port == 7701 {
+                                failures.push(format!("{port}: connect refused"));
+                            }
+                            continue;
+                        };
+                        let mut payload = vec![0u8; 1 + (rng.next_u32() % 100_000) as usize];
+                        rng.fill_bytes(&mut payload);
+                        let wrote = c.write_all(&payload).is_ok();
+                        let _ = c.shutdown(Shutdown::Write);
+                        let mut back = Vec::new();
+                        let read = c.read_to_end(&mut back);
+                        if wrote && read.is_ok() && back == payload {
+                            whole += 1;
+                        } else if port == 7701 || !back.is_empty() {
+                            // The kept route must never fail; the other may refuse a
+                            // connection (its listener closing) but never cut one short.
+                            failures.push(format!(
+                                "{port}: wrote {wrote}, read {read:?}, {} of {} bytes",
+                                back.len(),
+                                payload.len()
+                            ));
+                        }
+                    }
+                    (whole, failures)
+                })
+            })
+        };
+        let kept_clients: Vec<_> = (0..3).map(|k| client(7701, k)).collect();
+        let coming_client = client(7702, 99);
+        for i in 0..10 {
+            std::thread::sleep(Duration::from_millis(150));
+            let config = if i % 2 == 0 {
+                kept.clone()
+            } else {
+                format!("{kept}{coming}")
+            };
+            bed.reload(&config);
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let mut kept_done = 0;
+        let mut failures = Vec::new();
+        for h in kept_clients {
+            let (n, f) = h.join().expect("kept client");
+            kept_done += n;
+            failures.extend(f);
+        }
+        let (_, f) = coming_client.join().expect("coming client");
+        failures.extend(f);
+        (kept_done, failures)
+    });
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(kept_done > 0, "the kept route carried connections");
+    let routes = bed.stats_when(|r| {
+        r.as_array()
+            .is_some_and(|a| a.iter().all(|r| num(r, "active") == 0))
+    });
+    let kept_stats = routes
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["name"] == "r"))
+        .expect("kept route");
+    assert_eq!(num(kept_stats, "accepted"), kept_done, "{kept_stats}");
+    let report = bed.stop();
+    for w in report["workers"].as_array().expect("workers") {
+        assert_eq!(num(w, "left_open"), 0, "{w}");
+    }
 }
 
 // --- admin endpoint ---------------------------------------------------------------------
