@@ -171,22 +171,15 @@ fn respond(head: &[u8], routes: &SharedRoutes) -> Response {
             prometheus::tcp(&routes.latest(), &routes.worker_stats(), &mut body);
             Response {
                 content_type: prometheus::CONTENT_TYPE,
+                body,
                 ..Response::text(200, "OK", "")
             }
-            .with_body(body)
         }
         "/healthz" => Response::text(200, "OK", "ok\n"),
         _ => Response::text(404, "Not Found", "/metrics or /healthz\n"),
     };
     response.head_only = method == "HEAD";
     response
-}
-
-impl Response {
-    fn with_body(mut self, body: String) -> Self {
-        self.body = body;
-        self
-    }
 }
 
 /// The method and the path (without a query string) of a complete HTTP/1.x request

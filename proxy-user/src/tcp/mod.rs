@@ -309,10 +309,17 @@ impl Routes {
 pub struct SharedRoutes {
     current: Mutex<Arc<Routes>>,
     generation: AtomicU64,
-    /// The generation each worker has applied (so a reload can be confirmed).
-    applied: Mutex<Vec<Arc<AtomicU64>>>,
-    /// Each worker's counters as it last published them (every sweep, for `/metrics`).
-    workers: Mutex<Vec<Arc<Mutex<WorkerStats>>>>,
+    /// What each worker reports back.
+    workers: Mutex<Vec<Arc<WorkerBoard>>>,
+}
+
+/// What one worker reports back to the control thread.
+#[derive(Debug, Default)]
+pub struct WorkerBoard {
+    /// The generation of routes it applied (so a reload can be confirmed).
+    pub applied: AtomicU64,
+    /// Its counters as it last published them (every sweep, for `/metrics`).
+    pub stats: Mutex<WorkerStats>,
 }
 
 impl SharedRoutes {
@@ -320,19 +327,8 @@ impl SharedRoutes {
         Arc::new(Self {
             generation: AtomicU64::new(routes.generation),
             current: Mutex::new(Arc::new(routes)),
-            applied: Mutex::new(Vec::new()),
             workers: Mutex::new(Vec::new()),
         })
-    }
-
-    /// A worker's slot for publishing its counters.
-    pub fn register_worker_stats(&self) -> Arc<Mutex<WorkerStats>> {
-        let slot = Arc::new(Mutex::new(WorkerStats::default()));
-        self.workers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::clone(&slot));
-        slot
     }
 
     /// The counters every worker last published.
@@ -341,14 +337,17 @@ impl SharedRoutes {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|w| w.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .map(|w| w.stats.lock().unwrap_or_else(|p| p.into_inner()).clone())
             .collect()
     }
 
-    /// A worker's slot for the generation it has applied.
-    pub fn register_worker(&self, generation: u64) -> Arc<AtomicU64> {
-        let slot = Arc::new(AtomicU64::new(generation));
-        self.applied
+    /// A worker's board, starting at the generation it was built from.
+    pub fn register_worker(&self, generation: u64) -> Arc<WorkerBoard> {
+        let slot = Arc::new(WorkerBoard {
+            applied: AtomicU64::new(generation),
+            stats: Mutex::default(),
+        });
+        self.workers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Arc::clone(&slot));
@@ -360,11 +359,11 @@ impl SharedRoutes {
         let deadline = std::time::Instant::now() + limit;
         loop {
             let done = self
-                .applied
+                .workers
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
-                .all(|a| a.load(Ordering::Acquire) >= generation);
+                .all(|w| w.applied.load(Ordering::Acquire) >= generation);
             if done {
                 return true;
             }

@@ -50,8 +50,8 @@ const LISTENER: u64 = 1 << 63;
 const LISTENER_CANCEL: u64 = 1 << 62;
 /// A listener's accepts carry its tag (bits 32..62) beside its index (bits 0..32): a
 /// reload may give a closed listener's index to a new one while accepts of the old one
-/// still complete, and those must not be taken for the new route's.
-const LISTENER_TAG_MASK: u64 = (1 << 30) - 1;
+/// still complete, and those must not be taken for the new route's. Tags wrap within it.
+const LISTENER_TAG_MASK: u32 = (1 << 30) - 1;
 
 // Connection operations: user_data = slot << 8 | op.
 const OP_HDR_PEEK: u8 = 1;
@@ -75,7 +75,7 @@ const ACCEPT_REST: Duration = Duration::from_millis(100);
 /// The longest a worker waits in the ring before looking at reloads and the stop flag.
 const WAIT: Duration = Duration::from_millis(50);
 /// Bytes forwarded in one pass that make the next wait gather completions (see
-/// `Ops::coalesce`): one full loopback segment. A pass of interactive traffic moves far
+/// `Ops::gather`): one full loopback segment. A pass of interactive traffic moves far
 /// less (16 connections of 64-byte round trips: about 1 KiB), so only bulk transfers
 /// wait for company. 32 KiB and 128 KiB measured alike.
 const BULK_PASS_BYTES: u64 = 64 * 1024;
@@ -602,10 +602,9 @@ struct Worker {
     balancers: Vec<(Arc<Route>, Balancer)>,
     shared: Arc<SharedRoutes>,
     generation: u64,
-    /// Where this worker tells the control thread which generation it applied.
-    applied: Arc<std::sync::atomic::AtomicU64>,
-    /// Where this worker's counters are published for `/metrics`.
-    published: Arc<std::sync::Mutex<WorkerStats>>,
+    /// Where this worker tells the control thread which generation it applied and
+    /// publishes its counters for `/metrics`.
+    board: Arc<super::WorkerBoard>,
     idle_sweep: Instant,
     now: Instant,
     /// Addresses of the zero-copy interface (empty without a registered queue).
@@ -716,8 +715,7 @@ impl Worker {
             starved: VecDeque::new(),
             balancers: Vec::new(),
             generation: routes.generation,
-            applied: shared.register_worker(routes.generation),
-            published: shared.register_worker_stats(),
+            board: shared.register_worker(routes.generation),
             shared,
             idle_sweep: now,
             now,
@@ -810,7 +808,7 @@ impl Worker {
 
     /// Copies the counters to where `/metrics` reads them (per sweep, not per event).
     fn publish_stats(&self) {
-        *self.published.lock().unwrap_or_else(|p| p.into_inner()) = self.stats.clone();
+        *self.board.stats.lock().unwrap_or_else(|p| p.into_inner()) = self.stats.clone();
     }
 
     fn open(&self) -> usize {
@@ -838,8 +836,8 @@ impl Worker {
                 continue;
             }
             if ud & LISTENER != 0 {
-                let (li, tag) = (ud & 0xffff_ffff, (ud >> 32) & LISTENER_TAG_MASK);
-                self.on_accept(li as usize, tag as u32, res, flags);
+                let (li, tag) = (ud as u32, (ud >> 32) as u32 & LISTENER_TAG_MASK);
+                self.on_accept(li as usize, tag, res, flags);
             } else {
                 self.on_conn((ud >> 8) as u32, (ud & 0xff) as u8, res, flags);
             }
@@ -856,7 +854,7 @@ impl Worker {
                 continue;
             }
             let fd = l.fd.as_raw_fd();
-            let ud = LISTENER | (u64::from(l.tag) & LISTENER_TAG_MASK) << 32 | li as u64;
+            let ud = LISTENER | u64::from(l.tag) << 32 | li as u64;
             if self.ops.push(Op::AcceptMulti { fd }, ud)
                 && let Some(l) = self.listeners[li].as_mut()
             {
@@ -913,7 +911,7 @@ impl Worker {
                             tracing::warn!(route = %r.spec.name, "a route added by a reload is not steered by rx queue: it uses the copy path, and its flows must not be sent to zero-copy queues before a restart");
                         }
                         let tag = self.next_listener_tag;
-                        self.next_listener_tag = tag.wrapping_add(1);
+                        self.next_listener_tag = tag.wrapping_add(1) & LISTENER_TAG_MASK;
                         let l = Listener {
                             fd,
                             route: Arc::clone(r),
@@ -950,7 +948,9 @@ impl Worker {
         }
         self.balancers
             .retain(|(r, _)| routes.routes.iter().any(|n| Arc::ptr_eq(n, r)));
-        self.applied.store(routes.generation, Ordering::Release);
+        self.board
+            .applied
+            .store(routes.generation, Ordering::Release);
     }
 
     /// A reload changed `[tcp] copy`: new connections take the new path (open ones keep
@@ -1010,7 +1010,7 @@ impl Worker {
             .listeners
             .get_mut(li)
             .and_then(Option::as_mut)
-            .filter(|l| u64::from(l.tag) & LISTENER_TAG_MASK == u64::from(tag))
+            .filter(|l| l.tag == tag)
         else {
             if res >= 0 {
                 // Accepted as a reload or the drain closed the listener: its route is
@@ -2488,6 +2488,17 @@ mod tests {
         }
     }
 
+    /// One `read`, retried when interrupted. This thread made rings (the engine probe):
+    /// their teardown interrupts a socket read with a timeout once, as a signal would.
+    fn read_some(r: &mut impl std::io::Read, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match r.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+        }
+    }
+
     fn engines() -> Vec<Engine> {
         let mut engines = vec![Engine::Epoll];
         if ops::uring::unavailable().is_none() {
@@ -2501,10 +2512,7 @@ mod tests {
     /// reused index is not taken for the new route: the connection is closed, uncounted.
     #[test]
     fn reloads_reuse_closed_listener_slots_and_drop_stale_accepts() {
-        use std::{
-            io::Read as _,
-            os::fd::{IntoRawFd as _, RawFd},
-        };
+        use std::os::fd::{IntoRawFd as _, RawFd};
         for engine in engines() {
             let listen_a = socket::listener("127.0.0.1:0".parse().unwrap()).unwrap();
             let a = socket::local_addr(&listen_a).unwrap();
@@ -2573,13 +2581,7 @@ mod tests {
             client
                 .set_read_timeout(Some(Duration::from_secs(5)))
                 .unwrap();
-            let mut byte = [0u8; 1];
-            let eof = loop {
-                match client.read(&mut byte) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    other => break other,
-                }
-            };
+            let eof = read_some(&mut client, &mut [0u8; 1]);
             assert!(matches!(eof, Ok(0)), "{engine:?}: {eof:?}");
         }
     }
@@ -2588,7 +2590,6 @@ mod tests {
     /// the sweep, instead of holding its sockets (and its client) open for good.
     #[test]
     fn a_lost_cancellation_is_retried_and_the_connection_closes() {
-        use std::io::Read;
         for engine in engines() {
             // Idle connections are closed after 0.2 s; both cancellations (client and
             // upstream socket) of that close are refused.
@@ -2603,15 +2604,7 @@ mod tests {
             let (_held, _) = w.upstream.accept().unwrap();
             c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let t = Instant::now();
-            let mut b = [0u8; 1];
-            // This thread made rings (the engine probe): their teardown interrupts a
-            // socket read with a timeout once, as a signal would.
-            let end = loop {
-                match c.read(&mut b) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    other => break other,
-                }
-            };
+            let end = read_some(&mut c, &mut [0u8; 1]);
             let took = t.elapsed();
             let stats = w.stop();
             assert!(
