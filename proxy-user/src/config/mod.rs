@@ -170,6 +170,7 @@ struct RawTcp {
     pipe_size: Option<Spanned<i64>>,
     local_sndbuf: Option<Spanned<i64>>,
     coalesce_usec: Option<Spanned<i64>>,
+    busy_poll_usec: Option<Spanned<i64>>,
     drain_seconds: Option<Spanned<f64>>,
     zero_copy: Option<Spanned<String>>,
     zero_copy_interface: Option<Spanned<String>>,
@@ -401,6 +402,11 @@ fn parse_tcp(
         && let Some(n) = int(cx, v, "tcp.coalesce_usec", 0, 1000)
     {
         t.coalesce_usec = n as u32;
+    }
+    if let Some(v) = &raw.busy_poll_usec
+        && let Some(n) = int(cx, v, "tcp.busy_poll_usec", 0, 10_000)
+    {
+        t.busy_poll_usec = n as u32;
     }
     if let Some(v) = &raw.local_sndbuf
         && let Some(n) = int(cx, v, "tcp.local_sndbuf", 0, 1 << 30)
@@ -1096,7 +1102,7 @@ mod tests {
     fn routes_parse_with_defaults_and_overrides() {
         let c = parse_config(
             "c",
-            "[tcp]\ncopy = \"splice\"\ndrain_seconds = 2.5\nlocal_sndbuf = 0\ncoalesce_usec = 0\n[[route]]\nlisten = \"127.0.0.1:8080\"\nupstreams = [\"127.0.0.1:9000\", \"localhost:9001\"]\n[[route]]\nname = \"web\"\nlisten = \"[::1]:443\"\nbalance = \"maglev\"\nconnect_timeout = 0.5\nmax_connections = 100\nsend_proxy = \"v2\"\naccept_proxy = true\n[[route.upstream]]\naddress = \"[::1]:8443\"\nweight = 3\nmax_connections = 10\n[route.health]\ninterval = 0.5\n",
+            "[tcp]\ncopy = \"splice\"\ndrain_seconds = 2.5\nlocal_sndbuf = 0\ncoalesce_usec = 0\nbusy_poll_usec = 150\n[[route]]\nlisten = \"127.0.0.1:8080\"\nupstreams = [\"127.0.0.1:9000\", \"localhost:9001\"]\n[[route]]\nname = \"web\"\nlisten = \"[::1]:443\"\nbalance = \"maglev\"\nconnect_timeout = 0.5\nmax_connections = 100\nsend_proxy = \"v2\"\naccept_proxy = true\n[[route.upstream]]\naddress = \"[::1]:8443\"\nweight = 3\nmax_connections = 10\n[route.health]\ninterval = 0.5\n",
         )
         .expect("valid");
         assert_eq!(c.tcp.copy, CopyMode::Splice);
@@ -1105,6 +1111,10 @@ mod tests {
         let defaults = parse_config("c", "").expect("empty");
         assert_eq!(defaults.tcp.local_sndbuf, 256 * 1024);
         assert_eq!((c.tcp.coalesce_usec, defaults.tcp.coalesce_usec), (0, 20));
+        assert_eq!(
+            (c.tcp.busy_poll_usec, defaults.tcp.busy_poll_usec),
+            (150, 0)
+        );
         let [a, b] = &c.routes[..] else {
             panic!("{:?}", c.routes)
         };
@@ -1133,7 +1143,7 @@ mod tests {
 
     #[test]
     fn route_problems_are_located() {
-        let cases: [(&str, &str); 10] = [
+        let cases: [(&str, &str); 11] = [
             (
                 "[[route]]\nlisten = \"1.2.3.4\"\nupstreams = [\"127.0.0.1:1\"]\n",
                 "c:2:10: route.listen \"1.2.3.4\" is not an address:port",
@@ -1169,6 +1179,10 @@ mod tests {
             (
                 "[tcp]\ncoalesce_usec = 5000\n",
                 "c:2:17: tcp.coalesce_usec must be 0..=1000, not 5000",
+            ),
+            (
+                "[tcp]\nbusy_poll_usec = 20000\n",
+                "c:2:18: tcp.busy_poll_usec must be 0..=10000, not 20000",
             ),
             (
                 "[tcp]\nlocal_sndbuf = -1\n",

@@ -47,6 +47,30 @@ pub(crate) fn submit_and_wait<
     submit_and_wait_batch(ring, timeout, None)
 }
 
+/// Submits what is queued and reaps what has completed, never sleeping: a busy poll.
+/// Unlike a wait with a zero timeout, no timer is armed; with deferred task work the
+/// kernel still runs it (that is what posts a socket operation's completion), which
+/// asking for events (`GETEVENTS`) with a minimum of none does.
+pub(crate) fn submit_and_reap<
+    S: io_uring::squeue::EntryMarker,
+    C: io_uring::cqueue::EntryMarker,
+>(
+    ring: &mut IoUring<S, C>,
+) -> io::Result<()> {
+    const IORING_ENTER_GETEVENTS: u32 = 1;
+    let to_submit = u32::try_from(ring.submission().len()).unwrap_or(u32::MAX);
+    // SAFETY: no argument is passed (the kernel reads none without EXT_ARG or a sigmask).
+    let r = unsafe {
+        ring.submitter()
+            .enter::<libc::sigset_t>(to_submit, 0, IORING_ENTER_GETEVENTS, None)
+    };
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// A batch to wait for: `events` completions, or what came in within `usec` µs of the
 /// wait's start (io_uring's minimum wait, `IORING_FEAT_MIN_TIMEOUT`, kernel 6.12).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

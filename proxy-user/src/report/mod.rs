@@ -167,6 +167,14 @@ pub fn tcp_table(s: &crate::tcp::TcpSummary) -> String {
     if let Some(why) = &s.engine_fallback {
         let _ = writeln!(out, "io_uring not used: {why}");
     }
+    let hits: u64 = s.workers.iter().map(|w| w.busy_poll_hits).sum();
+    let sleeps: u64 = s.workers.iter().map(|w| w.busy_poll_sleeps).sum();
+    if hits + sleeps > 0 {
+        let _ = writeln!(
+            out,
+            "busy polling: {hits} waits found completions while polling, {sleeps} polls ran out and slept"
+        );
+    }
     for z in &s.zero_copy {
         let _ = writeln!(
             out,

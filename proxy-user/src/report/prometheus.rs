@@ -201,7 +201,7 @@ pub fn tcp(routes: &Routes, workers: &[WorkerStats], out: &mut String) {
 /// The workers' own counters, labelled by the CPU each is pinned to.
 fn workers_of(workers: &[WorkerStats], out: &mut String) {
     type WorkerValue = fn(&WorkerStats) -> u64;
-    let per_worker: [(&'static str, &str, WorkerValue); 9] = [
+    let per_worker: [(&'static str, &str, WorkerValue); 11] = [
         (
             "edgeproxy_tcp_worker_connections_total",
             "Connections the worker accepted.",
@@ -221,6 +221,16 @@ fn workers_of(workers: &[WorkerStats], out: &mut String) {
             "edgeproxy_tcp_worker_gathering_waits_total",
             "Waits that gathered completions after bulk traffic (coalesce_usec).",
             |w| w.gathering_waits,
+        ),
+        (
+            "edgeproxy_tcp_worker_busy_poll_hits_total",
+            "Waits whose completions came in while the worker polled (busy_poll_usec).",
+            |w| w.busy_poll_hits,
+        ),
+        (
+            "edgeproxy_tcp_worker_busy_poll_sleeps_total",
+            "Polls that ran out of time and slept (busy_poll_usec).",
+            |w| w.busy_poll_sleeps,
         ),
         (
             "edgeproxy_tcp_worker_cancel_retries_total",

@@ -124,6 +124,9 @@ pub struct TcpSettings {
     /// Under bulk traffic, how long a worker's wait may gather completions before it
     /// handles the first (µs; 0: wake at each; io_uring on kernels ≥ 6.12).
     pub coalesce_usec: u32,
+    /// How long a worker with nothing to do polls for completions before it sleeps (µs;
+    /// 0: it sleeps at once). Polling spends its core to save the wake-ups.
+    pub busy_poll_usec: u32,
     /// How long open connections may finish after SIGTERM before they are reset.
     pub drain: Duration,
     /// Fixed at start: a reload does not register or release queues.
@@ -162,6 +165,9 @@ impl Default for TcpSettings {
             // forwarded a full segment or more make the next wait gather, so
             // interactive traffic still wakes the worker at once.
             coalesce_usec: 20,
+            // Off, as HAProxy's `busy-polling`: a polling worker keeps its core busy
+            // whenever traffic is light (see the README's busy polling section).
+            busy_poll_usec: 0,
             drain: Duration::from_secs(30),
             // 64 MiB: the NIC's page pool for the queue (a few thousand pages) plus
             // what connections hold; the selftests' 8,192-entry refill ring.

@@ -101,7 +101,8 @@ pub trait Ops {
     fn push(&mut self, op: Op, user_data: u64) -> bool;
     /// Hands queued operations to the kernel now (before an fd they name is closed).
     fn flush(&mut self);
-    /// Waits up to `timeout` for at least one completion; appends what completed.
+    /// Waits up to `timeout` for at least one completion; appends what completed. A zero
+    /// `timeout` never sleeps: it reaps what has completed (a busy poll).
     fn wait(&mut self, timeout: Duration, out: &mut Vec<(u64, i32, u32)>);
     /// Whether waits can gather completions ([`Ops::gather`]).
     fn can_gather(&self) -> bool {

@@ -360,7 +360,12 @@ impl<C: Cqe> Ops for UringOps<C> {
                 batch = None;
             }
         }
-        if let Err(e) = crate::engine::uring::submit_and_wait_batch(&self.ring, timeout, batch) {
+        let waited = if timeout.is_zero() {
+            crate::engine::uring::submit_and_reap(&mut self.ring)
+        } else {
+            crate::engine::uring::submit_and_wait_batch(&self.ring, timeout, batch)
+        };
+        if let Err(e) = waited {
             tracing::error!(error = %e, "io_uring wait");
         }
         let first = out.len();

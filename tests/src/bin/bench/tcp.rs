@@ -52,24 +52,32 @@ enum Proxy {
     EdgeproxyAutotuned,
     /// edgeproxy with `coalesce_usec = 0`: every completion wakes the worker.
     EdgeproxyEager,
+    /// edgeproxy with `busy_poll_usec = 200`: a worker polls for completions that long
+    /// before it sleeps.
+    EdgeproxyBusyPoll,
     Haproxy,
     /// HAProxy with the send buffers edgeproxy gives peers on this host
     /// (`tune.sndbuf.client` and `.server`; every peer here is on this host).
     HaproxySndbuf,
+    /// HAProxy with `busy-polling` (its poller never sleeps): against
+    /// edgeproxy-busypoll.
+    HaproxyBusyPoll,
     Nginx,
     Socat,
 }
 
 impl Proxy {
-    const ALL: [Proxy; 10] = [
+    const ALL: [Proxy; 12] = [
         Proxy::Direct,
         Proxy::Edgeproxy,
         Proxy::EdgeproxyBuffers,
         Proxy::EdgeproxyEpoll,
         Proxy::EdgeproxyAutotuned,
         Proxy::EdgeproxyEager,
+        Proxy::EdgeproxyBusyPoll,
         Proxy::Haproxy,
         Proxy::HaproxySndbuf,
+        Proxy::HaproxyBusyPoll,
         Proxy::Nginx,
         Proxy::Socat,
     ];
@@ -82,8 +90,10 @@ impl Proxy {
             Proxy::EdgeproxyEpoll => "edgeproxy-epoll",
             Proxy::EdgeproxyAutotuned => "edgeproxy-autotuned",
             Proxy::EdgeproxyEager => "edgeproxy-eager",
+            Proxy::EdgeproxyBusyPoll => "edgeproxy-busypoll",
             Proxy::Haproxy => "haproxy",
             Proxy::HaproxySndbuf => "haproxy-sndbuf",
+            Proxy::HaproxyBusyPoll => "haproxy-busypoll",
             Proxy::Nginx => "nginx",
             Proxy::Socat => "socat",
         }
@@ -169,7 +179,8 @@ impl Bench {
             | Proxy::EdgeproxyBuffers
             | Proxy::EdgeproxyEpoll
             | Proxy::EdgeproxyAutotuned
-            | Proxy::EdgeproxyEager => {
+            | Proxy::EdgeproxyEager
+            | Proxy::EdgeproxyBusyPoll => {
                 let copy = if p == Proxy::EdgeproxyBuffers {
                     "buffers"
                 } else {
@@ -189,6 +200,9 @@ impl Bench {
                 if p == Proxy::EdgeproxyEager {
                     cfg += "coalesce_usec = 0\n";
                 }
+                if p == Proxy::EdgeproxyBusyPoll {
+                    cfg += "busy_poll_usec = 200\n";
+                }
                 for u in ups {
                     cfg += &format!(
                         "[[route]]\nlisten = \"{SERVER}:{}\"\nupstreams = [\"{SERVER}:{u}\"]\nidle_timeout = 120\n",
@@ -207,11 +221,13 @@ impl Bench {
                 )?;
                 vec![child]
             }
-            Proxy::Haproxy | Proxy::HaproxySndbuf => {
-                let tune = if p == Proxy::HaproxySndbuf {
-                    "  tune.sndbuf.client 262144\n  tune.sndbuf.server 262144\n"
-                } else {
-                    ""
+            Proxy::Haproxy | Proxy::HaproxySndbuf | Proxy::HaproxyBusyPoll => {
+                let tune = match p {
+                    Proxy::HaproxySndbuf => {
+                        "  tune.sndbuf.client 262144\n  tune.sndbuf.server 262144\n"
+                    }
+                    Proxy::HaproxyBusyPoll => "  busy-polling\n",
+                    _ => "",
                 };
                 let mut cfg = format!(
                     "global\n  nbthread 1\n  maxconn 8000\n{tune}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n"
@@ -664,6 +680,8 @@ pub fn tcp_peers() -> anyhow::Result<()> {
     let autotuned = get(Proxy::EdgeproxyAutotuned)?;
     let haproxy_sndbuf = get(Proxy::HaproxySndbuf)?;
     let eager = get(Proxy::EdgeproxyEager)?;
+    let busypoll = get(Proxy::EdgeproxyBusyPoll)?;
+    let haproxy_busypoll = get(Proxy::HaproxyBusyPoll)?;
     println!("(min/median/max over {ROUNDS} rounds)");
     println!(
         "core busy during the throughput runs (medians, client core {CLIENT_CPU} / proxy core {PROXY_CPU}; a client core near 100% bounds every proxy alike):"
@@ -740,6 +758,14 @@ pub fn tcp_peers() -> anyhow::Result<()> {
     println!(
         "ratios (medians): completions gathered under bulk traffic: edgeproxy / edgeproxy-eager: {}",
         versus(ours, eager)
+    );
+    println!(
+        "ratios (medians): busy polling: edgeproxy-busypoll / direct: 1 stream {:.2}, 8 streams {:.2}; edgeproxy-busypoll / haproxy-busypoll: {}; edgeproxy-busypoll / edgeproxy: {}; haproxy-busypoll / haproxy: {}",
+        busypoll.1 / direct.1,
+        busypoll.2 / direct.2,
+        versus(busypoll, haproxy_busypoll),
+        versus(busypoll, ours),
+        versus(haproxy_busypoll, haproxy)
     );
     Ok(())
 }
