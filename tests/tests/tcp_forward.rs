@@ -76,6 +76,7 @@ on_both_engines!(
     short_connections_ending_every_way_leave_nothing_open,
     admin_endpoint_serves_the_counters_to_a_scraper,
     routes_coming_and_going_under_traffic_leave_the_others_whole,
+    busy_polling_forwards_whole_and_counts,
 );
 
 fn sa(s: &str) -> SocketAddr {
@@ -1975,6 +1976,56 @@ fn bulk_transfers_make_waits_gather(copy: &str, connections: usize) {
             ENGINE.get()
         );
     }
+}
+
+/// `busy_poll_usec`: a daemon whose worker polls before it sleeps moves 16 MB each way
+/// whole, counts waits answered while polling, and never gathers (a polling worker does
+/// not sleep through completions).
+fn busy_polling_forwards_whole_and_counts() {
+    if !require_root("busy_polling_forwards_whole_and_counts") {
+        return;
+    }
+    const SIZE: u64 = 16 << 20;
+    const DOWN_SEED: u64 = 9;
+    let mut bed = Bed::new();
+    let _up = bed.upstream(
+        "10.200.0.1:8211",
+        Arc::new(|mut s: TcpStream| {
+            let (n, digest) = drain_digest(&mut s).expect("upstream receive");
+            let _ = s.write_all(&n.to_be_bytes());
+            let _ = s.write_all(&digest.to_be_bytes());
+            let _ = send_random(&mut s, DOWN_SEED, SIZE);
+        }),
+    );
+    bed.start(
+        &format!(
+            "[tcp]\ncopy = \"splice\"\nbusy_poll_usec = 1000\n{}",
+            route("10.200.0.1:8210", &["10.200.0.1:8211"], "")
+        ),
+        &["--workers", "1"],
+    );
+    let mut s = connect(&bed.ns, sa("10.200.0.1:8210")).expect("connect");
+    let sent = send_random(&mut s, 5, SIZE).expect("send");
+    s.shutdown(Shutdown::Write).expect("shutdown");
+    let mut head = [0u8; 16];
+    s.read_exact(&mut head)
+        .expect("the upstream's count and digest");
+    let word = |i: usize| u64::from_be_bytes(head[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    assert_eq!((word(0), word(1)), (SIZE, sent), "upload");
+    let want = send_random(&mut std::io::sink(), DOWN_SEED, SIZE).expect("digest");
+    assert_eq!(
+        drain_digest(&mut s).expect("download"),
+        (SIZE, want),
+        "download"
+    );
+    bed.settled(1);
+    let report = bed.stop();
+    let w = &report["workers"][0];
+    assert!(
+        num(w, "busy_poll_hits") > 0,
+        "no wait was answered while polling: {w}"
+    );
+    assert_eq!(num(w, "gathering_waits"), 0, "{w}");
 }
 
 fn bulk_transfers_make_waits_gather_splice() {
