@@ -1,13 +1,19 @@
 //! The admin endpoint on the control thread: a small HTTP/1.1 server for scrapers and
 //! probes. `GET /metrics` serves the TCP counters in the Prometheus text format,
-//! `GET /healthz` answers `ok` while the control thread runs. One request per
+//! `GET /healthz` answers `ok` while the control thread runs (liveness), `GET /ready`
+//! answers 200 only while forwarding accepts connections — 503 while it starts, drains
+//! after SIGTERM (the endpoint keeps serving through the drain) and after it stopped —
+//! so a load balancer in front takes the node out before its listeners close. One request per
 //! connection; request heads are bounded in size and time, and so is the number of
 //! clients served at once (more are closed at once, not queued).
 use std::{sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::{report::prometheus, tcp::SharedRoutes};
+use crate::{
+    report::prometheus,
+    tcp::{Lifecycle, SharedRoutes},
+};
 
 /// The longest request head read (request line and headers).
 const HEAD_LIMIT: usize = 8 * 1024;
@@ -36,7 +42,7 @@ pub async fn serve(listener: std::net::TcpListener, routes: Arc<SharedRoutes>) {
         }
     };
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "admin endpoint: /metrics, /healthz");
+        tracing::info!(%addr, "admin endpoint: /metrics, /healthz, /ready");
     }
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
@@ -161,7 +167,7 @@ fn respond(head: &[u8], routes: &SharedRoutes) -> Response {
         return Response::text(400, "Bad Request", "malformed request line\n");
     };
     let mut response = match path {
-        "/metrics" | "/healthz" if !matches!(method, "GET" | "HEAD") => {
+        "/metrics" | "/healthz" | "/ready" if !matches!(method, "GET" | "HEAD") => {
             let mut r = Response::text(405, "Method Not Allowed", "GET or HEAD\n");
             r.extra_header = Some("Allow: GET, HEAD");
             r
@@ -176,7 +182,11 @@ fn respond(head: &[u8], routes: &SharedRoutes) -> Response {
             }
         }
         "/healthz" => Response::text(200, "OK", "ok\n"),
-        _ => Response::text(404, "Not Found", "/metrics or /healthz\n"),
+        "/ready" => match routes.lifecycle() {
+            Lifecycle::Serving => Response::text(200, "OK", "ready\n"),
+            other => Response::text(503, "Service Unavailable", &format!("{}\n", other.name())),
+        },
+        _ => Response::text(404, "Not Found", "/metrics, /healthz or /ready\n"),
     };
     response.head_only = method == "HEAD";
     response
@@ -247,6 +257,29 @@ mod tests {
 
         let health = text(&respond(b"GET /healthz HTTP/1.1\r\n\r\n", &routes));
         assert!(health.starts_with("HTTP/1.1 200 OK\r\n") && health.ends_with("\r\n\r\nok\n"));
+        // Ready only while serving: not while starting, draining or after.
+        let ready = |routes: &SharedRoutes| text(&respond(b"GET /ready HTTP/1.1\r\n\r\n", routes));
+        assert!(
+            ready(&routes).starts_with("HTTP/1.1 503 ")
+                && ready(&routes).ends_with("\r\n\r\nstarting\n")
+        );
+        routes.advance(Lifecycle::Serving);
+        assert!(
+            ready(&routes).starts_with("HTTP/1.1 200 OK\r\n")
+                && ready(&routes).ends_with("\r\n\r\nready\n")
+        );
+        routes.advance(Lifecycle::Draining);
+        assert!(
+            ready(&routes).starts_with("HTTP/1.1 503 ")
+                && ready(&routes).ends_with("\r\n\r\ndraining\n")
+        );
+        routes.advance(Lifecycle::Serving);
+        assert!(ready(&routes).ends_with("draining\n"), "never back");
+        routes.advance(Lifecycle::Stopped);
+        assert!(
+            ready(&routes).starts_with("HTTP/1.1 503 ")
+                && ready(&routes).ends_with("\r\n\r\nstopped\n")
+        );
         let post = text(&respond(b"POST /metrics HTTP/1.1\r\n\r\n", &routes));
         assert!(post.starts_with("HTTP/1.1 405 ") && post.contains("Allow: GET, HEAD\r\n"));
         let missing = text(&respond(b"GET / HTTP/1.1\r\n\r\n", &routes));

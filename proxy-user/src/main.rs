@@ -512,7 +512,13 @@ fn proxy_command(
         Err(e) => tracing::error!("{why}: configuration rejected, keeping the running one: {e:#}"),
     };
     let background = tcp_background(std::sync::Arc::clone(&shared), outputs)?;
-    let stop = start_control(Some(config), duration, Box::new(reload), background)?;
+    let stop = start_control(
+        Some(config),
+        duration,
+        Box::new(reload),
+        background,
+        Some(std::sync::Arc::clone(&shared)),
+    )?;
     let summary = proxy_user::tcp::run(shared, &cpus, cfg.pipeline.backend, stop)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -728,10 +734,11 @@ fn start_log_control(
         }
     };
     let background = routes
+        .clone()
         .map(|r| tcp_background(r, outputs))
         .transpose()?
         .unwrap_or_default();
-    let stop = start_control(config, duration, Box::new(reload), background)?;
+    let stop = start_control(config, duration, Box::new(reload), background, routes)?;
     Ok((shared, stop))
 }
 
@@ -740,12 +747,15 @@ type Background = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Starts the control thread (tokio): SIGINT, SIGTERM or `duration` set the returned
 /// stop flag; SIGHUP or a change of `config` call `reload` (which logs and keeps the
-/// running configuration when the file is bad); `background` runs until stop.
+/// running configuration when the file is bad); `background` runs until stop or, with
+/// `forwarding`, until it has drained: the admin endpoint and the stats file show the
+/// drain, and `/ready` says so.
 fn start_control(
     config: Option<PathBuf>,
     duration: Option<Duration>,
     reload: Box<dyn Fn(&str) + Send>,
     background: Vec<Background>,
+    forwarding: Option<std::sync::Arc<proxy_user::tcp::SharedRoutes>>,
 ) -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
     use std::sync::{
         Arc,
@@ -803,6 +813,12 @@ fn start_control(
                     () = &mut stop => stopped = true,
                     () = hangup => reload("SIGHUP"),
                     () = changed => reload("file changed"),
+                }
+            }
+            control_stop.store(true, Ordering::Release);
+            if let Some(routes) = &forwarding {
+                while routes.lifecycle() != proxy_user::tcp::Lifecycle::Stopped {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
             for t in tasks {

@@ -1496,7 +1496,13 @@ fn sigterm_drains_open_connections_then_resets_at_the_deadline() {
             "[tcp]\ndrain_seconds = 1.5\n{}",
             route("10.200.0.1:8200", &["10.200.0.1:8201"], "")
         ),
-        &[],
+        &["--admin", "10.200.0.1:8290"],
+    );
+    let admin = sa("10.200.0.1:8290");
+    let get = |path: &str| admin_get(&bed.ns, admin, &format!("GET {path} HTTP/1.1\r\n\r\n"));
+    assert_eq!(
+        get("/ready"),
+        ("HTTP/1.1 200 OK".to_string(), "ready\n".to_string())
     );
     let mut finishing = connect(&bed.ns, sa("10.200.0.1:8200")).expect("connect");
     let mut lingering = connect(&bed.ns, sa("10.200.0.1:8200")).expect("connect");
@@ -1513,6 +1519,24 @@ fn sigterm_drains_open_connections_then_resets_at_the_deadline() {
     assert!(
         connect(&bed.ns, sa("10.200.0.1:8200")).is_err(),
         "accepted while draining"
+    );
+    // …the admin endpoint still answers: not ready, and the drain in the counters.
+    assert_eq!(
+        get("/ready"),
+        (
+            "HTTP/1.1 503 Service Unavailable".to_string(),
+            "draining\n".to_string()
+        )
+    );
+    let (status, body) = get("/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(
+        sample(
+            &body,
+            r#"edgeproxy_tcp_route_active{route="r",listen="10.200.0.1:8200"}"#
+        ),
+        Some(2),
+        "{body}"
     );
     // …but open ones keep working and finish normally.
     finishing.write_all(b"still").expect("write while draining");

@@ -27,7 +27,7 @@ use std::{
     str::FromStr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU8, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -317,6 +317,33 @@ pub struct SharedRoutes {
     generation: AtomicU64,
     /// What each worker reports back.
     workers: Mutex<Vec<Arc<WorkerBoard>>>,
+    /// Where forwarding is in its life ([`Lifecycle`]), for readiness probes.
+    lifecycle: AtomicU8,
+}
+
+/// Where TCP forwarding is in its life: what `/ready` answers.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Binding listeners and starting workers.
+    Starting = 0,
+    /// Every worker accepts.
+    Serving = 1,
+    /// Stopping: listeners closed, open connections finishing (up to the drain deadline).
+    Draining = 2,
+    /// Every worker has ended (or forwarding never started).
+    Stopped = 3,
+}
+
+impl Lifecycle {
+    pub fn name(self) -> &'static str {
+        match self {
+            Lifecycle::Starting => "starting",
+            Lifecycle::Serving => "serving",
+            Lifecycle::Draining => "draining",
+            Lifecycle::Stopped => "stopped",
+        }
+    }
 }
 
 /// What one worker reports back to the control thread.
@@ -334,7 +361,23 @@ impl SharedRoutes {
             generation: AtomicU64::new(routes.generation),
             current: Mutex::new(Arc::new(routes)),
             workers: Mutex::new(Vec::new()),
+            lifecycle: AtomicU8::new(Lifecycle::Starting as u8),
         })
+    }
+
+    pub fn lifecycle(&self) -> Lifecycle {
+        match self.lifecycle.load(Ordering::Acquire) {
+            0 => Lifecycle::Starting,
+            1 => Lifecycle::Serving,
+            2 => Lifecycle::Draining,
+            _ => Lifecycle::Stopped,
+        }
+    }
+
+    /// Moves forward to `to`, never back (a worker that starts draining after forwarding
+    /// stopped leaves it stopped).
+    pub fn advance(&self, to: Lifecycle) {
+        self.lifecycle.fetch_max(to as u8, Ordering::AcqRel);
     }
 
     /// The counters every worker last published.

@@ -35,7 +35,7 @@ use io_uring::types;
 use nix::sys::socket::SockaddrLike as _;
 
 use super::{
-    CopyMode, Route, SharedRoutes, ZeroCopyMode, ZeroCopySettings,
+    CopyMode, Lifecycle, Route, SharedRoutes, ZeroCopyMode, ZeroCopySettings,
     balance::{Balancer, NoPick},
     ops::{self, Batch, Op, Ops, epoll::EpollOps, uring::UringOps, zcrx::ZcSpec},
     pool::Tried,
@@ -780,6 +780,7 @@ impl Worker {
             if drain_deadline.is_none() && stop.iter().any(|s| s.load(Ordering::Acquire)) {
                 let drain = self.shared.latest().settings.drain;
                 drain_deadline = Some(self.now + drain);
+                self.shared.advance(Lifecycle::Draining);
                 for li in 0..self.listeners.len() {
                     self.close_listener(li);
                 }
@@ -2091,12 +2092,23 @@ fn user_data(slot: u32, op: u8) -> u64 {
 
 /// Runs the forwarder on `cpus` (one pinned worker each) until `stop` is set, then
 /// drains: listeners close, open connections get `drain` to finish, the rest are reset.
+/// Marks forwarding [`Lifecycle::Stopped`] when dropped.
+struct StoppedOnExit(Arc<SharedRoutes>);
+
+impl Drop for StoppedOnExit {
+    fn drop(&mut self) {
+        self.0.advance(Lifecycle::Stopped);
+    }
+}
+
 pub fn run(
     shared: Arc<SharedRoutes>,
     cpus: &[usize],
     engine: BackendChoice,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<TcpSummary> {
+    // However this ends (including a start that fails), readiness then says stopped.
+    let _stopped = StoppedOnExit(Arc::clone(&shared));
     let (engine, engine_fallback) = resolve_engine(engine)?;
     if let Some(why) = &engine_fallback {
         tracing::warn!(reason = %why, "TCP forwarding falls back to epoll");
@@ -2175,7 +2187,10 @@ pub fn run(
     }
     match &failure {
         Some(_) => halt.store(true, Ordering::Release),
-        None => tracing::info!(workers = cpus.len(), "TCP forwarding started"),
+        None => {
+            shared.advance(Lifecycle::Serving);
+            tracing::info!(workers = cpus.len(), "TCP forwarding started");
+        }
     }
     let mut workers = Vec::new();
     let mut panicked = 0;
