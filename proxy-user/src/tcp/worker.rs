@@ -2563,6 +2563,7 @@ mod tests {
     /// Routes that come and go reuse the listener slots reloads closed (the vector does
     /// not grow with churn), and an accept that completes for an earlier listener at a
     /// reused index is not taken for the new route: the connection is closed, uncounted.
+    /// (The same reloads also carry `busy_poll_usec` to the worker.)
     #[test]
     fn reloads_reuse_closed_listener_slots_and_drop_stale_accepts() {
         use std::os::fd::{IntoRawFd as _, RawFd};
@@ -2613,6 +2614,15 @@ mod tests {
             }
             tags.dedup();
             assert_eq!(tags.len(), 10, "{engine:?}: each b gets its own tag");
+            // Busy polling follows reloads too, both ways.
+            let mut polling = only_a.tcp.clone();
+            polling.busy_poll_usec = 500;
+            shared.publish(&only_a.routes, polling);
+            w.follow_reload();
+            assert_eq!(w.busy_poll, Duration::from_micros(500), "{engine:?}");
+            shared.publish(&only_a.routes, only_a.tcp.clone());
+            w.follow_reload();
+            assert_eq!(w.busy_poll, Duration::ZERO, "{engine:?}");
             // b once more, at index 1; an accept of the b before it completes now.
             shared.publish(&with_b.routes, with_b.tcp.clone());
             w.follow_reload();
