@@ -183,6 +183,10 @@ fn respond(head: &[u8], routes: &SharedRoutes) -> Response {
         }
         "/healthz" => Response::text(200, "OK", "ok\n"),
         "/ready" => match routes.lifecycle() {
+            // `run` keeps going when a reload removes every route, listening on nothing.
+            Lifecycle::Serving if routes.latest().routes.is_empty() => {
+                Response::text(503, "Service Unavailable", "no routes\n")
+            }
             Lifecycle::Serving => Response::text(200, "OK", "ready\n"),
             other => Response::text(503, "Service Unavailable", &format!("{}\n", other.name())),
         },
@@ -268,6 +272,19 @@ mod tests {
             ready(&routes).starts_with("HTTP/1.1 200 OK\r\n")
                 && ready(&routes).ends_with("\r\n\r\nready\n")
         );
+        // Serving no route (a `run` reload removed them all) is not ready either.
+        let specs: Vec<_> = routes
+            .latest()
+            .routes
+            .iter()
+            .map(|r| r.spec.clone())
+            .collect();
+        let settings = routes.latest().settings.clone();
+        routes.publish(&[], settings.clone());
+        assert!(ready(&routes).ends_with("\r\n\r\nno routes\n"));
+        assert!(ready(&routes).starts_with("HTTP/1.1 503 "));
+        routes.publish(&specs, settings);
+        assert!(ready(&routes).starts_with("HTTP/1.1 200 OK\r\n"));
         routes.advance(Lifecycle::Draining);
         assert!(
             ready(&routes).starts_with("HTTP/1.1 503 ")

@@ -2420,6 +2420,8 @@ mod tests {
         inner: Box<dyn Ops>,
         hold_after: Option<(u8, Duration)>,
         refuse_cancels: usize,
+        /// Counts waits that did not sleep (zero timeout) and brought completions.
+        answered_polls: Option<Arc<std::sync::atomic::AtomicU64>>,
     }
 
     impl Ops for Meddling {
@@ -2436,6 +2438,12 @@ mod tests {
         fn wait(&mut self, timeout: Duration, out: &mut Vec<(u64, i32, u32)>) {
             let before = out.len();
             self.inner.wait(timeout, out);
+            if let Some(n) = &self.answered_polls
+                && timeout.is_zero()
+                && out.len() > before
+            {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
             if let Some((op, hold)) = self.hold_after
                 && out[before..]
                     .iter()
@@ -2661,6 +2669,7 @@ mod tests {
                     inner: backend(engine, None),
                     hold_after: None,
                     refuse_cancels: 2,
+                    answered_polls: None,
                 });
             });
             let mut c = std::net::TcpStream::connect(w.addr).unwrap();
@@ -2688,10 +2697,21 @@ mod tests {
         const ROUNDS: u8 = 100;
         for engine in engines() {
             for poll_usec in [0u32, 10_000] {
+                // Counts, below the worker, waits that brought completions without
+                // sleeping: a worker that slept briefly instead of polling gets none.
+                let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                let counter = Arc::clone(&answered);
                 let w = TestWorker::start(
                     engine,
                     &format!("[tcp]\nbusy_poll_usec = {poll_usec}"),
-                    |_, _| {},
+                    move |w, _| {
+                        w.ops = Box::new(Meddling {
+                            inner: backend(engine, None),
+                            hold_after: None,
+                            refuse_cancels: 0,
+                            answered_polls: Some(counter),
+                        });
+                    },
                 );
                 let mut c = std::net::TcpStream::connect(w.addr).unwrap();
                 let (mut up, _) = w.upstream.accept().unwrap();
@@ -2717,13 +2737,15 @@ mod tests {
                 echo.join().unwrap();
                 drop(c);
                 let stats = w.stop();
+                let answered = answered.load(Ordering::Relaxed);
                 if poll_usec == 0 {
                     assert_eq!(
-                        (stats.busy_poll_hits, stats.busy_poll_sleeps),
-                        (0, 0),
+                        (stats.busy_poll_hits, stats.busy_poll_sleeps, answered),
+                        (0, 0, 0),
                         "{engine:?}"
                     );
                 } else {
+                    assert_eq!(answered, stats.busy_poll_hits, "{engine:?}: {stats:?}");
                     // Each round trip is a few completions well within 10 ms of the
                     // last; allow for a loaded machine stalling half of them.
                     assert!(
@@ -2749,6 +2771,7 @@ mod tests {
                     inner: backend(engine, None),
                     hold_after: Some((OP_HDR_SEND, Duration::from_millis(100))),
                     refuse_cancels: 0,
+                    answered_polls: None,
                 });
             });
             let (addr, upstream) = (w.addr, w.upstream.try_clone().unwrap());

@@ -541,3 +541,39 @@ fn a_gathering_wait_holds_completions_only_for_its_minimum() {
     ops.wait(Duration::from_secs(5), &mut got);
     assert_eq!(got.len(), 1, "{got:?}");
 }
+
+/// A zero-timeout wait (a busy poll) never sleeps, and alone still brings completions —
+/// on io_uring those of socket operations are posted by deferred task work, which only a
+/// wait that asks for events runs.
+#[test]
+fn zero_timeout_waits_reap_without_sleeping() {
+    use std::io::Write as _;
+    for mut ops in backends() {
+        let name = ops.name();
+        let (ours, mut peer) = pair();
+        assert!(ops.push(
+            Op::Poll {
+                fd: ours.as_raw_fd(),
+                events: libc::POLLIN as u32,
+            },
+            1
+        ));
+        // Nothing can complete: a thousand polls return at once (were each to sleep even
+        // the shortest epoll timeout, 1 ms, they would take a second).
+        let mut got = Vec::new();
+        let started = Instant::now();
+        for _ in 0..1000 {
+            ops.wait(Duration::ZERO, &mut got);
+        }
+        let took = started.elapsed();
+        assert!(got.is_empty(), "{name}: {got:?}");
+        assert!(took < Duration::from_millis(500), "{name}: {took:?}");
+        peer.write_all(b"x").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.is_empty() && Instant::now() < deadline {
+            ops.wait(Duration::ZERO, &mut got);
+        }
+        assert_eq!(got.first().map(|c| c.0), Some(1), "{name}: {got:?}");
+        ops.forget(ours.as_raw_fd());
+    }
+}

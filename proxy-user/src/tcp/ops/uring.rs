@@ -380,7 +380,10 @@ impl<C: Cqe> Ops for UringOps<C> {
                 _ => (ud, res, flags),
             }
         }));
-        if let Some(p) = self.bufs.as_mut() {
+        // A wait that reaped nothing says nothing about buffer pressure: a busy-polling
+        // worker makes thousands of them in a lull, which would otherwise count as quiet
+        // waits and shrink the posted buffers after every pause.
+        if let Some(p) = self.bufs.as_mut().filter(|_| out.len() > first) {
             let new = &out[first..];
             let consumed = new
                 .iter()
@@ -461,5 +464,32 @@ impl<C: Cqe> Drop for UringOps<C> {
         if self.bufs.is_some() {
             let _ = self.ring.submitter().unregister_buf_ring(BGID);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Empty polls (a busy-polling worker's lulls) leave the posted-buffer target alone;
+    /// only waits that reaped completions count towards shrinking it.
+    #[test]
+    fn empty_polls_do_not_shrink_the_posted_buffers() {
+        if let Some(why) = unavailable() {
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI forbids skipping: io_uring is not usable: {why}"
+            );
+            eprintln!("skipped: io_uring is not usable here: {why}");
+            return;
+        }
+        let mut ops = UringOps::new(Some((128, 4096))).unwrap();
+        ops.bufs.as_mut().unwrap().target = 128;
+        let mut out = Vec::new();
+        for _ in 0..SHRINK_AFTER + 10 {
+            ops.wait(Duration::ZERO, &mut out);
+        }
+        assert!(out.is_empty());
+        assert_eq!(ops.bufs.as_ref().unwrap().target, 128);
     }
 }
