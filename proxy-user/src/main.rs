@@ -749,7 +749,7 @@ type Background = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 /// stop flag; SIGHUP or a change of `config` call `reload` (which logs and keeps the
 /// running configuration when the file is bad); `background` runs until stop or, with
 /// `forwarding`, until it has drained: the admin endpoint and the stats file show the
-/// drain, and `/ready` says so.
+/// drain, and `/ready` says so; a second SIGINT or SIGTERM then cuts the drain short.
 fn start_control(
     config: Option<PathBuf>,
     duration: Option<Duration>,
@@ -817,8 +817,19 @@ fn start_control(
             }
             control_stop.store(true, Ordering::Release);
             if let Some(routes) = &forwarding {
+                // A second SIGINT or SIGTERM cuts the drain short.
+                let again = stop_signal(None);
+                tokio::pin!(again);
+                let mut cut = false;
                 while routes.lifecycle() != proxy_user::tcp::Lifecycle::Stopped {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::select! {
+                        () = &mut again, if !cut => {
+                            tracing::warn!("stopping again: open connections are reset now, not at the drain deadline");
+                            routes.cut_drain();
+                            cut = true;
+                        }
+                        () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
                 }
             }
             for t in tasks {

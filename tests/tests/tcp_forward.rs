@@ -67,6 +67,7 @@ on_both_engines!(
     reload_changes_the_copy_path_for_new_connections,
     idle_connections_are_closed_and_counted,
     sigterm_drains_open_connections_then_resets_at_the_deadline,
+    a_second_sigterm_cuts_the_drain_short,
     slow_client_bounds_memory_buffers,
     slow_client_bounds_memory_splice,
     run_forwards_the_routes_of_its_configuration,
@@ -1560,6 +1561,42 @@ fn sigterm_drains_open_connections_then_resets_at_the_deadline() {
     let u = &report["routes"][0]["upstreams"][0];
     assert_eq!(u["errors"]["drain_deadline"], 1, "{u}");
     assert_eq!(u["connections"], 2);
+}
+
+/// A second SIGTERM during a long drain resets what is still open at once (counted as
+/// a drain deadline) and the daemon exits cleanly, instead of waiting out the deadline.
+fn a_second_sigterm_cuts_the_drain_short() {
+    if !require_root("a_second_sigterm_cuts_the_drain_short") {
+        return;
+    }
+    let mut bed = Bed::new();
+    let _a = bed.upstream("10.200.0.1:8221", echo());
+    bed.start(
+        &format!(
+            "[tcp]\ndrain_seconds = 60\n{}",
+            route("10.200.0.1:8220", &["10.200.0.1:8221"], "")
+        ),
+        &[],
+    );
+    let mut lingering = connect(&bed.ns, sa("10.200.0.1:8220")).expect("connect");
+    echoes(&mut lingering, b"ping");
+    let mut proxy = bed.proxy.take().expect("running");
+    nix::sys::signal::kill(proxy.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    std::thread::sleep(Duration::from_millis(300));
+    // Draining, and the open connection still works…
+    echoes(&mut lingering, b"still");
+    // …until the second signal.
+    nix::sys::signal::kill(proxy.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let t = Instant::now();
+    let mut b = [0u8; 1];
+    let e = read_some(&mut lingering, &mut b).expect_err("reset by the second signal");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let out = proxy.take().wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", out.status);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
+    let u = &report["routes"][0]["upstreams"][0];
+    assert_eq!(u["errors"]["drain_deadline"], 1, "{u}");
 }
 
 /// A client that reads slowly while its upstream writes as fast as it can: the proxy

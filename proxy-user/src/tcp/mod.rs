@@ -27,7 +27,7 @@ use std::{
     str::FromStr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU8, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -319,6 +319,9 @@ pub struct SharedRoutes {
     workers: Mutex<Vec<Arc<WorkerBoard>>>,
     /// Where forwarding is in its life ([`Lifecycle`]), for readiness probes.
     lifecycle: AtomicU8,
+    /// Set by a second stop signal: draining workers reset what is still open now
+    /// instead of at the drain deadline.
+    drain_cut: AtomicBool,
 }
 
 /// Where TCP forwarding is in its life: what `/ready` answers.
@@ -362,6 +365,7 @@ impl SharedRoutes {
             current: Mutex::new(Arc::new(routes)),
             workers: Mutex::new(Vec::new()),
             lifecycle: AtomicU8::new(Lifecycle::Starting as u8),
+            drain_cut: AtomicBool::new(false),
         })
     }
 
@@ -372,6 +376,16 @@ impl SharedRoutes {
             2 => Lifecycle::Draining,
             _ => Lifecycle::Stopped,
         }
+    }
+
+    /// Ends the drain now: workers reset their open connections (counted as
+    /// `drain_deadline`) at their next sweep.
+    pub fn cut_drain(&self) {
+        self.drain_cut.store(true, Ordering::Release);
+    }
+
+    pub fn drain_cut(&self) -> bool {
+        self.drain_cut.load(Ordering::Acquire)
     }
 
     /// Moves forward to `to`, never back (a worker that starts draining after forwarding

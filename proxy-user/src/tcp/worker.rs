@@ -786,6 +786,12 @@ impl Worker {
                 }
                 tracing::debug!(cpu = self.stats.cpu, open = self.open(), "worker draining");
             }
+            if let Some(deadline) = drain_deadline.as_mut()
+                && *deadline > self.now
+                && self.shared.drain_cut()
+            {
+                *deadline = self.now;
+            }
             if self.now.duration_since(self.idle_sweep) >= SWEEP_EVERY {
                 self.idle_sweep = self.now;
                 self.sweep(drain_deadline);
