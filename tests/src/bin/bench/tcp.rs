@@ -767,5 +767,24 @@ pub fn tcp_peers() -> anyhow::Result<()> {
         versus(busypoll, ours),
         versus(haproxy_busypoll, haproxy)
     );
+    // The forwarding issue's targets, judged on this run's medians.
+    for (a, b) in [(ours, haproxy), (busypoll, haproxy_busypoll)] {
+        let judged: Vec<String> = [
+            ("1 stream ≥ 0.90 of direct", a.1 / direct.1 >= 0.9),
+            ("8 streams ≥ 0.90 of direct", a.2 / direct.2 >= 0.9),
+            ("1 stream ≥ 1.2×", a.1 / b.1 >= 1.2),
+            ("8 streams ≥ 1.2×", a.2 / b.2 >= 1.2),
+            ("p99 ≤", a.3 <= b.3),
+        ]
+        .iter()
+        .map(|(what, met)| format!("{what} {}", if *met { "met" } else { "MISSED" }))
+        .collect();
+        println!(
+            "targets, {} against {}: {}",
+            a.0.name(),
+            b.0.name(),
+            judged.join("; ")
+        );
+    }
     Ok(())
 }
