@@ -188,6 +188,14 @@ fn refused_and_timed_out_connects() {
     }
 }
 
+/// Completes once `fd` has something to read.
+fn poll_readable(fd: &impl AsRawFd) -> Op {
+    Op::Poll {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN as u32,
+    }
+}
+
 /// A connected pair on loopback: (ours, the peer as a std stream).
 fn pair() -> (std::os::fd::OwnedFd, TcpStream) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -202,13 +210,7 @@ fn poll_waits_for_data_and_cancel_ends_pending_operations() {
     for mut ops in backends() {
         let name = ops.name();
         let (ours, mut peer) = pair();
-        assert!(ops.push(
-            Op::Poll {
-                fd: ours.as_raw_fd(),
-                events: libc::POLLIN as u32
-            },
-            1
-        ));
+        assert!(ops.push(poll_readable(&ours), 1));
         let got = collect(&mut *ops, &[1], Duration::from_millis(100));
         assert!(
             got.is_empty(),
@@ -547,17 +549,10 @@ fn a_gathering_wait_holds_completions_only_for_its_minimum() {
 /// wait that asks for events runs.
 #[test]
 fn zero_timeout_waits_reap_without_sleeping() {
-    use std::io::Write as _;
     for mut ops in backends() {
         let name = ops.name();
         let (ours, mut peer) = pair();
-        assert!(ops.push(
-            Op::Poll {
-                fd: ours.as_raw_fd(),
-                events: libc::POLLIN as u32,
-            },
-            1
-        ));
+        assert!(ops.push(poll_readable(&ours), 1));
         // Nothing can complete: a thousand polls return at once (were each to sleep even
         // the shortest epoll timeout, 1 ms, they would take a second).
         let mut got = Vec::new();
