@@ -7,7 +7,10 @@
 //!   seconds per GB moved;
 //! - request/response latency: 16 persistent connections each sending 64 bytes to an
 //!   echo server and waiting for them, percentiles of the round trip;
-//! - connection rate: 8 clients each connecting, exchanging 64 bytes and closing.
+//! - connection rate: 8 clients each connecting, exchanging 64 bytes and closing;
+//! - light load: one connection doing 1,000 paced round trips a second, the proxy's
+//!   share of its core and the round-trip percentiles (what idling between events
+//!   costs, e.g. busy polling).
 //!
 //! The peers are the Debian packages `cargo xtask bench` unpacks into target/peers.
 use std::{
@@ -429,6 +432,39 @@ fn latency(ns: &Netns, port: u16) -> anyhow::Result<Vec<u32>> {
     Ok(all)
 }
 
+/// Round trips a second of the light load.
+const LIGHT_RATE: u32 = 1_000;
+
+/// One connection doing [`LIGHT_RATE`] paced 64-byte round trips a second: round-trip
+/// times in µs. What a proxy costs while traffic is light (busy polling's price).
+fn paced(ns: &Netns, port: u16) -> anyhow::Result<Vec<u32>> {
+    let addr: SocketAddr = format!("{SERVER}:{port}").parse()?;
+    let s = ns.run(|| TcpStream::connect(addr));
+    std::thread::spawn(move || -> anyhow::Result<Vec<u32>> {
+        pin_self(CLIENT_CPU);
+        let mut s = s?;
+        s.set_nodelay(true)?;
+        let total = LIGHT_RATE * SECONDS as u32;
+        let mut rtts = Vec::with_capacity(total as usize);
+        let mut buf = [5u8; 64];
+        let started = Instant::now();
+        for i in 0..total {
+            let due = started + Duration::from_secs(u64::from(i)) / LIGHT_RATE;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let t = Instant::now();
+            s.write_all(&buf)?;
+            s.read_exact(&mut buf)?;
+            rtts.push(t.elapsed().as_micros() as u32);
+        }
+        rtts.sort_unstable();
+        Ok(rtts)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("client panicked"))?
+}
+
 /// 8 clients connecting, exchanging 64 bytes and closing: connections per second.
 fn connection_rate(ns: &Netns, port: u16) -> anyhow::Result<f64> {
     let addr: SocketAddr = format!("{SERVER}:{port}").parse()?;
@@ -512,6 +548,10 @@ struct Results {
     p99: Vec<f64>,
     p999: Vec<f64>,
     conn_rate: Vec<f64>,
+    /// Under the light load: the proxy's share of a core, and round-trip percentiles.
+    light_busy: Vec<f64>,
+    light_p50: Vec<f64>,
+    light_p99: Vec<f64>,
 }
 
 pub fn tcp_peers() -> anyhow::Result<()> {
@@ -606,6 +646,15 @@ pub fn tcp_peers() -> anyhow::Result<()> {
                 connection_rate(&b.ns, p.port(ECHO_PORT))
                     .with_context(|| format!("{} connection rate", p.name()))?,
             );
+            let (cpu0, t0) = (cpu(), Instant::now());
+            let rtts = paced(&b.ns, p.port(ECHO_PORT))
+                .with_context(|| format!("{} light load", p.name()))?;
+            if !children.is_empty() {
+                r.light_busy
+                    .push((cpu() - cpu0) / t0.elapsed().as_secs_f64());
+            }
+            r.light_p50.push(f64::from(pct(&rtts, 0.50)));
+            r.light_p99.push(f64::from(pct(&rtts, 0.99)));
             drop(children);
             eprintln!("bench tcp: round {} {} done", round + 1, p.name());
         }
@@ -715,6 +764,24 @@ pub fn tcp_peers() -> anyhow::Result<()> {
             busy(&r.busy8),
             per_core(&r.tput1, &r.busy1),
             per_core(&r.tput8, &r.busy8)
+        );
+    }
+    println!(
+        "light load ({LIGHT_RATE} paced 64-byte round trips a second on one connection; medians): the proxy's share of its core, p50 / p99 µs:"
+    );
+    for (p, r) in Proxy::ALL.iter().zip(&results) {
+        // socat's forked children are only counted once reaped.
+        let busy = if r.light_busy.is_empty() || *p == Proxy::Socat {
+            "-".to_owned()
+        } else {
+            format!("{:.1}%", spread(r.light_busy.clone()).median * 100.0)
+        };
+        println!(
+            "  {:<19} {:>7}   {:>5.0} / {:>5.0}",
+            p.name(),
+            busy,
+            spread(r.light_p50.clone()).median,
+            spread(r.light_p99.clone()).median
         );
     }
     println!(
