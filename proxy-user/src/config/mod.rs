@@ -48,6 +48,22 @@ max_message_len = 8192
 kind = "stdout"
 what = "windows"
 format = "json"
+
+# TCP forwarding: used by `edgeproxy proxy`, and by `run` once the file has routes.
+[tcp]
+copy = "auto"              # auto (= splice) | splice | buffers
+buffer_size = 32768        # buffers path: one provided buffer, the most one direction holds
+buffers = 128              # buffers path: provided buffers per worker (a power of two)
+pipe_size = 262144         # splice path: pipe capacity per direction
+local_sndbuf = 262144      # send buffer of connections to peers on this host (0 = autotuning)
+coalesce_usec = 20         # io_uring, bulk traffic: a wait gathers completions this long (0 = never)
+busy_poll_usec = 0         # poll for completions this long before sleeping (0 = never)
+drain_seconds = 30         # after SIGTERM, open connections may finish this long
+zero_copy = "off"          # off | auto | require (io_uring zero-copy receive; see the README)
+
+# [[route]]
+# listen = "0.0.0.0:8080"
+# upstreams = ["10.0.0.1:80", "10.0.0.2:80"]
 "#;
 
 /// A validated configuration.
@@ -1002,6 +1018,9 @@ mod tests {
         assert_eq!(c.pipeline.key, d.pipeline.key);
         assert_eq!(c.pipeline.receive, d.pipeline.receive);
         assert_eq!(c.sinks, d.sinks);
+        assert_eq!(c.tcp, d.tcp);
+        assert_eq!(c.tcp, TcpSettings::default());
+        assert!(c.routes.is_empty());
     }
 
     #[test]
