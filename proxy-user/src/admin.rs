@@ -174,7 +174,12 @@ fn respond(head: &[u8], routes: &SharedRoutes) -> Response {
         }
         "/metrics" => {
             let mut body = String::with_capacity(16 * 1024);
-            prometheus::tcp(&routes.latest(), &routes.worker_stats(), &mut body);
+            prometheus::tcp(
+                routes.lifecycle(),
+                &routes.latest(),
+                &routes.worker_stats(),
+                &mut body,
+            );
             Response {
                 content_type: prometheus::CONTENT_TYPE,
                 body,

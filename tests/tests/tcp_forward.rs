@@ -1539,6 +1539,13 @@ fn sigterm_drains_open_connections_then_resets_at_the_deadline() {
         Some(2),
         "{body}"
     );
+    for (phase, want) in [("serving", 0), ("draining", 1)] {
+        assert_eq!(
+            sample(&body, &format!("edgeproxy_tcp_phase{{phase=\"{phase}\"}}")),
+            Some(want),
+            "{body}"
+        );
+    }
     // …but open ones keep working and finish normally.
     finishing.write_all(b"still").expect("write while draining");
     let mut b = [0u8; 5];

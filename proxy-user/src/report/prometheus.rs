@@ -4,7 +4,7 @@
 //! force (a reload that keeps a route name or an upstream address keeps its counters).
 use std::{fmt::Write as _, sync::atomic::Ordering};
 
-use crate::tcp::{Routes, WorkerStats, stats::Reason};
+use crate::tcp::{Lifecycle, Routes, WorkerStats, stats::Reason};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -58,9 +58,20 @@ fn seconds(us: u64) -> String {
     format!("{}", us as f64 / 1e6)
 }
 
-/// Appends the metrics of `routes` and of the workers (as they last published them) to
-/// `out`.
-pub fn tcp(routes: &Routes, workers: &[WorkerStats], out: &mut String) {
+/// Appends the metrics of forwarding in `phase`, of `routes` and of the workers (as they
+/// last published them) to `out`.
+pub fn tcp(phase: Lifecycle, routes: &Routes, workers: &[WorkerStats], out: &mut String) {
+    {
+        let mut f = Family::new(
+            out,
+            "edgeproxy_tcp_phase",
+            "gauge",
+            "1 for the phase forwarding is in: starting, serving, draining (after SIGTERM) or stopped.",
+        );
+        for p in Lifecycle::ALL {
+            f.sample("", &[("phase", p.name())], u8::from(p == phase));
+        }
+    }
     let route_labels = |r: &crate::tcp::Route| (r.spec.name.clone(), r.spec.listen.to_string());
     type RouteValue = fn(&crate::tcp::stats::RouteStats) -> u64;
     let per_route: [(&'static str, &str, &str, RouteValue); 2] = [
@@ -332,7 +343,19 @@ mod tests {
             ..WorkerStats::default()
         };
         let mut text = String::new();
-        tcp(&routes, &[worker], &mut text);
+        tcp(Lifecycle::Draining, &routes, &[worker], &mut text);
+        for (phase, want) in [
+            ("starting", "0"),
+            ("serving", "0"),
+            ("draining", "1"),
+            ("stopped", "0"),
+        ] {
+            assert_eq!(
+                value(&text, &format!("edgeproxy_tcp_phase{{phase=\"{phase}\"}}")),
+                want,
+                "{phase}"
+            );
+        }
 
         // The name's quote and backslash are escaped.
         let route = r#"route="we \"b\\",listen="127.0.0.1:8000""#;

@@ -339,6 +339,13 @@ pub enum Lifecycle {
 }
 
 impl Lifecycle {
+    pub const ALL: [Lifecycle; 4] = [
+        Lifecycle::Starting,
+        Lifecycle::Serving,
+        Lifecycle::Draining,
+        Lifecycle::Stopped,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Lifecycle::Starting => "starting",
