@@ -100,12 +100,10 @@ fn edgeproxy_run_stops_at_once_when_forwarding_cannot_start() {
     let bin = edgeproxy_bin().expect("edgeproxy binary");
     let pair = VethPair::create().expect("veth pair");
     let dir = ScratchDir::new().expect("scratch");
-    let cfg = dir.path().join("run.toml");
-    std::fs::write(
-        &cfg,
+    let cfg = dir.file(
+        "run.toml",
         "[[route]]\nlisten = \"10.200.99.99:8080\"\nupstreams = [\"10.200.0.1:9\"]\n",
-    )
-    .expect("config");
+    );
     let t = std::time::Instant::now();
     let out = pair
         .a

@@ -61,16 +61,14 @@ fn seconds(us: u64) -> String {
 /// Appends the metrics of forwarding in `phase`, of `routes` and of the workers (as they
 /// last published them) to `out`.
 pub fn tcp(phase: Lifecycle, routes: &Routes, workers: &[WorkerStats], out: &mut String) {
-    {
-        let mut f = Family::new(
-            out,
-            "edgeproxy_tcp_phase",
-            "gauge",
-            "1 for the phase forwarding is in: starting, serving, draining (after SIGTERM) or stopped.",
-        );
-        for p in Lifecycle::ALL {
-            f.sample("", &[("phase", p.name())], u8::from(p == phase));
-        }
+    let mut f = Family::new(
+        out,
+        "edgeproxy_tcp_phase",
+        "gauge",
+        "1 for the phase forwarding is in: starting, serving, draining (after SIGTERM) or stopped.",
+    );
+    for p in Lifecycle::ALL {
+        f.sample("", &[("phase", p.name())], u8::from(p == phase));
     }
     let route_labels = |r: &crate::tcp::Route| (r.spec.name.clone(), r.spec.listen.to_string());
     type RouteValue = fn(&crate::tcp::stats::RouteStats) -> u64;

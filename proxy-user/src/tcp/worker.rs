@@ -2430,6 +2430,18 @@ mod tests {
         answered_polls: Option<Arc<std::sync::atomic::AtomicU64>>,
     }
 
+    impl Meddling {
+        /// `engine`'s backend, passed through untouched until a test sets a field.
+        fn around(engine: Engine) -> Self {
+            Self {
+                inner: backend(engine, None),
+                hold_after: None,
+                refuse_cancels: 0,
+                answered_polls: None,
+            }
+        }
+    }
+
     impl Ops for Meddling {
         fn push(&mut self, op: Op, user_data: u64) -> bool {
             if matches!(op, Op::CancelFd { .. }) && self.refuse_cancels > 0 {
@@ -2672,10 +2684,8 @@ mod tests {
             // upstream socket) of that close are refused.
             let w = TestWorker::start(engine, "idle_timeout = 0.2", move |w, _| {
                 w.ops = Box::new(Meddling {
-                    inner: backend(engine, None),
-                    hold_after: None,
                     refuse_cancels: 2,
-                    answered_polls: None,
+                    ..Meddling::around(engine)
                 });
             });
             let mut c = std::net::TcpStream::connect(w.addr).unwrap();
@@ -2712,10 +2722,8 @@ mod tests {
                     &format!("[tcp]\nbusy_poll_usec = {poll_usec}"),
                     move |w, _| {
                         w.ops = Box::new(Meddling {
-                            inner: backend(engine, None),
-                            hold_after: None,
-                            refuse_cancels: 0,
                             answered_polls: Some(counter),
+                            ..Meddling::around(engine)
                         });
                     },
                 );
@@ -2732,12 +2740,9 @@ mod tests {
                 for i in 0..ROUNDS {
                     c.write_all(&[i; 64]).unwrap();
                     let mut back = [0u8; 64];
-                    let mut got = 0;
-                    while got < back.len() {
-                        let n = read_some(&mut c, &mut back[got..]).unwrap();
-                        assert!(n > 0, "{engine:?}: EOF in round {i}");
-                        got += n;
-                    }
+                    // read_exact retries an interrupted read itself.
+                    c.read_exact(&mut back)
+                        .unwrap_or_else(|e| panic!("{engine:?}: round {i}: {e}"));
                     assert_eq!(back, [i; 64], "{engine:?}");
                 }
                 echo.join().unwrap();
@@ -2774,10 +2779,8 @@ mod tests {
             // Both ends are done before the worker learns the header went out.
             let w = TestWorker::start(engine, "send_proxy = \"v1\"", move |w, _| {
                 w.ops = Box::new(Meddling {
-                    inner: backend(engine, None),
                     hold_after: Some((OP_HDR_SEND, Duration::from_millis(100))),
-                    refuse_cancels: 0,
-                    answered_polls: None,
+                    ..Meddling::around(engine)
                 });
             });
             let (addr, upstream) = (w.addr, w.upstream.try_clone().unwrap());
