@@ -58,6 +58,7 @@ pipe_size = 262144         # splice path: pipe capacity per direction
 local_sndbuf = 262144      # send buffer of connections to peers on this host (0 = autotuning)
 coalesce_usec = 20         # io_uring, bulk traffic: a wait gathers completions this long (0 = never)
 busy_poll_usec = 0         # poll for completions this long before sleeping (0 = never)
+bulk_poll_usec = 200       # the same, only within 1 ms of bulk traffic (0 = never: gather instead)
 drain_seconds = 30         # after SIGTERM, open connections may finish this long
 zero_copy = "off"          # off | auto | require (io_uring zero-copy receive; see the README)
 
@@ -187,6 +188,7 @@ struct RawTcp {
     local_sndbuf: Option<Spanned<i64>>,
     coalesce_usec: Option<Spanned<i64>>,
     busy_poll_usec: Option<Spanned<i64>>,
+    bulk_poll_usec: Option<Spanned<i64>>,
     drain_seconds: Option<Spanned<f64>>,
     zero_copy: Option<Spanned<String>>,
     zero_copy_interface: Option<Spanned<String>>,
@@ -423,6 +425,11 @@ fn parse_tcp(
         && let Some(n) = int(cx, v, "tcp.busy_poll_usec", 0, 10_000)
     {
         t.busy_poll_usec = n as u32;
+    }
+    if let Some(v) = &raw.bulk_poll_usec
+        && let Some(n) = int(cx, v, "tcp.bulk_poll_usec", 0, 10_000)
+    {
+        t.bulk_poll_usec = n as u32;
     }
     if let Some(v) = &raw.local_sndbuf
         && let Some(n) = int(cx, v, "tcp.local_sndbuf", 0, 1 << 30)
@@ -1121,7 +1128,7 @@ mod tests {
     fn routes_parse_with_defaults_and_overrides() {
         let c = parse_config(
             "c",
-            "[tcp]\ncopy = \"splice\"\ndrain_seconds = 2.5\nlocal_sndbuf = 0\ncoalesce_usec = 0\nbusy_poll_usec = 150\n[[route]]\nlisten = \"127.0.0.1:8080\"\nupstreams = [\"127.0.0.1:9000\", \"localhost:9001\"]\n[[route]]\nname = \"web\"\nlisten = \"[::1]:443\"\nbalance = \"maglev\"\nconnect_timeout = 0.5\nmax_connections = 100\nsend_proxy = \"v2\"\naccept_proxy = true\n[[route.upstream]]\naddress = \"[::1]:8443\"\nweight = 3\nmax_connections = 10\n[route.health]\ninterval = 0.5\n",
+            "[tcp]\ncopy = \"splice\"\ndrain_seconds = 2.5\nlocal_sndbuf = 0\ncoalesce_usec = 0\nbusy_poll_usec = 150\nbulk_poll_usec = 0\n[[route]]\nlisten = \"127.0.0.1:8080\"\nupstreams = [\"127.0.0.1:9000\", \"localhost:9001\"]\n[[route]]\nname = \"web\"\nlisten = \"[::1]:443\"\nbalance = \"maglev\"\nconnect_timeout = 0.5\nmax_connections = 100\nsend_proxy = \"v2\"\naccept_proxy = true\n[[route.upstream]]\naddress = \"[::1]:8443\"\nweight = 3\nmax_connections = 10\n[route.health]\ninterval = 0.5\n",
         )
         .expect("valid");
         assert_eq!(c.tcp.copy, CopyMode::Splice);
@@ -1133,6 +1140,10 @@ mod tests {
         assert_eq!(
             (c.tcp.busy_poll_usec, defaults.tcp.busy_poll_usec),
             (150, 0)
+        );
+        assert_eq!(
+            (c.tcp.bulk_poll_usec, defaults.tcp.bulk_poll_usec),
+            (0, 200)
         );
         let [a, b] = &c.routes[..] else {
             panic!("{:?}", c.routes)
@@ -1162,7 +1173,7 @@ mod tests {
 
     #[test]
     fn route_problems_are_located() {
-        let cases: [(&str, &str); 11] = [
+        let cases: [(&str, &str); 12] = [
             (
                 "[[route]]\nlisten = \"1.2.3.4\"\nupstreams = [\"127.0.0.1:1\"]\n",
                 "c:2:10: route.listen \"1.2.3.4\" is not an address:port",
@@ -1202,6 +1213,10 @@ mod tests {
             (
                 "[tcp]\nbusy_poll_usec = 20000\n",
                 "c:2:18: tcp.busy_poll_usec must be 0..=10000, not 20000",
+            ),
+            (
+                "[tcp]\nbulk_poll_usec = -5\n",
+                "c:2:18: tcp.bulk_poll_usec must be 0..=10000, not -5",
             ),
             (
                 "[tcp]\nlocal_sndbuf = -1\n",

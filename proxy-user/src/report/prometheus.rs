@@ -228,17 +228,17 @@ fn workers_of(workers: &[WorkerStats], out: &mut String) {
         ),
         (
             "edgeproxy_tcp_worker_gathering_waits_total",
-            "Waits that gathered completions after bulk traffic (coalesce_usec).",
+            "Waits that gathered completions after bulk traffic (coalesce_usec, with bulk_poll_usec = 0).",
             |w| w.gathering_waits,
         ),
         (
             "edgeproxy_tcp_worker_busy_poll_hits_total",
-            "Waits whose completions came in while the worker polled (busy_poll_usec).",
+            "Waits whose completions came in while the worker polled (busy_poll_usec, bulk_poll_usec).",
             |w| w.busy_poll_hits,
         ),
         (
             "edgeproxy_tcp_worker_busy_poll_sleeps_total",
-            "Polls that ran out of time and slept (busy_poll_usec).",
+            "Polls that ran out of time and slept (busy_poll_usec, bulk_poll_usec).",
             |w| w.busy_poll_sleeps,
         ),
         (

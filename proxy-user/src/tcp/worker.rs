@@ -84,6 +84,13 @@ const BULK_PASS_BYTES: u64 = 64 * 1024;
 /// and on a host where the receiving core pays for that wake-up (an IPI; a VM exit in a
 /// guest) that is much of what a proxy costs it. 8 and 16 measured alike.
 const BULK_EVENTS: usize = 8;
+/// How long after a pass that moved bulk traffic waits poll for `[tcp] bulk_poll_usec`.
+/// A polling worker's passes are short (it handles completions as they come), so many
+/// passes of a stream move less than `BULK_PASS_BYTES`; polling only after a bulk pass
+/// itself lost the gain (one iperf3 stream, 2026-12-02: 15.8–17.8 Gbit/s against
+/// 16.1–19.1 with 1 ms). The price after a transfer ends is one more millisecond of
+/// polling.
+const BULK_HOLD: Duration = Duration::from_millis(1);
 
 /// Direction 0 copies client → upstream, direction 1 upstream → client.
 const UP: usize = 0;
@@ -203,8 +210,8 @@ pub struct WorkerStats {
     /// Waits that asked the kernel to gather completions because the pass before moved
     /// bulk traffic (`[tcp] coalesce_usec`).
     pub gathering_waits: u64,
-    /// With `[tcp] busy_poll_usec`: waits whose completions came in while polling, and
-    /// polls that ran out of time and slept.
+    /// With `[tcp] busy_poll_usec`, or `bulk_poll_usec` under bulk traffic: waits whose
+    /// completions came in while polling, and polls that ran out of time and slept.
     pub busy_poll_hits: u64,
     pub busy_poll_sleeps: u64,
     /// The rx queue this worker registered for zero-copy receive, or why it has none
@@ -593,6 +600,10 @@ struct Worker {
     coalesce_usec: u32,
     /// `[tcp] busy_poll_usec` (zero: sleep at once).
     busy_poll: Duration,
+    /// `[tcp] bulk_poll_usec` (zero: bulk waits gather instead).
+    bulk_poll: Duration,
+    /// Until when waits poll for `bulk_poll` (a pass moved bulk traffic `BULK_HOLD` before).
+    bulk_until: Instant,
     /// Completions the connections' operations in flight will still post.
     conn_ops: usize,
     copy: CopyPath,
@@ -696,6 +707,8 @@ impl Worker {
             moved_this_pass: 0,
             coalesce_usec: settings.coalesce_usec,
             busy_poll: Duration::from_micros(settings.busy_poll_usec.into()),
+            bulk_poll: Duration::from_micros(settings.bulk_poll_usec.into()),
+            bulk_until: Instant::now(),
             conn_ops: 0,
             copy,
             copy_mode: settings.copy,
@@ -832,22 +845,28 @@ impl Worker {
     fn complete_all(&mut self) {
         let mut batch = std::mem::take(&mut self.completions);
         batch.clear();
+        let bulk = self.moved_this_pass >= BULK_PASS_BYTES;
+        if bulk {
+            self.bulk_until = self.now + BULK_HOLD;
+        }
+        let poll = if self.now < self.bulk_until {
+            self.busy_poll.max(self.bulk_poll)
+        } else {
+            self.busy_poll
+        };
         // Company can come only from operations in flight: with one or none, wake at it.
         // A polling worker never sleeps through completions, so it has none to gather.
         let events = self.conn_ops.min(BULK_EVENTS);
-        let gather = (self.moved_this_pass >= BULK_PASS_BYTES
-            && self.coalesce_usec > 0
-            && events > 1
-            && self.busy_poll.is_zero())
-        .then_some(Batch {
-            events,
-            usec: self.coalesce_usec,
-        })
-        .filter(|_| self.stats.gathering_supported);
+        let gather = (bulk && self.coalesce_usec > 0 && events > 1 && poll.is_zero())
+            .then_some(Batch {
+                events,
+                usec: self.coalesce_usec,
+            })
+            .filter(|_| self.stats.gathering_supported);
         self.stats.gathering_waits += u64::from(gather.is_some());
         self.ops.gather(gather);
         self.moved_this_pass = 0;
-        if !self.busy_poll(&mut batch) {
+        if !self.busy_poll(poll, &mut batch) {
             self.ops.wait(WAIT, &mut batch);
         }
         for &(ud, res, flags) in &batch {
@@ -864,14 +883,15 @@ impl Worker {
         self.completions = batch;
     }
 
-    /// `[tcp] busy_poll_usec`: reaps completions without sleeping until some come in
-    /// (true) or the time is up (false: the caller sleeps). A sleeping worker is woken
+    /// `[tcp] busy_poll_usec` (and `bulk_poll_usec` under bulk traffic): reaps
+    /// completions without sleeping until some come in (true) or `budget` is up (false:
+    /// the caller sleeps). A sleeping worker is woken
     /// by an interrupt from the core that completed its operation, which under
     /// virtualisation is an exit to the hypervisor on both cores; a polling one just
     /// finds the completion. The price: every wait that finds nothing spends up to the
     /// whole time polling, so light traffic keeps the core busy.
-    fn busy_poll(&mut self, batch: &mut Vec<(u64, i32, u32)>) -> bool {
-        if self.busy_poll.is_zero() {
+    fn busy_poll(&mut self, budget: Duration, batch: &mut Vec<(u64, i32, u32)>) -> bool {
+        if budget.is_zero() {
             return false;
         }
         let start = Instant::now();
@@ -881,7 +901,7 @@ impl Worker {
                 self.stats.busy_poll_hits += 1;
                 return true;
             }
-            if start.elapsed() >= self.busy_poll {
+            if start.elapsed() >= budget {
                 self.stats.busy_poll_sleeps += 1;
                 return false;
             }
@@ -934,6 +954,7 @@ impl Worker {
         self.local_sndbuf = routes.settings.local_sndbuf;
         self.coalesce_usec = routes.settings.coalesce_usec;
         self.busy_poll = Duration::from_micros(routes.settings.busy_poll_usec.into());
+        self.bulk_poll = Duration::from_micros(routes.settings.bulk_poll_usec.into());
         if routes.settings.copy != self.copy_mode {
             self.change_copy(routes.settings.copy, &routes.settings);
         }
@@ -2589,7 +2610,7 @@ mod tests {
     /// Routes that come and go reuse the listener slots reloads closed (the vector does
     /// not grow with churn), and an accept that completes for an earlier listener at a
     /// reused index is not taken for the new route: the connection is closed, uncounted.
-    /// (The same reloads also carry `busy_poll_usec` to the worker.)
+    /// (The same reloads also carry `busy_poll_usec` and `bulk_poll_usec` to the worker.)
     #[test]
     fn reloads_reuse_closed_listener_slots_and_drop_stale_accepts() {
         use std::os::fd::{IntoRawFd as _, RawFd};
@@ -2643,12 +2664,21 @@ mod tests {
             // Busy polling follows reloads too, both ways.
             let mut polling = only_a.tcp.clone();
             polling.busy_poll_usec = 500;
+            polling.bulk_poll_usec = 0;
             shared.publish(&only_a.routes, polling);
             w.follow_reload();
-            assert_eq!(w.busy_poll, Duration::from_micros(500), "{engine:?}");
+            assert_eq!(
+                (w.busy_poll, w.bulk_poll),
+                (Duration::from_micros(500), Duration::ZERO),
+                "{engine:?}"
+            );
             shared.publish(&only_a.routes, only_a.tcp.clone());
             w.follow_reload();
-            assert_eq!(w.busy_poll, Duration::ZERO, "{engine:?}");
+            assert_eq!(
+                (w.busy_poll, w.bulk_poll),
+                (Duration::ZERO, Duration::from_micros(200)),
+                "{engine:?}"
+            );
             // b once more, at index 1; an accept of the b before it completes now.
             shared.publish(&with_b.routes, with_b.tcp.clone());
             w.follow_reload();
@@ -2709,7 +2739,6 @@ mod tests {
     /// without it sleeping (counted), bytes intact; with 0 the worker never polls.
     #[test]
     fn busy_polling_handles_completions_that_come_while_polling() {
-        use std::io::{Read as _, Write as _};
         const ROUNDS: u8 = 100;
         for engine in engines() {
             for poll_usec in [0u32, 10_000] {
@@ -2727,26 +2756,7 @@ mod tests {
                         });
                     },
                 );
-                let mut c = std::net::TcpStream::connect(w.addr).unwrap();
-                let (mut up, _) = w.upstream.accept().unwrap();
-                let echo = thread::spawn(move || {
-                    let mut buf = [0u8; 64];
-                    for _ in 0..ROUNDS {
-                        up.read_exact(&mut buf).unwrap();
-                        up.write_all(&buf).unwrap();
-                    }
-                });
-                c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                for i in 0..ROUNDS {
-                    c.write_all(&[i; 64]).unwrap();
-                    let mut back = [0u8; 64];
-                    // read_exact retries an interrupted read itself.
-                    c.read_exact(&mut back)
-                        .unwrap_or_else(|e| panic!("{engine:?}: round {i}: {e}"));
-                    assert_eq!(back, [i; 64], "{engine:?}");
-                }
-                echo.join().unwrap();
-                drop(c);
+                round_trips(engine, &w, ROUNDS);
                 let stats = w.stop();
                 let answered = answered.load(Ordering::Relaxed);
                 if poll_usec == 0 {
@@ -2762,6 +2772,86 @@ mod tests {
                     assert!(
                         stats.busy_poll_hits >= u64::from(ROUNDS) / 2,
                         "{engine:?}: {stats:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// `rounds` round trips of 64 bytes through `w`, echoed by its upstream, checked.
+    fn round_trips(engine: Engine, w: &TestWorker, rounds: u8) {
+        use std::io::{Read as _, Write as _};
+        let mut c = std::net::TcpStream::connect(w.addr).unwrap();
+        let (mut up, _) = w.upstream.accept().unwrap();
+        let echo = thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            for _ in 0..rounds {
+                up.read_exact(&mut buf).unwrap();
+                up.write_all(&buf).unwrap();
+            }
+        });
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        for i in 0..rounds {
+            c.write_all(&[i; 64]).unwrap();
+            let mut back = [0u8; 64];
+            // read_exact retries an interrupted read itself.
+            c.read_exact(&mut back)
+                .unwrap_or_else(|e| panic!("{engine:?}: round {i}: {e}"));
+            assert_eq!(back, [i; 64], "{engine:?}");
+        }
+        echo.join().unwrap();
+    }
+
+    /// `bulk_poll_usec`: a bulk transfer makes the worker poll (waits answered while
+    /// polling, counted below the worker as in the test above); round trips of a few
+    /// bytes never do, and with 0 neither does the bulk transfer.
+    #[test]
+    fn bulk_traffic_and_only_bulk_traffic_makes_the_worker_poll() {
+        use std::io::{Read as _, Write as _};
+        const SIZE: usize = 8 << 20;
+        for engine in engines() {
+            for (bulk_poll_usec, bulk) in [(10_000u32, true), (10_000, false), (0, true)] {
+                let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                let counter = Arc::clone(&answered);
+                let w = TestWorker::start(
+                    engine,
+                    &format!("[tcp]\nbulk_poll_usec = {bulk_poll_usec}"),
+                    move |w, _| {
+                        w.ops = Box::new(Meddling {
+                            answered_polls: Some(counter),
+                            ..Meddling::around(engine)
+                        });
+                    },
+                );
+                if bulk {
+                    let mut c = std::net::TcpStream::connect(w.addr).unwrap();
+                    let (mut up, _) = w.upstream.accept().unwrap();
+                    // The upstream stalls first, so that passes then move whole pipes.
+                    let reader = thread::spawn(move || {
+                        thread::sleep(Duration::from_millis(100));
+                        let mut got = Vec::new();
+                        up.read_to_end(&mut got).unwrap();
+                        got
+                    });
+                    let sent: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+                    c.write_all(&sent).unwrap();
+                    c.shutdown(std::net::Shutdown::Write).unwrap();
+                    assert!(reader.join().unwrap() == sent, "{engine:?}: bytes differ");
+                } else {
+                    round_trips(engine, &w, 100);
+                }
+                let stats = w.stop();
+                let answered = answered.load(Ordering::Relaxed);
+                let case = format!("{engine:?}, bulk_poll_usec {bulk_poll_usec}, bulk {bulk}");
+                if bulk_poll_usec > 0 && bulk {
+                    assert!(stats.busy_poll_hits > 0, "{case}: {stats:?}");
+                    assert_eq!(answered, stats.busy_poll_hits, "{case}: {stats:?}");
+                    assert_eq!(stats.gathering_waits, 0, "{case}: {stats:?}");
+                } else {
+                    assert_eq!(
+                        (stats.busy_poll_hits, stats.busy_poll_sleeps, answered),
+                        (0, 0, 0),
+                        "{case}"
                     );
                 }
             }
