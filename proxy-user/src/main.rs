@@ -794,6 +794,14 @@ fn start_control(
             });
             let tasks: Vec<tokio::task::JoinHandle<()>> = background.into_iter().map(tokio::spawn).collect();
             let _ = ready_tx.send(());
+            // A drain the daemon began itself (a worker died; in `run`, the data plane or
+            // forwarding failed) has had no signal yet: the first one cuts it.
+            let draining = || {
+                forwarding.as_ref().is_some_and(|r| {
+                    matches!(r.lifecycle(), proxy_user::tcp::Lifecycle::Draining | proxy_user::tcp::Lifecycle::Stopped)
+                })
+            };
+            let mut cut_at_once = false;
             while !stopped {
                 let hangup = async {
                     match hup.as_mut() {
@@ -810,9 +818,17 @@ fn start_control(
                     }
                 };
                 tokio::select! {
-                    () = &mut stop => stopped = true,
+                    () = &mut stop => {
+                        stopped = true;
+                        // Read before this thread sets the stop flag: after, a normal
+                        // drain would look the same.
+                        cut_at_once = draining();
+                    }
                     () = hangup => reload("SIGHUP"),
                     () = changed => reload("file changed"),
+                    () = tokio::time::sleep(Duration::from_millis(50)), if forwarding.is_some() => {
+                        stopped = draining();
+                    }
                 }
             }
             control_stop.store(true, Ordering::Release);
@@ -821,6 +837,11 @@ fn start_control(
                 let again = stop_signal(None);
                 tokio::pin!(again);
                 let mut cut = false;
+                if cut_at_once {
+                    tracing::warn!("stopping while already draining: open connections are reset now, not at the drain deadline");
+                    routes.cut_drain();
+                    cut = true;
+                }
                 while routes.lifecycle() != proxy_user::tcp::Lifecycle::Stopped {
                     tokio::select! {
                         () = &mut again, if !cut => {

@@ -151,9 +151,24 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
+    try_start_edgeproxy_env_until(ns, args, &[], ready)
+}
+
+/// [`try_start_edgeproxy_until`] with `env` added to the child's environment.
+pub fn try_start_edgeproxy_env_until<I, S>(
+    ns: &netns::Netns,
+    args: I,
+    env: &[(&str, &str)],
+    ready: &str,
+) -> anyhow::Result<(Reaped, LogLines)>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
     let mut child = Reaped(Some(
         ns.command(edgeproxy_bin()?)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()?,

@@ -175,19 +175,21 @@ pub fn read_line(s: &mut TcpStream) -> std::io::Result<String> {
     }
 }
 
-/// `edgeproxy proxy --config CFG --stats-file STATS ARGS…` inside `ns`, started.
+/// `edgeproxy proxy --config CFG --stats-file STATS ARGS…` inside `ns` with `env` added
+/// to its environment, started.
 pub fn start_proxy(
     ns: &Netns,
     cfg: &Path,
     stats: &Path,
     args: &[&str],
+    env: &[(&str, &str)],
 ) -> anyhow::Result<(Reaped, LogLines)> {
     let mut all: Vec<std::ffi::OsString> = vec!["proxy".into(), "--json".into(), "--config".into()];
     all.push(cfg.into());
     all.push("--stats-file".into());
     all.push(stats.into());
     all.extend(args.iter().map(Into::into));
-    crate::try_start_edgeproxy_until(ns, all, "TCP forwarding started")
+    crate::try_start_edgeproxy_env_until(ns, all, env, "TCP forwarding started")
 }
 
 /// The stats file's routes once `ready` holds for them (polled up to `limit`).

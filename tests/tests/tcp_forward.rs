@@ -68,6 +68,7 @@ on_both_engines!(
     idle_connections_are_closed_and_counted,
     sigterm_drains_open_connections_then_resets_at_the_deadline,
     a_second_sigterm_cuts_the_drain_short,
+    a_dying_worker_drains_the_others_and_one_sigterm_cuts_that,
     slow_client_bounds_memory_buffers,
     slow_client_bounds_memory_splice,
     run_forwards_the_routes_of_its_configuration,
@@ -120,9 +121,14 @@ impl Bed {
     }
 
     fn start(&mut self, config: &str, args: &[&str]) {
+        self.start_with_env(config, args, &[]);
+    }
+
+    fn start_with_env(&mut self, config: &str, args: &[&str], env: &[(&str, &str)]) {
         let config = format!("[engine]\nkind = \"{}\"\n{config}", ENGINE.get());
         std::fs::write(&self.cfg, config).expect("write config");
-        let (p, log) = start_proxy(&self.ns, &self.cfg, &self.stats, args).expect("start proxy");
+        let (p, log) =
+            start_proxy(&self.ns, &self.cfg, &self.stats, args, env).expect("start proxy");
         self.proxy = Some(p);
         self.log = Some(log);
     }
@@ -1607,6 +1613,64 @@ fn a_second_sigterm_cuts_the_drain_short() {
     assert_eq!(u["errors"]["drain_deadline"], 1, "{u}");
 }
 
+/// A worker that dies makes the others drain, and the daemon then exits with an error
+/// (for its supervisor to restart it). The daemon began that drain itself, so the first
+/// SIGTERM during it cuts it; before, it took two. The worker panics on purpose: debug
+/// builds (these tests run them) read `EDGEPROXY_FAULT_PANIC_WORKER_SECS`.
+fn a_dying_worker_drains_the_others_and_one_sigterm_cuts_that() {
+    if !require_root("a_dying_worker_drains_the_others_and_one_sigterm_cuts_that") {
+        return;
+    }
+    let mut bed = Bed::new();
+    let _a = bed.upstream("10.200.0.1:8231", echo());
+    bed.start_with_env(
+        &format!(
+            "[tcp]\ndrain_seconds = 60\n{}",
+            route("10.200.0.1:8230", &["10.200.0.1:8231"], "")
+        ),
+        &["--workers", "2"],
+        &[("EDGEPROXY_FAULT_PANIC_WORKER_SECS", "1")],
+    );
+    // Each connection is hashed to one worker's listener: 16 land on both but for
+    // one chance in 2^15.
+    let conns: Vec<TcpStream> = (0..16)
+        .map(|_| {
+            let mut c = connect(&bed.ns, sa("10.200.0.1:8230")).expect("connect");
+            echoes(&mut c, b"ping");
+            c
+        })
+        .collect();
+    let log = bed.log.as_ref().expect("running");
+    log.wait_for("the other workers drain", Duration::from_secs(10))
+        .expect("the first worker panicked");
+    // The dead worker's connections were closed; the others still work, draining.
+    let mut alive: Vec<TcpStream> = conns
+        .into_iter()
+        .filter_map(|mut c| {
+            c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            c.write_all(b"still").ok()?;
+            let mut back = [0u8; 5];
+            c.read_exact(&mut back).ok()?;
+            (&back == b"still").then_some(c)
+        })
+        .collect();
+    let survivors = alive.len();
+    assert!(
+        (1..16).contains(&survivors),
+        "{survivors} of 16 connections outlived their worker"
+    );
+    let mut proxy = bed.proxy.take().expect("running");
+    nix::sys::signal::kill(proxy.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let t = Instant::now();
+    for c in &mut alive {
+        let e = read_some(c, &mut [0u8; 1]).expect_err("reset by the one signal");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    }
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let out = proxy.take().wait_with_output().expect("wait");
+    assert!(!out.status.success(), "a worker died: {}", out.status);
+}
+
 /// A client that reads slowly while its upstream writes as fast as it can: the proxy
 /// stops reading from the upstream (bytes in flight stay bounded by socket buffers) and
 /// its memory does not grow with the transfer.
@@ -1843,7 +1907,7 @@ fn zero_copy_falls_back_with_the_reason_and_require_refuses_to_start() {
     let mut bed = Bed::new();
     let config = format!("[engine]\nkind = \"{}\"\n{}", ENGINE.get(), zc("require"));
     std::fs::write(&bed.cfg, config).expect("write config");
-    match start_proxy(&bed.ns, &bed.cfg, &bed.stats, &["--workers", "2"]) {
+    match start_proxy(&bed.ns, &bed.cfg, &bed.stats, &["--workers", "2"], &[]) {
         Ok((p, _)) => {
             bed.proxy = Some(p);
             panic!("edgeproxy started without the zero-copy queue it was required to have");

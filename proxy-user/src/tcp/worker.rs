@@ -645,7 +645,16 @@ struct Worker {
     zc_efaults: u64,
     stats: WorkerStats,
     completions: Vec<(u64, i32, u32)>,
+    /// Debug builds only: when this worker panics on purpose (see [`FAULT_PANIC_WORKER`]).
+    #[cfg(debug_assertions)]
+    panic_at: Option<Instant>,
 }
+
+/// Debug builds only (the end-to-end tests run them): seconds after which the first
+/// worker panics, for the tests of what a worker's death does to the daemon. No input
+/// can make a worker panic on purpose, and release builds do not read this.
+#[cfg(debug_assertions)]
+pub const FAULT_PANIC_WORKER: &str = "EDGEPROXY_FAULT_PANIC_WORKER_SECS";
 
 impl Worker {
     fn new(
@@ -756,6 +765,8 @@ impl Worker {
                 ..WorkerStats::default()
             },
             completions: Vec::with_capacity(1024),
+            #[cfg(debug_assertions)]
+            panic_at: None,
         })
     }
 
@@ -789,6 +800,10 @@ impl Worker {
             self.now = Instant::now();
             if self.shared.generation() != self.generation {
                 self.follow_reload();
+            }
+            #[cfg(debug_assertions)]
+            if self.panic_at.is_some_and(|t| self.now >= t) {
+                panic!("{FAULT_PANIC_WORKER}: this worker panics as asked");
             }
             if drain_deadline.is_none() && stop.iter().any(|s| s.load(Ordering::Acquire)) {
                 let drain = self.shared.latest().settings.drain;
@@ -2178,7 +2193,7 @@ pub fn run(
     let halt = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let mut handles = Vec::new();
-    for ((&cpu, mine), zc) in cpus.iter().zip(listeners).zip(plans) {
+    for (index, ((&cpu, mine), zc)) in cpus.iter().zip(listeners).zip(plans).enumerate() {
         let shared = Arc::clone(&shared);
         let stop = Arc::clone(&stop);
         let halt = Arc::clone(&halt);
@@ -2188,13 +2203,24 @@ pub fn run(
                 .name(format!("ep-tcp-{cpu}"))
                 .spawn(move || {
                     crate::cpus::pin(cpu);
-                    let worker = match Worker::new(cpu, engine, copy, shared, mine, zc) {
+                    #[allow(unused_mut)] // set only in debug builds
+                    let mut worker = match Worker::new(cpu, engine, copy, shared, mine, zc) {
                         Ok(w) => w,
                         Err(e) => {
                             let _ = ready.send(Err(format!("worker on CPU {cpu}: {e}")));
                             return WorkerStats::default();
                         }
                     };
+                    #[cfg(not(debug_assertions))]
+                    let _ = index;
+                    #[cfg(debug_assertions)]
+                    if index == 0 {
+                        worker.panic_at = std::env::var(FAULT_PANIC_WORKER)
+                            .ok()
+                            .and_then(|s| s.parse::<f64>().ok())
+                            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                            .map(|after| Instant::now() + after);
+                    }
                     let _ = ready.send(Ok(()));
                     let _halt_on_panic = HaltOnPanic(Arc::clone(&halt));
                     // Stop when asked, or when another worker failed to start or died.

@@ -53,8 +53,9 @@ enum Proxy {
     EdgeproxyEpoll,
     /// edgeproxy with `local_sndbuf = 0`: the kernel's autotuning on every socket.
     EdgeproxyAutotuned,
-    /// edgeproxy with `coalesce_usec = 0`: every completion wakes the worker.
-    EdgeproxyEager,
+    /// edgeproxy with `bulk_poll_usec = 0`: under bulk traffic a wait gathers
+    /// completions (`coalesce_usec`) instead of polling; the default before 2026-12-02.
+    EdgeproxyGather,
     /// edgeproxy with `busy_poll_usec = 200`: a worker polls for completions that long
     /// before it sleeps.
     EdgeproxyBusyPoll,
@@ -76,7 +77,7 @@ impl Proxy {
         Proxy::EdgeproxyBuffers,
         Proxy::EdgeproxyEpoll,
         Proxy::EdgeproxyAutotuned,
-        Proxy::EdgeproxyEager,
+        Proxy::EdgeproxyGather,
         Proxy::EdgeproxyBusyPoll,
         Proxy::Haproxy,
         Proxy::HaproxySndbuf,
@@ -92,7 +93,7 @@ impl Proxy {
             Proxy::EdgeproxyBuffers => "edgeproxy-buffers",
             Proxy::EdgeproxyEpoll => "edgeproxy-epoll",
             Proxy::EdgeproxyAutotuned => "edgeproxy-autotuned",
-            Proxy::EdgeproxyEager => "edgeproxy-eager",
+            Proxy::EdgeproxyGather => "edgeproxy-gather",
             Proxy::EdgeproxyBusyPoll => "edgeproxy-busypoll",
             Proxy::Haproxy => "haproxy",
             Proxy::HaproxySndbuf => "haproxy-sndbuf",
@@ -182,7 +183,7 @@ impl Bench {
             | Proxy::EdgeproxyBuffers
             | Proxy::EdgeproxyEpoll
             | Proxy::EdgeproxyAutotuned
-            | Proxy::EdgeproxyEager
+            | Proxy::EdgeproxyGather
             | Proxy::EdgeproxyBusyPoll => {
                 let copy = if p == Proxy::EdgeproxyBuffers {
                     "buffers"
@@ -200,8 +201,8 @@ impl Bench {
                 if p == Proxy::EdgeproxyAutotuned {
                     cfg += "local_sndbuf = 0\n";
                 }
-                if p == Proxy::EdgeproxyEager {
-                    cfg += "coalesce_usec = 0\n";
+                if p == Proxy::EdgeproxyGather {
+                    cfg += "bulk_poll_usec = 0\n";
                 }
                 if p == Proxy::EdgeproxyBusyPoll {
                     cfg += "busy_poll_usec = 200\n";
@@ -728,7 +729,7 @@ pub fn tcp_peers() -> anyhow::Result<()> {
     let epoll = get(Proxy::EdgeproxyEpoll)?;
     let autotuned = get(Proxy::EdgeproxyAutotuned)?;
     let haproxy_sndbuf = get(Proxy::HaproxySndbuf)?;
-    let eager = get(Proxy::EdgeproxyEager)?;
+    let gather = get(Proxy::EdgeproxyGather)?;
     let busypoll = get(Proxy::EdgeproxyBusyPoll)?;
     let haproxy_busypoll = get(Proxy::HaproxyBusyPoll)?;
     println!("(min/median/max over {ROUNDS} rounds)");
@@ -823,8 +824,8 @@ pub fn tcp_peers() -> anyhow::Result<()> {
         versus(ours, haproxy_sndbuf)
     );
     println!(
-        "ratios (medians): completions gathered under bulk traffic: edgeproxy / edgeproxy-eager: {}",
-        versus(ours, eager)
+        "ratios (medians): polling instead of gathering under bulk traffic: edgeproxy / edgeproxy-gather: {}",
+        versus(ours, gather)
     );
     println!(
         "ratios (medians): busy polling: edgeproxy-busypoll / direct: 1 stream {:.2}, 8 streams {:.2}; edgeproxy-busypoll / haproxy-busypoll: {}; edgeproxy-busypoll / edgeproxy: {}; haproxy-busypoll / haproxy: {}",
