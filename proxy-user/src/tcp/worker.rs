@@ -74,10 +74,11 @@ const CANCEL_AGAIN_AFTER: Duration = Duration::from_secs(1);
 const ACCEPT_REST: Duration = Duration::from_millis(100);
 /// The longest a worker waits in the ring before looking at reloads and the stop flag.
 const WAIT: Duration = Duration::from_millis(50);
-/// Bytes forwarded in one pass that make the next wait gather completions (see
+/// Bytes forwarded in one pass that make the waits of the next `BULK_HOLD` poll
+/// (`[tcp] bulk_poll_usec`), or with that off the next wait gather completions (see
 /// `Ops::gather`): one full loopback segment. A pass of interactive traffic moves far
 /// less (16 connections of 64-byte round trips: about 1 KiB), so only bulk transfers
-/// wait for company. 32 KiB and 128 KiB measured alike.
+/// poll or wait for company. 32 KiB and 128 KiB measured alike (for gathering).
 const BULK_PASS_BYTES: u64 = 64 * 1024;
 /// Completions a wait gathers under bulk traffic (at most; no more than are in flight),
 /// for at most `[tcp] coalesce_usec`. Without it each arrival of data wakes the worker,
@@ -2761,6 +2762,24 @@ mod tests {
         }
     }
 
+    /// A worker on `extra` whose backend counts, below the worker, waits that brought
+    /// completions without sleeping: a worker that slept briefly instead of polling gets
+    /// none.
+    fn counting_answered_polls(
+        engine: Engine,
+        extra: &str,
+    ) -> (TestWorker, Arc<std::sync::atomic::AtomicU64>) {
+        let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = Arc::clone(&answered);
+        let w = TestWorker::start(engine, extra, move |w, _| {
+            w.ops = Box::new(Meddling {
+                answered_polls: Some(counter),
+                ..Meddling::around(engine)
+            });
+        });
+        (w, answered)
+    }
+
     /// `busy_poll_usec`: completions that come in while the worker polls are handled
     /// without it sleeping (counted), bytes intact; with 0 the worker never polls.
     #[test]
@@ -2768,19 +2787,9 @@ mod tests {
         const ROUNDS: u8 = 100;
         for engine in engines() {
             for poll_usec in [0u32, 10_000] {
-                // Counts, below the worker, waits that brought completions without
-                // sleeping: a worker that slept briefly instead of polling gets none.
-                let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
-                let counter = Arc::clone(&answered);
-                let w = TestWorker::start(
+                let (w, answered) = counting_answered_polls(
                     engine,
                     &format!("[tcp]\nbusy_poll_usec = {poll_usec}"),
-                    move |w, _| {
-                        w.ops = Box::new(Meddling {
-                            answered_polls: Some(counter),
-                            ..Meddling::around(engine)
-                        });
-                    },
                 );
                 round_trips(engine, &w, ROUNDS);
                 let stats = w.stop();
@@ -2837,17 +2846,9 @@ mod tests {
         const SIZE: usize = 8 << 20;
         for engine in engines() {
             for (bulk_poll_usec, bulk) in [(10_000u32, true), (10_000, false), (0, true)] {
-                let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
-                let counter = Arc::clone(&answered);
-                let w = TestWorker::start(
+                let (w, answered) = counting_answered_polls(
                     engine,
                     &format!("[tcp]\nbulk_poll_usec = {bulk_poll_usec}"),
-                    move |w, _| {
-                        w.ops = Box::new(Meddling {
-                            answered_polls: Some(counter),
-                            ..Meddling::around(engine)
-                        });
-                    },
                 );
                 if bulk {
                     let mut c = std::net::TcpStream::connect(w.addr).unwrap();
