@@ -1984,6 +1984,21 @@ fn send_buffers_are_fixed_for_peers_on_this_host_only() {
         a, b, a_v4, b_v4, ..
     } = pair;
     let mut bed = Bed::inside(a);
+    // Another prefix on this host's loopback: each of its addresses is this host too.
+    edgeproxy_testbed::tools::run(
+        "ip",
+        [
+            "-n",
+            bed.ns.name(),
+            "addr",
+            "add",
+            "10.200.77.1/24",
+            "dev",
+            "lo",
+        ],
+    )
+    .expect("ip addr add");
+    let other_local = ip("10.200.77.12");
     let up = sa("127.0.0.1:8101");
     let listen = SocketAddr::new(a_v4.into(), 8100);
     let _echo = bed.upstream(&up.to_string(), echo());
@@ -1995,8 +2010,10 @@ fn send_buffers_are_fixed_for_peers_on_this_host_only() {
     let fixed = fixed_send_buffer(262_144);
     let mut here = connect_from(&bed.ns, a_v4.into(), listen).expect("connect from this host");
     let mut there = connect_from(&b, b_v4.into(), listen).expect("connect from the other host");
+    let mut prefix = connect_from(&bed.ns, other_local, listen).expect("connect from lo's prefix");
     echoes(&mut here, b"ping");
     echoes(&mut there, b"ping");
+    echoes(&mut prefix, b"ping");
     let socks = send_buffers(&bed.ns);
     let proxy_side = |peer_ip: IpAddr| -> Vec<u64> {
         socks
@@ -2010,6 +2027,11 @@ fn send_buffers_are_fixed_for_peers_on_this_host_only() {
         [fixed],
         "client on this host: {socks:?}"
     );
+    assert_eq!(
+        proxy_side(other_local),
+        [fixed],
+        "client from another of this host's addresses: {socks:?}"
+    );
     let remote = proxy_side(b_v4.into());
     assert_eq!(remote.len(), 1, "{socks:?}");
     assert_ne!(
@@ -2019,13 +2041,13 @@ fn send_buffers_are_fixed_for_peers_on_this_host_only() {
     let upstream_side: Vec<u64> = socks.iter().filter(|s| s.1 == up).map(|s| s.2).collect();
     assert_eq!(
         upstream_side,
-        [fixed, fixed],
+        [fixed, fixed, fixed],
         "loopback upstream: {socks:?}"
     );
 
     // Off: a new connection from this host keeps the kernel's autotuning on both sides.
-    drop((here, there));
-    bed.settled(2);
+    drop((here, there, prefix));
+    bed.settled(3);
     bed.reload(&format!("[tcp]\nlocal_sndbuf = 0\n{routes}"));
     let mut again = connect_from(&bed.ns, a_v4.into(), listen).expect("connect");
     echoes(&mut again, b"ping");
@@ -2041,11 +2063,12 @@ fn send_buffers_are_fixed_for_peers_on_this_host_only() {
         "local_sndbuf = 0: {socks:?}"
     );
     drop(again);
-    bed.settled(3);
+    bed.settled(4);
     let report = bed.stop();
+    // Two clients and their two upstream sockets, and the third client's upstream.
     assert_eq!(
         num(&report["workers"][0], "local_send_buffers"),
-        3,
+        5,
         "{report}"
     );
 }

@@ -15,6 +15,7 @@
 //! - [`stats`]: counters, drop reasons, connect latency histograms.
 pub mod balance;
 pub mod health;
+pub mod local;
 pub mod ops;
 pub mod pool;
 pub mod proxy_protocol;

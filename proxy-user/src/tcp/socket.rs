@@ -119,16 +119,6 @@ pub fn no_delay(fd: &OwnedFd) -> io::Result<()> {
     setsockopt(fd, sockopt::TcpNoDelay, &true).map_err(io::Error::from)
 }
 
-/// Whether a connection between `local` and `peer` stays on this host: the peer is a
-/// loopback address or our own (the kernel routes a connection to one of its own
-/// addresses over loopback and picks that address as the source), or the unspecified
-/// address, which Linux connects to this host. A peer on another of this host's
-/// addresses than the one the connection uses is not recognised.
-pub fn stays_on_this_host(local: SocketAddr, peer: SocketAddr) -> bool {
-    let peer = peer.ip().to_canonical();
-    peer.is_loopback() || peer.is_unspecified() || peer == local.ip().to_canonical()
-}
-
 /// Fixes the kernel's send buffer of `fd` at `bytes` (the kernel doubles the value for
 /// its bookkeeping and clamps it at `net.core.wmem_max`), which ends its autotuning.
 pub fn cap_send_buffer(fd: &OwnedFd, bytes: usize) -> io::Result<()> {
@@ -258,34 +248,6 @@ pub fn interfaces_of(addr: SocketAddr) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn peers_on_this_host_are_loopback_or_our_own_address() {
-        let at = |s: &str| -> SocketAddr { s.parse().expect("literal") };
-        for (local, peer, here) in [
-            ("127.0.0.1:80", "127.0.0.1:5000", true),
-            ("127.0.0.1:80", "127.0.0.2:5000", true),
-            ("10.1.2.3:80", "127.0.0.1:5000", true),
-            ("10.1.2.3:80", "10.1.2.3:5000", true),
-            ("10.1.2.3:80", "10.1.2.4:5000", false),
-            // An upstream configured as 0.0.0.0 or [::] is this host.
-            ("127.0.0.1:80", "0.0.0.0:5000", true),
-            ("[::1]:80", "[::]:5000", true),
-            ("[::1]:80", "[::1]:5000", true),
-            ("[fd00:200::1]:80", "[fd00:200::1]:5000", true),
-            ("[fd00:200::1]:80", "[fd00:200::2]:5000", false),
-            // A dual-stack listener sees IPv4 clients as mapped addresses.
-            ("[::ffff:10.1.2.3]:80", "[::ffff:10.1.2.3]:5000", true),
-            ("[::ffff:10.1.2.3]:80", "[::ffff:127.0.0.1]:5000", true),
-            ("[::ffff:10.1.2.3]:80", "[::ffff:10.9.9.9]:5000", false),
-        ] {
-            assert_eq!(
-                stays_on_this_host(at(local), at(peer)),
-                here,
-                "{local} ↔ {peer}"
-            );
-        }
-    }
 
     #[test]
     fn the_steering_program_maps_each_recorded_queue_to_its_worker() {

@@ -37,6 +37,7 @@ use nix::sys::socket::SockaddrLike as _;
 use super::{
     CopyMode, Lifecycle, Route, SharedRoutes, ZeroCopyMode, ZeroCopySettings,
     balance::{Balancer, NoPick},
+    local::{self, LocalAddresses},
     ops::{self, Batch, Op, Ops, epoll::EpollOps, uring::UringOps, zcrx::ZcSpec},
     pool::Tried,
     proxy_protocol::{self, Parsed},
@@ -586,10 +587,16 @@ fn dst_reason(d: usize, e: i32) -> Reason {
     }
 }
 
-/// Fixes the send buffer of a socket to a peer on this host at `limit` (see
-/// `TcpSettings::local_sndbuf`); whether it did.
-fn fit_local_send_buffer(limit: usize, fd: &OwnedFd, local: SocketAddr, peer: SocketAddr) -> bool {
-    if limit == 0 || !socket::stays_on_this_host(local, peer) {
+/// Fixes the send buffer of a socket between `local` and `peer` at `limit` if the peer
+/// is on this host (see `TcpSettings::local_sndbuf`); whether it did.
+fn fit_local_send_buffer(
+    limit: usize,
+    host: &LocalAddresses,
+    fd: &OwnedFd,
+    local: SocketAddr,
+    peer: SocketAddr,
+) -> bool {
+    if limit == 0 || !host.stays_on_this_host(local, peer) {
         return false;
     }
     match socket::cap_send_buffer(fd, limit) {
@@ -601,6 +608,15 @@ fn fit_local_send_buffer(limit: usize, fd: &OwnedFd, local: SocketAddr, peer: So
     }
 }
 
+/// This host's addresses; on failure (logged) only loopback and a connection's own
+/// address count as this host.
+fn read_host_addresses() -> LocalAddresses {
+    LocalAddresses::read().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read this host's addresses (getifaddrs)");
+        LocalAddresses::default()
+    })
+}
+
 struct Worker {
     ops: Box<dyn Ops>,
     buf_size: usize,
@@ -610,6 +626,9 @@ struct Worker {
     moved_this_pass: u64,
     /// `[tcp] coalesce_usec` (0: never).
     coalesce_usec: u32,
+    /// This host's addresses, read again every `local::REFRESH_EVERY`.
+    host: LocalAddresses,
+    host_read: Instant,
     /// `[tcp] busy_poll_usec` (zero: sleep at once).
     busy_poll: Duration,
     /// `[tcp] bulk_poll_usec` (zero: bulk waits gather instead).
@@ -727,6 +746,8 @@ impl Worker {
             local_sndbuf: settings.local_sndbuf,
             moved_this_pass: 0,
             coalesce_usec: settings.coalesce_usec,
+            host: read_host_addresses(),
+            host_read: Instant::now(),
             busy_poll: Duration::from_micros(settings.busy_poll_usec.into()),
             bulk_poll: Duration::from_micros(settings.bulk_poll_usec.into()),
             bulk_until: Instant::now(),
@@ -1074,6 +1095,10 @@ impl Worker {
     }
 
     fn sweep(&mut self, drain_deadline: Option<Instant>) {
+        if self.now.duration_since(self.host_read) >= local::REFRESH_EVERY {
+            self.host = read_host_addresses();
+            self.host_read = self.now;
+        }
         let past_deadline = drain_deadline.is_some_and(|d| self.now >= d);
         for slot in 0..self.conns.len() as u32 {
             let Some(c) = self.conns[slot as usize].as_deref() else {
@@ -1147,7 +1172,7 @@ impl Worker {
             route.stats.refused.add(Reason::ClientReset, 1);
             return;
         };
-        if fit_local_send_buffer(self.local_sndbuf, &fd, local, peer) {
+        if fit_local_send_buffer(self.local_sndbuf, &self.host, &fd, local, peer) {
             self.stats.local_send_buffers += 1;
         }
         let accept_proxy = route.spec.accept_proxy;
@@ -1425,11 +1450,13 @@ impl Worker {
             .pool
             .connect_succeeded(i, now.duration_since(c.connect_started));
         let (limit, peer) = (self.local_sndbuf, route.pool.upstreams[i].address);
-        let c = self.conn(slot);
-        let fitted = c.upstream.as_ref().is_some_and(|fd| {
-            socket::local_addr(fd)
-                .is_some_and(|local| fit_local_send_buffer(limit, fd, local, peer))
-        });
+        let fitted = self.conns[slot as usize]
+            .as_deref()
+            .and_then(|c| c.upstream.as_ref())
+            .is_some_and(|fd| {
+                socket::local_addr(fd)
+                    .is_some_and(|local| fit_local_send_buffer(limit, &self.host, fd, local, peer))
+            });
         self.stats.local_send_buffers += u64::from(fitted);
         let c = self.conn(slot);
         route.pool.upstreams[i]
