@@ -68,6 +68,19 @@ fn capture(then: &str) {
             captured.push((r.data.to_vec(), r.header.truncated));
         });
         assert_eq!(captured.len(), payloads.len(), "one capture per datagram");
+        // Each CPU's ring is in order, but veth's receive work can move between CPUs in
+        // the middle of the burst (it follows the sender's thread), and the rings are
+        // drained one after the other: put the captures back in send order by the
+        // index each payload starts with (a capture without one fails below).
+        let index = |data: &[u8]| -> usize {
+            std::str::from_utf8(data.get(8..).unwrap_or_default())
+                .unwrap_or_default()
+                .split(' ')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(usize::MAX)
+        };
+        captured.sort_by_key(|(data, _)| index(data));
         for (p, (data, truncated)) in payloads.iter().zip(&captured) {
             let keep = p.len().min(1024);
             assert_eq!(data.as_slice(), &p[..keep], "captured bytes");
