@@ -95,15 +95,15 @@ const BULK_EVENTS: usize = 8;
 const BULK_HOLD: Duration = Duration::from_millis(1);
 
 /// Rounds (a write of what the pipe holds, then a read into it) the splice pump gives
-/// one direction before the other connections get their turn. Eight iperf3 streams
-/// through one worker settle in one of two modes for a whole run: the worker sleeps now
-/// and then (19–20 Gbit/s here, its core ~60% busy) or never does, its splices then
-/// costing twice as much per byte (13–16 Gbit/s, 96% busy). Alternating manual runs
-/// (2026-12-02, 4 s): 16 rounds ended in the second mode in 10 of 24 runs, 32 in 2 of
-/// 6, 64 in none of 12, 256 in 1 of 6; one stream measured alike. At the ~30 KiB a splice
-/// moves under that load, 64 rounds are about 2 MiB, under a millisecond, before
-/// the worker turns to other connections.
-const SPLICE_PUMP_ROUNDS: usize = 64;
+/// one direction before the other connections get their turn: at the ~30 KiB a splice
+/// moves under bulk load, about half a MiB. Eight iperf3 streams through one worker
+/// settle in one of two modes for a whole run: the worker sleeps now and then (19–20
+/// Gbit/s here, its core ~60% busy) or never does, its splices then costing twice as
+/// much per byte (13–16 Gbit/s, 96% busy). 64 rounds once looked like it avoided the
+/// second mode (none of 12 manual runs, against 10 of 24 with 16), but a later batch
+/// with 64 ended in it 5 times in 8 and the next none in 8 (2026-12-02): which mode a
+/// run lands in follows the machine's state at the time, not this number.
+const SPLICE_PUMP_ROUNDS: usize = 16;
 
 /// Direction 0 copies client → upstream, direction 1 upstream → client.
 const UP: usize = 0;
