@@ -40,6 +40,26 @@ impl Prefix {
         }
     }
 
+    /// The host route of `ip`: /32 or /128.
+    pub fn host(ip: IpAddr) -> Prefix {
+        match ip {
+            IpAddr::V4(a) => Prefix::V4 {
+                addr: u32::from(a),
+                len: 32,
+            },
+            IpAddr::V6(a) => Prefix::V6 {
+                addr: u128::from(a),
+                len: 128,
+            },
+        }
+    }
+
+    /// Whether `ip` lies inside this prefix (an address of the other family never does).
+    pub fn contains_ip(&self, ip: IpAddr) -> bool {
+        let host = Prefix::host(ip);
+        host.family() == self.family() && host.truncate(self.prefix_len()) == *self
+    }
+
     /// The prefix one bit shorter (None for /0): walking parents finds covering prefixes.
     pub fn parent(&self) -> Option<Prefix> {
         match *self {
@@ -178,6 +198,12 @@ mod tests {
         a[1] = 2;
         assert!(!p.contains(4, &a));
         assert_eq!(p.parent().unwrap().to_string(), "10.0.0.0/15");
+        assert!(p.contains_ip("10.1.200.3".parse().unwrap()));
+        assert!(!p.contains_ip("10.2.0.1".parse().unwrap()));
+        assert!(
+            !p.contains_ip("::a01:c803".parse().unwrap()),
+            "family must match"
+        );
         let zero: Prefix = "0.0.0.0/0".parse().unwrap();
         assert!(zero.contains(4, &a));
         assert_eq!(zero.parent(), None);

@@ -7,6 +7,8 @@ use std::{
     time::Duration,
 };
 
+use crate::policy::prefix::Prefix;
+
 /// How often a worker reads this host's addresses again. They change rarely, and a
 /// stale view costs only a send buffer fixed or left to autotuning.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
@@ -16,8 +18,7 @@ pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
 /// for it: with 10.200.0.1/24 on `lo`, 10.200.0.12 is this host too).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LocalAddresses {
-    /// (network, prefix length).
-    nets: Vec<(IpAddr, u8)>,
+    nets: Vec<Prefix>,
 }
 
 impl LocalAddresses {
@@ -39,12 +40,11 @@ impl LocalAddresses {
 
     /// From (address, on a loopback interface, prefix length) triples.
     fn from_interfaces(addrs: impl IntoIterator<Item = (IpAddr, bool, Option<u8>)>) -> Self {
-        let mut nets: Vec<(IpAddr, u8)> = addrs
+        let mut nets: Vec<Prefix> = addrs
             .into_iter()
             .map(|(ip, loopback, prefix)| match (ip, loopback, prefix) {
-                (IpAddr::V4(_), true, Some(len)) => (network(ip, len), len),
-                (IpAddr::V4(_), _, _) => (ip, 32),
-                (IpAddr::V6(_), _, _) => (ip, 128),
+                (IpAddr::V4(_), true, Some(len)) => Prefix::host(ip).truncate(len.min(32)),
+                _ => Prefix::host(ip),
             })
             .collect();
         nets.sort_unstable();
@@ -60,10 +60,7 @@ impl LocalAddresses {
         peer.is_loopback()
             || peer.is_unspecified()
             || peer == local.ip().to_canonical()
-            || self
-                .nets
-                .iter()
-                .any(|&(net, len)| network(peer, len) == net)
+            || self.nets.iter().any(|net| net.contains_ip(peer))
     }
 }
 
@@ -78,25 +75,6 @@ fn prefix_len(mask: IpAddr) -> u8 {
     match mask {
         IpAddr::V4(m) => u32::from(m).leading_ones() as u8,
         IpAddr::V6(m) => u128::from(m).leading_ones() as u8,
-    }
-}
-
-/// The first `len` bits of `ip`, in its own family (so an address never equals a
-/// network of the other).
-fn network(ip: IpAddr, len: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(a) => {
-            let keep = u32::MAX
-                .checked_shl(32 - u32::from(len.min(32)))
-                .unwrap_or(0);
-            IpAddr::V4((u32::from(a) & keep).into())
-        }
-        IpAddr::V6(a) => {
-            let keep = u128::MAX
-                .checked_shl(128 - u32::from(len.min(128)))
-                .unwrap_or(0);
-            IpAddr::V6((u128::from(a) & keep).into())
-        }
     }
 }
 
@@ -176,7 +154,7 @@ mod tests {
     fn this_hosts_addresses_are_read() {
         let host = LocalAddresses::read().expect("getifaddrs");
         assert!(
-            host.nets.contains(&(ip("127.0.0.0"), 8)),
+            host.nets.contains(&"127.0.0.0/8".parse().expect("literal")),
             "{host:?}: lo's prefix"
         );
         assert!(!host.stays_on_this_host(at("192.0.2.1:80"), at("203.0.113.9:80")));
