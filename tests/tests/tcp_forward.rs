@@ -74,6 +74,7 @@ on_both_engines!(
     run_forwards_the_routes_of_its_configuration,
     zero_copy_falls_back_with_the_reason_and_require_refuses_to_start,
     send_buffers_are_fixed_for_peers_on_this_host_only,
+    upstreams_on_this_host_get_local_congestion,
     bulk_transfers_make_waits_gather_splice,
     bulk_transfers_make_waits_poll_by_default,
     short_connections_ending_every_way_leave_nothing_open,
@@ -1925,11 +1926,12 @@ fn zero_copy_falls_back_with_the_reason_and_require_refuses_to_start() {
 
 // --- socket options --------------------------------------------------------------------
 
-/// `(local, peer, send buffer)` of every established TCP socket in `ns`, from `ss`.
-fn send_buffers(ns: &Netns) -> Vec<(SocketAddr, SocketAddr, u64)> {
+/// `(local, peer, detail line)` of every established TCP socket in `ns`, from `ss` with
+/// `detail` (`-m`: memory, `-i`: TCP internals), which prints one indented line per socket.
+fn established(ns: &Netns, detail: &str) -> Vec<(SocketAddr, SocketAddr, String)> {
     let out = ns
         .command("ss")
-        .args(["-H", "-t", "-m", "-n", "state", "established"])
+        .args(["-H", "-t", detail, "-n", "state", "established"])
         .output()
         .expect("ss (iproute2) runs");
     assert!(
@@ -1941,14 +1943,11 @@ fn send_buffers(ns: &Netns) -> Vec<(SocketAddr, SocketAddr, u64)> {
     let mut found = Vec::new();
     let mut ends: Option<(SocketAddr, SocketAddr)> = None;
     for line in text.lines() {
-        if let Some(skmem) = line.split("skmem:(").nth(1) {
-            let tb = skmem
-                .split(',')
-                .find_map(|f| f.strip_prefix("tb"))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no tb in {line:?}"));
-            let (local, peer) = ends.take().unwrap_or_else(|| panic!("skmem alone: {text}"));
-            found.push((local, peer, tb));
+        if line.starts_with(char::is_whitespace) && !line.trim().is_empty() {
+            let (local, peer) = ends
+                .take()
+                .unwrap_or_else(|| panic!("details alone: {text}"));
+            found.push((local, peer, line.trim().to_owned()));
         } else if !line.trim().is_empty() {
             let addrs: Vec<SocketAddr> = line
                 .split_whitespace()
@@ -1959,6 +1958,38 @@ fn send_buffers(ns: &Netns) -> Vec<(SocketAddr, SocketAddr, u64)> {
         }
     }
     found
+}
+
+/// `(local, peer, send buffer)` of every established TCP socket in `ns`.
+fn send_buffers(ns: &Netns) -> Vec<(SocketAddr, SocketAddr, u64)> {
+    established(ns, "-m")
+        .into_iter()
+        .map(|(local, peer, line)| {
+            let tb = line
+                .split("skmem:(")
+                .nth(1)
+                .and_then(|m| m.split([',', ')']).find_map(|f| f.strip_prefix("tb")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no tb in {line:?}"));
+            (local, peer, tb)
+        })
+        .collect()
+}
+
+/// `(local, peer, congestion control)` of every established TCP socket in `ns` (the
+/// first word of `ss -i`'s line).
+fn congestion_controls(ns: &Netns) -> Vec<(SocketAddr, SocketAddr, String)> {
+    established(ns, "-i")
+        .into_iter()
+        .map(|(local, peer, line)| {
+            let cc = line
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            (local, peer, cc)
+        })
+        .collect()
 }
 
 /// The send buffer `local_sndbuf = bytes` gives a socket: doubled by the kernel after
@@ -1972,9 +2003,11 @@ fn fixed_send_buffer(bytes: u64) -> u64 {
     2 * bytes.min(max)
 }
 
-/// Connections to a peer on this host (a loopback upstream, a client on one of our own
-/// addresses) get the fixed `local_sndbuf`; a client on another host keeps the kernel's
-/// autotuning, and `local_sndbuf = 0` (reloaded) leaves every new connection to it.
+/// With the system's congestion control everywhere (`local_congestion = ""`; with it,
+/// see the next test), connections to a peer on this host (a loopback upstream, a
+/// client on one of our own addresses) get the fixed `local_sndbuf`; a client on another
+/// host keeps the kernel's autotuning, and `local_sndbuf = 0` (reloaded) leaves every
+/// new connection to it.
 fn send_buffers_are_fixed_for_peers_on_this_host_only() {
     if !require_root("send_buffers_are_fixed_for_peers_on_this_host_only") {
         return;
@@ -2004,7 +2037,7 @@ fn send_buffers_are_fixed_for_peers_on_this_host_only() {
     let _echo = bed.upstream(&up.to_string(), echo());
     let routes = route(&listen.to_string(), &[&up.to_string()], "");
     bed.start(
-        &format!("[tcp]\nlocal_sndbuf = 262144\n{routes}"),
+        &format!("[tcp]\nlocal_sndbuf = 262144\nlocal_congestion = \"\"\n{routes}"),
         &["--workers", "1"],
     );
     let fixed = fixed_send_buffer(262_144);
@@ -2048,7 +2081,9 @@ fn send_buffers_are_fixed_for_peers_on_this_host_only() {
     // Off: a new connection from this host keeps the kernel's autotuning on both sides.
     drop((here, there, prefix));
     bed.settled(3);
-    bed.reload(&format!("[tcp]\nlocal_sndbuf = 0\n{routes}"));
+    bed.reload(&format!(
+        "[tcp]\nlocal_sndbuf = 0\nlocal_congestion = \"\"\n{routes}"
+    ));
     let mut again = connect_from(&bed.ns, a_v4.into(), listen).expect("connect");
     echoes(&mut again, b"ping");
     let socks = send_buffers(&bed.ns);
@@ -2071,6 +2106,141 @@ fn send_buffers_are_fixed_for_peers_on_this_host_only() {
         5,
         "{report}"
     );
+}
+
+/// Sockets to peers on this host run `local_congestion` and keep autotuning: an upstream
+/// socket to this host is given it before it connects, a client on this host keeps it
+/// from its listener; an upstream on another host keeps the system's, a client from
+/// another host is switched back to it. `local_congestion = ""` (reloaded) gives every
+/// new connection the system's, and peers on this host the fixed `local_sndbuf`.
+fn upstreams_on_this_host_get_local_congestion() {
+    if !require_root("upstreams_on_this_host_get_local_congestion") {
+        return;
+    }
+    let pair = VethPair::create().expect("veth pair");
+    let VethPair {
+        a, b, a_v4, b_v4, ..
+    } = pair;
+    let mut bed = Bed::inside(a);
+    let read = |what: &str| -> String {
+        let out = bed
+            .ns
+            .command("cat")
+            .arg(format!("/proc/sys/net/ipv4/{what}"))
+            .output()
+            .expect("cat runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let system = read("tcp_congestion_control");
+    // One the namespace does not use by default, so the two can be told apart.
+    let available = read("tcp_available_congestion_control");
+    let cc = available
+        .split_whitespace()
+        .find(|&n| n != system)
+        .unwrap_or_else(|| {
+            panic!("this kernel has one congestion control ({available}): nothing to tell apart")
+        })
+        .to_owned();
+    assert!(!system.is_empty() && !cc.is_empty(), "{system:?} {cc:?}");
+    let local_up = sa("127.0.0.1:8111");
+    let remote_up = SocketAddr::new(b_v4.into(), 8112);
+    let _echo = bed.upstream(&local_up.to_string(), echo());
+    let _remote = Upstream::spawn(&b, remote_up, echo()).expect("upstream in the other namespace");
+    let (to_local, to_remote) = (
+        SocketAddr::new(a_v4.into(), 8110),
+        SocketAddr::new(a_v4.into(), 8113),
+    );
+    let routes = format!(
+        "[[route]]\nname = \"here\"\nlisten = \"{to_local}\"\nupstreams = [\"{local_up}\"]\n[[route]]\nname = \"there\"\nlisten = \"{to_remote}\"\nupstreams = [\"{remote_up}\"]\n"
+    );
+    bed.start(
+        &format!("[tcp]\nlocal_sndbuf = 262144\nlocal_congestion = {cc:?}\n{routes}"),
+        &["--workers", "1"],
+    );
+    let fixed = fixed_send_buffer(262_144);
+    let mut here = connect_from(&bed.ns, a_v4.into(), to_local).expect("connect");
+    let mut there = connect_from(&bed.ns, a_v4.into(), to_remote).expect("connect");
+    let mut from_afar =
+        connect_from(&b, b_v4.into(), to_local).expect("connect from the other host");
+    echoes(&mut here, b"ping");
+    echoes(&mut there, b"ping");
+    echoes(&mut from_afar, b"ping");
+    let socks = congestion_controls(&bed.ns);
+    let of = |pick: &dyn Fn(&(SocketAddr, SocketAddr, String)) -> bool| -> Vec<&str> {
+        let mut v: Vec<&str> = socks
+            .iter()
+            .filter(|s| pick(s))
+            .map(|s| s.2.as_str())
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(
+        of(&|s| s.1 == local_up),
+        [cc.as_str(), cc.as_str()],
+        "upstream sockets to this host: {socks:?}"
+    );
+    assert_eq!(
+        of(&|s| s.1 == remote_up),
+        [system.as_str()],
+        "upstream on another host: {socks:?}"
+    );
+    assert_eq!(
+        of(&|s| (s.0 == to_local || s.0 == to_remote) && s.1.ip() == IpAddr::from(a_v4)),
+        [cc.as_str(), cc.as_str()],
+        "clients on this host: {socks:?}"
+    );
+    assert_eq!(
+        of(&|s| s.0 == to_local && s.1.ip() == IpAddr::from(b_v4)),
+        [system.as_str()],
+        "a client from another host: {socks:?}"
+    );
+    // Running `local_congestion`, they keep autotuning: no fixed send buffer.
+    let buffers = send_buffers(&bed.ns);
+    let local_sides: Vec<u64> = buffers
+        .iter()
+        .filter(|(l, p, _)| *p == local_up || (*l == to_local && p.ip() == IpAddr::from(a_v4)))
+        .map(|s| s.2)
+        .collect();
+    assert_eq!(local_sides.len(), 3, "{buffers:?}");
+    assert!(local_sides.iter().all(|&tb| tb != fixed), "{buffers:?}");
+
+    // "": the system's for new connections, and the fixed send buffer for local peers.
+    drop((here, there, from_afar));
+    bed.settled(3);
+    bed.reload(&format!(
+        "[tcp]\nlocal_sndbuf = 262144\nlocal_congestion = \"\"\n{routes}"
+    ));
+    let mut again = connect_from(&bed.ns, a_v4.into(), to_local).expect("connect");
+    echoes(&mut again, b"ping");
+    let socks = congestion_controls(&bed.ns);
+    let proxied: Vec<&str> = socks
+        .iter()
+        .filter(|s| s.1 == local_up || s.0 == to_local)
+        .map(|s| s.2.as_str())
+        .collect();
+    assert_eq!(
+        proxied,
+        [system.as_str(), system.as_str()],
+        "local_congestion = \"\": {socks:?}"
+    );
+    let buffers = send_buffers(&bed.ns);
+    let proxied: Vec<u64> = buffers
+        .iter()
+        .filter(|(l, p, _)| *p == local_up || *l == to_local)
+        .map(|s| s.2)
+        .collect();
+    assert_eq!(proxied, [fixed, fixed], "{buffers:?}");
+    drop(again);
+    bed.settled(4);
+    let report = bed.stop();
+    let w = &report["workers"][0];
+    // Two upstream sockets to this host and two clients on it; the client from the
+    // other host switched back; after the reload, the two fixed send buffers.
+    assert_eq!(num(w, "local_congestion"), 4, "{w}");
+    assert_eq!(num(w, "system_congestion_restored"), 1, "{w}");
+    assert_eq!(num(w, "local_congestion_errors"), 0, "{w}");
+    assert_eq!(num(w, "local_send_buffers"), 2, "{w}");
 }
 
 /// With `bulk_poll_usec = 0`, bulk transfers make io_uring's waits gather completions

@@ -56,6 +56,7 @@ buffer_size = 32768        # buffers path: one provided buffer, the most one dir
 buffers = 128              # buffers path: provided buffers per worker (a power of two)
 pipe_size = 262144         # splice path: pipe capacity per direction
 local_sndbuf = 262144      # send buffer of connections to peers on this host (0 = autotuning)
+local_congestion = "reno"  # congestion control to upstreams on this host ("" = the system's)
 coalesce_usec = 20         # io_uring, bulk traffic: a wait gathers completions this long (0 = never)
 busy_poll_usec = 0         # poll for completions this long before sleeping (0 = never)
 bulk_poll_usec = 200       # the same, only within 1 ms of bulk traffic (0 = never: gather instead)
@@ -186,6 +187,7 @@ struct RawTcp {
     buffers: Option<Spanned<i64>>,
     pipe_size: Option<Spanned<i64>>,
     local_sndbuf: Option<Spanned<i64>>,
+    local_congestion: Option<Spanned<String>>,
     coalesce_usec: Option<Spanned<i64>>,
     busy_poll_usec: Option<Spanned<i64>>,
     bulk_poll_usec: Option<Spanned<i64>>,
@@ -443,6 +445,9 @@ fn parse_tcp(
             t.local_sndbuf = n as usize;
         }
     }
+    if let Some(v) = &raw.local_congestion {
+        t.local_congestion = congestion(cx, v);
+    }
     if let Some(v) = &raw.drain_seconds
         && let Some(d) = seconds(cx, v, "tcp.drain_seconds", 0.0, 86_400.0)
     {
@@ -450,6 +455,41 @@ fn parse_tcp(
     }
     parse_zero_copy(cx, raw, table, workers, &mut t.zero_copy);
     t
+}
+
+/// Where the kernel lists the congestion controls it has (registered; a module not
+/// loaded yet is missing until `modprobe tcp_<name>`).
+const AVAILABLE_CONGESTION: &str = "/proc/sys/net/ipv4/tcp_available_congestion_control";
+
+/// `tcp.local_congestion`: "" is the system's default (`None`); a name must be one the
+/// kernel has, so that a typo fails the load instead of every connect. Unchecked when
+/// the kernel's list cannot be read (then a failing name is counted per connection).
+fn congestion(cx: &mut Collector<'_>, v: &Spanned<String>) -> Option<String> {
+    let name = v.get_ref();
+    if name.is_empty() {
+        return None;
+    }
+    // TCP_CA_NAME_MAX is 16 with the terminating NUL.
+    if name.len() > 15 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        cx.err(
+            v.span(),
+            format!("tcp.local_congestion must be \"\" (the system's) or a congestion control's name (up to 15 of a-z, 0-9, _), not {name:?}"),
+        );
+        return None;
+    }
+    if let Ok(list) = std::fs::read_to_string(AVAILABLE_CONGESTION)
+        && !list.split_whitespace().any(|a| a == name)
+    {
+        cx.err(
+            v.span(),
+            format!(
+                "tcp.local_congestion = {name:?}: this kernel has no such congestion control (it has: {}; a module may need `modprobe tcp_{name}`)",
+                list.trim()
+            ),
+        );
+        return None;
+    }
+    Some(name.clone())
 }
 
 fn parse_zero_copy(
@@ -1128,7 +1168,7 @@ mod tests {
     fn routes_parse_with_defaults_and_overrides() {
         let c = parse_config(
             "c",
-            "[tcp]\ncopy = \"splice\"\ndrain_seconds = 2.5\nlocal_sndbuf = 0\ncoalesce_usec = 0\nbusy_poll_usec = 150\nbulk_poll_usec = 0\n[[route]]\nlisten = \"127.0.0.1:8080\"\nupstreams = [\"127.0.0.1:9000\", \"localhost:9001\"]\n[[route]]\nname = \"web\"\nlisten = \"[::1]:443\"\nbalance = \"maglev\"\nconnect_timeout = 0.5\nmax_connections = 100\nsend_proxy = \"v2\"\naccept_proxy = true\n[[route.upstream]]\naddress = \"[::1]:8443\"\nweight = 3\nmax_connections = 10\n[route.health]\ninterval = 0.5\n",
+            "[tcp]\ncopy = \"splice\"\ndrain_seconds = 2.5\nlocal_sndbuf = 0\nlocal_congestion = \"\"\ncoalesce_usec = 0\nbusy_poll_usec = 150\nbulk_poll_usec = 0\n[[route]]\nlisten = \"127.0.0.1:8080\"\nupstreams = [\"127.0.0.1:9000\", \"localhost:9001\"]\n[[route]]\nname = \"web\"\nlisten = \"[::1]:443\"\nbalance = \"maglev\"\nconnect_timeout = 0.5\nmax_connections = 100\nsend_proxy = \"v2\"\naccept_proxy = true\n[[route.upstream]]\naddress = \"[::1]:8443\"\nweight = 3\nmax_connections = 10\n[route.health]\ninterval = 0.5\n",
         )
         .expect("valid");
         assert_eq!(c.tcp.copy, CopyMode::Splice);
@@ -1136,6 +1176,8 @@ mod tests {
         assert_eq!(c.tcp.local_sndbuf, 0, "0 turns it off");
         let defaults = parse_config("c", "").expect("empty");
         assert_eq!(defaults.tcp.local_sndbuf, 256 * 1024);
+        assert_eq!(c.tcp.local_congestion, None, "\"\" is the system's");
+        assert_eq!(defaults.tcp.local_congestion.as_deref(), Some("reno"));
         assert_eq!((c.tcp.coalesce_usec, defaults.tcp.coalesce_usec), (0, 20));
         assert_eq!(
             (c.tcp.busy_poll_usec, defaults.tcp.busy_poll_usec),
@@ -1173,7 +1215,7 @@ mod tests {
 
     #[test]
     fn route_problems_are_located() {
-        let cases: [(&str, &str); 12] = [
+        let cases: [(&str, &str); 14] = [
             (
                 "[[route]]\nlisten = \"1.2.3.4\"\nupstreams = [\"127.0.0.1:1\"]\n",
                 "c:2:10: route.listen \"1.2.3.4\" is not an address:port",
@@ -1207,6 +1249,14 @@ mod tests {
                 "c:2:16: tcp.local_sndbuf must be 0 (autotuning) or 4096..=1073741824, not 100",
             ),
             (
+                "[tcp]\nlocal_congestion = \"re no\"\n",
+                "c:2:20: tcp.local_congestion must be \"\" (the system's) or a congestion control's name",
+            ),
+            (
+                "[tcp]\nlocal_congestion = \"no_such_cc\"\n",
+                "c:2:20: tcp.local_congestion = \"no_such_cc\": this kernel has no such congestion control (it has: ",
+            ),
+            (
                 "[tcp]\ncoalesce_usec = 5000\n",
                 "c:2:17: tcp.coalesce_usec must be 0..=1000, not 5000",
             ),
@@ -1226,6 +1276,18 @@ mod tests {
         for (src, want) in cases {
             let e = parse_config("c", src).expect_err(src).to_string();
             assert!(e.starts_with(want), "{src:?}: {e}");
+        }
+    }
+
+    /// reno is always built in, and the system's own default is always available.
+    #[test]
+    fn local_congestion_takes_a_congestion_control_the_kernel_has() {
+        let system = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+            .expect("the system's congestion control");
+        for name in ["reno", system.trim()] {
+            let c =
+                parse_config("c", &format!("[tcp]\nlocal_congestion = {name:?}\n")).expect("valid");
+            assert_eq!(c.tcp.local_congestion.as_deref(), Some(name));
         }
     }
 

@@ -210,7 +210,7 @@ pub fn tcp(phase: Lifecycle, routes: &Routes, workers: &[WorkerStats], out: &mut
 /// The workers' own counters, labelled by the CPU each is pinned to.
 fn workers_of(workers: &[WorkerStats], out: &mut String) {
     type WorkerValue = fn(&WorkerStats) -> u64;
-    let per_worker: [(&'static str, &str, WorkerValue); 11] = [
+    let per_worker: [(&'static str, &str, WorkerValue); 13] = [
         (
             "edgeproxy_tcp_worker_connections_total",
             "Connections the worker accepted.",
@@ -225,6 +225,16 @@ fn workers_of(workers: &[WorkerStats], out: &mut String) {
             "edgeproxy_tcp_worker_local_send_buffers_total",
             "Sockets to peers on this host whose send buffer was fixed (local_sndbuf).",
             |w| w.local_send_buffers,
+        ),
+        (
+            "edgeproxy_tcp_worker_local_congestion_total",
+            "Upstream sockets to this host given local_congestion before connecting.",
+            |w| w.local_congestion,
+        ),
+        (
+            "edgeproxy_tcp_worker_local_congestion_errors_total",
+            "Upstream sockets to this host that the kernel refused local_congestion (they keep the system's default).",
+            |w| w.local_congestion_errors,
         ),
         (
             "edgeproxy_tcp_worker_gathering_waits_total",

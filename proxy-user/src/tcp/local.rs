@@ -56,12 +56,26 @@ impl LocalAddresses {
     /// loopback address, our own, one of this host's (as read), or the unspecified
     /// address, which Linux connects to this host.
     pub fn stays_on_this_host(&self, local: SocketAddr, peer: SocketAddr) -> bool {
-        let peer = peer.ip().to_canonical();
+        peer.ip().to_canonical() == local.ip().to_canonical() || self.is_this_host(peer.ip())
+    }
+
+    /// Whether a connection to `peer` would stay on this host, known before it connects:
+    /// a loopback address, the unspecified address, or one of this host's (as read).
+    pub fn is_this_host(&self, peer: IpAddr) -> bool {
+        let peer = peer.to_canonical();
         peer.is_loopback()
             || peer.is_unspecified()
-            || peer == local.ip().to_canonical()
             || self.nets.iter().any(|net| net.contains_ip(peer))
     }
+}
+
+/// The system's congestion control (`net.ipv4.tcp_congestion_control` of this network
+/// namespace): what connections run that edgeproxy gives none.
+pub fn system_congestion() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
 }
 
 fn ip_of(s: &nix::sys::socket::SockaddrStorage) -> Option<IpAddr> {
@@ -146,6 +160,19 @@ mod tests {
             ("[2001:db8::6]:5000", false),
         ] {
             assert_eq!(host.stays_on_this_host(local, at(peer)), here, "{peer}");
+            // An upstream is judged before it connects, with no local address yet.
+            assert_eq!(host.is_this_host(at(peer).ip()), here, "{peer}");
+        }
+        for (peer, here) in [
+            ("127.0.0.2", true),
+            ("::1", true),
+            ("0.0.0.0", true),
+            ("::", true),
+            ("::ffff:127.0.0.1", true),
+            ("192.0.2.10", true),
+            ("203.0.113.9", false),
+        ] {
+            assert_eq!(host.is_this_host(ip(peer)), here, "{peer}");
         }
     }
 

@@ -122,6 +122,9 @@ pub struct TcpSettings {
     /// Send buffer of connections whose peer is on this host (0: the kernel's
     /// autotuning for every connection).
     pub local_sndbuf: usize,
+    /// Congestion control of connections to upstreams on this host, set before they
+    /// connect (`None`: the system's default, `net.ipv4.tcp_congestion_control`).
+    pub local_congestion: Option<String>,
     /// Under bulk traffic, how long a worker's wait may gather completions before it
     /// handles the first (µs; 0: wake at each; io_uring on kernels ≥ 6.12).
     pub coalesce_usec: u32,
@@ -163,6 +166,15 @@ impl Default for TcpSettings {
             // 13.7–15.7 with autotuning, eight streams 15.2–15.8 against 12.5–15.1, the
             // reverse direction 17.9–19.0 against 15.4–16.1.
             local_sndbuf: 256 * 1024,
+            // reno, because a connection within this host crosses no link and loses
+            // nothing, so a congestion control earns it nothing, but BBR (a common
+            // system default, and this machine's) paces every connection, and pacing
+            // arms a timer per burst, costly in a VM. Eight iperf3 streams through
+            // loopback with BBR as the system default (2026-12-02, five alternating
+            // rounds): reno to the upstream 18.6–20.3 Gbit/s with the proxy's core
+            // ~60% busy, BBR 14.3–20.8 (bimodal, ~97% busy in the slow mode); one stream
+            // 17.6–19.6 against 15.3–17.9. See the README's section on it.
+            local_congestion: Some("reno".to_owned()),
             // 20 µs: eight alternating manual pairs of eight iperf3 streams
             // (2026-12-01): +15% when the worker would otherwise sleep and be woken
             // ~7,000 times a second, -2% when it is busy anyway; only passes that

@@ -8,7 +8,7 @@ use std::{
 
 use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, getpeername, getsockname,
-    listen, setsockopt, socket, sockopt,
+    getsockopt, listen, setsockopt, socket, sockopt,
 };
 
 fn family(addr: SocketAddr) -> AddressFamily {
@@ -123,6 +123,19 @@ pub fn no_delay(fd: &OwnedFd) -> io::Result<()> {
 /// its bookkeeping and clamps it at `net.core.wmem_max`), which ends its autotuning.
 pub fn cap_send_buffer(fd: &OwnedFd, bytes: usize) -> io::Result<()> {
     setsockopt(fd, sockopt::SndBuf, &bytes).map_err(io::Error::from)
+}
+
+/// Sets the congestion control of `fd` (TCP_CONGESTION). Before the connection is
+/// established, or it does not take fully: BBR marks a socket as needing pacing when the
+/// handshake completes, and a later switch keeps the pacing.
+pub fn set_congestion(fd: &OwnedFd, name: &str) -> io::Result<()> {
+    setsockopt(fd, sockopt::TcpCongestion, &std::ffi::OsString::from(name)).map_err(io::Error::from)
+}
+
+/// The congestion control of `fd`.
+pub fn congestion(fd: &OwnedFd) -> io::Result<String> {
+    let name = getsockopt(fd, sockopt::TcpCongestion).map_err(io::Error::from)?;
+    Ok(name.to_string_lossy().trim_end_matches('\0').to_owned())
 }
 
 /// Makes the next close send a reset instead of a FIN (SO_LINGER with a zero timeout).
@@ -248,6 +261,26 @@ pub fn interfaces_of(addr: SocketAddr) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The congestion control set on an upstream socket before it connects is the one
+    /// the connection runs; a name the kernel lacks is refused, not ignored.
+    #[test]
+    fn congestion_control_set_before_connecting_is_kept() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+        let addr = l.local_addr().expect("address");
+        let fd = upstream_socket(addr).expect("socket");
+        set_congestion(&fd, "reno").expect("reno is always built in");
+        let sa = SockaddrStorage::from(addr);
+        match nix::sys::socket::connect(fd.as_raw_fd(), &sa) {
+            Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
+            Err(e) => panic!("connect: {e}"),
+        }
+        let (_peer, _) = l.accept().expect("accept");
+        assert_eq!(congestion(&fd).expect("TCP_CONGESTION"), "reno");
+        let other = upstream_socket(addr).expect("socket");
+        let e = set_congestion(&other, "no_such_cc").expect_err("an unknown name");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+    }
 
     #[test]
     fn the_steering_program_maps_each_recorded_queue_to_its_worker() {

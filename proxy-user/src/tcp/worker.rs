@@ -217,6 +217,15 @@ pub struct WorkerStats {
     pub buffer_streams: u64,
     /// Sockets to peers on this host whose send buffer was fixed at `local_sndbuf`.
     pub local_send_buffers: u64,
+    /// Sockets to peers on this host that run `local_congestion` (upstreams: set before
+    /// connecting; clients: from their listener), and the times the kernel refused a
+    /// setting (the first of a worker is logged): an upstream or listener keeps the
+    /// system's, a client from another host keeps `local_congestion`.
+    pub local_congestion: u64,
+    pub local_congestion_errors: u64,
+    /// Clients from other hosts accepted with `local_congestion` (from the listener)
+    /// and switched back to the system's.
+    pub system_congestion_restored: u64,
     /// Whether this worker's waits can gather completions (io_uring with deferred task
     /// work on a kernel with minimum waits, 6.12).
     pub gathering_supported: bool,
@@ -418,6 +427,9 @@ struct Listener {
     /// After an accept error (EMFILE, ENFILE, ENOMEM) the listener rests until then
     /// instead of failing again at once in a tight loop.
     rest_until: Option<Instant>,
+    /// The congestion control this listener hands its connections when edgeproxy set
+    /// it (`local_congestion`); `None`: the system's.
+    congestion: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -587,27 +599,6 @@ fn dst_reason(d: usize, e: i32) -> Reason {
     }
 }
 
-/// Fixes the send buffer of a socket between `local` and `peer` at `limit` if the peer
-/// is on this host (see `TcpSettings::local_sndbuf`); whether it did.
-fn fit_local_send_buffer(
-    limit: usize,
-    host: &LocalAddresses,
-    fd: &OwnedFd,
-    local: SocketAddr,
-    peer: SocketAddr,
-) -> bool {
-    if limit == 0 || !host.stays_on_this_host(local, peer) {
-        return false;
-    }
-    match socket::cap_send_buffer(fd, limit) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::debug!(error = %e, "SO_SNDBUF on a connection within this host");
-            false
-        }
-    }
-}
-
 /// This host's addresses; on failure (logged) only loopback and a connection's own
 /// address count as this host.
 fn read_host_addresses() -> LocalAddresses {
@@ -622,6 +613,11 @@ struct Worker {
     buf_size: usize,
     pipe_size: usize,
     local_sndbuf: usize,
+    /// `[tcp] local_congestion` (`None`: the system's default).
+    local_congestion: Option<String>,
+    /// The system's congestion control, read with `host`: what a client from another
+    /// host is switched back to when its listener hands out `local_congestion`.
+    system_congestion: Option<String>,
     /// Bytes forwarded since the last wait: bulk traffic when ≥ [`BULK_PASS_BYTES`].
     moved_this_pass: u64,
     /// `[tcp] coalesce_usec` (0: never).
@@ -739,11 +735,13 @@ impl Worker {
         let now = Instant::now();
         let gathering_supported = ops.can_gather();
         let initial_listeners = listeners.len() as u32;
-        Ok(Self {
+        let mut worker = Self {
             ops,
             buf_size: settings.buffer_size,
             pipe_size: settings.pipe_size,
             local_sndbuf: settings.local_sndbuf,
+            local_congestion: settings.local_congestion.clone(),
+            system_congestion: local::system_congestion(),
             moved_this_pass: 0,
             coalesce_usec: settings.coalesce_usec,
             host: read_host_addresses(),
@@ -768,6 +766,7 @@ impl Worker {
                         steered: true,
                         armed: false,
                         rest_until: None,
+                        congestion: None,
                     })
                 })
                 .collect(),
@@ -800,7 +799,9 @@ impl Worker {
             completions: Vec::with_capacity(1024),
             #[cfg(debug_assertions)]
             panic_at: None,
-        })
+        };
+        worker.sync_listener_congestion();
+        Ok(worker)
     }
 
     fn conn(&mut self, slot: u32) -> &mut Conn {
@@ -1000,6 +1001,8 @@ impl Worker {
         // exists, keeps its size (the control thread warns when that changed).
         self.pipe_size = routes.settings.pipe_size;
         self.local_sndbuf = routes.settings.local_sndbuf;
+        self.local_congestion
+            .clone_from(&routes.settings.local_congestion);
         self.coalesce_usec = routes.settings.coalesce_usec;
         self.busy_poll = Duration::from_micros(routes.settings.busy_poll_usec.into());
         self.bulk_poll = Duration::from_micros(routes.settings.bulk_poll_usec.into());
@@ -1035,6 +1038,7 @@ impl Worker {
                             steered: !self.zc_needs_steering,
                             armed: false,
                             rest_until: None,
+                            congestion: None,
                         };
                         // The index of one a reload closed, else a new one: the
                         // vector does not grow with routes coming and going.
@@ -1062,6 +1066,7 @@ impl Worker {
         }
         self.balancers
             .retain(|(r, _)| routes.routes.iter().any(|n| Arc::ptr_eq(n, r)));
+        self.sync_listener_congestion();
         self.board
             .applied
             .store(routes.generation, Ordering::Release);
@@ -1097,6 +1102,7 @@ impl Worker {
     fn sweep(&mut self, drain_deadline: Option<Instant>) {
         if self.now.duration_since(self.host_read) >= local::REFRESH_EVERY {
             self.host = read_host_addresses();
+            self.system_congestion = local::system_congestion();
             self.host_read = self.now;
         }
         let past_deadline = drain_deadline.is_some_and(|d| self.now >= d);
@@ -1151,6 +1157,7 @@ impl Worker {
         }
         let route = Arc::clone(&l.route);
         let steered = l.steered;
+        let inherited = l.congestion.clone();
         let fd = socket::adopt(res);
         route.stats.accepted.fetch_add(1, Ordering::Relaxed);
         self.stats.connections += 1;
@@ -1172,9 +1179,7 @@ impl Worker {
             route.stats.refused.add(Reason::ClientReset, 1);
             return;
         };
-        if fit_local_send_buffer(self.local_sndbuf, &self.host, &fd, local, peer) {
-            self.stats.local_send_buffers += 1;
-        }
+        self.tune_client(&fd, inherited.as_deref(), local, peer);
         let accept_proxy = route.spec.accept_proxy;
         let conn = Box::new(Conn {
             route,
@@ -1400,6 +1405,7 @@ impl Worker {
                 return self.abort(slot, Some(Reason::SocketError), true, false);
             }
         };
+        self.tune_upstream_on_this_host(&fd, upstream.address);
         upstream.active.fetch_add(1, Ordering::AcqRel);
         // Read the clock for the latency itself: the loop's `now` is per batch.
         let now = Instant::now();
@@ -1420,6 +1426,99 @@ impl Worker {
         };
         c.upstream = Some(fd);
         self.submit(slot, OP_CONNECT, what);
+    }
+
+    /// An upstream socket to this host, before it connects: `local_congestion`, and
+    /// where that is not set (off, or refused), a fixed `local_sndbuf`. A socket that
+    /// paces (BBR) moves more with the fixed buffer, one that does not (reno) with
+    /// autotuning (README: congestion control to upstreams on this host).
+    fn tune_upstream_on_this_host(&mut self, fd: &OwnedFd, peer: SocketAddr) {
+        if !self.host.is_this_host(peer.ip()) {
+            return;
+        }
+        if let Some(name) = &self.local_congestion {
+            match socket::set_congestion(fd, name) {
+                Ok(()) => {
+                    self.stats.local_congestion += 1;
+                    return;
+                }
+                Err(e) => {
+                    if self.stats.local_congestion_errors == 0 {
+                        tracing::warn!(error = %e, congestion = %name, "tcp.local_congestion refused; such connections keep the system's default (counted as local_congestion_errors)");
+                    }
+                    self.stats.local_congestion_errors += 1;
+                }
+            }
+        }
+        self.fix_send_buffer(fd);
+    }
+
+    /// A client's socket, once accepted. From a listener handing out `local_congestion`,
+    /// a client on this host keeps it (and autotuning), one from another host is
+    /// switched to the system's (BBR sets its pacing up then, as at a handshake). A
+    /// client on this host whose socket runs the system's gets a fixed `local_sndbuf`.
+    fn tune_client(
+        &mut self,
+        fd: &OwnedFd,
+        inherited: Option<&str>,
+        local: SocketAddr,
+        peer: SocketAddr,
+    ) {
+        let here = self.host.stays_on_this_host(local, peer);
+        match inherited {
+            Some(_) if here => self.stats.local_congestion += 1,
+            Some(name) => {
+                let Some(system) = self.system_congestion.as_deref().filter(|&s| s != name) else {
+                    return;
+                };
+                match socket::set_congestion(fd, system) {
+                    Ok(()) => self.stats.system_congestion_restored += 1,
+                    Err(e) => {
+                        if self.stats.local_congestion_errors == 0 {
+                            tracing::warn!(error = %e, congestion = %name, system = %system, "a client from another host could not be switched back to the system's congestion control (counted as local_congestion_errors)");
+                        }
+                        self.stats.local_congestion_errors += 1;
+                    }
+                }
+            }
+            None if here => self.fix_send_buffer(fd),
+            None => {}
+        }
+    }
+
+    /// `local_sndbuf` on a socket to a peer on this host that paces (see
+    /// `TcpSettings::local_sndbuf`).
+    fn fix_send_buffer(&mut self, fd: &OwnedFd) {
+        if self.local_sndbuf == 0 {
+            return;
+        }
+        match socket::cap_send_buffer(fd, self.local_sndbuf) {
+            Ok(()) => self.stats.local_send_buffers += 1,
+            Err(e) => tracing::debug!(error = %e, "SO_SNDBUF on a connection within this host"),
+        }
+    }
+
+    /// Gives every listener `local_congestion`, so that clients on this host are never
+    /// paced (the kernel sets pacing up at the handshake, before the accept), or with
+    /// it off the system's back. Only where the system's is known: a client from another
+    /// host must be switched back to it.
+    fn sync_listener_congestion(&mut self) {
+        let Some(system) = self.system_congestion.clone() else {
+            return;
+        };
+        for l in self.listeners.iter_mut().flatten() {
+            if l.congestion == self.local_congestion {
+                continue;
+            }
+            let name = self.local_congestion.as_deref().unwrap_or(&system);
+            match socket::set_congestion(&l.fd, name) {
+                Ok(()) => l.congestion.clone_from(&self.local_congestion),
+                Err(e) => {
+                    tracing::warn!(error = %e, congestion = %name, listen = %l.route.spec.listen, "congestion control of a listener (counted as local_congestion_errors)");
+                    self.stats.local_congestion_errors += 1;
+                }
+            }
+        }
     }
 
     fn on_connect(&mut self, slot: u32, res: i32) {
@@ -1449,15 +1548,6 @@ impl Worker {
         route
             .pool
             .connect_succeeded(i, now.duration_since(c.connect_started));
-        let (limit, peer) = (self.local_sndbuf, route.pool.upstreams[i].address);
-        let fitted = self.conns[slot as usize]
-            .as_deref()
-            .and_then(|c| c.upstream.as_ref())
-            .is_some_and(|fd| {
-                socket::local_addr(fd)
-                    .is_some_and(|local| fit_local_send_buffer(limit, &self.host, fd, local, peer))
-            });
-        self.stats.local_send_buffers += u64::from(fitted);
         let c = self.conn(slot);
         route.pool.upstreams[i]
             .stats

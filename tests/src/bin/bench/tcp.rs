@@ -56,6 +56,9 @@ enum Proxy {
     /// edgeproxy with `bulk_poll_usec = 0`: under bulk traffic a wait gathers
     /// completions (`coalesce_usec`) instead of polling; the default before 2026-12-02.
     EdgeproxyGather,
+    /// edgeproxy with `local_congestion = ""`: the system's congestion control (BBR
+    /// here, which paces) on its upstream socket too, as every other proxy here has.
+    EdgeproxySystemCc,
     /// edgeproxy with `busy_poll_usec = 200`: a worker polls for completions that long
     /// before it sleeps.
     EdgeproxyBusyPoll,
@@ -71,13 +74,14 @@ enum Proxy {
 }
 
 impl Proxy {
-    const ALL: [Proxy; 12] = [
+    const ALL: [Proxy; 13] = [
         Proxy::Direct,
         Proxy::Edgeproxy,
         Proxy::EdgeproxyBuffers,
         Proxy::EdgeproxyEpoll,
         Proxy::EdgeproxyAutotuned,
         Proxy::EdgeproxyGather,
+        Proxy::EdgeproxySystemCc,
         Proxy::EdgeproxyBusyPoll,
         Proxy::Haproxy,
         Proxy::HaproxySndbuf,
@@ -94,6 +98,7 @@ impl Proxy {
             Proxy::EdgeproxyEpoll => "edgeproxy-epoll",
             Proxy::EdgeproxyAutotuned => "edgeproxy-autotuned",
             Proxy::EdgeproxyGather => "edgeproxy-gather",
+            Proxy::EdgeproxySystemCc => "edgeproxy-systemcc",
             Proxy::EdgeproxyBusyPoll => "edgeproxy-busypoll",
             Proxy::Haproxy => "haproxy",
             Proxy::HaproxySndbuf => "haproxy-sndbuf",
@@ -184,6 +189,7 @@ impl Bench {
             | Proxy::EdgeproxyEpoll
             | Proxy::EdgeproxyAutotuned
             | Proxy::EdgeproxyGather
+            | Proxy::EdgeproxySystemCc
             | Proxy::EdgeproxyBusyPoll => {
                 let copy = if p == Proxy::EdgeproxyBuffers {
                     "buffers"
@@ -203,6 +209,9 @@ impl Bench {
                 }
                 if p == Proxy::EdgeproxyGather {
                     cfg += "bulk_poll_usec = 0\n";
+                }
+                if p == Proxy::EdgeproxySystemCc {
+                    cfg += "local_congestion = \"\"\n";
                 }
                 if p == Proxy::EdgeproxyBusyPoll {
                     cfg += "busy_poll_usec = 200\n";
@@ -590,6 +599,13 @@ pub fn tcp_peers() -> anyhow::Result<()> {
     for v in &versions {
         println!("  {v}");
     }
+    let system_cc =
+        b.ns.run(|| std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control"))
+            .context("the namespace's congestion control")?;
+    println!(
+        "  congestion control: {} (the system's) on every socket, except edgeproxy's to its upstream on this host: reno (local_congestion; edgeproxy-systemcc keeps the system's)",
+        system_cc.trim()
+    );
     println!(
         "  edgeproxy: 1 io_uring worker, default copy path (auto = splice); edgeproxy-buffers: provided buffers (32 KiB); edgeproxy-epoll: the epoll engine, splice"
     );
@@ -730,6 +746,7 @@ pub fn tcp_peers() -> anyhow::Result<()> {
     let autotuned = get(Proxy::EdgeproxyAutotuned)?;
     let haproxy_sndbuf = get(Proxy::HaproxySndbuf)?;
     let gather = get(Proxy::EdgeproxyGather)?;
+    let system_cc = get(Proxy::EdgeproxySystemCc)?;
     let busypoll = get(Proxy::EdgeproxyBusyPoll)?;
     let haproxy_busypoll = get(Proxy::HaproxyBusyPoll)?;
     println!("(min/median/max over {ROUNDS} rounds)");
@@ -826,6 +843,12 @@ pub fn tcp_peers() -> anyhow::Result<()> {
     println!(
         "ratios (medians): polling instead of gathering under bulk traffic: edgeproxy / edgeproxy-gather: {}",
         versus(ours, gather)
+    );
+    println!(
+        "ratios (medians): reno to the upstream on this host instead of the system's congestion control: edgeproxy / edgeproxy-systemcc: {}; edgeproxy-systemcc / direct: 1 stream {:.2}, 8 streams {:.2}",
+        versus(ours, system_cc),
+        system_cc.1 / direct.1,
+        system_cc.2 / direct.2
     );
     println!(
         "ratios (medians): busy polling: edgeproxy-busypoll / direct: 1 stream {:.2}, 8 streams {:.2}; edgeproxy-busypoll / haproxy-busypoll: {}; edgeproxy-busypoll / edgeproxy: {}; haproxy-busypoll / haproxy: {}",
