@@ -51,13 +51,17 @@ enum Proxy {
     EdgeproxyBuffers,
     /// edgeproxy on the epoll engine (the fallback where io_uring is not usable).
     EdgeproxyEpoll,
-    /// edgeproxy with `local_sndbuf = 0`: the kernel's autotuning on every socket.
+    /// edgeproxy with the system's congestion control and `local_sndbuf = 0`: the
+    /// kernel's autotuning on every socket (against edgeproxy-systemcc, what the fixed
+    /// send buffer does for a socket that paces; with `local_congestion` no socket here
+    /// gets one).
     EdgeproxyAutotuned,
     /// edgeproxy with `bulk_poll_usec = 0`: under bulk traffic a wait gathers
     /// completions (`coalesce_usec`) instead of polling; the default before 2026-12-02.
     EdgeproxyGather,
     /// edgeproxy with `local_congestion = ""`: the system's congestion control (BBR
-    /// here, which paces) on its upstream socket too, as every other proxy here has.
+    /// here, which paces) on its sockets, as every other proxy here has, and so the
+    /// fixed `local_sndbuf`.
     EdgeproxySystemCc,
     /// edgeproxy with `busy_poll_usec = 200`: a worker polls for completions that long
     /// before it sleeps.
@@ -205,7 +209,7 @@ impl Bench {
                     "[engine]\nkind = \"{engine}\"\ndata_cpus = [{PROXY_CPU}]\n[tcp]\ncopy = \"{copy}\"\n"
                 );
                 if p == Proxy::EdgeproxyAutotuned {
-                    cfg += "local_sndbuf = 0\n";
+                    cfg += "local_sndbuf = 0\nlocal_congestion = \"\"\n";
                 }
                 if p == Proxy::EdgeproxyGather {
                     cfg += "bulk_poll_usec = 0\n";
@@ -603,7 +607,7 @@ pub fn tcp_peers() -> anyhow::Result<()> {
         b.ns.run(|| std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control"))
             .context("the namespace's congestion control")?;
     println!(
-        "  congestion control: {} (the system's) on every socket, except edgeproxy's to its upstream on this host: reno (local_congestion; edgeproxy-systemcc keeps the system's)",
+        "  congestion control: {} (the system's) on every socket, except edgeproxy's (all to peers on this host here): reno (local_congestion, with autotuned send buffers; edgeproxy-systemcc and edgeproxy-autotuned keep the system's)",
         system_cc.trim()
     );
     println!(
@@ -835,8 +839,8 @@ pub fn tcp_peers() -> anyhow::Result<()> {
         versus(epoll, ours)
     );
     println!(
-        "ratios (medians): send buffers fixed for peers on this host: edgeproxy / edgeproxy-autotuned: {}; haproxy-sndbuf / haproxy: {}; edgeproxy / haproxy-sndbuf: {}",
-        versus(ours, autotuned),
+        "ratios (medians): send buffers fixed for peers on this host, with the system's congestion control: edgeproxy-systemcc / edgeproxy-autotuned: {}; haproxy-sndbuf / haproxy: {}; edgeproxy / haproxy-sndbuf: {}",
+        versus(system_cc, autotuned),
         versus(haproxy_sndbuf, haproxy),
         versus(ours, haproxy_sndbuf)
     );
