@@ -21,7 +21,7 @@ pub struct DoctorReport {
 }
 
 /// TCP congestion control in this network namespace (`[tcp] local_congestion` picks one
-/// for upstreams on this host).
+/// for connections to peers on this host).
 #[derive(Debug, Serialize)]
 pub struct Congestion {
     /// `net.ipv4.tcp_congestion_control`: what every other connection runs.
@@ -171,7 +171,7 @@ fn congestion() -> Congestion {
 fn pacing_note(system: &str) -> Option<String> {
     system.starts_with("bbr").then(|| {
         format!(
-            "{system} paces every connection; edgeproxy's upstream sockets to this host run tcp.local_congestion (default reno) instead, the client side keeps {system}"
+            "{system} paces every connection; edgeproxy's sockets to peers on this host run tcp.local_congestion (default reno) instead"
         )
     })
 }

@@ -56,7 +56,7 @@ buffer_size = 32768        # buffers path: one provided buffer, the most one dir
 buffers = 128              # buffers path: provided buffers per worker (a power of two)
 pipe_size = 262144         # splice path: pipe capacity per direction
 local_sndbuf = 262144      # send buffer of connections to peers on this host (0 = autotuning)
-local_congestion = "reno"  # congestion control to upstreams on this host ("" = the system's)
+local_congestion = "reno"  # congestion control of connections to peers on this host ("" = the system's)
 coalesce_usec = 20         # io_uring, bulk traffic: a wait gathers completions this long (0 = never)
 busy_poll_usec = 0         # poll for completions this long before sleeping (0 = never)
 bulk_poll_usec = 200       # the same, only within 1 ms of bulk traffic (0 = never: gather instead)

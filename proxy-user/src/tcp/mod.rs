@@ -119,11 +119,13 @@ pub struct TcpSettings {
     pub buffers: u16,
     /// Pipe capacity per direction on the splice path.
     pub pipe_size: usize,
-    /// Send buffer of connections whose peer is on this host (0: the kernel's
-    /// autotuning for every connection).
+    /// Send buffer of connections whose peer is on this host and which run the system's
+    /// congestion control (`local_congestion` off or refused; 0: the kernel's autotuning
+    /// for every connection).
     pub local_sndbuf: usize,
-    /// Congestion control of connections to upstreams on this host, set before they
-    /// connect (`None`: the system's default, `net.ipv4.tcp_congestion_control`).
+    /// Congestion control of connections to peers on this host: upstream sockets get it
+    /// before they connect, clients from their listener (`None`: the system's,
+    /// `net.ipv4.tcp_congestion_control`). Such sockets keep autotuning.
     pub local_congestion: Option<String>,
     /// Under bulk traffic, how long a worker's wait may gather completions before it
     /// handles the first (µs; 0: wake at each; io_uring on kernels ≥ 6.12).
@@ -164,16 +166,21 @@ impl Default for TcpSettings {
             // peer's core (which on loopback also reorders segments). Measured with one
             // iperf3 stream through loopback (2026-12-01): 17.6–22.2 Gbit/s against
             // 13.7–15.7 with autotuning, eight streams 15.2–15.8 against 12.5–15.1, the
-            // reverse direction 17.9–19.0 against 15.4–16.1.
+            // reverse direction 17.9–19.0 against 15.4–16.1. All of that with BBR, the
+            // system's here: with reno on both sides (`local_congestion`) autotuning
+            // moved more (one stream 29.8–31.7 against 18.5–20.7 fixed, reverse
+            // 29.3–31.2 against 19.1–19.7; 2026-12-02), so only sockets that run the
+            // system's get it.
             local_sndbuf: 256 * 1024,
             // reno, because a connection within this host crosses no link and loses
             // nothing, so a congestion control earns it nothing, but BBR (a common
             // system default, and this machine's) paces every connection, and pacing
-            // arms a timer per burst, costly in a VM. Eight iperf3 streams through
-            // loopback with BBR as the system default (2026-12-02, five alternating
-            // rounds): reno to the upstream 18.6–20.3 Gbit/s with the proxy's core
-            // ~60% busy, BBR 14.3–20.8 (bimodal, ~97% busy in the slow mode); one stream
-            // 17.6–19.6 against 15.3–17.9. See the README's section on it.
+            // arms a timer per burst, costly in a VM. iperf3 through loopback with BBR
+            // as the system's (2026-12-02, four alternating rounds of 4 s): reno (and
+            // autotuning) on both of the proxy's sides 29.1–33.3 Gbit/s on one stream,
+            // 23.7–24.3 on eight, 30.7–32.3 and 23.9–25.5 in reverse, against 16.4–19.4,
+            // 16.7–20.9, 15.1–19.2 and 15.6–21.1 with the system's (and the fixed
+            // send buffer). See the README's section on it.
             local_congestion: Some("reno".to_owned()),
             // 20 µs: eight alternating manual pairs of eight iperf3 streams
             // (2026-12-01): +15% when the worker would otherwise sleep and be woken

@@ -849,7 +849,7 @@ pub fn tcp_peers() -> anyhow::Result<()> {
         versus(ours, gather)
     );
     println!(
-        "ratios (medians): reno to the upstream on this host instead of the system's congestion control: edgeproxy / edgeproxy-systemcc: {}; edgeproxy-systemcc / direct: 1 stream {:.2}, 8 streams {:.2}",
+        "ratios (medians): local_congestion (reno, autotuned send buffers) instead of the system's congestion control (fixed send buffers): edgeproxy / edgeproxy-systemcc: {}; edgeproxy-systemcc / direct: 1 stream {:.2}, 8 streams {:.2}",
         versus(ours, system_cc),
         system_cc.1 / direct.1,
         system_cc.2 / direct.2
