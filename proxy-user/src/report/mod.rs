@@ -158,9 +158,10 @@ pub fn tcp_table(s: &crate::tcp::TcpSummary) -> String {
     let local: u64 = s.workers.iter().map(|w| w.local_send_buffers).sum();
     let cc: u64 = s.workers.iter().map(|w| w.local_congestion).sum();
     let cc_errors: u64 = s.workers.iter().map(|w| w.local_congestion_errors).sum();
+    let restored: u64 = s.workers.iter().map(|w| w.system_congestion_restored).sum();
     let _ = writeln!(
         out,
-        "TCP forwarding: {} workers on {}, copy path {}, {conns} connections, {waits} buffer waits, {local} send buffers fixed for peers on this host, {cc} upstream sockets on this host given local_congestion ({cc_errors} refused), {:.1} s",
+        "TCP forwarding: {} workers on {}, copy path {}, {conns} connections, {waits} buffer waits, {local} send buffers fixed for peers on this host, {cc} sockets to peers on this host on local_congestion ({restored} clients from other hosts switched back, {cc_errors} settings refused), {:.1} s",
         s.workers.len(),
         s.engine,
         s.copy,

@@ -210,7 +210,7 @@ pub fn tcp(phase: Lifecycle, routes: &Routes, workers: &[WorkerStats], out: &mut
 /// The workers' own counters, labelled by the CPU each is pinned to.
 fn workers_of(workers: &[WorkerStats], out: &mut String) {
     type WorkerValue = fn(&WorkerStats) -> u64;
-    let per_worker: [(&'static str, &str, WorkerValue); 13] = [
+    let per_worker: [(&'static str, &str, WorkerValue); 14] = [
         (
             "edgeproxy_tcp_worker_connections_total",
             "Connections the worker accepted.",
@@ -228,13 +228,18 @@ fn workers_of(workers: &[WorkerStats], out: &mut String) {
         ),
         (
             "edgeproxy_tcp_worker_local_congestion_total",
-            "Upstream sockets to this host given local_congestion before connecting.",
+            "Sockets to peers on this host that run local_congestion (upstreams set before connecting, clients from their listener).",
             |w| w.local_congestion,
         ),
         (
             "edgeproxy_tcp_worker_local_congestion_errors_total",
-            "Upstream sockets to this host that the kernel refused local_congestion (they keep the system's default).",
+            "Times the kernel refused a congestion-control setting (an upstream or listener keeps the system's, a client from another host keeps local_congestion).",
             |w| w.local_congestion_errors,
+        ),
+        (
+            "edgeproxy_tcp_worker_system_congestion_restored_total",
+            "Clients from other hosts accepted with local_congestion and switched back to the system's congestion control.",
+            |w| w.system_congestion_restored,
         ),
         (
             "edgeproxy_tcp_worker_gathering_waits_total",
