@@ -1241,8 +1241,14 @@ impl Worker {
         };
         // A multishot operation (zero-copy receive) stays in flight while F_MORE is set.
         if !ops::more(flags) {
-            c.inflight -= 1;
-            self.conn_ops -= 1;
+            // Debug builds stop at an accounting error; release builds must not wrap to
+            // u32::MAX, which would keep the connection open forever.
+            debug_assert!(
+                c.inflight > 0 && self.conn_ops > 0,
+                "completion with none in flight"
+            );
+            c.inflight = c.inflight.saturating_sub(1);
+            self.conn_ops = self.conn_ops.saturating_sub(1);
         }
         if c.phase == Phase::Closing {
             // A receive that completed anyway returns its buffer at once.
