@@ -74,7 +74,7 @@ on_both_engines!(
     run_forwards_the_routes_of_its_configuration,
     zero_copy_falls_back_with_the_reason_and_require_refuses_to_start,
     send_buffers_are_fixed_for_peers_on_this_host_only,
-    upstreams_on_this_host_get_local_congestion,
+    peers_on_this_host_get_local_congestion,
     bulk_transfers_make_waits_gather_splice,
     bulk_transfers_make_waits_poll_by_default,
     short_connections_ending_every_way_leave_nothing_open,
@@ -2113,8 +2113,8 @@ fn send_buffers_are_fixed_for_peers_on_this_host_only() {
 /// from its listener; an upstream on another host keeps the system's, a client from
 /// another host is switched back to it. `local_congestion = ""` (reloaded) gives every
 /// new connection the system's, and peers on this host the fixed `local_sndbuf`.
-fn upstreams_on_this_host_get_local_congestion() {
-    if !require_root("upstreams_on_this_host_get_local_congestion") {
+fn peers_on_this_host_get_local_congestion() {
+    if !require_root("peers_on_this_host_get_local_congestion") {
         return;
     }
     let pair = VethPair::create().expect("veth pair");

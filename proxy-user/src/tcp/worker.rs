@@ -1436,8 +1436,8 @@ impl Worker {
 
     /// An upstream socket to this host, before it connects: `local_congestion`, and
     /// where that is not set (off, or refused), a fixed `local_sndbuf`. A socket that
-    /// paces (BBR) moves more with the fixed buffer, one that does not (reno) with
-    /// autotuning (README: congestion control to upstreams on this host).
+    /// paces (BBR) moved more with the fixed buffer, one that does not (reno) with
+    /// autotuning (README: congestion control to peers on this host).
     fn tune_upstream_on_this_host(&mut self, fd: &OwnedFd, peer: SocketAddr) {
         if !self.host.is_this_host(peer.ip()) {
             return;
@@ -1492,8 +1492,8 @@ impl Worker {
         }
     }
 
-    /// `local_sndbuf` on a socket to a peer on this host that paces (see
-    /// `TcpSettings::local_sndbuf`).
+    /// `local_sndbuf` on a socket to a peer on this host that runs the system's
+    /// congestion control (see `TcpSettings::local_sndbuf`).
     fn fix_send_buffer(&mut self, fd: &OwnedFd) {
         if self.local_sndbuf == 0 {
             return;
