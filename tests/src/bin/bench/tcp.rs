@@ -344,7 +344,9 @@ fn cpu_with_children(pid: i32) -> f64 {
 }
 
 /// iperf3 through `port`: received bits/s.
-fn iperf(b: &Bench, port: u16, streams: u32) -> anyhow::Result<f64> {
+/// Received bits per second of an iperf3 run through `port`; `reverse` (`-R`): the
+/// server sends, so a proxy writes to the client.
+fn iperf(b: &Bench, port: u16, streams: u32, reverse: bool) -> anyhow::Result<f64> {
     let mut c = b.peer("usr/bin/iperf3");
     c.args([
         "-c",
@@ -357,6 +359,9 @@ fn iperf(b: &Bench, port: u16, streams: u32) -> anyhow::Result<f64> {
         "-P",
     ])
     .arg(streams.to_string());
+    if reverse {
+        c.arg("-R");
+    }
     pin_to(&mut c, CLIENT_CPU);
     let out = c.output().context("iperf3 client")?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
@@ -373,10 +378,16 @@ fn iperf(b: &Bench, port: u16, streams: u32) -> anyhow::Result<f64> {
 /// and a run can fail when it still winds down the one before (seen once through nginx
 /// in the third round: "control socket has closed unexpectedly"), which would throw away
 /// the whole bench. Each retry is printed.
-fn iperf_retrying(b: &Bench, name: &str, port: u16, streams: u32) -> anyhow::Result<f64> {
+fn iperf_retrying(
+    b: &Bench,
+    name: &str,
+    port: u16,
+    streams: u32,
+    reverse: bool,
+) -> anyhow::Result<f64> {
     let mut attempt = 1;
     loop {
-        match iperf(b, port, streams) {
+        match iperf(b, port, streams, reverse) {
             Ok(bps) => return Ok(bps),
             Err(e) if attempt < 3 => {
                 eprintln!("bench tcp: {name} iperf3 -P {streams} failed ({e:#}); again in 1 s");
@@ -553,6 +564,9 @@ fn pct(sorted: &[u32], q: f64) -> u32 {
 struct Results {
     tput1: Vec<f64>,
     tput8: Vec<f64>,
+    /// The reverse direction (`iperf3 -R`), one and eight streams.
+    rev1: Vec<f64>,
+    rev8: Vec<f64>,
     cpu_per_gb: Vec<f64>,
     /// Busy share of the client core and of the proxy core during the 1- and 8-stream
     /// runs: shows which side bounds the throughput.
@@ -646,7 +660,7 @@ pub fn tcp_peers() -> anyhow::Result<()> {
             let cpu0 = cpu();
             let r = &mut results[i];
             let cores = CoreBusy::start();
-            let bps = iperf_retrying(&b, p.name(), p.port(IPERF_PORT), 1)?;
+            let bps = iperf_retrying(&b, p.name(), p.port(IPERF_PORT), 1, false)?;
             r.busy1.push(cores.finish());
             let cpu1 = cpu();
             r.tput1.push(bps);
@@ -656,8 +670,17 @@ pub fn tcp_peers() -> anyhow::Result<()> {
             }
             let cores = CoreBusy::start();
             r.tput8
-                .push(iperf_retrying(&b, p.name(), p.port(IPERF_PORT), 8)?);
+                .push(iperf_retrying(&b, p.name(), p.port(IPERF_PORT), 8, false)?);
             r.busy8.push(cores.finish());
+            for (streams, into) in [(1, &mut r.rev1), (8, &mut r.rev8)] {
+                into.push(iperf_retrying(
+                    &b,
+                    p.name(),
+                    p.port(IPERF_PORT),
+                    streams,
+                    true,
+                )?);
+            }
             let rtts = latency(&b.ns, p.port(ECHO_PORT))
                 .with_context(|| format!("{} latency", p.name()))?;
             r.p50.push(f64::from(pct(&rtts, 0.50)));
@@ -788,6 +811,39 @@ pub fn tcp_peers() -> anyhow::Result<()> {
             per_core(&r.tput8, &r.busy8)
         );
     }
+    println!(
+        "reverse direction (iperf3 -R: the server sends, the proxy writes to the client), Gbit/s min/median/max:"
+    );
+    for (p, r) in Proxy::ALL.iter().zip(&results) {
+        println!(
+            "  {:<19} 1 stream {:>16}   8 streams {:>16}",
+            p.name(),
+            show(&spread(r.rev1.clone()), 1e9),
+            show(&spread(r.rev8.clone()), 1e9)
+        );
+    }
+    let reverse = |p: Proxy| -> (f64, f64) {
+        let r = &results[Proxy::ALL
+            .iter()
+            .position(|&q| q == p)
+            .expect("every proxy is in ALL")];
+        (spread(r.rev1.clone()).median, spread(r.rev8.clone()).median)
+    };
+    let ours_rev = reverse(Proxy::Edgeproxy);
+    let against = |p: Proxy| {
+        let b = reverse(p);
+        format!(
+            "1 stream {:.2}, 8 streams {:.2}",
+            ours_rev.0 / b.0,
+            ours_rev.1 / b.1
+        )
+    };
+    println!(
+        "ratios (medians), reverse direction: edgeproxy / direct: {}; edgeproxy / haproxy: {}; edgeproxy / edgeproxy-systemcc: {}",
+        against(Proxy::Direct),
+        against(Proxy::Haproxy),
+        against(Proxy::EdgeproxySystemCc)
+    );
     println!(
         "light load ({LIGHT_RATE} paced 64-byte round trips a second on one connection; medians): the proxy's share of its core, p50 / p99 µs:"
     );
