@@ -1,5 +1,6 @@
 //! Which peers are on this host: a connection to one of this host's addresses goes over
-//! loopback, so its peer is microseconds away (see `TcpSettings::local_sndbuf`).
+//! loopback, so its peer is microseconds away (see `TcpSettings::local_congestion` and
+//! `local_sndbuf`); and the system's congestion control, which every other connection runs.
 
 use std::{
     io,
