@@ -155,12 +155,11 @@ pub fn probe(probe_xdp: bool) -> DoctorReport {
 }
 
 fn congestion() -> Congestion {
-    let system = read_trim("/proc/sys/net/ipv4/tcp_congestion_control");
+    use crate::tcp::local;
+    let system = local::system_congestion();
     Congestion {
         pacing_note: system.as_deref().and_then(pacing_note),
-        available: read_trim("/proc/sys/net/ipv4/tcp_available_congestion_control")
-            .map(|l| l.split_whitespace().map(str::to_owned).collect())
-            .unwrap_or_default(),
+        available: local::available_congestion().unwrap_or_default(),
         system,
     }
 }

@@ -457,10 +457,6 @@ fn parse_tcp(
     t
 }
 
-/// Where the kernel lists the congestion controls it has (registered; a module not
-/// loaded yet is missing until `modprobe tcp_<name>`).
-const AVAILABLE_CONGESTION: &str = "/proc/sys/net/ipv4/tcp_available_congestion_control";
-
 /// `tcp.local_congestion`: "" is the system's default (`None`); a name must be one the
 /// kernel has, so that a typo fails the load instead of every connect. Unchecked when
 /// the kernel's list cannot be read (then a failing name is counted per connection).
@@ -477,14 +473,14 @@ fn congestion(cx: &mut Collector<'_>, v: &Spanned<String>) -> Option<String> {
         );
         return None;
     }
-    if let Ok(list) = std::fs::read_to_string(AVAILABLE_CONGESTION)
-        && !list.split_whitespace().any(|a| a == name)
+    if let Some(list) = crate::tcp::local::available_congestion()
+        && !list.iter().any(|a| a == name)
     {
         cx.err(
             v.span(),
             format!(
                 "tcp.local_congestion = {name:?}: this kernel has no such congestion control (it has: {}; a module may need `modprobe tcp_{name}`)",
-                list.trim()
+                list.join(" ")
             ),
         );
         return None;

@@ -79,6 +79,15 @@ pub fn system_congestion() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// The congestion controls this kernel has registered
+/// (`net.ipv4.tcp_available_congestion_control`; a module not loaded yet is missing
+/// until `modprobe tcp_<name>`); `None` when the list cannot be read.
+pub fn available_congestion() -> Option<Vec<String>> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+        .ok()
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+}
+
 fn ip_of(s: &nix::sys::socket::SockaddrStorage) -> Option<IpAddr> {
     if let Some(v4) = s.as_sockaddr_in() {
         return Some(IpAddr::V4(v4.ip()));

@@ -8,7 +8,7 @@ use std::{
 
 use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, getpeername, getsockname,
-    getsockopt, listen, setsockopt, socket, sockopt,
+    listen, setsockopt, socket, sockopt,
 };
 
 fn family(addr: SocketAddr) -> AddressFamily {
@@ -130,12 +130,6 @@ pub fn cap_send_buffer(fd: &OwnedFd, bytes: usize) -> io::Result<()> {
 /// handshake completes, and a later switch keeps the pacing.
 pub fn set_congestion(fd: &OwnedFd, name: &str) -> io::Result<()> {
     setsockopt(fd, sockopt::TcpCongestion, &std::ffi::OsString::from(name)).map_err(io::Error::from)
-}
-
-/// The congestion control of `fd`.
-pub fn congestion(fd: &OwnedFd) -> io::Result<String> {
-    let name = getsockopt(fd, sockopt::TcpCongestion).map_err(io::Error::from)?;
-    Ok(name.to_string_lossy().trim_end_matches('\0').to_owned())
 }
 
 /// Makes the next close send a reset instead of a FIN (SO_LINGER with a zero timeout).
@@ -276,7 +270,9 @@ mod tests {
             Err(e) => panic!("connect: {e}"),
         }
         let (_peer, _) = l.accept().expect("accept");
-        assert_eq!(congestion(&fd).expect("TCP_CONGESTION"), "reno");
+        let name =
+            nix::sys::socket::getsockopt(&fd, sockopt::TcpCongestion).expect("TCP_CONGESTION");
+        assert_eq!(name.to_string_lossy().trim_end_matches('\0'), "reno");
         let other = upstream_socket(addr).expect("socket");
         let e = set_congestion(&other, "no_such_cc").expect_err("an unknown name");
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
