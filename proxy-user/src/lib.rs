@@ -13,6 +13,7 @@ pub mod dataplane;
 pub mod diagnostics;
 pub mod doctor;
 pub mod engine;
+pub mod fsmode;
 pub mod logs;
 pub(crate) mod mapping;
 pub mod policy;

@@ -13,6 +13,7 @@
 pub mod generate;
 pub mod netns;
 pub mod packets;
+pub mod peers;
 pub mod policy_util;
 pub mod privilege;
 pub mod scratch;

@@ -51,6 +51,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         apt: TEST_TOOLS,
     })?;
     let xtask_manifest = crate::root().join("xtask/Cargo.toml");
+    // Real counterparts the end-to-end tests run against (rsyslog as a TCP sink's
+    // downstream…), unpacked from Debian packages next to the build, not installed.
+    let peers = crate::root().join("target/peers");
+    bootstrap::ensure_peers(&peers)?;
 
     cargo(&tc.user, ["fmt", "--all", "--", "--check"])
         .say("check formatting (workspace)")
@@ -109,6 +113,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 
     let mut tally = Tally::default();
     let mut tests = cargo(&tc.user, ["test", "--locked"])
+        .env("EDGEPROXY_PEERS", &peers)
         .say("unit tests, then privileged end-to-end tests (namespaces, veth, XDP, test-run)");
     if long {
         tests = tests.env("EDGEPROXY_LONG", "1");

@@ -723,6 +723,10 @@ struct SinkSet {
     host: String,
     encoder: Rfc5424Encoder,
     sinks: Vec<OpenSink>,
+    /// The configuration these sinks were opened from (reopened if a reload fails).
+    snapshot: Arc<Snapshot>,
+    /// Summaries of sinks closed by reloads, for the final summary.
+    retired: Vec<serde_json::Value>,
 }
 
 struct OpenSink {
@@ -755,13 +759,18 @@ impl SinkSet {
             .collect::<io::Result<_>>()?;
         Ok(Self {
             generation: snap.generation,
+            snapshot: Arc::new(snap.clone()),
             host: super::encode::local_hostname(),
             encoder: Rfc5424Encoder::default(),
             sinks,
+            retired: Vec::new(),
         })
     }
 
     /// Switches to a reloaded sink list once windows reach its boundary (`None`: now).
+    /// The old sinks are closed first (a TCP sink hands its spool to its successor on the
+    /// same file) and their counters kept for the summary; if the new list fails to open,
+    /// the old one is opened again.
     fn follow(&mut self, shared: &SharedConfig, window_start: Option<i64>) {
         let latest = shared.latest();
         if latest.generation == self.generation
@@ -769,14 +778,50 @@ impl SinkSet {
         {
             return;
         }
-        match SinkSet::open(&latest) {
+        let mut retired = std::mem::take(&mut self.retired);
+        retired.extend(self.close(RELOAD_DRAIN));
+        let reopened = match SinkSet::open(&latest) {
             Ok(new) => {
                 tracing::info!(generation = latest.generation, "sinks reloaded");
-                *self = new;
+                Some(new)
             }
             Err(e) => {
-                tracing::error!(error = %e, "reloaded sinks failed to open; keeping the old ones");
-                self.generation = latest.generation;
+                tracing::error!(error = %e, "reloaded sinks failed to open; reopening the old ones");
+                SinkSet::open(&self.snapshot.clone())
+                    .inspect_err(
+                        |e| tracing::error!(error = %e, "the old sinks failed to open again"),
+                    )
+                    .ok()
+            }
+        };
+        match reopened {
+            Some(new) => *self = new,
+            None => self.sinks.clear(),
+        }
+        self.generation = latest.generation;
+        self.retired = retired;
+    }
+
+    /// Closes every sink (each finishes what it can within `drain`) and returns their
+    /// summaries.
+    fn close(&mut self, drain: Duration) -> Vec<serde_json::Value> {
+        for s in &mut self.sinks {
+            if let Err(e) = s.sink.close(drain) {
+                s.failures += 1;
+                tracing::error!(sink = %s.sink.name(), error = %e, "sink failed to close");
+            }
+        }
+        let out = self.summary_of_open();
+        self.sinks.clear();
+        out
+    }
+
+    /// Lets each sink do its own work between batches (a failure is counted, not fatal).
+    fn tick(&mut self) {
+        for s in &mut self.sinks {
+            if let Err(e) = s.sink.tick() {
+                s.failures += 1;
+                tracing::error!(sink = %s.sink.name(), error = %e, "sink failed");
             }
         }
     }
@@ -829,7 +874,7 @@ impl SinkSet {
         }
     }
 
-    fn summary(&self) -> Vec<serde_json::Value> {
+    fn summary_of_open(&self) -> Vec<serde_json::Value> {
         self.sinks
             .iter()
             .map(|s| {
@@ -837,11 +882,15 @@ impl SinkSet {
                     "sink": s.sink.name(), "format": s.format.name(), "windows": s.windows,
                     "raw_lines": s.raw_lines, "raw_lines_failed": s.raw_lines_failed,
                     "failures": s.failures, "stats": s.sink.stats(),
+                    "generation": self.generation,
                 })
             })
             .collect()
     }
 }
+
+/// How long a sink retired by a reload may take to hand over (its spool stays either way).
+const RELOAD_DRAIN: Duration = Duration::from_secs(1);
 
 /// Raw batches encoded under a configuration whose sinks are not in force yet (a worker
 /// crossed the reload boundary before the merger closed the last old window). They wait
@@ -1034,6 +1083,7 @@ pub fn run_with_sinks(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
+        sinks.tick();
         if let Some(lock) = &ring_reader
             && replaced.is_none()
             && std::time::Instant::now() >= next_check
@@ -1081,7 +1131,9 @@ pub fn run_with_sinks(
             "errors": s.stats.errors, "kernel_drops": s.kernel_drops,
         }));
     }
-    let sinks = sinks.summary();
+    let mut summaries = std::mem::take(&mut sinks.retired);
+    summaries.extend(sinks.close(super::sinks::CLOSE_DRAIN));
+    let sinks = summaries;
     let udp_after = socket::udp_counters();
     let cpu_s = process_cpu_s();
     let udp_delta: BTreeMap<&String, u64> = udp_after

@@ -54,30 +54,7 @@ impl Receiver {
 }
 
 /// Where `cargo xtask bench` unpacked the peers: `$EDGEPROXY_PEERS`, else target/peers.
-pub(super) fn peers_root() -> PathBuf {
-    std::env::var_os("EDGEPROXY_PEERS").map_or_else(
-        || {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/peers")
-                .to_path_buf()
-        },
-        PathBuf::from,
-    )
-}
-
-/// LD_LIBRARY_PATH for binaries unpacked under `root`.
-pub(super) fn peer_library_path(root: &Path) -> std::ffi::OsString {
-    std::env::join_paths(
-        [
-            "usr/lib/syslog-ng",
-            "usr/lib/x86_64-linux-gnu",
-            "lib/x86_64-linux-gnu",
-        ]
-        .iter()
-        .map(|d| root.join(d)),
-    )
-    .unwrap_or_default()
-}
+pub(super) use edgeproxy_testbed::peers::{library_path as peer_library_path, root as peers_root};
 
 /// Where the unpacked peers live, and how to run them from there.
 struct Peers {
