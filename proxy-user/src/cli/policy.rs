@@ -10,14 +10,14 @@ use crate::{
     policy::{
         Policy, PolicyLimits, Rule,
         loader::{PolicyLoader, PolicyMaps},
-        parse_policy,
+        parse_policy, parse_stored_policy, read_policy_file,
     },
 };
 
-/// Reads and validates a policy file; the error lists every problem as file:line:col.
+/// Reads (bounded) and validates an operator's policy file (`policy check`, `load`,
+/// `diff`, `run --policy`); the error lists every problem as file:line:col.
 pub fn read_policy(path: &Path, limits: &PolicyLimits) -> anyhow::Result<(Policy, String)> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = read_policy_file(path)?;
     let policy = parse_policy(&path.display().to_string(), &text, limits)?;
     Ok((policy, text))
 }
@@ -108,7 +108,7 @@ pub fn show(paths: &Paths) -> anyhow::Result<Output> {
     let source = loader.stored_source(slot);
     let policy = source
         .as_deref()
-        .and_then(|t| parse_policy("stored", t, &PolicyLimits::default()).ok());
+        .and_then(|t| parse_stored_policy("stored", t, &PolicyLimits::default()).ok());
     let mut text = String::new();
     if generation == 0 {
         let _ = writeln!(text, "no policy loaded: every packet passes");
@@ -207,7 +207,7 @@ pub fn diff(paths: &Paths, path: &Path, limits: &PolicyLimits) -> anyhow::Result
     let loader = open_loader(paths)?;
     let slot = loader.state()?.active_slot & 1;
     let old = match loader.stored_source(slot) {
-        Some(t) => parse_policy("active policy", &t, &PolicyLimits::default())?,
+        Some(t) => parse_stored_policy("active policy", &t, &PolicyLimits::default())?,
         None => Policy {
             default: crate::policy::Action::Pass,
             malformed: crate::policy::Action::Pass,
@@ -287,4 +287,72 @@ pub fn detach(paths: &Paths) -> anyhow::Result<Output> {
         text,
         json: serde_json::json!({"link_detached": r.link_detached, "pins_removed": r.pins_removed, "store_removed": store_removed}),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// A file under the temporary directory, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str, text: &str) -> Self {
+            let path = std::env::temp_dir()
+                .join(format!("ep-cli-policy-{}-{name}.toml", std::process::id()));
+            std::fs::write(&path, text).expect("write");
+            Self(path)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn check_refuses_a_file_that_states_nothing() {
+        let f = Scratch::new("empty", "# every rule commented out\n");
+        let Err(e) = check(&f.0, &PolicyLimits::default()) else {
+            panic!("a file that states nothing was accepted");
+        };
+        assert_eq!(
+            format!("{e:#}"),
+            format!(
+                "{}:1:1: the file states no rule and no default; loading it would pass every \
+                 packet. To mean that, write default = \"pass\"",
+                f.0.display()
+            )
+        );
+        std::fs::write(&f.0, "default = \"pass\"\n").expect("write");
+        let out = check(&f.0, &PolicyLimits::default()).expect("an explicit pass-all");
+        assert!(
+            out.text.ends_with(
+                ": ok: 0 rules, 0 prefixes; default pass, malformed pass, non_ip pass\n"
+            ),
+            "{}",
+            out.text
+        );
+    }
+
+    #[test]
+    fn an_oversized_policy_file_is_refused_before_it_is_read() {
+        let f = Scratch::new("huge", "");
+        // Sparse: 50 MiB that take no disk and, refused from the size, no reading.
+        std::fs::File::options()
+            .write(true)
+            .open(&f.0)
+            .and_then(|h| h.set_len(50 << 20))
+            .expect("sparse file");
+        let Err(e) = read_policy(&f.0, &PolicyLimits::default()) else {
+            panic!("a file over the cap was accepted");
+        };
+        let want = format!(
+            "{} is 52428800 bytes; a policy file may be at most ",
+            f.0.display()
+        );
+        assert!(format!("{e:#}").starts_with(&want), "{e:#}");
+    }
 }

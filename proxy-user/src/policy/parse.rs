@@ -8,6 +8,7 @@ use toml::{Spanned, Value};
 use super::{
     model::{Action, Policy, PortRange, Rate, Rule},
     prefix::Prefix,
+    scan::{Excess, MAX_LIST_ELEMENTS, first_excess},
 };
 use crate::diagnostics::{Collector as Ctx, FileErrors};
 use proxy_common::policy::{MAX_CAPTURE, MAX_LPM_PER_POLICY, MAX_RULES, MAX_SNAP};
@@ -87,8 +88,55 @@ struct RawRule {
     then: Option<Spanned<String>>,
 }
 
+/// Parses an operator's policy file. A file that states nothing (no rule, no `default`,
+/// nothing dropped) is refused: it would pass every packet, which an empty or
+/// commented-out file rarely means.
 pub fn parse_policy(file: &str, src: &str, limits: &PolicyLimits) -> Result<Policy, PolicyError> {
+    parse(file, src, limits, Unstated::Refuse)
+}
+
+/// Parses a source edgeproxy stored when it loaded it (`slot{N}.toml`). It was valid
+/// then, and may state nothing: it may have been loaded before such files were refused.
+pub fn parse_stored_policy(
+    file: &str,
+    src: &str,
+    limits: &PolicyLimits,
+) -> Result<Policy, PolicyError> {
+    parse(file, src, limits, Unstated::Accept)
+}
+
+/// What to do with a policy that states nothing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unstated {
+    Refuse,
+    Accept,
+}
+
+fn parse(
+    file: &str,
+    src: &str,
+    limits: &PolicyLimits,
+    unstated: Unstated,
+) -> Result<Policy, PolicyError> {
     let mut cx = Ctx::new(file, src);
+    // Before `toml` builds anything: its memory grows with every table and element.
+    match first_excess(src, limits.max_rules, MAX_LIST_ELEMENTS) {
+        Some(Excess::Rules { at }) => {
+            cx.err(at..at, too_many_rules(limits));
+            return Err(cx.errors());
+        }
+        Some(Excess::Elements { at }) => {
+            cx.err(
+                at..at,
+                format!(
+                    "too many list elements: a policy file may hold at most {MAX_LIST_ELEMENTS} \
+                     (write port ranges as \"lo-hi\")"
+                ),
+            );
+            return Err(cx.errors());
+        }
+        None => {}
+    }
     let raw: RawPolicy = match toml::from_str(src) {
         Ok(r) => r,
         Err(e) => {
@@ -107,13 +155,7 @@ pub fn parse_policy(file: &str, src: &str, limits: &PolicyLimits) -> Result<Poli
     for (i, spanned) in raw.rule.iter().enumerate() {
         let span = spanned.span();
         if i == limits.max_rules {
-            cx.err(
-                span.clone(),
-                format!(
-                    "too many rules: the limit is {} (max_rules)",
-                    limits.max_rules
-                ),
-            );
+            cx.err(span.clone(), too_many_rules(limits));
             break;
         }
         let Some(rule) = rule(&mut cx, i, spanned.get_ref(), limits) else {
@@ -141,12 +183,31 @@ pub fn parse_policy(file: &str, src: &str, limits: &PolicyLimits) -> Result<Poli
         }
         rules.push(rule);
     }
+    if unstated == Unstated::Refuse
+        && raw.rule.is_empty()
+        && raw.default.is_none()
+        && malformed == Action::Pass
+        && non_ip == Action::Pass
+    {
+        cx.err(
+            0..0,
+            "the file states no rule and no default; loading it would pass every packet. \
+             To mean that, write default = \"pass\"",
+        );
+    }
     cx.finish(Policy {
         default,
         malformed,
         non_ip,
         rules,
     })
+}
+
+fn too_many_rules(limits: &PolicyLimits) -> String {
+    format!(
+        "too many rules: the limit is {} (max_rules)",
+        limits.max_rules
+    )
 }
 
 /// `default`, `malformed`, `non_ip`: pass or drop (default pass).
@@ -509,6 +570,98 @@ then = "pass"
                 max: DEFAULT_CAPTURE_MAX,
                 then_drop: false
             }
+        );
+    }
+
+    #[test]
+    fn a_file_that_states_nothing_is_refused() {
+        for src in [
+            "",
+            "# every rule commented out\n# [[rule]]\n# action = \"drop\"\n",
+            "malformed = \"pass\"\n",
+        ] {
+            let e = parse(src).expect_err(src);
+            assert_eq!(
+                e.to_string(),
+                "p.toml:1:1: the file states no rule and no default; loading it would pass \
+                 every packet. To mean that, write default = \"pass\""
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_that_states_what_passes_needs_no_rule() {
+        let p = parse("default = \"pass\"\n").expect("an explicit pass-all");
+        assert!(p.rules.is_empty());
+        assert_eq!(p.default, Action::Pass);
+        assert_eq!(
+            parse("default = \"drop\"\n").expect("drop all").default,
+            Action::Drop
+        );
+        assert_eq!(
+            parse("non_ip = \"drop\"\n").expect("drop non-IP").non_ip,
+            Action::Drop
+        );
+    }
+
+    #[test]
+    fn a_stored_source_may_state_nothing() {
+        let p = parse_stored_policy("stored", "", &PolicyLimits::default())
+            .expect("stored before empty files were refused");
+        assert!(p.rules.is_empty());
+        assert_eq!(p.default, Action::Pass);
+    }
+
+    #[test]
+    fn rules_past_the_limit_are_refused_before_toml_reads_them() {
+        let limits = PolicyLimits {
+            max_rules: 2,
+            ..PolicyLimits::default()
+        };
+        // No action and a syntax error after them: neither is reached.
+        let headers = "[[rule]]\n[[rule]]\n# the third\n[[rule]]\nnot toml\n";
+        let e = parse_policy("p.toml", headers, &limits).expect_err("three rules");
+        assert_eq!(
+            e.to_string(),
+            "p.toml:4:1: too many rules: the limit is 2 (max_rules)"
+        );
+        let inline = "rule = [{action = \"pass\"}, {action = \"pass\"}, {action = \"pass\"}]\n[";
+        let e = parse_policy("p.toml", inline, &limits).expect_err("three inline rules");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "p.toml:1:{}: too many rules: the limit is 2 (max_rules)",
+                inline.rfind('{').expect("third") + 1
+            )
+        );
+    }
+
+    #[test]
+    fn rule_headers_in_strings_are_no_rules() {
+        let limits = PolicyLimits {
+            max_rules: 1,
+            ..PolicyLimits::default()
+        };
+        let src =
+            "# [[rule]]\n[[rule]]\nname = \"\"\"\n[[rule]]\n[[rule]]\"\"\"\naction = \"pass\"\n";
+        let p = parse_policy("p.toml", src, &limits).expect("one rule");
+        assert_eq!(p.rules[0].name, "[[rule]]\n[[rule]]");
+    }
+
+    #[test]
+    fn lists_past_the_element_limit_are_refused_before_toml_reads_them() {
+        // Ports one at a time: 2 bytes an element, 4 MB in all, a syntax error after.
+        let mut src = String::from("[[rule]]\naction = \"drop\"\nproto = \"tcp\"\ndst_port = [");
+        src.push_str(&"1,".repeat(2_000_000));
+        src.push_str("]\nnot toml\n");
+        let e = parse(&src).expect_err("too many elements");
+        assert_eq!(e.diagnostics.len(), 1, "{e}");
+        assert_eq!(e.diagnostics[0].line, 4);
+        assert!(
+            e.diagnostics[0]
+                .message
+                .starts_with("too many list elements: a policy file may hold at most "),
+            "{e}"
         );
     }
 }
