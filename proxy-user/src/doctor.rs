@@ -17,7 +17,39 @@ pub struct DoctorReport {
     pub io_uring: IoUring,
     pub cpus: Cpus,
     pub congestion: Congestion,
+    pub open_files: OpenFiles,
     pub interfaces: Vec<Interface>,
+}
+
+/// The file-descriptor limit and what it allows a daemon started now.
+#[derive(Debug, Serialize)]
+pub struct OpenFiles {
+    /// `RLIMIT_NOFILE` of this process (soft, hard): what a daemon started the same way
+    /// inherits.
+    pub soft: u64,
+    pub hard: u64,
+    /// Proxied connections that fit once the daemon raised the soft limit to the hard
+    /// one (as it does at start).
+    pub connection_capacity: u64,
+}
+
+fn open_files() -> OpenFiles {
+    use crate::limits::{connection_capacity, nofile};
+    let (soft, hard) = nofile().map_or((0, 0), |n| (n.soft, n.hard));
+    // A daemon has its listeners, rings and files besides: the reserve covers them.
+    let raised = if hard == libc::RLIM_INFINITY {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1 << 20)
+    } else {
+        hard
+    };
+    OpenFiles {
+        soft,
+        hard,
+        connection_capacity: connection_capacity(raised, 16),
+    }
 }
 
 /// TCP congestion control in this network namespace (`[tcp] local_congestion` picks one
@@ -150,6 +182,7 @@ pub fn probe(probe_xdp: bool) -> DoctorReport {
         io_uring: io_uring(),
         cpus: cpus(),
         congestion: congestion(),
+        open_files: open_files(),
         interfaces,
     }
 }
@@ -544,6 +577,15 @@ impl DoctorReport {
             c.busy_poll_advice
                 .as_ref()
                 .map_or(String::new(), |a| format!("\n             {a}"))
+        );
+        let f = &self.open_files;
+        let _ = writeln!(
+            s,
+            "open files   limit {} (hard {}); daemons raise it to the hard limit at start: room for {} proxied connections ({} descriptors each), more are refused and counted as fd_limit",
+            f.soft,
+            f.hard,
+            f.connection_capacity,
+            crate::limits::FDS_PER_CONNECTION
         );
         let cc = &self.congestion;
         let _ = writeln!(

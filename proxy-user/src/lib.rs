@@ -14,6 +14,7 @@ pub mod diagnostics;
 pub mod doctor;
 pub mod engine;
 pub mod fsmode;
+pub mod limits;
 pub mod logs;
 pub(crate) mod mapping;
 pub mod policy;

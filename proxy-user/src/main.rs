@@ -302,6 +302,25 @@ fn print(out: Output, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Daemons raise their soft file-descriptor limit to the hard one: the usual 1,024 holds
+/// under 200 proxied connections.
+fn raise_open_files_limit() {
+    match proxy_user::limits::raise_nofile() {
+        Ok(n) if n.soft > n.started_with => tracing::info!(
+            from = n.started_with,
+            to = n.soft,
+            "raised the open-files limit (RLIMIT_NOFILE) to the hard limit"
+        ),
+        Ok(n) => tracing::info!(
+            open_files_limit = n.soft,
+            "open-files limit (RLIMIT_NOFILE)"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open-files limit (RLIMIT_NOFILE)")
+        }
+    }
+}
+
 fn paths(place: &Place, iface: &str) -> Paths {
     Paths::new(&place.pin_root, &place.state_dir, iface)
 }
@@ -309,6 +328,12 @@ fn paths(place: &Place, iface: &str) -> Paths {
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init("info")?;
+    if matches!(
+        cli.command,
+        Command::Run { .. } | Command::Logs { .. } | Command::Proxy { .. }
+    ) {
+        raise_open_files_limit();
+    }
     match cli.command {
         Command::Run {
             iface,

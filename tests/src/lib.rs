@@ -166,11 +166,47 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
+    let mut cmd = ns.command(edgeproxy_bin()?);
+    cmd.args(args).envs(env.iter().copied());
+    spawn_until(cmd, ready)
+}
+
+/// [`try_start_edgeproxy_env_until`] with the child's `RLIMIT_NOFILE` set to
+/// `(soft, hard)` before it starts, as a shell's `ulimit -n` or systemd's `LimitNOFILE=`.
+pub fn try_start_edgeproxy_nofile_until<I, S>(
+    ns: &netns::Netns,
+    args: I,
+    nofile: (u64, u64),
+    ready: &str,
+) -> anyhow::Result<(Reaped, LogLines)>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = ns.command(edgeproxy_bin()?);
+    cmd.args(args);
+    let limit = libc::rlimit {
+        rlim_cur: nofile.0,
+        rlim_max: nofile.1,
+    };
+    // SAFETY: runs in the forked child before exec and only calls setrlimit(2), which is
+    // async-signal-safe; `limit` is copied into the closure.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    spawn_until(cmd, ready)
+}
+
+/// Starts `cmd` with piped output; returns once its log has a line containing `ready`.
+fn spawn_until(mut cmd: std::process::Command, ready: &str) -> anyhow::Result<(Reaped, LogLines)> {
     let mut child = Reaped(Some(
-        ns.command(edgeproxy_bin()?)
-            .args(args)
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::piped())
+        cmd.stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()?,
     ));

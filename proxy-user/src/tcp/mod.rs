@@ -352,6 +352,8 @@ pub struct SharedRoutes {
     /// Set by a second stop signal: draining workers reset what is still open now
     /// instead of at the drain deadline.
     drain_cut: AtomicBool,
+    /// Connections open across workers against what the descriptor limit allows.
+    pub budget: crate::limits::ConnectionBudget,
 }
 
 /// Where TCP forwarding is in its life: what `/ready` answers.
@@ -403,6 +405,7 @@ impl SharedRoutes {
             workers: Mutex::new(Vec::new()),
             lifecycle: AtomicU8::new(Lifecycle::Starting as u8),
             drain_cut: AtomicBool::new(false),
+            budget: crate::limits::ConnectionBudget::new(0),
         })
     }
 

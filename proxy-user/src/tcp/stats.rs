@@ -31,10 +31,14 @@ pub enum Reason {
     DrainDeadline,
     /// Any other socket error (accept, recv, send, splice), with the error logged.
     SocketError,
+    /// No file descriptor for the connection: refused at accept because the connections
+    /// open reached what `RLIMIT_NOFILE` allows (see [`crate::limits`]), or the kernel
+    /// answered EMFILE/ENFILE for its socket or pipes.
+    FdLimit,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::RouteLimit,
         Reason::UpstreamLimit,
         Reason::NoUpstream,
@@ -50,6 +54,7 @@ impl Reason {
         Reason::IdleTimeout,
         Reason::DrainDeadline,
         Reason::SocketError,
+        Reason::FdLimit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +74,7 @@ impl Reason {
             Reason::IdleTimeout => "idle_timeout",
             Reason::DrainDeadline => "drain_deadline",
             Reason::SocketError => "socket_error",
+            Reason::FdLimit => "fd_limit",
         }
     }
 

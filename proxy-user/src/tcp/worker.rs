@@ -411,6 +411,8 @@ pub struct TcpSummary {
     pub workers: Vec<WorkerStats>,
     pub routes: serde_json::Value,
     pub elapsed_s: f64,
+    /// Connections that fit in the file-descriptor limit (0: no limit could be read).
+    pub connection_capacity: u64,
 }
 
 struct Listener {
@@ -670,11 +672,32 @@ struct Worker {
     zc_nomem_until: Instant,
     /// Zero-copy receives that failed with EFAULT (logged at powers of two).
     zc_efaults: u64,
+    /// Warnings that can repeat per connection (accept errors, sockets and pipes that
+    /// cannot be made, refusals at the descriptor limit): one line per period each.
+    accept_warn: crate::limits::Throttle,
+    socket_warn: crate::limits::Throttle,
+    fd_limit_warn: crate::limits::Throttle,
     stats: WorkerStats,
     completions: Vec<(u64, i32, u32)>,
     /// Debug builds only: when this worker panics on purpose (see [`FAULT_PANIC_WORKER`]).
     #[cfg(debug_assertions)]
     panic_at: Option<Instant>,
+}
+
+/// How often a repeated per-connection warning may be logged.
+const WARN_EVERY: Duration = Duration::from_secs(5);
+
+/// EMFILE or ENFILE: out of file descriptors, for the process or the system.
+fn fd_exhausted(errno: i32) -> bool {
+    errno == libc::EMFILE || errno == libc::ENFILE
+}
+
+fn fd_reason(e: &io::Error) -> Reason {
+    if e.raw_os_error().is_some_and(fd_exhausted) {
+        Reason::FdLimit
+    } else {
+        Reason::SocketError
+    }
 }
 
 /// Debug builds only (the end-to-end tests run them): seconds after which the first
@@ -789,6 +812,9 @@ impl Worker {
             zc_nomem: VecDeque::new(),
             zc_nomem_until: now,
             zc_efaults: 0,
+            accept_warn: crate::limits::Throttle::new(WARN_EVERY),
+            socket_warn: crate::limits::Throttle::new(WARN_EVERY),
+            fd_limit_warn: crate::limits::Throttle::new(WARN_EVERY),
             stats: WorkerStats {
                 cpu,
                 zero_copy_queue: zc_queue,
@@ -1149,9 +1175,17 @@ impl Worker {
         }
         if res < 0 {
             if res != -libc::ECANCELED {
-                l.route.stats.refused.add(Reason::SocketError, 1);
-                tracing::warn!(error = %io::Error::from_raw_os_error(-res), listen = %l.route.spec.listen, "accept");
+                let reason = if fd_exhausted(-res) {
+                    Reason::FdLimit
+                } else {
+                    Reason::SocketError
+                };
+                l.route.stats.refused.add(reason, 1);
                 l.rest_until = Some(self.now + ACCEPT_REST);
+                if let Some(held) = self.accept_warn.allow(self.now) {
+                    tracing::warn!(error = %io::Error::from_raw_os_error(-res), listen = %l.route.spec.listen,
+                        similar_since_last = held, "accept failed");
+                }
             }
             return;
         }
@@ -1168,6 +1202,21 @@ impl Worker {
             socket::reset_on_close(&fd);
             return;
         }
+        // A place in the descriptor budget for its sockets and pipes, released when the
+        // connection is freed: refused cleanly here rather than failing half-built.
+        if !self.shared.budget.try_take() {
+            route.stats.active.fetch_sub(1, Ordering::AcqRel);
+            route.stats.refused.add(Reason::FdLimit, 1);
+            socket::reset_on_close(&fd);
+            if let Some(held) = self.fd_limit_warn.allow(self.now) {
+                tracing::warn!(
+                    capacity = self.shared.budget.capacity(),
+                    similar_since_last = held,
+                    "connection refused: as many connections are open as the file-descriptor limit allows (counted as fd_limit)"
+                );
+            }
+            return;
+        }
         if let Err(e) = socket::no_delay(&fd) {
             tracing::debug!(error = %e, "TCP_NODELAY on a client socket");
         }
@@ -1176,6 +1225,7 @@ impl Worker {
         let (Some(peer), Some(local)) = (peer, local) else {
             // The client is already gone (reset before we looked).
             route.stats.active.fetch_sub(1, Ordering::AcqRel);
+            self.shared.budget.release();
             route.stats.refused.add(Reason::ClientReset, 1);
             return;
         };
@@ -1407,8 +1457,11 @@ impl Worker {
         let fd = match socket::upstream_socket(upstream.address) {
             Ok(fd) => fd,
             Err(e) => {
-                tracing::warn!(error = %e, "creating an upstream socket");
-                return self.abort(slot, Some(Reason::SocketError), true, false);
+                if let Some(held) = self.socket_warn.allow(self.now) {
+                    tracing::warn!(error = %e, similar_since_last = held, "creating an upstream socket");
+                }
+                let reason = fd_reason(&e);
+                return self.abort(slot, Some(reason), true, false);
             }
         };
         self.tune_upstream_on_this_host(&fd, upstream.address);
@@ -1621,8 +1674,11 @@ impl Worker {
                 match Pipe::new(pipe_size) {
                     Ok(p) => c.dirs[d].pipe = Some(p),
                     Err(e) => {
-                        tracing::warn!(error = %e, "creating a splice pipe");
-                        return self.abort(slot, Some(Reason::SocketError), true, true);
+                        if let Some(held) = self.socket_warn.allow(self.now) {
+                            tracing::warn!(error = %e, similar_since_last = held, "creating a splice pipe");
+                        }
+                        let reason = fd_reason(&e);
+                        return self.abort(slot, Some(reason), true, true);
                     }
                 }
             }
@@ -2238,6 +2294,7 @@ impl Worker {
             }
         }
         c.route.stats.active.fetch_sub(1, Ordering::AcqRel);
+        self.shared.budget.release();
         if let Some(i) = c.upstream_idx {
             c.route.pool.upstreams[i]
                 .active
@@ -2292,6 +2349,7 @@ pub fn run(
     }
     let started = Instant::now();
     let routes = shared.latest();
+    size_connection_budget(&shared)?;
     let (copy, why) = resolve_copy(routes.settings.copy, engine)?;
     if let Some(why) = why {
         tracing::warn!(reason = %why, "copying through provided buffers");
@@ -2410,7 +2468,30 @@ pub fn run(
         workers,
         routes: shared.latest().json(),
         elapsed_s: started.elapsed().as_secs_f64(),
+        connection_capacity: shared.budget.capacity(),
     })
+}
+
+/// Sizes the connection budget from the descriptor limit (raised at start) and says so.
+fn size_connection_budget(shared: &SharedRoutes) -> anyhow::Result<()> {
+    use crate::limits::{FDS_PER_CONNECTION, RESERVED_FDS, connection_capacity, nofile, open_fds};
+    let n = nofile().map_err(|e| anyhow::anyhow!("reading RLIMIT_NOFILE: {e}"))?;
+    let open = open_fds();
+    let capacity = connection_capacity(n.soft, open);
+    anyhow::ensure!(
+        capacity > 0,
+        "the file-descriptor limit ({} open files, {open} in use) leaves no room for a proxied connection ({FDS_PER_CONNECTION} each, {RESERVED_FDS} kept for the rest): raise it (ulimit -n, or LimitNOFILE= in the systemd unit)",
+        n.soft
+    );
+    shared.budget.set_capacity(capacity);
+    tracing::info!(
+        connections = capacity,
+        open_files_limit = n.soft,
+        per_connection = FDS_PER_CONNECTION,
+        reserved = RESERVED_FDS,
+        "TCP connections limited by the file-descriptor limit (beyond it: refused, counted as fd_limit)"
+    );
+    Ok(())
 }
 
 #[cfg(test)]
