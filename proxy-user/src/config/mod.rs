@@ -213,6 +213,7 @@ struct RawRoute {
     max_connections: Option<Spanned<i64>>,
     send_proxy: Option<Spanned<String>>,
     accept_proxy: Option<bool>,
+    proxy_header_timeout: Option<Spanned<f64>>,
     eject_after: Option<Spanned<i64>>,
     eject_seconds: Option<Spanned<f64>>,
     health: Option<Spanned<RawHealth>>,
@@ -680,6 +681,16 @@ fn parse_route(cx: &mut Collector<'_>, r: &Spanned<RawRoute>) -> Option<RouteSpe
         30.0 * 86_400.0,
         Duration::from_secs(300),
     );
+    // A PROXY header is one small packet from a load balancer: a client that sends half
+    // of one and goes silent must not hold a connection until idle_timeout.
+    let proxy_header_timeout = secs(
+        cx,
+        &r.proxy_header_timeout,
+        "route.proxy_header_timeout",
+        0.001,
+        3600.0,
+        Duration::from_secs(5),
+    );
     let eject_for = secs(
         cx,
         &r.eject_seconds,
@@ -739,6 +750,7 @@ fn parse_route(cx: &mut Collector<'_>, r: &Spanned<RawRoute>) -> Option<RouteSpe
             .unwrap_or(0) as u32,
         send_proxy,
         accept_proxy: r.accept_proxy.unwrap_or(false),
+        proxy_header_timeout,
         eject_after: r
             .eject_after
             .as_ref()

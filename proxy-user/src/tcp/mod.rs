@@ -242,6 +242,8 @@ pub struct RouteSpec {
     pub max_connections: u32,
     pub send_proxy: Option<proxy_protocol::Version>,
     pub accept_proxy: bool,
+    /// With `accept_proxy`: how long a client has to send its whole PROXY header.
+    pub proxy_header_timeout: Duration,
     pub eject_after: u32,
     pub eject_for: Duration,
     pub health: Option<HealthSpec>,

@@ -19,6 +19,8 @@ pub enum Reason {
     ProxyHeaderTooLong,
     /// The client closed before sending a complete PROXY header.
     ProxyHeaderEof,
+    /// The client did not send a complete PROXY header within `proxy_header_timeout`.
+    ProxyHeaderTimeout,
     ConnectRefused,
     ConnectTimeout,
     ConnectError,
@@ -38,7 +40,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::RouteLimit,
         Reason::UpstreamLimit,
         Reason::NoUpstream,
@@ -46,6 +48,7 @@ impl Reason {
         Reason::ProxyHeaderMalformed,
         Reason::ProxyHeaderTooLong,
         Reason::ProxyHeaderEof,
+        Reason::ProxyHeaderTimeout,
         Reason::ConnectRefused,
         Reason::ConnectTimeout,
         Reason::ConnectError,
@@ -66,6 +69,7 @@ impl Reason {
             Reason::ProxyHeaderMalformed => "proxy_header_malformed",
             Reason::ProxyHeaderTooLong => "proxy_header_too_long",
             Reason::ProxyHeaderEof => "proxy_header_eof",
+            Reason::ProxyHeaderTimeout => "proxy_header_timeout",
             Reason::ConnectRefused => "connect_refused",
             Reason::ConnectTimeout => "connect_timeout",
             Reason::ConnectError => "connect_error",

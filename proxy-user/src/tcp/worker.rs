@@ -1147,6 +1147,11 @@ impl Worker {
             }
             if past_deadline {
                 self.abort(slot, Some(Reason::DrainDeadline), true, true);
+            } else if c.phase == Phase::ReadHeader
+                && self.now.duration_since(c.connect_started) > c.route.spec.proxy_header_timeout
+            {
+                // `connect_started` is the accept time until the header is complete.
+                self.abort(slot, Some(Reason::ProxyHeaderTimeout), false, false);
             } else if c.phase != Phase::Connecting
                 && self.now.duration_since(c.last_active) > c.route.spec.idle_timeout
             {
@@ -2974,6 +2979,39 @@ mod tests {
             assert!(took >= CANCEL_AGAIN_AFTER, "{engine:?}: {took:?}");
             assert!(stats.cancel_retries >= 1, "{engine:?}: {stats:?}");
             assert_eq!(stats.left_open, 0, "{engine:?}");
+        }
+    }
+
+    /// A client that sends half a PROXY header and goes silent is closed after
+    /// `proxy_header_timeout` (not `idle_timeout`) and counted.
+    #[test]
+    fn a_half_proxy_header_is_closed_at_the_header_timeout() {
+        for engine in engines() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let w = TestWorker::start(
+                engine,
+                "accept_proxy = true\nproxy_header_timeout = 0.2\nidle_timeout = 60",
+                move |w, _| tx.send(Arc::clone(&w.shared)).unwrap(),
+            );
+            let shared = rx.recv().unwrap();
+            let mut c = std::net::TcpStream::connect(w.addr).unwrap();
+            std::io::Write::write_all(&mut c, b"PROXY TCP4 192.0.2.1 ").unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let t = Instant::now();
+            let end = read_some(&mut c, &mut [0u8; 1]);
+            let took = t.elapsed();
+            let _ = w.stop();
+            assert!(
+                matches!(end, Ok(0)),
+                "{engine:?}: closed ({end:?} after {took:?})"
+            );
+            assert!(took < Duration::from_secs(2), "{engine:?}: {took:?}");
+            let route = &shared.latest().routes[0];
+            assert_eq!(
+                route.stats.refused.get(Reason::ProxyHeaderTimeout),
+                1,
+                "{engine:?}: counted"
+            );
         }
     }
 
