@@ -2359,9 +2359,19 @@ pub fn run(
     if let Some(why) = why {
         tracing::warn!(reason = %why, "copying through provided buffers");
     }
-    // Asked of the kernel once for both: the probe every start reports, and the plan.
-    let recv_zc_unavailable = ops::uring::recv_zc_unavailable();
-    let mut zero_copy = probe_zero_copy(&routes, recv_zc_unavailable.as_deref());
+    // Asked of the kernel once for both: the probe a start with zero_copy on reports,
+    // and the plan. Off (the default) asks nothing: `doctor` says what the host can do.
+    let zero_copy_on = routes.settings.zero_copy.mode != ZeroCopyMode::Off;
+    let recv_zc_unavailable = if zero_copy_on {
+        ops::uring::recv_zc_unavailable()
+    } else {
+        None
+    };
+    let mut zero_copy = if zero_copy_on {
+        probe_zero_copy(&routes, recv_zc_unavailable.as_deref())
+    } else {
+        Vec::new()
+    };
     let plans = plan_zero_copy(
         &routes.settings.zero_copy,
         engine,
