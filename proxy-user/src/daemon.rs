@@ -104,6 +104,7 @@ pub async fn run(
                         &shared,
                         crate::logs::pipeline::CaptureSource::Rings(records),
                         stop,
+                        None,
                     )
                 })
                 .context("spawning the log pipeline")?;

@@ -13,13 +13,35 @@ pub const DIR_MODE: u32 = 0o700;
 /// Mode of files edgeproxy creates.
 pub const FILE_MODE: u32 = 0o600;
 
+/// The user a daemon drops to (`[daemon] user`): what it creates before the drop is
+/// given to that user, so it can still write there after.
+static OWNER: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+
+/// Sets the owner of what edgeproxy creates from now on (once, before sinks open).
+pub fn set_owner(uid: u32, gid: u32) {
+    let _ = OWNER.set((uid, gid));
+}
+
+/// Gives `path` to the daemon user when one is set and this process may (root).
+fn give_to_owner(path: &Path) -> io::Result<()> {
+    if let Some(&(uid, gid)) = OWNER.get() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+        }
+    }
+    Ok(())
+}
+
 /// Creates `dir` and any missing parents with mode 0700 (a umask only removes bits, so
-/// the mode holds under umask 000), then checks that `dir` is safe to use.
+/// the mode holds under umask 000), gives it to the daemon user if one is set, then
+/// checks that `dir` is safe to use.
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     DirBuilder::new()
         .recursive(true)
         .mode(DIR_MODE)
         .create(dir)?;
+    give_to_owner(dir)?;
     check_dir(dir)
 }
 
@@ -31,7 +53,8 @@ pub fn check_dir(dir: &Path) -> io::Result<()> {
     let mode = meta.mode();
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
-    if meta.uid() != me && meta.uid() != 0 {
+    let daemon_user = OWNER.get().map(|&(uid, _)| uid);
+    if meta.uid() != me && meta.uid() != 0 && Some(meta.uid()) != daemon_user {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
@@ -70,6 +93,7 @@ pub fn open_private_append(path: &Path, read: bool) -> io::Result<File> {
         .mode(FILE_MODE)
         .open(path)?;
     narrow(&file)?;
+    give_to_owner(path)?;
     Ok(file)
 }
 
@@ -82,6 +106,7 @@ pub fn create_private_file(path: &Path) -> io::Result<File> {
         .mode(FILE_MODE)
         .open(path)?;
     narrow(&file)?;
+    give_to_owner(path)?;
     Ok(file)
 }
 

@@ -18,6 +18,7 @@ pub mod limits;
 pub mod logs;
 pub(crate) mod mapping;
 pub mod policy;
+pub mod privileges;
 pub mod report;
 pub mod tcp;
 pub mod telemetry;

@@ -333,6 +333,10 @@ fn real_main() -> anyhow::Result<()> {
         Command::Run { .. } | Command::Logs { .. } | Command::Proxy { .. }
     ) {
         raise_open_files_limit();
+        // Before any thread starts, so that every thread inherits it.
+        if let Err(e) = proxy_user::privileges::forbid_new_privileges() {
+            tracing::warn!(error = %e, "could not set no_new_privs");
+        }
     }
     match cli.command {
         Command::Run {
@@ -544,7 +548,8 @@ fn proxy_command(
         background,
         Some(std::sync::Arc::clone(&shared)),
     )?;
-    let summary = proxy_user::tcp::run(shared, &cpus, cfg.pipeline.backend, stop)?;
+    let drop_to = privilege_drop(&cfg.daemon)?;
+    let summary = proxy_user::tcp::run(shared, &cpus, cfg.pipeline.backend, stop, drop_to)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -702,6 +707,7 @@ fn logs_command(
 ) -> anyhow::Result<()> {
     use proxy_user::logs::pipeline::{CaptureSource, run_with_sinks};
     let base = read_config_or_defaults(config.as_deref())?;
+    let drop_to = privilege_drop(&base.daemon)?;
     let (shared, stop) = start_log_control(
         LogSetup { config, overrides },
         &base,
@@ -709,7 +715,45 @@ fn logs_command(
         None,
         TcpOutputs::default(),
     )?;
-    run_with_sinks(&shared, CaptureSource::None, stop).map(|_| ())
+    run_with_sinks(&shared, CaptureSource::None, stop, drop_to).map(|_| ())
+}
+
+/// `[daemon] user`: resolved now (an unknown user fails the start before anything is
+/// bound), what edgeproxy creates from here on given to that user, and the drop itself
+/// returned for the daemon to run once its sockets are bound. Without it, a daemon
+/// started as root says that it stays root.
+fn privilege_drop(
+    d: &proxy_user::config::DaemonSettings,
+) -> anyhow::Result<Option<proxy_user::privileges::OnStarted>> {
+    use proxy_user::privileges;
+    let Some(user) = &d.user else {
+        if nix::unistd::geteuid().is_root() {
+            tracing::warn!(
+                "running as root with every capability: set [daemon] user to drop to an unprivileged user once sockets are bound (docs/security.md)"
+            );
+        }
+        return Ok(None);
+    };
+    let target = privileges::resolve(user, d.group.as_deref())?;
+    if target.uid == 0 {
+        tracing::info!("[daemon] user is root: keeping root, as asked");
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "[daemon] user = {user:?}: only a daemon started as root can drop to another user"
+    );
+    proxy_user::fsmode::set_owner(target.uid, target.gid);
+    Ok(Some(Box::new(move || {
+        privileges::drop_to(&target)?;
+        tracing::info!(
+            user = %target.user,
+            uid = target.uid,
+            gid = target.gid,
+            "dropped privileges: every thread runs as this user, with no capability"
+        );
+        Ok(())
+    })))
 }
 
 /// Loads the log configuration and starts the control thread for it.
@@ -1013,6 +1057,13 @@ fn run(
         .as_ref()
         .map(|l| read_config_or_defaults(l.config.as_deref()))
         .transpose()?;
+    if let Some(user) = base.as_ref().and_then(|c| c.daemon.user.as_deref())
+        && user != "root"
+    {
+        anyhow::bail!(
+            "[daemon] user = {user:?}: `run` keeps root, because reading its data plane's maps needs CAP_BPF; the drop applies to `edgeproxy logs` and `edgeproxy proxy` (docs/security.md)"
+        );
+    }
     let tcp_setup = base.as_ref().filter(|c| !c.routes.is_empty()).map(|c| {
         let routes = proxy_user::tcp::SharedRoutes::new(proxy_user::tcp::Routes::build(
             &c.routes,
@@ -1044,7 +1095,7 @@ fn run(
                     .name("ep-tcp-main".into())
                     .spawn(move || {
                         let ended =
-                            proxy_user::tcp::run(routes, &cpus, engine, std::sync::Arc::clone(&stop));
+                            proxy_user::tcp::run(routes, &cpus, engine, std::sync::Arc::clone(&stop), None);
                         if let Err(e) = &ended {
                             // Forwarding could not start or a worker died: the whole
                             // daemon stops now and exits with this error, rather than

@@ -76,6 +76,23 @@ pub struct Config {
     /// TCP forwarding: settings shared by every route, and the routes.
     pub tcp: TcpSettings,
     pub routes: Vec<RouteSpec>,
+    pub daemon: DaemonSettings,
+}
+
+/// `[daemon]`: who the daemon runs as once it has bound its sockets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DaemonSettings {
+    /// Drop to this user after start (`None`: keep the user it was started as).
+    pub user: Option<String>,
+    /// Its group (default: the user's primary group).
+    pub group: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
 }
 
 /// A sink and what it receives.
@@ -177,6 +194,7 @@ struct Raw {
     tcp: Option<Spanned<RawTcp>>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
+    daemon: Option<Spanned<RawDaemon>>,
 }
 
 #[derive(Deserialize)]
@@ -1026,11 +1044,34 @@ pub fn parse_config(file: &str, src: &str) -> Result<Config, FileErrors> {
             }
         }
     }
+    let daemon = raw
+        .daemon
+        .as_ref()
+        .map(|d| {
+            let d = d.get_ref();
+            let name = |v: &Option<Spanned<String>>, key: &str, cx: &mut Collector| {
+                v.as_ref().and_then(|s| {
+                    let n = s.get_ref().trim();
+                    if n.is_empty() {
+                        cx.err(s.span(), format!("daemon.{key} must name a {key}"));
+                        None
+                    } else {
+                        Some(n.to_owned())
+                    }
+                })
+            };
+            DaemonSettings {
+                user: name(&d.user, "user", &mut cx),
+                group: name(&d.group, "group", &mut cx),
+            }
+        })
+        .unwrap_or_default();
     cx.finish(Config {
         pipeline: p,
         sinks,
         tcp,
         routes,
+        daemon,
     })
 }
 
@@ -1056,6 +1097,7 @@ impl Config {
             }],
             tcp: TcpSettings::default(),
             routes: Vec::new(),
+            daemon: DaemonSettings::default(),
         }
     }
 }

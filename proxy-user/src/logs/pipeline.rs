@@ -1027,6 +1027,7 @@ pub fn run_with_sinks(
     shared: &Arc<SharedConfig>,
     captures: CaptureSource,
     stop: Arc<AtomicBool>,
+    on_started: Option<crate::privileges::OnStarted>,
 ) -> anyhow::Result<PipelineOutcome> {
     use anyhow::Context as _;
     let first = shared.latest();
@@ -1051,7 +1052,14 @@ pub fn run_with_sinks(
         handles,
         ring_reader,
     } = spawn(shared, captures, tx, Arc::clone(&stop))?;
-    tracing::info!(workers = handles.len(), listeners = ?cfg.listeners, "log pipeline started");
+    // Sockets bound and sinks open: what needed privileges is done. A failure stops the
+    // workers and is returned once they have ended.
+    let start_error = on_started.and_then(|f| f().err());
+    if start_error.is_some() {
+        stop.store(true, Ordering::Release);
+    } else {
+        tracing::info!(workers = handles.len(), listeners = ?cfg.listeners, "log pipeline started");
+    }
     // Pinned rings read from another process's data plane: if that data plane is
     // detached and pinned anew, these rings receive nothing any more. Stop with an
     // error (a supervisor's restart then reads the new ones) rather than read on.
@@ -1158,8 +1166,12 @@ pub fn run_with_sinks(
             "kernel_udp_counters_delta": udp_delta, "workers": workers, "sinks": sinks,
             "window_close_lag": jitter, "process_cpu_s": cpu_s,
             "pipeline_cpu_s": cpu_s - cpu_at_start,
+            "privileges": crate::privileges::status(),
         }})
     );
+    if let Some(e) = start_error {
+        return Err(e);
+    }
     // After the summary, so what was read is still accounted for.
     if let Some(dir) = replaced {
         anyhow::bail!(

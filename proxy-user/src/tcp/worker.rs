@@ -413,6 +413,8 @@ pub struct TcpSummary {
     pub elapsed_s: f64,
     /// Connections that fit in the file-descriptor limit (0: no limit could be read).
     pub connection_capacity: u64,
+    /// Who the workers ran as (after any drop to `[daemon] user`).
+    pub privileges: crate::privileges::Status,
 }
 
 struct Listener {
@@ -2345,6 +2347,7 @@ pub fn run(
     cpus: &[usize],
     engine: BackendChoice,
     stop: Arc<AtomicBool>,
+    on_started: Option<crate::privileges::OnStarted>,
 ) -> anyhow::Result<TcpSummary> {
     // However this ends (including a start that fails), readiness then says stopped.
     let _stopped = StoppedOnExit(Arc::clone(&shared));
@@ -2446,6 +2449,12 @@ pub fn run(
             Err(_) => failure = Some("a TCP worker ended before starting".into()),
         }
     }
+    // Every listener is bound and every worker ready: what needed privileges is done.
+    if failure.is_none()
+        && let Some(Err(e)) = on_started.map(|f| f())
+    {
+        failure = Some(format!("{e:#}"));
+    }
     match &failure {
         Some(_) => halt.store(true, Ordering::Release),
         None => {
@@ -2484,6 +2493,7 @@ pub fn run(
         routes: shared.latest().json(),
         elapsed_s: started.elapsed().as_secs_f64(),
         connection_capacity: shared.budget.capacity(),
+        privileges: crate::privileges::status(),
     })
 }
 

@@ -1,0 +1,234 @@
+//! Least privilege for the daemons: `no_new_privs` from the start, and, once every
+//! listener is bound and every file opened, a drop to the configured user — uid, gid and
+//! supplementary groups of every thread (glibc applies set*id to all of a process's
+//! threads), which also clears every capability, as the kernel does when all uids leave 0.
+use std::io;
+
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    #[error("no user named {0:?} on this host (create it, or set [daemon] user to another)")]
+    NoUser(String),
+    #[error("no group named {0:?} on this host")]
+    NoGroup(String),
+    #[error("looking up {what} {name:?}: {source}")]
+    Lookup {
+        what: &'static str,
+        name: String,
+        source: nix::Error,
+    },
+    #[error("dropping to {user} (uid {uid}, gid {gid}): {step}: {source}")]
+    Drop {
+        user: String,
+        uid: u32,
+        gid: u32,
+        step: &'static str,
+        source: nix::Error,
+    },
+    #[error("after the drop to {user}, {what}")]
+    Verify { user: String, what: String },
+}
+
+/// Run once a daemon has bound its sockets and started its workers (the drop, for
+/// `logs` and `proxy`); an error stops it.
+pub type OnStarted = Box<dyn FnOnce() -> anyhow::Result<()> + Send>;
+
+/// Who the daemon becomes after start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Resolves `user` (and `group`, else the user's primary group).
+pub fn resolve(user: &str, group: Option<&str>) -> Result<Target, PrivilegeError> {
+    let u = nix::unistd::User::from_name(user)
+        .map_err(|source| PrivilegeError::Lookup {
+            what: "user",
+            name: user.to_owned(),
+            source,
+        })?
+        .ok_or_else(|| PrivilegeError::NoUser(user.to_owned()))?;
+    let gid = match group {
+        None => u.gid.as_raw(),
+        Some(g) => nix::unistd::Group::from_name(g)
+            .map_err(|source| PrivilegeError::Lookup {
+                what: "group",
+                name: g.to_owned(),
+                source,
+            })?
+            .ok_or_else(|| PrivilegeError::NoGroup(g.to_owned()))?
+            .gid
+            .as_raw(),
+    };
+    Ok(Target {
+        user: user.to_owned(),
+        uid: u.uid.as_raw(),
+        gid,
+    })
+}
+
+/// `PR_SET_NO_NEW_PRIVS`: nothing this process executes can gain privileges. Set before
+/// any thread starts, so every thread inherits it.
+pub fn forbid_new_privileges() -> io::Result<()> {
+    // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Becomes `t` for good (real, effective and saved ids), then checks that no thread kept
+/// uid 0 or a capability.
+pub fn drop_to(t: &Target) -> Result<(), PrivilegeError> {
+    use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
+    let fail = |step: &'static str| {
+        let t = t.clone();
+        move |source| PrivilegeError::Drop {
+            user: t.user,
+            uid: t.uid,
+            gid: t.gid,
+            step,
+            source,
+        }
+    };
+    let gid = Gid::from_raw(t.gid);
+    let uid = Uid::from_raw(t.uid);
+    setgroups(&[gid]).map_err(fail("setgroups"))?;
+    setresgid(gid, gid, gid).map_err(fail("setresgid"))?;
+    setresuid(uid, uid, uid).map_err(fail("setresuid"))?;
+    let now = status();
+    let verify = |what: String| PrivilegeError::Verify {
+        user: t.user.clone(),
+        what,
+    };
+    for th in &now.threads {
+        if th.uids.iter().any(|&u| u != t.uid) || th.gids.iter().any(|&g| g != t.gid) {
+            return Err(verify(format!(
+                "thread {} still has uids {:?} gids {:?}",
+                th.tid, th.uids, th.gids
+            )));
+        }
+        if th.cap_effective != 0 || th.cap_permitted != 0 {
+            return Err(verify(format!(
+                "thread {} still has capabilities (effective {:x})",
+                th.tid, th.cap_effective
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What every thread of this process runs as, read from `/proc/self/task/*/status`:
+/// what the report shows and the drop verifies.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Status {
+    pub uid: u32,
+    pub gid: u32,
+    /// Effective capabilities of the main thread, as a hex mask (0: none).
+    pub capabilities: String,
+    pub no_new_privs: bool,
+    #[serde(skip)]
+    pub threads: Vec<ThreadStatus>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ThreadStatus {
+    pub tid: u32,
+    /// Real, effective, saved, filesystem.
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+    pub cap_effective: u64,
+    pub cap_permitted: u64,
+    pub no_new_privs: bool,
+}
+
+/// Parses the fields of one `/proc/…/status` the report needs.
+pub fn parse_status(tid: u32, text: &str) -> ThreadStatus {
+    let mut t = ThreadStatus {
+        tid,
+        ..ThreadStatus::default()
+    };
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let ids = || -> Vec<u32> {
+            value
+                .split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        };
+        let hex = || u64::from_str_radix(value.trim(), 16).unwrap_or(u64::MAX);
+        match key {
+            "Uid" => t.uids = ids(),
+            "Gid" => t.gids = ids(),
+            "CapEff" => t.cap_effective = hex(),
+            "CapPrm" => t.cap_permitted = hex(),
+            "NoNewPrivs" => t.no_new_privs = value.trim() == "1",
+            _ => {}
+        }
+    }
+    t
+}
+
+pub fn status() -> Status {
+    let mut threads: Vec<ThreadStatus> = std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let tid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let text = std::fs::read_to_string(e.path().join("status")).ok()?;
+            Some(parse_status(tid, &text))
+        })
+        .collect();
+    threads.sort_by_key(|t| t.tid);
+    let main = std::fs::read_to_string("/proc/self/status")
+        .map(|s| parse_status(std::process::id(), &s))
+        .unwrap_or_default();
+    Status {
+        uid: main.uids.get(1).copied().unwrap_or(u32::MAX),
+        gid: main.gids.get(1).copied().unwrap_or(u32::MAX),
+        capabilities: format!("{:x}", main.cap_effective),
+        no_new_privs: main.no_new_privs,
+        threads,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_ids_capabilities_and_no_new_privs() {
+        let t = parse_status(
+            7,
+            "Name:\tx\nUid:\t65534\t65534\t65534\t65534\nGid:\t65534\t65534\t65534\t65534\n\
+             CapPrm:\t0000000000000000\nCapEff:\t0000000000000000\nNoNewPrivs:\t1\n",
+        );
+        assert_eq!(t.uids, vec![65534; 4]);
+        assert_eq!(t.gids, vec![65534; 4]);
+        assert_eq!(
+            (t.cap_effective, t.cap_permitted, t.no_new_privs),
+            (0, 0, true)
+        );
+        let root = parse_status(
+            1,
+            "Uid:\t0\t0\t0\t0\nCapEff:\t000001ffffffffff\nNoNewPrivs:\t0\n",
+        );
+        assert_eq!(root.cap_effective, 0x1ff_ffff_ffff);
+        assert!(!root.no_new_privs);
+    }
+
+    #[test]
+    fn unknown_users_and_groups_are_named() {
+        let e = resolve("no-such-user-edgeproxy", None).unwrap_err();
+        assert!(e.to_string().contains("no-such-user-edgeproxy"), "{e}");
+        let e = resolve("root", Some("no-such-group-edgeproxy")).unwrap_err();
+        assert!(e.to_string().contains("no-such-group-edgeproxy"), "{e}");
+        assert_eq!(resolve("root", None).unwrap().uid, 0);
+    }
+}

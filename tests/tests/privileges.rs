@@ -1,0 +1,187 @@
+//! Least privilege, read from `/proc/PID/task/*/status` of the running daemon: with
+//! `[daemon] user`, `logs` and `proxy` run every thread as that user with no capability
+//! once their sockets are bound, and `no_new_privs` is set either way.
+use std::{
+    io::{Read, Write},
+    net::UdpSocket,
+    os::unix::fs::MetadataExt,
+    time::Duration,
+};
+
+use edgeproxy_testbed::{
+    netns::VethPair,
+    privilege::require_root,
+    scratch::ScratchDir,
+    start_logs, stop_and_collect,
+    tcp::{Upstream, connect, echo, namespace, start_proxy},
+    try_stop_and_collect,
+};
+use proxy_user::privileges::{ThreadStatus, parse_status};
+
+const NOBODY: u32 = 65534;
+const PORT: u16 = 5514;
+
+/// Every thread of process `pid`.
+fn threads(pid: u32) -> Vec<ThreadStatus> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir") {
+        let e = e.expect("entry");
+        let tid: u32 = e
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse().ok())
+            .expect("tid");
+        let text = std::fs::read_to_string(e.path().join("status")).expect("status");
+        out.push(parse_status(tid, &text));
+    }
+    out
+}
+
+fn assert_dropped(pid: u32, what: &str) {
+    let ts = threads(pid);
+    assert!(ts.len() > 1, "{what}: workers are threads: {ts:?}");
+    for t in &ts {
+        assert_eq!(t.uids, vec![NOBODY; 4], "{what}: thread {} uids", t.tid);
+        assert_eq!(t.gids, vec![NOBODY; 4], "{what}: thread {} gids", t.tid);
+        assert_eq!(
+            (t.cap_effective, t.cap_permitted),
+            (0, 0),
+            "{what}: thread {} capabilities",
+            t.tid
+        );
+        assert!(t.no_new_privs, "{what}: thread {} no_new_privs", t.tid);
+    }
+    println!(
+        "{what}: {} threads, each uid/gid {NOBODY}, CapEff 0, CapPrm 0, NoNewPrivs 1",
+        ts.len()
+    );
+}
+
+#[test]
+fn logs_drops_to_the_configured_user_after_binding() {
+    if !require_root("logs_drops_to_the_configured_user_after_binding") {
+        return;
+    }
+    let pair = VethPair::create().expect("veth pair");
+    let dir = ScratchDir::new().expect("scratch");
+    let spool = dir.path().join("spool");
+    let cfg = dir.file(
+        "edgeproxy.toml",
+        &format!(
+            // Port 514 needs privileges to bind: bound before the drop.
+            "[daemon]\nuser = \"nobody\"\n[[listener]]\naddress = \"{}:{PORT}\"\n\
+             [[listener]]\naddress = \"{}:514\"\n[window]\nseconds = 0.2\n\
+             [[sink]]\nkind = \"stdout\"\n\
+             [[sink]]\nkind = \"tcp\"\naddress = \"127.0.0.1:9\"\nspool_dir = \"{}\"\n",
+            pair.a_v4,
+            pair.a_v4,
+            spool.display()
+        ),
+    );
+    let child = start_logs(&pair.a, &cfg);
+    let pid = child.pid().as_raw() as u32;
+    assert_dropped(pid, "edgeproxy logs");
+    pair.b.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for (i, port) in [PORT, 514].iter().cycle().take(100).enumerate() {
+            s.send_to(
+                format!("<14>1 - h app - - - m {i}").as_bytes(),
+                (pair.a_v4, *port),
+            )
+            .expect("send");
+        }
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    let out = stop_and_collect(child);
+    let summary: serde_json::Value =
+        serde_json::from_str(out.lines().last().expect("summary")).expect("json");
+    assert_eq!(summary["summary"]["counts"]["messages"], 100, "{summary}");
+    assert_eq!(
+        summary["summary"]["privileges"]["uid"], NOBODY,
+        "the report says who it ran as: {summary}"
+    );
+    assert_eq!(summary["summary"]["privileges"]["capabilities"], "0");
+    // The spool it created before the drop belongs to the user it writes as after.
+    let meta = std::fs::metadata(&spool).expect("spool dir");
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (NOBODY, 0o700));
+}
+
+#[test]
+fn proxy_drops_to_the_configured_user_and_still_forwards() {
+    if !require_root("proxy_drops_to_the_configured_user_and_still_forwards") {
+        return;
+    }
+    let ns = namespace().expect("namespace");
+    let dir = ScratchDir::new().expect("scratch");
+    let _up =
+        Upstream::spawn(&ns, "10.200.0.1:7701".parse().expect("addr"), echo()).expect("upstream");
+    let cfg = dir.path().join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        "[daemon]\nuser = \"nobody\"\n[[route]]\nlisten = \"10.200.0.1:443\"\nupstreams = [\"10.200.0.1:7701\"]\n",
+    )
+    .expect("config");
+    // The stats file's directory must be writable by the user it drops to.
+    let stats_dir = dir.path().join("run");
+    std::fs::create_dir(&stats_dir).expect("stats dir");
+    std::os::unix::fs::chown(&stats_dir, Some(NOBODY), Some(NOBODY)).expect("chown");
+    let (proxy, _log) =
+        start_proxy(&ns, &cfg, &stats_dir.join("stats.json"), &[], &[]).expect("start proxy");
+    assert_dropped(proxy.pid().as_raw() as u32, "edgeproxy proxy");
+    let mut c = connect(&ns, "10.200.0.1:443".parse().expect("addr")).expect("connect");
+    c.write_all(b"hello").expect("write");
+    let mut buf = [0u8; 5];
+    c.read_exact(&mut buf).expect("echo");
+    assert_eq!(&buf, b"hello");
+    drop(c);
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, out) = try_stop_and_collect(proxy).expect("stop");
+    assert!(status.success(), "{status}: {out}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("report");
+    assert_eq!(report["privileges"]["uid"], NOBODY, "{report}");
+    assert_eq!(report["privileges"]["no_new_privs"], true, "{report}");
+}
+
+#[test]
+fn an_unknown_user_fails_the_start_and_root_says_it_stays_root() {
+    if !require_root("an_unknown_user_fails_the_start_and_root_says_it_stays_root") {
+        return;
+    }
+    let dir = ScratchDir::new().expect("scratch");
+    let bin = edgeproxy_testbed::edgeproxy_bin().expect("binary");
+    let cfg = dir.file(
+        "bad.toml",
+        "[daemon]\nuser = \"no-such-user-edgeproxy\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n",
+    );
+    let out = std::process::Command::new(&bin)
+        .args(["logs", "--duration", "1", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no user named \"no-such-user-edgeproxy\""),
+        "{err}"
+    );
+    let cfg = dir.file(
+        "root.toml",
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[[sink]]\nkind = \"stdout\"\n",
+    );
+    let out = std::process::Command::new(&bin)
+        .args(["logs", "--duration", "0.3", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("running as root with every capability"),
+        "{err}"
+    );
+    let summary = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value =
+        serde_json::from_str(summary.lines().last().expect("summary")).expect("json");
+    assert_eq!(v["summary"]["privileges"]["uid"], 0, "{v}");
+    assert_eq!(v["summary"]["privileges"]["no_new_privs"], true, "{v}");
+}
