@@ -16,7 +16,8 @@ pub struct RawMessage<'r, 'a> {
 }
 
 /// Appends `m` as one JSON line: `received_ns`, `ts_ns`, `source`, `captured`,
-/// `format`, `facility`, `severity`, `host`, `app`, `procid`, `msgid`, `msg`, in that
+/// `format`, `facility`, `severity`, `host`, `app`, `procid`, `msgid`,
+/// `structured_data` (RFC 5424's, as received), `msg`, in that
 /// order, absent ones omitted. Written by hand: this runs once per message for raw
 /// sinks, where serde's generic path was the largest user-space cost; a test holds the
 /// output byte-for-byte to serde_json's.
@@ -54,6 +55,11 @@ pub fn json(m: &RawMessage<'_, '_>, out: &mut Vec<u8>) {
         (b",\"app\":", r.app_name.as_deref()),
         (b",\"procid\":", r.procid),
         (b",\"msgid\":", r.msgid),
+        // RFC 5424 STRUCTURED-DATA as received (`-`, none, is omitted).
+        (
+            b",\"structured_data\":",
+            r.structured_data.filter(|sd| *sd != "-"),
+        ),
         (b",\"msg\":", Some(&*r.message)),
     ] {
         if let Some(v) = value {
@@ -475,6 +481,8 @@ mod tests {
             procid: Option<&'a str>,
             #[serde(skip_serializing_if = "Option::is_none")]
             msgid: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            structured_data: Option<&'a str>,
             msg: &'a str,
         }
         use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -493,6 +501,10 @@ mod tests {
                 .map(|_| alphabet[rng.random_range(0..alphabet.len())])
                 .collect();
             let line = match i % 4 {
+                0 if i % 8 == 0 => format!(
+                    "<{}>1 2026-11-24T10:00:00Z h{i} app - ID{i} [ex@32473 iut=\"{i}\" q=\"a\\\"b\"][b@1] {text}",
+                    i % 192
+                ),
                 0 => format!(
                     "<{}>1 2026-11-24T10:00:00Z h{i} app - ID{i} - {text}",
                     i % 192
@@ -525,6 +537,7 @@ mod tests {
                 app: rec.app_name.as_deref(),
                 procid: rec.procid,
                 msgid: rec.msgid,
+                structured_data: rec.structured_data.filter(|sd| *sd != "-"),
                 msg: &rec.message,
             })
             .unwrap();
@@ -535,6 +548,28 @@ mod tests {
                 "input {line:?}"
             );
         }
+    }
+
+    #[test]
+    fn json_lines_keep_rfc5424_structured_data() {
+        let rec = decode(
+            br#"<14>1 2026-11-24T10:00:00Z h app 7 ID [ex@32473 iut="3" eventSource="App"] hi"#,
+            RX,
+        );
+        let m = RawMessage {
+            rec: &rec,
+            source: None,
+            received_ns: RX,
+            captured: false,
+        };
+        let mut out = Vec::new();
+        json(&m, &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v["structured_data"], r#"[ex@32473 iut="3" eventSource="App"]"#,
+            "{v}"
+        );
+        assert_eq!(v["msg"], "hi");
     }
 
     fn text_line(line: &[u8], source: Option<IpAddr>) -> String {
