@@ -79,6 +79,9 @@ pub async fn run(
     let mode = dp
         .attach(&opts.iface, opts.mode)
         .with_context(|| format!("attaching to {}", opts.iface))?;
+    // Pinned counters outlive the daemon: an adopted data plane's hold earlier runs too.
+    // Read as soon as this run holds the data plane, so "this run" starts here.
+    let counters_at_start = dp.counters()?.snapshot()?;
     let records = dp.take_records()?;
     let rings = match access {
         RingAccess::Private => DrainRings::Reading(records),
@@ -183,6 +186,7 @@ pub async fn run(
         mode,
         elapsed: started.elapsed(),
         counters: counters.snapshot()?,
+        counters_at_start,
         records,
         xdp_cost,
         http,

@@ -139,6 +139,24 @@ fn lifecycle(hook: &str) {
         report["counters"]["verdicts"]["drop_policy"]["packets"], 600,
         "drops counted before the kill, while no daemon ran, and after the restart"
     );
+    // This run's own figures (and its rate) cover only what it saw.
+    assert_eq!(
+        report["counters_this_run"]["verdicts"]["drop_policy"]["packets"], 100,
+        "this run's counts: {report}"
+    );
+    let elapsed = report["elapsed_s"].as_f64().expect("elapsed");
+    let rate = report["packets_per_s"].as_f64().expect("rate");
+    let this_run = report["packets_this_run"]
+        .as_f64()
+        .expect("this run's packets");
+    assert!(
+        this_run >= 100.0 && this_run < 600.0,
+        "this run's packets, not the lifetime's: {this_run}"
+    );
+    assert!(
+        (rate - this_run / elapsed).abs() < 1e-6 * rate.max(1.0),
+        "the rate is this run's packets over this run's time: {rate} vs {this_run}/{elapsed}"
+    );
     // SIGTERM leaves the data plane attached too.
     send(DROP_PORT, 10);
     assert_eq!(received(&blocked), 0, "still attached after a clean exit");

@@ -14,7 +14,11 @@ pub struct RunSummary {
     pub iface: String,
     pub mode: AttachedMode,
     pub elapsed: Duration,
+    /// The data plane's counters at the end: since it was loaded, which for an adopted
+    /// data plane includes earlier runs.
     pub counters: CounterSnapshot,
+    /// The same when this run started: rates and the table are over this run only.
+    pub counters_at_start: CounterSnapshot,
     pub records: RecordTally,
     /// Kernel-measured run time of the XDP program over the run, when requested.
     pub xdp_cost: Option<ProgramStats>,
@@ -26,13 +30,19 @@ pub struct RunSummary {
 const TOP_PATHS: usize = 10;
 
 impl RunSummary {
+    /// What the data plane counted during this run.
+    pub fn this_run(&self) -> CounterSnapshot {
+        self.counters.since(&self.counters_at_start)
+    }
+
     /// A fixed-width table: one row per protocol class that saw traffic, then totals.
     pub fn table(&self) -> String {
         let secs = self.elapsed.as_secs_f64().max(1e-9);
+        let run = self.this_run();
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "edgeproxy on {} (hook {}), {:.1} s",
+            "edgeproxy on {} (hook {}), {:.1} s; counts are this run's",
             self.iface, self.mode, secs
         );
         let _ = writeln!(
@@ -41,7 +51,7 @@ impl RunSummary {
             "class", "packets", "bytes", "records", "pkt/s"
         );
         for class in ProtoClass::ALL {
-            let c = self.counters.class(class);
+            let c = run.class(class);
             let r = self.records.class(class);
             if c.packets == 0 && r == 0 {
                 continue;
@@ -56,7 +66,7 @@ impl RunSummary {
                 c.packets as f64 / secs
             );
         }
-        let t = self.counters.total();
+        let t = run.total();
         let _ = writeln!(
             s,
             "{:<12} {:>12} {:>14} {:>12} {:>12.0}",
@@ -66,8 +76,16 @@ impl RunSummary {
             self.records.total(),
             t.packets as f64 / secs
         );
+        let lifetime = self.counters.total();
+        if lifetime.packets != t.packets {
+            let _ = writeln!(
+                s,
+                "since the data plane was loaded (earlier runs too): {} packets, {} bytes",
+                lifetime.packets, lifetime.bytes
+            );
+        }
         for v in Verdict::ALL {
-            let c = self.counters.verdict(v);
+            let c = run.verdict(v);
             if c.packets > 0 {
                 let _ = writeln!(
                     s,
@@ -81,9 +99,9 @@ impl RunSummary {
         let _ = writeln!(
             s,
             "records pushed {} / drained {} / dropped because the ring was full {}",
-            self.counters.stat(DataplaneStat::RecordsPushed),
+            run.stat(DataplaneStat::RecordsPushed),
             self.records.total(),
-            self.counters.stat(DataplaneStat::RingbufFull),
+            run.stat(DataplaneStat::RingbufFull),
         );
         let r = &self.records;
         if r.bad + r.other_reader + r.skips > 0 {
@@ -130,6 +148,9 @@ impl RunSummary {
             "hook": self.mode.name(),
             "elapsed_s": self.elapsed.as_secs_f64(),
             "counters": self.counters.to_json(),
+            "counters_this_run": self.this_run().to_json(),
+            "packets_this_run": self.this_run().total().packets,
+            "packets_per_s": self.this_run().total().packets as f64 / self.elapsed.as_secs_f64().max(1e-9),
             "records": {
                 "by_class": records,
                 "total": self.records.total(),
