@@ -150,7 +150,7 @@ fn lifecycle(hook: &str) {
         .as_f64()
         .expect("this run's packets");
     assert!(
-        this_run >= 100.0 && this_run < 600.0,
+        (100.0..600.0).contains(&this_run),
         "this run's packets, not the lifetime's: {this_run}"
     );
     assert!(
