@@ -60,6 +60,12 @@ pub async fn run(
     stop: impl Future<Output = ()>,
     logs: Option<LogPipeline>,
 ) -> anyhow::Result<RunSummary> {
+    // The policy store is checked (and created, 0700) before anything changes: a store
+    // others can write into is refused rather than written to.
+    if let (Some(dir), Some(_)) = (&opts.store_dir, &opts.policy) {
+        crate::fsmode::create_private_subdir(dir)
+            .with_context(|| format!("policy store {}", dir.display()))?;
+    }
     // One reader per ring (see RingReaderLock), decided before anything changes in the
     // live data plane: a pipeline refused here must not have swapped the program, the
     // policy or the rings of the one that reads them.
@@ -210,7 +216,8 @@ fn ring_access(opts: &RunOptions, pipeline: bool) -> anyhow::Result<RingAccess> 
     let Some(dir) = &opts.load.pin_dir else {
         return Ok(RingAccess::Private);
     };
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    crate::fsmode::create_private_subdir(dir)
+        .with_context(|| format!("pin directory {}", dir.display()))?;
     let lock = RingReaderLock::open(dir)?;
     if pipeline {
         let lock = lock.take_for_life(crate::dataplane::RING_LOCK_PATIENCE)?;

@@ -640,13 +640,15 @@ fn stats_writer(
     })
 }
 
-/// Replaces `path` with `bytes` by writing a sibling file and renaming it over.
+/// Replaces `path` with `bytes` by writing a sibling file and renaming it over. Mode
+/// 0640 whatever the umask: monitoring reads it, as a member of the file's group (the
+/// counters name upstreams, so not everyone); only edgeproxy writes it.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    proxy_user::fsmode::replace_file(path, bytes, STATS_FILE_MODE)
 }
+
+/// The stats file's mode (see [`write_atomically`]).
+const STATS_FILE_MODE: u32 = 0o640;
 
 /// Command-line settings that take precedence over the configuration file (also after
 /// a reload).

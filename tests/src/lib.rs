@@ -203,6 +203,32 @@ where
     spawn_until(cmd, ready)
 }
 
+/// [`try_start_edgeproxy_until`] with the child's umask set to `mask` before it starts,
+/// as a shell's `umask 000` would leave it.
+pub fn try_start_edgeproxy_umask_until<I, S>(
+    ns: &netns::Netns,
+    args: I,
+    mask: libc::mode_t,
+    ready: &str,
+) -> anyhow::Result<(Reaped, LogLines)>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = ns.command(edgeproxy_bin()?);
+    cmd.args(args);
+    // SAFETY: runs in the forked child before exec and only calls umask(2), which is
+    // async-signal-safe and cannot fail.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::umask(mask);
+            Ok(())
+        });
+    }
+    spawn_until(cmd, ready)
+}
+
 /// Starts `cmd` with piped output; returns once its log has a line containing `ready`.
 fn spawn_until(mut cmd: std::process::Command, ready: &str) -> anyhow::Result<(Reaped, LogLines)> {
     let mut child = Reaped(Some(

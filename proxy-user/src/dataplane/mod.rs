@@ -226,7 +226,9 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader.override_global(ebpf_log::LEVEL_GLOBAL, &level, false);
         if let Some(dir) = &opts.pin_dir {
-            std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir {
+            // 0700 whatever the umask: whoever can write here can unlink the pinned link
+            // and so detach the filter.
+            crate::fsmode::create_private_subdir(dir).map_err(|source| DataplaneError::PinDir {
                 dir: dir.clone(),
                 source,
             })?;
@@ -267,6 +269,11 @@ impl Dataplane {
                 (Err(e), _) => return Err(DataplaneError::Load(e)),
             }
         };
+        if let Some(dir) = &opts.pin_dir {
+            for name in PINNED_MAPS {
+                narrow_pin(&dir.join(name))?;
+            }
+        }
         let mut dp = Self {
             ebpf,
             attached: None,
@@ -441,6 +448,7 @@ impl Dataplane {
         };
         if let (Some(link), Some(path)) = (fd_link, &pin) {
             link.pin(path).map_err(|e| pin_err(&pin, e))?;
+            narrow_pin(path)?;
         }
         Ok(())
     }
@@ -617,6 +625,18 @@ impl Dataplane {
             testrun::Prog::Xdp(self.xdp(program)?)
         };
         Ok(XdpTestRunner::new(prog, program))
+    }
+}
+
+/// A pin is opened for writing by whoever its mode allows: 0600, in case the kernel's
+/// default (0600 less the umask) or an earlier run left it wider.
+fn narrow_pin(path: &Path) -> Result<(), DataplaneError> {
+    match crate::fsmode::narrow_path(path, crate::fsmode::FILE_MODE) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DataplaneError::PinDir {
+            dir: path.to_owned(),
+            source: e,
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -157,8 +157,13 @@ impl PolicyLoader {
             path: path.clone(),
             source,
         };
-        fs::create_dir_all(dir).map_err(store_err)?;
-        let f = fs::File::create(&path).map_err(store_err)?;
+        // 0700 / 0600 whatever the umask: the stored sources are what `policy show`,
+        // `diff` and `rollback` trust.
+        crate::fsmode::create_private_subdir(dir).map_err(|source| LoaderError::Store {
+            path: dir.clone(),
+            source,
+        })?;
+        let f = crate::fsmode::open_private_append(&path, false).map_err(store_err)?;
         Flock::lock(f, FlockArg::LockExclusive)
             .map(Some)
             .map_err(|(_, e)| store_err(e.into()))
@@ -280,9 +285,7 @@ impl PolicyLoader {
             return Ok(());
         };
         let path = dir.join(format!("slot{slot}.toml"));
-        let tmp = dir.join(format!(".slot{slot}.toml.tmp"));
-        fs::write(&tmp, source)
-            .and_then(|()| fs::rename(&tmp, &path))
+        crate::fsmode::replace_file(&path, source.as_bytes(), crate::fsmode::FILE_MODE)
             .map_err(|source| LoaderError::Store { path, source })
     }
 

@@ -3,7 +3,7 @@
 //! after every window, so a crash loses at most the window in flight. The TCP sink
 //! ([`tcp`]) keeps every batch in its spool ([`spool`]) until the downstream confirmed it.
 use std::{
-    fs::{File, OpenOptions},
+    fs::File,
     io::{self, Write},
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -104,10 +104,13 @@ impl FileSink {
         keep: usize,
         fsync: FsyncPolicy,
     ) -> io::Result<Self> {
+        // Explicit modes whatever the umask (0750 / 0640: a log shipper in the group may
+        // read), and a directory others could write into is refused: they could swap the
+        // file for a symbolic link that edgeproxy then appends to.
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
+            crate::fsmode::create_dir_with(dir, crate::fsmode::LOG_DIR_MODE)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = crate::fsmode::open_append_with(path, false, crate::fsmode::LOG_FILE_MODE)?;
         let written = file.metadata()?.len();
         Ok(Self {
             path: path.to_owned(),
@@ -142,10 +145,8 @@ impl FileSink {
             }
             std::fs::rename(&self.path, self.rotated(1))?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
+        let file =
+            crate::fsmode::open_append_with(&self.path, false, crate::fsmode::LOG_FILE_MODE)?;
         self.file = io::BufWriter::new(file);
         self.written = 0;
         self.opened = Instant::now();
@@ -189,10 +190,49 @@ mod tests {
     use super::*;
 
     fn tmp() -> PathBuf {
+        use std::os::unix::fs::DirBuilderExt as _;
         let d =
             std::env::temp_dir().join(format!("ep-sink-{}-{}", std::process::id(), rand_suffix()));
-        std::fs::create_dir_all(&d).unwrap();
+        // An explicit mode: another test may run under umask 000 meanwhile.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&d)
+            .unwrap();
         d
+    }
+
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(p).unwrap().mode() & 0o7777
+    }
+
+    /// Under umask 000 the sink's directory is 0750 and its files 0640, also after a
+    /// rotation; a directory every user can write into is refused.
+    #[test]
+    fn modes_hold_under_umask_000_and_a_writable_directory_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let d = tmp();
+        let path = d.join("logs/agg.jsonl");
+        crate::fsmode::with_umask(0, || {
+            let mut s = FileSink::open(&path, Some(1), None, 2, FsyncPolicy::Never).unwrap();
+            s.write(b"{}\n", 1).unwrap();
+            s.end_window().unwrap();
+        });
+        assert_eq!(
+            (
+                mode(&d.join("logs")),
+                mode(&path),
+                mode(&d.join("logs/agg.jsonl.1"))
+            ),
+            (0o750, 0o640, 0o640)
+        );
+        std::fs::set_permissions(d.join("logs"), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = FileSink::open(&path, None, None, 1, FsyncPolicy::Never)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("is writable by every user"), "{e}");
+        std::fs::remove_dir_all(d).unwrap();
     }
 
     fn rand_suffix() -> u64 {
