@@ -13,7 +13,13 @@ pub mod epoll;
 pub mod socket;
 pub mod uring;
 
-use std::{io, net::SocketAddr, str::FromStr, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    str::FromStr,
+    time::{Duration, Instant},
+};
 
 /// One received datagram, borrowed from the backend's buffer for the callback's duration.
 #[derive(Clone, Copy, Debug)]
@@ -36,6 +42,9 @@ pub struct BackendStats {
     /// the socket queue and is read after the re-arm; counted, not lost).
     pub buffer_ring_empty: u64,
     pub errors: u64,
+    /// Datagrams still queued when the stop drain ran out of time ([`STOP_DRAIN`]): read
+    /// off the socket and counted here, not processed (and not in `datagrams`).
+    pub left_at_stop: u64,
 }
 
 impl BackendStats {
@@ -45,6 +54,7 @@ impl BackendStats {
         self.truncated += o.truncated;
         self.buffer_ring_empty += o.buffer_ring_empty;
         self.errors += o.errors;
+        self.left_at_stop += o.left_at_stop;
     }
 }
 
@@ -83,6 +93,62 @@ pub trait ReceiveBackend {
     /// only makes progress while the task waits in the ring, and got slower).
     fn coalesce_when_busy(&self) -> bool {
         false
+    }
+
+    /// Ends receiving for good (at stop, or before the sockets go to a new backend): arms
+    /// no new receive, hands `on` every datagram the backend already took off a socket,
+    /// then reads each socket's queue until it is empty (see [`drain_queues`] for what
+    /// `deadline` bounds). Failures are logged and counted, never fatal: a stop must
+    /// still produce its summary. Only `stats` and `name` are meaningful afterwards.
+    fn finish(&mut self, deadline: Instant, on: &mut dyn FnMut(Datagram<'_>));
+}
+
+/// How long a stopping worker keeps processing what its sockets still hold. Past it the
+/// rest is read off and counted (`left_at_stop`) for as long again; whatever a socket
+/// still holds after that (only if datagrams keep arriving, which
+/// [`socket::refuse_new`] prevents) is logged as a warning.
+pub const STOP_DRAIN: Duration = Duration::from_secs(2);
+
+/// Reads every socket until `recvmmsg` finds it empty: datagrams go to `on` until
+/// `deadline`, then are only counted in `left_at_stop` until `deadline + STOP_DRAIN`.
+/// A socket that fails is counted in `errors` and left.
+pub(crate) fn drain_queues(
+    sockets: &[std::net::UdpSocket],
+    batch: &mut socket::RecvBatch,
+    stats: &mut BackendStats,
+    deadline: Instant,
+    on: &mut dyn FnMut(Datagram<'_>),
+) {
+    let give_up = deadline + STOP_DRAIN;
+    for (idx, s) in sockets.iter().enumerate() {
+        let fd = s.as_raw_fd();
+        loop {
+            let now = Instant::now();
+            let r = if now < deadline {
+                batch.recv(fd, idx, stats, on)
+            } else if now < give_up {
+                // Read to count, not to process: the data stays out of `datagrams`.
+                let mut scratch = BackendStats::default();
+                let r = batch.recv(fd, idx, &mut scratch, &mut |_| {});
+                stats.left_at_stop += scratch.datagrams;
+                stats.errors += scratch.errors;
+                r
+            } else {
+                tracing::warn!(
+                    socket = idx,
+                    "datagrams still queued after the stop drain; closing with them"
+                );
+                break;
+            };
+            match r {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(socket = idx, error = %e, "reading a socket at stop failed");
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -155,5 +221,124 @@ pub fn open(
                 )),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::UdpSocket,
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+
+    /// A loopback socket with `n` datagrams queued on it (and the sender, to send more).
+    fn queued(n: usize) -> (UdpSocket, UdpSocket) {
+        let rx = socket::udp_reuseport("127.0.0.1:0".parse().unwrap(), Some(1 << 20)).unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.connect(rx.local_addr().unwrap()).unwrap();
+        for i in 0..n {
+            tx.send(format!("datagram {i}").as_bytes()).unwrap();
+        }
+        (rx, tx)
+    }
+
+    #[test]
+    fn drain_processes_until_the_deadline_then_counts_what_is_left() {
+        let (rx, _tx) = queued(300);
+        let mut batch = socket::RecvBatch::new(64, 2048);
+        let mut stats = BackendStats::default();
+        let mut seen = 0;
+        let later = Instant::now() + Duration::from_secs(5);
+        drain_queues(
+            std::slice::from_ref(&rx),
+            &mut batch,
+            &mut stats,
+            later,
+            &mut |_| {
+                seen += 1;
+            },
+        );
+        assert_eq!((seen, stats.datagrams, stats.left_at_stop), (300, 300, 0));
+
+        // Past the deadline: read off and counted, not processed.
+        let (rx, _tx) = queued(300);
+        let mut stats = BackendStats::default();
+        let mut seen = 0;
+        drain_queues(
+            std::slice::from_ref(&rx),
+            &mut batch,
+            &mut stats,
+            Instant::now(),
+            &mut |_| {
+                seen += 1;
+            },
+        );
+        assert_eq!((seen, stats.datagrams, stats.left_at_stop), (0, 0, 300));
+    }
+
+    #[test]
+    fn a_refusing_socket_keeps_its_queue_and_counts_new_arrivals_as_drops() {
+        let (rx, tx) = queued(10);
+        let drops = socket::kernel_drops(&rx).unwrap();
+        socket::refuse_new(&rx).unwrap();
+        for _ in 0..7 {
+            tx.send(b"late").unwrap();
+        }
+        let mut batch = socket::RecvBatch::new(64, 2048);
+        let mut stats = BackendStats::default();
+        let mut got = Vec::new();
+        while batch
+            .recv(rx.as_raw_fd(), 0, &mut stats, &mut |d| {
+                got.push(d.payload.to_vec())
+            })
+            .unwrap()
+            > 0
+        {}
+        assert_eq!(got.len(), 10, "the queue is still read whole");
+        assert!(got.iter().all(|p| p.starts_with(b"datagram")));
+        assert_eq!(socket::kernel_drops(&rx).unwrap() - drops, 7);
+    }
+
+    /// Whatever a backend took off the sockets, or they still hold, comes out of
+    /// `finish`: after a poll that left receives armed and more datagrams queued.
+    fn finish_hands_over_everything(choice: BackendChoice, buffers: u16) {
+        let (rx, tx) = queued(500);
+        let cfg = ReceiveConfig {
+            buffer_size: 2048,
+            buffers,
+        };
+        let (mut b, _) = open(choice, vec![rx], cfg).unwrap();
+        let mut seen = 0;
+        b.poll(Duration::from_millis(50), &mut |_| seen += 1)
+            .unwrap();
+        for i in 0..500 {
+            tx.send(format!("more {i}").as_bytes()).unwrap();
+        }
+        b.finish(Instant::now() + STOP_DRAIN, &mut |_| seen += 1);
+        let s = b.stats();
+        assert_eq!(
+            (seen, s.datagrams, s.left_at_stop, s.errors),
+            (1000, 1000, 0, 0),
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn finish_hands_over_everything_epoll() {
+        finish_hands_over_everything(BackendChoice::Epoll, 64);
+    }
+
+    #[test]
+    fn finish_hands_over_everything_io_uring() {
+        if let Some(why) = uring::unavailable() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        // Fewer buffers than datagrams: the receive ends with ENOBUFS midway. More: it
+        // stays armed, and its completions outnumber the completion queue (overflow).
+        finish_hands_over_everything(BackendChoice::IoUring, 64);
+        finish_hands_over_everything(BackendChoice::IoUring, 1024);
     }
 }

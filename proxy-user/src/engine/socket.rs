@@ -55,6 +55,148 @@ pub fn kernel_drops(sock: &std::net::UdpSocket) -> io::Result<u32> {
     Ok(info[SK_MEMINFO_DROPS])
 }
 
+/// Makes the socket refuse every datagram that arrives from now on, counted by the kernel
+/// as a drop (SK_MEMINFO_DROPS): a classic BPF socket filter that accepts nothing. What
+/// is already queued stays readable, so a stopping worker drains a queue that can only
+/// shrink, and nothing arriving meanwhile goes uncounted when the socket closes.
+pub fn refuse_new(sock: &std::net::UdpSocket) -> io::Result<()> {
+    // `ret #0`: keep zero bytes of the packet, i.e. drop it.
+    let mut code = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let prog = libc::sock_fprog {
+        len: code.len() as u16,
+        filter: code.as_mut_ptr(),
+    };
+    // SAFETY: `prog` points at `code`, both alive for the call; the kernel copies them.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&raw const prog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Preallocated `recvmmsg` buffers: one batch of datagrams per call, no allocation after
+/// `new`. The epoll backend reads with it, and every backend drains its sockets with it
+/// at stop.
+pub struct RecvBatch {
+    buf_size: usize,
+    data: Vec<u8>,
+    names: Vec<libc::sockaddr_storage>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+// SAFETY: the raw pointers in `iovs`/`hdrs` point into `data`/`names`/`iovs`, heap
+// buffers this value owns and never reallocates; it is used by one thread at a time.
+unsafe impl Send for RecvBatch {}
+
+impl RecvBatch {
+    pub fn new(batch: usize, buf_size: usize) -> Self {
+        let batch = batch.max(1);
+        // SAFETY: sockaddr_storage and mmsghdr are plain data; all-zero is valid.
+        let zero_name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut b = Self {
+            buf_size,
+            data: vec![0u8; batch * buf_size],
+            names: vec![zero_name; batch],
+            iovs: Vec::with_capacity(batch),
+            // SAFETY: as above.
+            hdrs: (0..batch).map(|_| unsafe { std::mem::zeroed() }).collect(),
+        };
+        for i in 0..batch {
+            b.iovs.push(libc::iovec {
+                iov_base: b.data[i * buf_size..].as_mut_ptr().cast(),
+                iov_len: buf_size,
+            });
+        }
+        for i in 0..batch {
+            let h = &mut b.hdrs[i].msg_hdr;
+            h.msg_iov = &mut b.iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_name = (&raw mut b.names[i]).cast();
+        }
+        b
+    }
+
+    pub fn batch(&self) -> usize {
+        self.hdrs.len()
+    }
+
+    /// One non-blocking `recvmmsg` on `fd` (socket number `idx`): each datagram goes to
+    /// `on` and into `stats`. Returns how many; 0 when the queue is empty.
+    pub fn recv(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        idx: usize,
+        stats: &mut super::BackendStats,
+        on: &mut dyn FnMut(super::Datagram<'_>),
+    ) -> io::Result<usize> {
+        for h in &mut self.hdrs {
+            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_hdr.msg_flags = 0;
+        }
+        let n = loop {
+            // SAFETY: `hdrs` holds initialised headers pointing into owned buffers.
+            let n = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    self.hdrs.as_mut_ptr(),
+                    self.hdrs.len() as u32,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => return Ok(0),
+                io::ErrorKind::Interrupted => {}
+                _ => {
+                    stats.errors += 1;
+                    return Err(e);
+                }
+            }
+        };
+        for i in 0..n {
+            let h = &self.hdrs[i];
+            let len = (h.msg_len as usize).min(self.buf_size);
+            let truncated = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            // SAFETY: names[i] is a sockaddr_storage; the kernel wrote msg_namelen bytes.
+            let name = unsafe {
+                std::slice::from_raw_parts(
+                    (&raw const self.names[i]).cast::<u8>(),
+                    (h.msg_hdr.msg_namelen as usize).min(size_of::<libc::sockaddr_storage>()),
+                )
+            };
+            let payload = &self.data[i * self.buf_size..i * self.buf_size + len];
+            stats.datagrams += 1;
+            stats.bytes += len as u64;
+            stats.truncated += u64::from(truncated);
+            on(super::Datagram {
+                payload,
+                source: sockaddr(name),
+                socket: idx,
+                truncated,
+            });
+        }
+        Ok(n)
+    }
+}
+
 /// A `sockaddr_storage` as filled in by the kernel, back to a `SocketAddr`.
 pub fn sockaddr(bytes: &[u8]) -> Option<SocketAddr> {
     if bytes.len() < 2 {

@@ -10,12 +10,15 @@ use std::{
     os::fd::AsRawFd,
     ptr::NonNull,
     sync::atomic::{AtomicU16, Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use io_uring::{IoUring, cqueue, opcode, types};
 
-use super::{BackendStats, Datagram, ReceiveBackend, ReceiveConfig, socket::sockaddr};
+use super::{
+    BackendStats, Datagram, ReceiveBackend, ReceiveConfig,
+    socket::{RecvBatch, sockaddr},
+};
 use crate::mapping::Mapping;
 
 const BGID: u16 = 1;
@@ -192,10 +195,15 @@ pub struct IoUringBackend {
     stats: BackendStats,
     /// Watched fds and whether their multishot poll is armed.
     watched: Vec<(std::os::fd::RawFd, bool)>,
+    buffer_size: usize,
+    /// `finish` ran: no receive is armed again.
+    finished: bool,
 }
 
 /// user_data of watched-fd polls: this bit set, the watch index below it.
 const WATCH_TAG: u64 = 1 << 63;
+/// user_data of the cancellations `finish` sends (their completions carry no data).
+const CANCEL_TAG: u64 = 1 << 62;
 
 // SAFETY: the raw pointers inside (ring entries, msghdr) point into memory this value
 // owns; it is used by one thread at a time (moving it between threads is allowed; for
@@ -233,6 +241,8 @@ impl IoUringBackend {
             bufs,
             stats: BackendStats::default(),
             watched: Vec::new(),
+            buffer_size: cfg.buffer_size,
+            finished: false,
         })
     }
 
@@ -248,50 +258,9 @@ impl IoUringBackend {
         Ok(())
     }
 
-    fn arm(&mut self) -> io::Result<()> {
-        for i in 0..self.watched.len() {
-            if !self.watched[i].1 {
-                let sqe = opcode::PollAdd::new(types::Fd(self.watched[i].0), libc::POLLIN as u32)
-                    .multi(true)
-                    .build()
-                    .user_data(WATCH_TAG | i as u64);
-                self.push(&sqe)?;
-                self.watched[i].1 = true;
-            }
-        }
-        for i in 0..self.sockets.len() {
-            if self.armed[i] {
-                continue;
-            }
-            // The socket and the msghdr outlive the operation: both are owned by self,
-            // and the ring (dropped first) cancels it.
-            let sqe = opcode::RecvMsgMulti::new(
-                types::Fd(self.sockets[i].as_raw_fd()),
-                &*self.msghdr,
-                BGID,
-            )
-            .build()
-            .user_data(i as u64);
-            self.push(&sqe)?;
-            self.armed[i] = true;
-        }
-        Ok(())
-    }
-}
-
-impl ReceiveBackend for IoUringBackend {
-    fn watch(&mut self, fd: std::os::fd::RawFd) -> io::Result<usize> {
-        self.watched.push((fd, false));
-        Ok(self.watched.len() - 1)
-    }
-
-    fn poll_events(
-        &mut self,
-        timeout: Duration,
-        on: &mut dyn FnMut(super::Event<'_>),
-    ) -> io::Result<usize> {
-        self.arm()?;
-        submit_and_wait(&self.ring, timeout)?;
+    /// Hands `on` every completion posted so far and recycles the buffers; returns the
+    /// datagrams among them.
+    fn reap(&mut self, on: &mut dyn FnMut(super::Event<'_>)) -> usize {
         let Self {
             ring,
             armed,
@@ -305,6 +274,10 @@ impl ReceiveBackend for IoUringBackend {
         let mut recycled = false;
         for cqe in ring.completion() {
             let flags = cqe.flags();
+            if cqe.user_data() & CANCEL_TAG != 0 {
+                // The cancelled receive's own last completion says it ended.
+                continue;
+            }
             if cqe.user_data() & WATCH_TAG != 0 {
                 // A multishot poll on a watched fd: readiness, not data. It is re-armed on
                 // the next pass once the kernel ends it (no MORE flag).
@@ -329,7 +302,9 @@ impl ReceiveBackend for IoUringBackend {
             }
             let res = cqe.result();
             if res < 0 {
-                if -res == libc::ENOBUFS {
+                if -res == libc::ECANCELED {
+                    // Ended by `finish`: what it left is still in the socket.
+                } else if -res == libc::ENOBUFS {
                     stats.buffer_ring_empty += 1;
                 } else {
                     stats.errors += 1;
@@ -362,7 +337,95 @@ impl ReceiveBackend for IoUringBackend {
         if recycled {
             bufs.publish();
         }
-        Ok(n)
+        n
+    }
+
+    /// A multishot receive keeps taking datagrams into the buffer ring until it ends:
+    /// cancels each and reaps until each has posted its last completion, handing `on`
+    /// the data completions before it (dropping the ring would discard them).
+    fn end_receives(
+        &mut self,
+        deadline: Instant,
+        on: &mut dyn FnMut(Datagram<'_>),
+    ) -> io::Result<()> {
+        for i in 0..self.sockets.len() {
+            if self.armed[i] {
+                let sqe = opcode::AsyncCancel::new(i as u64)
+                    .build()
+                    .user_data(CANCEL_TAG);
+                self.push(&sqe)?;
+            }
+        }
+        let mut data = |e: super::Event<'_>| {
+            if let super::Event::Datagram(d) = e {
+                on(d);
+            }
+        };
+        // Completions posted before the stop, whatever is still armed.
+        self.reap(&mut data);
+        while self.armed.iter().any(|a| *a) && Instant::now() < deadline {
+            submit_and_wait(&self.ring, Duration::from_millis(10))?;
+            self.reap(&mut data);
+        }
+        if self.armed.iter().any(|a| *a) {
+            tracing::warn!("a cancelled io_uring receive did not end within the stop drain");
+        }
+        // Completions that found the completion queue full wait in the kernel's overflow
+        // list (a receive that ended that way was never cancelled above): flush them.
+        while Instant::now() < deadline {
+            submit_and_reap(&mut self.ring)?;
+            if self.reap(&mut data) == 0 && !self.ring.submission().cq_overflow() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn arm(&mut self) -> io::Result<()> {
+        for i in 0..self.watched.len() {
+            if !self.watched[i].1 {
+                let sqe = opcode::PollAdd::new(types::Fd(self.watched[i].0), libc::POLLIN as u32)
+                    .multi(true)
+                    .build()
+                    .user_data(WATCH_TAG | i as u64);
+                self.push(&sqe)?;
+                self.watched[i].1 = true;
+            }
+        }
+        for i in 0..self.sockets.len() {
+            if self.armed[i] || self.finished {
+                continue;
+            }
+            // The socket and the msghdr outlive the operation: both are owned by self,
+            // and the ring (dropped first) cancels it.
+            let sqe = opcode::RecvMsgMulti::new(
+                types::Fd(self.sockets[i].as_raw_fd()),
+                &*self.msghdr,
+                BGID,
+            )
+            .build()
+            .user_data(i as u64);
+            self.push(&sqe)?;
+            self.armed[i] = true;
+        }
+        Ok(())
+    }
+}
+
+impl ReceiveBackend for IoUringBackend {
+    fn watch(&mut self, fd: std::os::fd::RawFd) -> io::Result<usize> {
+        self.watched.push((fd, false));
+        Ok(self.watched.len() - 1)
+    }
+
+    fn poll_events(
+        &mut self,
+        timeout: Duration,
+        on: &mut dyn FnMut(super::Event<'_>),
+    ) -> io::Result<usize> {
+        self.arm()?;
+        submit_and_wait(&self.ring, timeout)?;
+        Ok(self.reap(on))
     }
 
     fn stats(&self) -> BackendStats {
@@ -371,6 +434,16 @@ impl ReceiveBackend for IoUringBackend {
 
     fn name(&self) -> &'static str {
         "io_uring"
+    }
+
+    fn finish(&mut self, deadline: Instant, on: &mut dyn FnMut(Datagram<'_>)) {
+        self.finished = true;
+        if let Err(e) = self.end_receives(deadline, on) {
+            tracing::warn!(error = %e, "ending the io_uring receives at stop failed");
+        }
+        // What no receive took is still in the sockets; read it directly.
+        let mut batch = RecvBatch::new(64, self.buffer_size);
+        super::drain_queues(&self.sockets, &mut batch, &mut self.stats, deadline, on);
     }
 }
 

@@ -326,7 +326,11 @@ pub struct WorkerSummary {
     pub fallback_reason: Option<String>,
     pub stats: BackendStats,
     pub kernel_drops: u64,
-    /// SO_MEMINFO drops of this worker's socket for each listener.
+    /// Of `kernel_drops`, those counted once the stop began: datagrams that arrived after
+    /// the sockets were closed to new ones ([`socket::refuse_new`]), or overflowed meanwhile.
+    pub drops_at_stop: u64,
+    /// SO_MEMINFO drops of this worker's socket for each listener (sockets a reload
+    /// closed included).
     pub drops_by_listener: Vec<(SocketAddr, u64)>,
     /// HTTP request lines in the TCP samples this worker drained.
     pub http: HttpSamples,
@@ -504,16 +508,21 @@ fn worker_loop(
     };
     let mut busy = false;
     let mut http = HttpSamples::default();
+    // SO_MEMINFO drops of sockets a reload closed, and the total when the stop began.
+    let mut retired_drops: Vec<(SocketAddr, u64)> = Vec::new();
+    let mut drops_before_stop = 0;
     loop {
         let stopping = stop.load(Ordering::Acquire);
         let now = now_ns();
         let until_close = Duration::from_nanos((start + win_ns - now).max(0) as u64);
-        let timeout = if stopping {
-            Duration::ZERO
-        } else {
-            until_close.min(Duration::from_millis(10))
-        };
-        let n = if busy && !stopping {
+        let timeout = until_close.min(Duration::from_millis(10));
+        let n = if stopping {
+            // The last read: sockets closed to new datagrams (the kernel counts those as
+            // drops), then everything the backend or the queues hold, bounded in time.
+            drops_before_stop = sockets.iter().map(|(_, s)| drops_of(s)).sum();
+            refuse_new(worker, sockets.iter());
+            finish(&mut *backend, &snap.pipeline, &mut acc)
+        } else if busy {
             // Under load, let the sockets queue for a quantum and take everything at
             // once: being woken per datagram costs an IPI and a context switch, more
             // than the datagrams each wake-up brings. Idle, readiness wakes us as usual.
@@ -535,8 +544,18 @@ fn worker_loop(
             let switch =
                 latest.generation != snap.generation && start + win_ns >= latest.effective_from_ns;
             if switch && latest.pipeline.listeners != snap.pipeline.listeners {
-                // Finish what the old sockets hold, into the closing window, then rebuild.
-                drain_sockets(&mut *backend, &snap.pipeline, &mut acc)?;
+                // Finish what the old backend and sockets hold, into the closing window,
+                // then rebuild. Sockets of dropped listeners refuse new datagrams first, so
+                // nothing reaches them between the drain and their closing uncounted.
+                let dropped = |(a, _): &&(SocketAddr, _)| !latest.pipeline.listeners.contains(a);
+                refuse_new(worker, sockets.iter().filter(dropped));
+                finish(&mut *backend, &snap.pipeline, &mut acc);
+                retired_drops.extend(
+                    sockets
+                        .iter()
+                        .filter(dropped)
+                        .map(|(a, s)| (*a, drops_of(s))),
+                );
                 sockets = bind_all(
                     &latest.pipeline.listeners,
                     latest.pipeline.rcvbuf,
@@ -584,22 +603,51 @@ fn worker_loop(
         }
     }
     stats.add(&backend.stats());
+    let mut drops_by_listener: Vec<(SocketAddr, u64)> =
+        sockets.iter().map(|(a, s)| (*a, drops_of(s))).collect();
+    let drops_now: u64 = drops_by_listener.iter().map(|(_, d)| d).sum();
+    drops_by_listener.extend(retired_drops);
     Ok(WorkerSummary {
         worker,
         cpu,
         backend: backend.name(),
         fallback_reason,
         stats,
-        kernel_drops: sockets
-            .iter()
-            .map(|(_, s)| socket::kernel_drops(s).map_or(0, u64::from))
-            .sum(),
-        drops_by_listener: sockets
-            .iter()
-            .map(|(a, s)| (*a, socket::kernel_drops(s).map_or(0, u64::from)))
-            .collect(),
+        kernel_drops: drops_by_listener.iter().map(|(_, d)| d).sum(),
+        drops_at_stop: drops_now.saturating_sub(drops_before_stop),
+        drops_by_listener,
         http,
     })
+}
+
+/// Closes each socket to new datagrams ([`socket::refuse_new`]) before its last drain.
+fn refuse_new<'a>(
+    worker: usize,
+    sockets: impl Iterator<Item = &'a (SocketAddr, std::net::UdpSocket)>,
+) {
+    for (a, s) in sockets {
+        if let Err(e) = socket::refuse_new(s) {
+            tracing::warn!(worker, listener = %a, error = %e,
+                "could not close a socket to new datagrams before its last drain; some arriving meanwhile may go uncounted");
+        }
+    }
+}
+
+fn drops_of(s: &std::net::UdpSocket) -> u64 {
+    socket::kernel_drops(s).map_or(0, u64::from)
+}
+
+/// Ends the backend's receiving ([`engine::ReceiveBackend::finish`]): everything it or
+/// the sockets still hold is processed into `acc`, within [`engine::STOP_DRAIN`]; what
+/// is left past that is counted in the backend's `left_at_stop`. Returns the datagrams
+/// processed.
+fn finish(backend: &mut dyn engine::ReceiveBackend, cfg: &PipelineConfig, acc: &mut Acc) -> usize {
+    let before = backend.stats().datagrams;
+    let mut batch_rx = None;
+    backend.finish(std::time::Instant::now() + engine::STOP_DRAIN, &mut |d| {
+        ingest(acc, cfg, &mut batch_rx, d)
+    });
+    usize::try_from(backend.stats().datagrams - before).unwrap_or(usize::MAX)
 }
 
 /// A pass that brought at least this many datagrams means the sockets are busy: the
@@ -684,20 +732,29 @@ fn receive(
 ) -> io::Result<usize> {
     // One clock read per batch: the completions of one poll were all ready together.
     let mut batch_rx = None;
-    backend.poll(timeout, &mut |d| {
-        acc.counts.datagrams += 1;
-        let rx = *batch_rx.get_or_insert_with(now_ns);
-        for frame in Frames::new(d.payload, cfg.max_message) {
-            let rec = decode(frame.bytes, rx);
-            acc.add(
-                &rec,
-                d.source.map(|s| s.ip()),
-                rx,
-                frame.truncated > 0 || d.truncated,
-                false,
-            );
-        }
-    })
+    backend.poll(timeout, &mut |d| ingest(acc, cfg, &mut batch_rx, d))
+}
+
+/// One datagram from a socket: framed, decoded and counted into `acc`, stamped with the
+/// batch's receive time (`batch_rx`, read on the first datagram).
+fn ingest(
+    acc: &mut Acc,
+    cfg: &PipelineConfig,
+    batch_rx: &mut Option<i64>,
+    d: engine::Datagram<'_>,
+) {
+    acc.counts.datagrams += 1;
+    let rx = *batch_rx.get_or_insert_with(now_ns);
+    for frame in Frames::new(d.payload, cfg.max_message) {
+        let rec = decode(frame.bytes, rx);
+        acc.add(
+            &rec,
+            d.source.map(|s| s.ip()),
+            rx,
+            frame.truncated > 0 || d.truncated,
+            false,
+        );
+    }
 }
 
 /// Non-blocking passes until one brings nothing; returns the datagrams taken.
@@ -1118,12 +1175,16 @@ pub fn run_with_sinks(
     let mut workers = Vec::new();
     let mut http = HttpSamples::default();
     let mut drops = 0;
+    let mut drops_at_stop = 0;
+    let mut left_at_stop = 0;
     let mut by_listener: BTreeMap<String, u64> = BTreeMap::new();
     for h in handles {
         let s = h
             .join()
             .map_err(|_| anyhow::anyhow!("a worker panicked"))??;
         drops += s.kernel_drops;
+        drops_at_stop += s.drops_at_stop;
+        left_at_stop += s.stats.left_at_stop;
         http.merge(&s.http);
         for (a, d) in &s.drops_by_listener {
             *by_listener.entry(a.to_string()).or_default() += d;
@@ -1137,6 +1198,7 @@ pub fn run_with_sinks(
             "datagrams": s.stats.datagrams, "bytes": s.stats.bytes,
             "truncated": s.stats.truncated, "buffer_ring_empty": s.stats.buffer_ring_empty,
             "errors": s.stats.errors, "kernel_drops": s.kernel_drops,
+            "kernel_drops_at_stop": s.drops_at_stop, "left_at_stop": s.stats.left_at_stop,
         }));
     }
     let mut summaries = std::mem::take(&mut sinks.retired);
@@ -1162,7 +1224,8 @@ pub fn run_with_sinks(
     println!(
         "{}",
         serde_json::json!({"summary": {
-            "counts": total, "kernel_drops": drops, "kernel_drops_by_listener": by_listener,
+            "counts": total, "kernel_drops": drops, "kernel_drops_at_stop": drops_at_stop,
+            "left_at_stop": left_at_stop, "kernel_drops_by_listener": by_listener,
             "kernel_udp_counters_delta": udp_delta, "workers": workers, "sinks": sinks,
             "window_close_lag": jitter, "process_cpu_s": cpu_s,
             "pipeline_cpu_s": cpu_s - cpu_at_start,
