@@ -76,6 +76,15 @@ fn connections_beyond_the_descriptor_limit_are_refused_and_counted() {
     assert!(again, "a connection after the others closed is served");
     drop(_s);
     std::thread::sleep(Duration::from_millis(300));
+    let hwm_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid()))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0);
     let (status, out) = try_stop_and_collect(proxy).expect("stop");
     assert!(status.success(), "{status}: {out}");
     let lines = log
@@ -93,8 +102,12 @@ fn connections_beyond_the_descriptor_limit_are_refused_and_counted() {
         .count();
     println!(
         "fd limit: RLIMIT_NOFILE {NOFILE:?} raised; capacity {capacity}; {CLIENTS} clients: served {served_n}, \
-         refused fd_limit {fd_limit}, socket errors {socket_error}; {refusal_lines} refusal log lines, {} log lines in all",
+         refused fd_limit {fd_limit}, socket errors {socket_error}; {refusal_lines} refusal log lines, {} log lines in all; peak RSS {hwm_kib} KiB",
         lines.len()
+    );
+    assert!(
+        hwm_kib > 0 && hwm_kib < 256 * 1024,
+        "memory stays bounded: {hwm_kib} KiB"
     );
     // 1,024 descriptors less the 256 kept and those open at start, six per connection:
     // from the soft limit it was started with (256) there would be no room at all.

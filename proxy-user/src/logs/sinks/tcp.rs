@@ -47,6 +47,9 @@ pub struct TcpSinkStats {
     pub spool_dropped: u64,
     /// Taken but neither confirmed nor dropped: still in the spool.
     pub pending: u64,
+    /// Left in the spool by an earlier run (a crash, or a stop the downstream did not
+    /// confirm): `taken + pending_at_start = delivered + spool_dropped + pending`.
+    pub pending_at_start: u64,
     pub connections: u64,
     /// Connections found closed or reset by the downstream, or failed on write.
     pub connections_lost: u64,
@@ -99,6 +102,7 @@ impl TcpSink {
         )?;
         let stats = TcpSinkStats {
             pending: spool.records(),
+            pending_at_start: spool.records(),
             ..TcpSinkStats::default()
         };
         Ok(Self {
@@ -389,6 +393,7 @@ impl Sink for TcpSink {
             "taken": s.taken,
             "delivered": s.delivered,
             "pending": s.pending,
+            "pending_at_start": s.pending_at_start,
             "resent": s.resent,
             "spool_dropped": s.spool_dropped,
             "spool_bytes": self.spool.bytes(),
