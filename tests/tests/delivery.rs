@@ -17,10 +17,35 @@ use nix::sys::signal::{Signal, kill};
 
 const PORT: u16 = 5514;
 const RSYSLOG_PORT: u16 = 10514;
-/// Messages sent: 3,000 over about six seconds.
-const MESSAGES: u64 = 3000;
-const PER_TICK: u64 = 10;
 const TICK: Duration = Duration::from_millis(20);
+
+/// How much traffic and how long an outage: short by default (3,000 messages at 500/s,
+/// 0.5 s windows, rsyslog away 1 s); with `EDGEPROXY_LONG=1` (`cargo xtask test --long`)
+/// the hostile run's own figures: 10,000 at 250/s, 2 s windows, away 15 s.
+struct Shape {
+    messages: u64,
+    per_tick: u64,
+    window_s: f64,
+    away: Duration,
+}
+
+fn shape() -> Shape {
+    if std::env::var_os("EDGEPROXY_LONG").is_some() {
+        Shape {
+            messages: 10_000,
+            per_tick: 5,
+            window_s: 2.0,
+            away: Duration::from_secs(15),
+        }
+    } else {
+        Shape {
+            messages: 3000,
+            per_tick: 10,
+            window_s: 0.5,
+            away: Duration::from_secs(1),
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 enum Fault {
@@ -88,6 +113,12 @@ impl Rsyslog {
 }
 
 fn delivery_through_rsyslog(fault: Fault) {
+    let Shape {
+        messages,
+        per_tick,
+        window_s,
+        away,
+    } = shape();
     let pair = VethPair::create().expect("veth pair");
     let dir = ScratchDir::new().expect("scratch");
     let out = dir.path().join("rsyslog.out");
@@ -95,7 +126,7 @@ fn delivery_through_rsyslog(fault: Fault) {
     let cfg = dir.file(
         "edgeproxy.toml",
         &format!(
-            "[[listener]]\naddress = \"{}:{PORT}\"\n[window]\nseconds = 0.5\n\
+            "[[listener]]\naddress = \"{}:{PORT}\"\n[window]\nseconds = {window_s}\n\
              [[sink]]\nkind = \"tcp\"\naddress = \"{}:{RSYSLOG_PORT}\"\nspool_dir = \"{}\"\n\
              format = \"rfc5424\"\nwhat = \"raw\"\n",
             pair.a_v4,
@@ -112,10 +143,10 @@ fn delivery_through_rsyslog(fault: Fault) {
                 b.run(|| {
                     let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
                     let mut next = Instant::now();
-                    for i in 0..MESSAGES {
+                    for i in 0..messages {
                         s.send_to(format!("<14>1 - h app - - - msg {i}").as_bytes(), target)
                             .expect("send");
-                        if i % PER_TICK == PER_TICK - 1 {
+                        if i % per_tick == per_tick - 1 {
                             next += TICK;
                             std::thread::sleep(next.saturating_duration_since(Instant::now()));
                         }
@@ -132,12 +163,12 @@ fn delivery_through_rsyslog(fault: Fault) {
                         Signal::SIGKILL
                     });
                     r.wait();
-                    std::thread::sleep(Duration::from_secs(1));
+                    std::thread::sleep(away);
                     rsyslog = Some(Rsyslog::start(&pair, dir.path(), &out));
                 }
                 Fault::Pause => {
                     r.signal(Signal::SIGSTOP);
-                    std::thread::sleep(Duration::from_secs(2));
+                    std::thread::sleep(away * 2);
                     r.signal(Signal::SIGCONT);
                     rsyslog = Some(r);
                 }
@@ -165,13 +196,13 @@ fn delivery_through_rsyslog(fault: Fault) {
     }
     let lines = seen.values().sum::<u64>();
     let unique = seen.len() as u64;
-    let missing: Vec<u64> = (0..MESSAGES).filter(|n| !seen.contains_key(n)).collect();
+    let missing: Vec<u64> = (0..messages).filter(|n| !seen.contains_key(n)).collect();
     let v: serde_json::Value =
         serde_json::from_str(summary.lines().last().expect("summary")).expect("summary JSON");
     let sink = &v["summary"]["sinks"][0];
     let st = &sink["stats"];
     println!(
-        "delivery rsyslog {fault:?}: sent {MESSAGES}, received {} by edgeproxy, in rsyslog's file {lines} \
+        "delivery rsyslog {fault:?} (window {window_s} s, away {away:?}): sent {messages}, received {} by edgeproxy, in rsyslog's file {lines} \
          ({unique} unique, {} duplicates, {} missing); sink: taken {}, delivered {}, pending {}, \
          resent {}, spool_dropped {}, connections {}, connections_lost {}",
         v["summary"]["counts"]["messages"],
@@ -186,7 +217,7 @@ fn delivery_through_rsyslog(fault: Fault) {
         st["connections_lost"],
     );
     assert_eq!(
-        v["summary"]["counts"]["messages"], MESSAGES,
+        v["summary"]["counts"]["messages"], messages,
         "edgeproxy received every datagram: {v}"
     );
     assert!(
@@ -195,8 +226,8 @@ fn delivery_through_rsyslog(fault: Fault) {
         missing.len(),
         &missing[..missing.len().min(10)]
     );
-    assert_eq!(st["taken"], MESSAGES, "{sink}");
-    assert_eq!(st["delivered"], MESSAGES, "{sink}");
+    assert_eq!(st["taken"], messages, "{sink}");
+    assert_eq!(st["delivered"], messages, "{sink}");
     assert_eq!(st["pending"], 0, "{sink}");
     assert_eq!(sink["raw_lines_failed"], 0, "{sink}");
     if !matches!(fault, Fault::Pause) {

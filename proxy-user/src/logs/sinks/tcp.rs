@@ -65,6 +65,8 @@ pub struct TcpSink {
     sent_high: u64,
     stats: TcpSinkStats,
     chunk: Vec<u8>,
+    /// A full spool drops every batch until the downstream is back: one line per period.
+    full_warn: crate::limits::Throttle,
 }
 
 /// One connection and how far the spool went out on it.
@@ -114,6 +116,7 @@ impl TcpSink {
             sent_high: 0,
             stats,
             chunk: vec![0; CHUNK],
+            full_warn: crate::limits::Throttle::new(Duration::from_secs(5)),
         })
     }
 
@@ -356,8 +359,10 @@ impl Sink for TcpSink {
             self.stats.taken += records;
         } else {
             self.stats.spool_dropped += records;
-            tracing::warn!(upstream = %self.address, records,
-                "tcp sink: spool full (max_spool_bytes); batch dropped");
+            if let Some(held) = self.full_warn.allow(Instant::now()) {
+                tracing::warn!(upstream = %self.address, records, similar_since_last = held,
+                    "tcp sink: spool full (max_spool_bytes); batch dropped (counted as spool_dropped)");
+            }
         }
         self.check()?;
         self.pump()
