@@ -156,6 +156,10 @@ enum Command {
         /// Stop after this many seconds (default: until SIGINT/SIGTERM).
         #[arg(long)]
         duration: Option<f64>,
+        /// Become this user once listeners are bound (default: `[daemon] user`, else
+        /// `nobody` when started as root; `root` keeps root).
+        #[arg(long)]
+        user: Option<String>,
     },
     /// Forward TCP: every `[[route]]` of the configuration (listen address → upstream
     /// pool) on pinned io_uring workers, with health checks, limits and PROXY protocol,
@@ -178,6 +182,10 @@ enum Command {
         /// liveness check at /healthz.
         #[arg(long, value_name = "ADDR")]
         admin: Option<std::net::SocketAddr>,
+        /// Become this user once listeners are bound (default: `[daemon] user`, else
+        /// `nobody` when started as root; `root` keeps root).
+        #[arg(long)]
+        user: Option<String>,
         /// Print the final report as JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -460,6 +468,7 @@ fn real_main() -> anyhow::Result<()> {
             window,
             capture_from,
             duration,
+            user,
         } => {
             let overrides = LogOverrides {
                 listen,
@@ -472,6 +481,7 @@ fn real_main() -> anyhow::Result<()> {
                 config,
                 overrides,
                 duration.map(|d| seconds("duration", d)).transpose()?,
+                user,
             )
         }
         Command::Proxy {
@@ -480,12 +490,14 @@ fn real_main() -> anyhow::Result<()> {
             duration,
             stats_file,
             admin,
+            user,
             json,
         } => proxy_command(
             config,
             workers,
             duration.map(|d| seconds("duration", d)).transpose()?,
             TcpOutputs { stats_file, admin },
+            user,
             json,
         ),
         Command::Doctor { probe_xdp, json } => {
@@ -519,10 +531,15 @@ fn proxy_command(
     workers: Option<usize>,
     duration: Option<Duration>,
     outputs: TcpOutputs,
+    user: Option<String>,
     json: bool,
 ) -> anyhow::Result<()> {
     use proxy_user::tcp::{Routes, SharedRoutes};
     let cfg = read_config(&config)?;
+    // The stats file is rewritten through a sibling file: its directory must stay
+    // writable after the drop.
+    let writable: Vec<PathBuf> = outputs.stats_file.iter().map(|f| parent_dir(f)).collect();
+    let drop_to = privilege_drop(user.as_deref(), &cfg.daemon, None, writable)?;
     anyhow::ensure!(
         !cfg.routes.is_empty(),
         "{}: no [[route]]: nothing to forward",
@@ -548,7 +565,6 @@ fn proxy_command(
         background,
         Some(std::sync::Arc::clone(&shared)),
     )?;
-    let drop_to = privilege_drop(&cfg.daemon)?;
     let summary = proxy_user::tcp::run(shared, &cpus, cfg.pipeline.backend, stop, drop_to)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -706,10 +722,25 @@ fn logs_command(
     config: Option<PathBuf>,
     overrides: LogOverrides,
     duration: Option<Duration>,
+    user: Option<String>,
 ) -> anyhow::Result<()> {
     use proxy_user::logs::pipeline::{CaptureSource, run_with_sinks};
     let base = read_config_or_defaults(config.as_deref())?;
-    let drop_to = privilege_drop(&base.daemon)?;
+    // A file sink rotates by renaming in its directory: it must stay writable.
+    let writable: Vec<PathBuf> = base
+        .sinks
+        .iter()
+        .filter_map(|s| match &s.sink {
+            proxy_user::config::SinkConfig::File { path, .. } => Some(parent_dir(path)),
+            _ => None,
+        })
+        .collect();
+    let capture = overrides
+        .capture_from
+        .as_ref()
+        .or(base.pipeline.capture_from.as_ref())
+        .map(|d| format!("the data plane's record rings in {}", d.display()));
+    let drop_to = privilege_drop(user.as_deref(), &base.daemon, capture.as_deref(), writable)?;
     let (shared, stop) = start_log_control(
         LogSetup { config, overrides },
         &base,
@@ -720,42 +751,39 @@ fn logs_command(
     run_with_sinks(&shared, CaptureSource::None, stop, drop_to).map(|_| ())
 }
 
-/// `[daemon] user`: resolved now (an unknown user fails the start before anything is
-/// bound), what edgeproxy creates from here on given to that user, and the drop itself
-/// returned for the daemon to run once its sockets are bound. Without it, a daemon
-/// started as root says that it stays root.
+/// `--user`, else `[daemon] user`, else `nobody` when started as root (root is kept
+/// only when asked, or when `needs_bpf` says the daemon reads BPF maps): resolved now,
+/// so an unknown user fails the start before anything is bound; what edgeproxy creates
+/// from here on belongs to that user; the drop runs once the sockets are bound.
 fn privilege_drop(
+    cli: Option<&str>,
     d: &proxy_user::config::DaemonSettings,
+    needs_bpf: Option<&str>,
+    writable: Vec<PathBuf>,
 ) -> anyhow::Result<Option<proxy_user::privileges::OnStarted>> {
-    use proxy_user::privileges;
-    let Some(user) = &d.user else {
-        if nix::unistd::geteuid().is_root() {
-            tracing::warn!(
-                "running as root with every capability: set [daemon] user to drop to an unprivileged user once sockets are bound (docs/security.md)"
-            );
+    use proxy_user::privileges::{self, Plan};
+    match privileges::plan(cli, d.user.as_deref(), d.group.as_deref(), needs_bpf)? {
+        Plan::Keep(why) if nix::unistd::geteuid().is_root() && !why.contains("as asked") => {
+            tracing::warn!("running as root with every capability: {why}");
+            Ok(None)
         }
-        return Ok(None);
-    };
-    let target = privileges::resolve(user, d.group.as_deref())?;
-    if target.uid == 0 {
-        tracing::info!("[daemon] user is root: keeping root, as asked");
-        return Ok(None);
+        Plan::Keep(why) => {
+            tracing::info!("privileges: {why}");
+            Ok(None)
+        }
+        Plan::Drop(target) => {
+            proxy_user::fsmode::set_owner(target.uid, target.gid);
+            Ok(Some(privileges::on_started(target, writable)))
+        }
     }
-    anyhow::ensure!(
-        nix::unistd::geteuid().is_root(),
-        "[daemon] user = {user:?}: only a daemon started as root can drop to another user"
-    );
-    proxy_user::fsmode::set_owner(target.uid, target.gid);
-    Ok(Some(Box::new(move || {
-        privileges::drop_to(&target)?;
-        tracing::info!(
-            user = %target.user,
-            uid = target.uid,
-            gid = target.gid,
-            "dropped privileges: every thread runs as this user, with no capability"
-        );
-        Ok(())
-    })))
+}
+
+/// The directory a file is in (`.` for a bare name).
+fn parent_dir(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// Loads the log configuration and starts the control thread for it.

@@ -28,6 +28,98 @@ pub enum PrivilegeError {
     },
     #[error("after the drop to {user}, {what}")]
     Verify { user: String, what: String },
+    #[error(
+        "cannot drop to {user}: {why} is read through bpf(), which needs CAP_BPF; run this daemon as root (--user root)"
+    )]
+    NeedsRoot { user: String, why: String },
+    #[error(
+        "after the drop to {user}, {dir} is not writable ({source}): give it to {user} (chown), or choose another user with [daemon] user / --user (\"root\" keeps root)"
+    )]
+    NotWritable {
+        user: String,
+        dir: String,
+        source: io::Error,
+    },
+}
+
+/// The user `logs` and `proxy` drop to when started as root without `[daemon] user`
+/// or `--user`: root is kept only when asked for.
+pub const DEFAULT_USER: &str = "nobody";
+
+/// What a daemon started now will do about its privileges.
+#[derive(Debug)]
+pub enum Plan {
+    /// Stay as started, and why (logged).
+    Keep(String),
+    /// Become this user once started.
+    Drop(Target),
+}
+
+/// Chooses from `--user` (`cli`), then `[daemon] user`, then the default; `needs_bpf`
+/// names what this daemon reads through bpf() (which needs CAP_BPF) when it does.
+pub fn plan(
+    cli: Option<&str>,
+    configured: Option<&str>,
+    group: Option<&str>,
+    needs_bpf: Option<&str>,
+) -> Result<Plan, PrivilegeError> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let asked = cli.or(configured);
+    match (asked, root) {
+        (Some("root"), _) => Ok(Plan::Keep("root, as asked (--user / [daemon] user)".into())),
+        (_, false) => Ok(Plan::Keep("not started as root: nothing to drop".into())),
+        (Some(user), true) if needs_bpf.is_some() => Err(PrivilegeError::NeedsRoot {
+            user: user.to_owned(),
+            why: needs_bpf.unwrap_or_default().to_owned(),
+        }),
+        (None, true) if needs_bpf.is_some() => Ok(Plan::Keep(format!(
+            "root kept: {} is read through bpf(), which needs CAP_BPF",
+            needs_bpf.unwrap_or_default()
+        ))),
+        (Some(user), true) => resolve(user, group).map(Plan::Drop),
+        (None, true) => match resolve(DEFAULT_USER, group) {
+            Ok(t) => Ok(Plan::Drop(t)),
+            Err(e) => Ok(Plan::Keep(format!(
+                "root kept: the default user cannot be used ({e}); set [daemon] user"
+            ))),
+        },
+    }
+}
+
+/// The drop itself, run once the daemon's sockets are bound: then every directory in
+/// `writable` is checked to be writable by the new user (the stats file's, a file sink's
+/// for rotation), so a start fails at once rather than at the first rotation.
+pub fn on_started(target: Target, writable: Vec<std::path::PathBuf>) -> OnStarted {
+    Box::new(move || {
+        drop_to(&target)?;
+        for dir in &writable {
+            let probe = dir.join(format!(".edgeproxy-write-check-{}", std::process::id()));
+            let made = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&probe)
+                .and_then(|f| {
+                    drop(f);
+                    std::fs::remove_file(&probe)
+                });
+            if let Err(source) = made {
+                return Err(PrivilegeError::NotWritable {
+                    user: target.user.clone(),
+                    dir: dir.display().to_string(),
+                    source,
+                }
+                .into());
+            }
+        }
+        tracing::info!(
+            user = %target.user,
+            uid = target.uid,
+            gid = target.gid,
+            "dropped privileges: every thread runs as this user, with no capability"
+        );
+        Ok(())
+    })
 }
 
 /// Run once a daemon has bound its sockets and started its workers (the drop, for
@@ -221,6 +313,31 @@ mod tests {
         );
         assert_eq!(root.cap_effective, 0x1ff_ffff_ffff);
         assert!(!root.no_new_privs);
+    }
+
+    #[test]
+    fn the_plan_drops_by_default_and_keeps_root_only_when_asked_or_needed() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED the_plan_drops_by_default…: decides for root only");
+            return;
+        }
+        let rings = Some("the data plane's record rings in /sys/fs/bpf/x");
+        assert!(
+            matches!(plan(None, None, None, None), Ok(Plan::Drop(t)) if t.user == DEFAULT_USER)
+        );
+        assert!(matches!(
+            plan(Some("root"), Some("nobody"), None, None),
+            Ok(Plan::Keep(_))
+        ));
+        assert!(
+            matches!(plan(None, Some("nobody"), None, None), Ok(Plan::Drop(t)) if t.uid == 65534)
+        );
+        assert!(
+            matches!(plan(None, None, None, rings), Ok(Plan::Keep(w)) if w.contains("CAP_BPF"))
+        );
+        let e = plan(Some("nobody"), None, None, rings).unwrap_err();
+        assert!(e.to_string().contains("needs CAP_BPF"), "{e}");
     }
 
     #[test]

@@ -167,7 +167,8 @@ where
     S: AsRef<std::ffi::OsStr>,
 {
     let mut cmd = ns.command(edgeproxy_bin()?);
-    cmd.args(args).envs(env.iter().copied());
+    cmd.args(as_root_unless_asked(args))
+        .envs(env.iter().copied());
     spawn_until(cmd, ready)
 }
 
@@ -185,7 +186,7 @@ where
 {
     use std::os::unix::process::CommandExt as _;
     let mut cmd = ns.command(edgeproxy_bin()?);
-    cmd.args(args);
+    cmd.args(as_root_unless_asked(args));
     let limit = libc::rlimit {
         rlim_cur: nofile.0,
         rlim_max: nofile.1,
@@ -217,7 +218,7 @@ where
 {
     use std::os::unix::process::CommandExt as _;
     let mut cmd = ns.command(edgeproxy_bin()?);
-    cmd.args(args);
+    cmd.args(as_root_unless_asked(args));
     // SAFETY: runs in the forked child before exec and only calls umask(2), which is
     // async-signal-safe and cannot fail.
     unsafe {
@@ -227,6 +228,38 @@ where
         });
     }
     spawn_until(cmd, ready)
+}
+
+/// `edgeproxy ARGS…` exactly as given (no `--user root` added), for the tests of what the
+/// daemon runs as; returns once its log has a line containing `ready`.
+pub fn try_start_edgeproxy_as_is_until<I, S>(
+    ns: &netns::Netns,
+    args: I,
+    ready: &str,
+) -> anyhow::Result<(Reaped, LogLines)>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut cmd = ns.command(edgeproxy_bin()?);
+    cmd.args(args);
+    spawn_until(cmd, ready)
+}
+
+/// `logs` and `proxy` drop to `nobody` by default when started as root; the harness's
+/// daemons keep root unless a test asks (`--user`), since their scratch directories
+/// (stats files, file sinks) are root's. tests/tests/privileges.rs tests the default.
+pub fn as_root_unless_asked<I, S>(args: I) -> Vec<std::ffi::OsString>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut v: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let daemon = v.first().is_some_and(|a| a == "logs" || a == "proxy");
+    if daemon && !v.iter().any(|a| a == "--user") {
+        v.splice(1..1, ["--user".into(), "root".into()]);
+    }
+    v
 }
 
 /// Starts `cmd` with piped output; returns once its log has a line containing `ready`.

@@ -12,9 +12,9 @@ use edgeproxy_testbed::{
     netns::VethPair,
     privilege::require_root,
     scratch::ScratchDir,
-    start_logs, stop_and_collect,
-    tcp::{Upstream, connect, echo, namespace, start_proxy},
-    try_stop_and_collect,
+    stop_and_collect,
+    tcp::{Upstream, connect, echo, namespace},
+    try_start_edgeproxy_as_is_until, try_stop_and_collect,
 };
 use proxy_user::privileges::{ThreadStatus, parse_status};
 
@@ -78,7 +78,18 @@ fn logs_drops_to_the_configured_user_after_binding() {
             spool.display()
         ),
     );
-    let child = start_logs(&pair.a, &cfg);
+    let (child, _log) = try_start_edgeproxy_as_is_until(
+        &pair.a,
+        [
+            std::ffi::OsStr::new("logs"),
+            "--duration".as_ref(),
+            "60".as_ref(),
+            "--config".as_ref(),
+            cfg.as_os_str(),
+        ],
+        "log pipeline started",
+    )
+    .expect("start logs");
     let pid = child.pid().as_raw() as u32;
     assert_dropped(pid, "edgeproxy logs");
     pair.b.run(|| {
@@ -125,8 +136,20 @@ fn proxy_drops_to_the_configured_user_and_still_forwards() {
     let stats_dir = dir.path().join("run");
     std::fs::create_dir(&stats_dir).expect("stats dir");
     std::os::unix::fs::chown(&stats_dir, Some(NOBODY), Some(NOBODY)).expect("chown");
-    let (proxy, _log) =
-        start_proxy(&ns, &cfg, &stats_dir.join("stats.json"), &[], &[]).expect("start proxy");
+    let stats = stats_dir.join("stats.json");
+    let (proxy, _log) = try_start_edgeproxy_as_is_until(
+        &ns,
+        [
+            std::ffi::OsStr::new("proxy"),
+            "--json".as_ref(),
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--stats-file".as_ref(),
+            stats.as_os_str(),
+        ],
+        "TCP forwarding started",
+    )
+    .expect("start proxy");
     assert_dropped(proxy.pid().as_raw() as u32, "edgeproxy proxy");
     let mut c = connect(&ns, "10.200.0.1:443".parse().expect("addr")).expect("connect");
     c.write_all(b"hello").expect("write");
@@ -143,8 +166,8 @@ fn proxy_drops_to_the_configured_user_and_still_forwards() {
 }
 
 #[test]
-fn an_unknown_user_fails_the_start_and_root_says_it_stays_root() {
-    if !require_root("an_unknown_user_fails_the_start_and_root_says_it_stays_root") {
+fn by_default_a_root_daemon_drops_to_nobody_and_root_is_kept_only_when_asked() {
+    if !require_root("by_default_a_root_daemon_drops_to_nobody_and_root_is_kept_only_when_asked") {
         return;
     }
     let dir = ScratchDir::new().expect("scratch");
@@ -165,23 +188,58 @@ fn an_unknown_user_fails_the_start_and_root_says_it_stays_root() {
         "{err}"
     );
     let cfg = dir.file(
-        "root.toml",
+        "plain.toml",
         "[[listener]]\naddress = \"127.0.0.1:0\"\n[[sink]]\nkind = \"stdout\"\n",
     );
-    let out = std::process::Command::new(&bin)
-        .args(["logs", "--duration", "0.3", "--config"])
-        .arg(&cfg)
-        .output()
-        .expect("run");
-    assert!(out.status.success(), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("running as root with every capability"),
-        "{err}"
-    );
-    let summary = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value =
-        serde_json::from_str(summary.lines().last().expect("summary")).expect("json");
+    let summary = |extra: &[&str]| -> (serde_json::Value, String) {
+        let out = std::process::Command::new(&bin)
+            .args(["logs", "--duration", "0.3"])
+            .args(extra)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let v = serde_json::from_str(text.lines().last().expect("summary")).expect("json");
+        (v, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // Nothing said: the default drops to nobody.
+    let (v, err) = summary(&[]);
+    assert_eq!(v["summary"]["privileges"]["uid"], NOBODY, "{v}");
+    assert_eq!(v["summary"]["privileges"]["capabilities"], "0", "{v}");
+    assert!(err.contains("dropped privileges"), "{err}");
+    // Asked for root: root, said as such, no_new_privs still set.
+    let (v, err) = summary(&["--user", "root"]);
     assert_eq!(v["summary"]["privileges"]["uid"], 0, "{v}");
     assert_eq!(v["summary"]["privileges"]["no_new_privs"], true, "{v}");
+    assert!(err.contains("root, as asked"), "{err}");
+}
+
+#[test]
+fn a_drop_that_leaves_the_stats_directory_unwritable_fails_the_start() {
+    if !require_root("a_drop_that_leaves_the_stats_directory_unwritable_fails_the_start") {
+        return;
+    }
+    let ns = namespace().expect("namespace");
+    let dir = ScratchDir::new().expect("scratch");
+    let cfg = dir.file(
+        "proxy.toml",
+        "[[route]]\nlisten = \"10.200.0.1:7702\"\nupstreams = [\"10.200.0.1:7703\"]\n",
+    );
+    // The scratch directory is root's: nobody cannot write the stats file there.
+    let out = ns
+        .command(edgeproxy_testbed::edgeproxy_bin().expect("binary"))
+        .args(["proxy", "--duration", "5", "--config"])
+        .arg(&cfg)
+        .arg("--stats-file")
+        .arg(dir.path().join("stats.json"))
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is not writable") && err.contains("nobody"),
+        "{err}"
+    );
 }

@@ -66,6 +66,9 @@ zero_copy = "off"          # off | auto | require (io_uring zero-copy receive; s
 # [[route]]
 # listen = "0.0.0.0:8080"
 # upstreams = ["10.0.0.1:80", "10.0.0.2:80"]
+
+# [daemon]
+# user = "nobody"          # who logs and proxy become once bound ("root" keeps root)
 "#;
 
 /// A validated configuration.

@@ -326,7 +326,9 @@ fn point(peers: &Peers, r: Receiver, rate: u64, seconds: f64) -> anyhow::Result<
                 ),
             );
             let mut c = pair.a.command(edgeproxy_testbed::edgeproxy_bin()?);
-            c.args(["logs", "--duration", "300", "--config"]).arg(cfg);
+            // As root, like the peers it is compared with.
+            c.args(["logs", "--user", "root", "--duration", "300", "--config"])
+                .arg(cfg);
             c
         }
         Receiver::EdgeproxyXdp => {
