@@ -172,44 +172,20 @@ where
     spawn_until(cmd, ready)
 }
 
-/// [`try_start_edgeproxy_env_until`] with the child's `RLIMIT_NOFILE` set to
-/// `(soft, hard)` before it starts, as a shell's `ulimit -n` or systemd's `LimitNOFILE=`.
-pub fn try_start_edgeproxy_nofile_until<I, S>(
-    ns: &netns::Netns,
-    args: I,
-    nofile: (u64, u64),
-    ready: &str,
-) -> anyhow::Result<(Reaped, LogLines)>
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<std::ffi::OsStr>,
-{
-    use std::os::unix::process::CommandExt as _;
-    let mut cmd = ns.command(edgeproxy_bin()?);
-    cmd.args(as_root_unless_asked(args));
-    let limit = libc::rlimit {
-        rlim_cur: nofile.0,
-        rlim_max: nofile.1,
-    };
-    // SAFETY: runs in the forked child before exec and only calls setrlimit(2), which is
-    // async-signal-safe; `limit` is copied into the closure.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    spawn_until(cmd, ready)
+/// What the child is given before it starts, as a shell or a systemd unit would.
+#[derive(Clone, Copy, Debug)]
+pub enum ChildSetup {
+    /// `RLIMIT_NOFILE` (soft, hard): `ulimit -n`, `LimitNOFILE=`.
+    Nofile(u64, u64),
+    /// The umask: `umask 000`, `UMask=`.
+    Umask(libc::mode_t),
 }
 
-/// [`try_start_edgeproxy_until`] with the child's umask set to `mask` before it starts,
-/// as a shell's `umask 000` would leave it.
-pub fn try_start_edgeproxy_umask_until<I, S>(
+/// [`try_start_edgeproxy_env_until`] with `setup` applied in the child before it starts.
+pub fn try_start_edgeproxy_set_until<I, S>(
     ns: &netns::Netns,
     args: I,
-    mask: libc::mode_t,
+    setup: ChildSetup,
     ready: &str,
 ) -> anyhow::Result<(Reaped, LogLines)>
 where
@@ -219,11 +195,24 @@ where
     use std::os::unix::process::CommandExt as _;
     let mut cmd = ns.command(edgeproxy_bin()?);
     cmd.args(as_root_unless_asked(args));
-    // SAFETY: runs in the forked child before exec and only calls umask(2), which is
-    // async-signal-safe and cannot fail.
+    // SAFETY: runs in the forked child before exec and only calls setrlimit(2) or
+    // umask(2), both async-signal-safe; `setup` is copied into the closure.
     unsafe {
         cmd.pre_exec(move || {
-            libc::umask(mask);
+            match setup {
+                ChildSetup::Nofile(soft, hard) => {
+                    let limit = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                ChildSetup::Umask(mask) => {
+                    libc::umask(mask);
+                }
+            }
             Ok(())
         });
     }

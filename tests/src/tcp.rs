@@ -228,11 +228,20 @@ pub fn upstream_stats<'a>(
 
 /// Resident memory of process `pid` in KiB (VmRSS).
 pub fn rss_kib(pid: i32) -> anyhow::Result<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// Peak resident memory of process `pid` in KiB (VmHWM).
+pub fn peak_rss_kib(pid: i32) -> anyhow::Result<u64> {
+    status_kib(pid, "VmHWM:")
+}
+
+fn status_kib(pid: i32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .context("no VmRSS")
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }

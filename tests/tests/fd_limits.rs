@@ -9,10 +9,11 @@ use std::{
 };
 
 use edgeproxy_testbed::{
+    ChildSetup,
     privilege::require_root,
     scratch::ScratchDir,
     tcp::{Upstream, connect, echo, namespace},
-    try_start_edgeproxy_nofile_until, try_stop_and_collect,
+    try_start_edgeproxy_set_until, try_stop_and_collect,
 };
 
 const CLIENTS: usize = 300;
@@ -54,9 +55,13 @@ fn connections_beyond_the_descriptor_limit_are_refused_and_counted() {
         "--stats-file".into(),
         stats.into(),
     ];
-    let (proxy, log) =
-        try_start_edgeproxy_nofile_until(&ns, args, NOFILE, "TCP forwarding started")
-            .expect("start proxy");
+    let (proxy, log) = try_start_edgeproxy_set_until(
+        &ns,
+        args,
+        ChildSetup::Nofile(NOFILE.0, NOFILE.1),
+        "TCP forwarding started",
+    )
+    .expect("start proxy");
     let listen: SocketAddr = "10.200.0.1:7600".parse().expect("addr");
     // Every client is held open until all have tried, so the budget stays full.
     let mut held = Vec::new();
@@ -76,15 +81,7 @@ fn connections_beyond_the_descriptor_limit_are_refused_and_counted() {
     assert!(again, "a connection after the others closed is served");
     drop(_s);
     std::thread::sleep(Duration::from_millis(300));
-    let hwm_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid()))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0);
+    let hwm_kib = edgeproxy_testbed::tcp::peak_rss_kib(proxy.pid().as_raw()).unwrap_or(0);
     let (status, out) = try_stop_and_collect(proxy).expect("stop");
     assert!(status.success(), "{status}: {out}");
     let lines = log

@@ -47,15 +47,7 @@ fn overload_is_accounted_for_exactly() {
         ok
     });
     std::thread::sleep(std::time::Duration::from_millis(1000));
-    let hwm_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", child.pid()))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0);
+    let hwm_kib = edgeproxy_testbed::tcp::peak_rss_kib(child.pid().as_raw()).unwrap_or(0);
     // Exits 0: edgeproxy survived the flood.
     let out = stop_and_collect(child);
     let after = pair.device_drops().expect("device counters");

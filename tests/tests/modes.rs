@@ -8,11 +8,11 @@ use std::{
 };
 
 use edgeproxy_testbed::{
-    edgeproxy_bin,
+    ChildSetup, edgeproxy_bin,
     netns::VethPair,
     privilege::require_root,
     scratch::{PinRoot, ScratchDir},
-    stop_and_collect, try_start_edgeproxy_umask_until,
+    stop_and_collect, try_start_edgeproxy_set_until,
 };
 
 const POLICY: &str =
@@ -115,9 +115,13 @@ fn leaves_nothing_to_other_users(umask: libc::mode_t) {
     ] {
         args.extend([flag.into(), value.into()]);
     }
-    let (child, _log) =
-        try_start_edgeproxy_umask_until(&pair.a, args, umask, "log pipeline started")
-            .expect("edgeproxy run under the umask");
+    let (child, _log) = try_start_edgeproxy_set_until(
+        &pair.a,
+        args,
+        ChildSetup::Umask(umask),
+        "log pipeline started",
+    )
+    .expect("edgeproxy run under the umask");
     eprintln!("umask {umask:03o}:");
     let pin_dir = root.path().join(pair.a_if);
     let store = state.join(pair.a_if);
