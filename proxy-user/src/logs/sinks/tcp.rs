@@ -4,8 +4,8 @@
 //! Every batch goes to the [`Spool`] first and is sent from there, never blocking the
 //! merger: the socket is non-blocking and what it cannot take now waits on disk. A batch
 //! leaves the spool only once it is *confirmed*:
-//! - the downstream's TCP acknowledged all of it, and a later check found the connection
-//!   still open (no FIN, no RST); or
+//! - the downstream's TCP acknowledged all of it, and the connection was still open (no
+//!   FIN, no RST) at a check at least [`CONFIRM_AFTER`] later; or
 //! - the downstream closed the connection cleanly (FIN) after acknowledging it: a peer
 //!   that closes with unread data sends RST instead, so a FIN means it read everything
 //!   it acknowledged.
@@ -29,6 +29,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 const RETRY_EVERY: Duration = Duration::from_millis(500);
 /// How often the connection is checked and the spool pumped between batches.
 const TICK_EVERY: Duration = Duration::from_millis(20);
+/// Bytes the downstream acknowledged are confirmed only once the connection has stayed
+/// open this long after: a downstream that dies with them unread resets the connection
+/// well within it, unless it had stopped reading for longer.
+const CONFIRM_AFTER: Duration = Duration::from_millis(200);
+/// At most one acknowledgement sample per period is kept per connection.
+const ACK_SAMPLE_EVERY: Duration = Duration::from_millis(10);
 /// Bytes read from the spool per write.
 const CHUNK: usize = 256 << 10;
 /// At shutdown, how long to wait for the downstream to take and confirm the spool.
@@ -74,10 +80,43 @@ struct Conn {
     stream: TcpStream,
     /// Logical spool offset up to which bytes were written to this connection.
     sent: u64,
-    /// Logical offset the downstream had acknowledged at the previous check.
-    acked_before: u64,
+    /// What the downstream had acknowledged at earlier checks, oldest first: (when,
+    /// logical offset), one entry per [`ACK_SAMPLE_EVERY`] at most.
+    acked: std::collections::VecDeque<(Instant, u64)>,
+    /// The latest acknowledged offset seen (for a clean close whose queue is gone).
+    acked_latest: u64,
     /// Bytes read from the spool and not yet fully written: `[pos..]` starts at `sent`.
     pending: std::ops::Range<usize>,
+}
+
+impl Conn {
+    /// Records that the downstream had acknowledged up to `offset` at `now`.
+    fn note_acked(&mut self, now: Instant, offset: u64) {
+        if offset <= self.acked_latest {
+            return;
+        }
+        self.acked_latest = offset;
+        match self.acked.back_mut() {
+            // Within one sampling period the newer offset replaces the last one, which
+            // keeps its (earlier) time: confirmation waits for the later one anyway.
+            Some((t, o)) if now.duration_since(*t) < ACK_SAMPLE_EVERY => *o = offset,
+            _ => self.acked.push_back((now, offset)),
+        }
+    }
+
+    /// The offset every byte before which was acknowledged at least [`CONFIRM_AFTER`]
+    /// ago, on a connection still open now; 0 when none is yet.
+    fn confirmable(&mut self, now: Instant) -> u64 {
+        let mut upto = 0;
+        while let Some(&(t, o)) = self.acked.front() {
+            if now.duration_since(t) < CONFIRM_AFTER {
+                break;
+            }
+            upto = o;
+            self.acked.pop_front();
+        }
+        upto
+    }
 }
 
 /// What a check of the connection found.
@@ -136,15 +175,15 @@ impl TcpSink {
         let acked_now = unacknowledged(&c.stream)
             .ok()
             .map(|q| c.sent.saturating_sub(q));
+        let now = Instant::now();
         let upto = match &state {
             Peer::Open => {
-                let upto = c.acked_before;
                 if let Some(a) = acked_now {
-                    c.acked_before = a;
+                    c.note_acked(now, a);
                 }
-                upto
+                c.confirmable(now)
             }
-            Peer::Closed => acked_now.unwrap_or(c.acked_before),
+            Peer::Closed => acked_now.unwrap_or(c.acked_latest),
             Peer::Failed(_) => 0,
         };
         self.stats.delivered += self.spool.confirm(upto)?;
@@ -195,7 +234,8 @@ impl TcpSink {
         self.conn = Some(Conn {
             stream,
             sent: start,
-            acked_before: start,
+            acked: std::collections::VecDeque::new(),
+            acked_latest: start,
             pending: 0..0,
         });
         true

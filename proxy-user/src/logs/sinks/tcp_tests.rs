@@ -174,11 +174,14 @@ fn a_reset_with_unread_bytes_resends_them() {
     let mut s = TcpSink::open(addr, &dir, 1 << 20, OutputFormat::Json).unwrap();
     s.write(&line(0), 1).unwrap();
     let (first, _) = listener.accept().unwrap();
-    // Acknowledged by the kernel, never read by the application: a check now finds the
-    // connection open, so a second check would confirm it...
-    std::thread::sleep(Duration::from_millis(30));
-    s.tick().unwrap();
-    // ...but the application dies first: closing with unread bytes sends RST.
+    // Acknowledged by the kernel, never read by the application, and checks over 150 ms
+    // find the connection open: not long enough to confirm it...
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(25));
+        s.tick().unwrap();
+    }
+    assert_eq!(s.stats().delivered, 0, "not confirmed yet");
+    // ...and the application dies: closing with unread bytes sends RST.
     drop(first);
     std::thread::sleep(Duration::from_millis(30));
     let second = read_next(&listener);
