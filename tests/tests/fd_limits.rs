@@ -1,7 +1,8 @@
-//! Running out of file descriptors: the proxy raises its soft limit to the hard one,
-//! sizes a connection budget from it, refuses connections beyond it cleanly and counted
-//! (`fd_limit`), never fails half-built ones, and logs the refusals as a few lines, not
-//! one per connection.
+//! Connections beyond what the proxy may hold. Out of file descriptors: it raises its
+//! soft limit to the hard one, sizes a connection budget from it, refuses connections
+//! beyond it cleanly and counted (`fd_limit`), never fails half-built ones, and logs the
+//! refusals as a few lines, not one per connection. At twice a route's own limit: exact
+//! counts, no line per refusal. Peak memory measured in both.
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
@@ -126,4 +127,64 @@ fn connections_beyond_the_descriptor_limit_are_refused_and_counted() {
         refusal_lines <= 3,
         "refusals are throttled, not one line each: {refusal_lines}"
     );
+}
+
+/// A route's own limit at twice its capacity: exactly `max_connections` served, the rest
+/// reset at accept and counted `route_limit`, no warning per refusal, memory flat.
+#[test]
+fn a_route_at_twice_its_connection_limit_refuses_and_counts_exactly() {
+    if !require_root("a_route_at_twice_its_connection_limit_refuses_and_counts_exactly") {
+        return;
+    }
+    const LIMIT: u64 = 100;
+    let ns = namespace().expect("namespace");
+    let dir = ScratchDir::new().expect("scratch");
+    let _up =
+        Upstream::spawn(&ns, "10.200.0.1:7611".parse().expect("addr"), echo()).expect("upstream");
+    let cfg = dir.file(
+        "proxy.toml",
+        &format!(
+            "[[route]]\nname = \"r\"\nlisten = \"10.200.0.1:7610\"\nupstreams = [\"10.200.0.1:7611\"]\nmax_connections = {LIMIT}\n"
+        ),
+    );
+    let args: Vec<std::ffi::OsString> = vec![
+        "proxy".into(),
+        "--json".into(),
+        "--config".into(),
+        cfg.into(),
+    ];
+    let (proxy, log) =
+        edgeproxy_testbed::try_start_edgeproxy_until(&ns, args, "TCP forwarding started")
+            .expect("start proxy");
+    let listen: SocketAddr = "10.200.0.1:7610".parse().expect("addr");
+    let mut held = Vec::new();
+    let mut served_n = 0u64;
+    for _ in 0..2 * LIMIT {
+        let Ok(s) = connect(&ns, listen) else {
+            continue;
+        };
+        let (ok, s) = served(s);
+        served_n += u64::from(ok);
+        held.push(s);
+    }
+    let hwm_kib = edgeproxy_testbed::tcp::peak_rss_kib(proxy.pid().as_raw()).unwrap_or(0);
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, out) = try_stop_and_collect(proxy).expect("stop");
+    assert!(status.success(), "{status}: {out}");
+    let lines = log
+        .wait_for("no line has this", Duration::from_millis(300))
+        .expect_err("all lines");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("report JSON");
+    let route = &report["routes"][0];
+    let refused = route["refused"]["route_limit"].as_u64().unwrap_or(0);
+    println!(
+        "route limit {LIMIT}: {} clients: served {served_n}, refused route_limit {refused}; {} log lines after start; peak RSS {hwm_kib} KiB",
+        2 * LIMIT,
+        lines.len()
+    );
+    assert_eq!(served_n, LIMIT, "exactly the limit served: {route}");
+    assert_eq!(refused, LIMIT, "the rest refused and counted: {route}");
+    assert!(lines.len() <= 3, "no line per refusal: {lines:?}");
+    assert!(hwm_kib > 0 && hwm_kib < 256 * 1024, "{hwm_kib} KiB");
 }
