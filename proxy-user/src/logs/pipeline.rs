@@ -795,6 +795,19 @@ struct OpenSink {
     /// Raw lines a failing sink did not take (each failure also counts in `failures`).
     raw_lines_failed: u64,
     failures: u64,
+    /// A sink that fails keeps failing (disk full, downstream gone): one line per period.
+    warn: crate::limits::Throttle,
+}
+
+impl OpenSink {
+    /// Counts a failure (and the raw lines it did not take) and logs it, throttled.
+    fn failed(&mut self, what: &str, e: &io::Error, lines: u64) {
+        self.failures += 1;
+        self.raw_lines_failed += lines;
+        if let Some(held) = self.warn.allow(std::time::Instant::now()) {
+            tracing::error!(sink = %self.sink.name(), error = %e, lines, similar_since_last = held, "{what}");
+        }
+    }
 }
 
 impl SinkSet {
@@ -811,6 +824,7 @@ impl SinkSet {
                     raw_lines: 0,
                     raw_lines_failed: 0,
                     failures: 0,
+                    warn: crate::limits::Throttle::new(Duration::from_secs(5)),
                 })
             })
             .collect::<io::Result<_>>()?;
@@ -877,8 +891,7 @@ impl SinkSet {
     fn tick(&mut self) {
         for s in &mut self.sinks {
             if let Err(e) = s.sink.tick() {
-                s.failures += 1;
-                tracing::error!(sink = %s.sink.name(), error = %e, "sink failed");
+                s.failed("sink failed", &e, 0);
             }
         }
     }
@@ -900,10 +913,7 @@ impl SinkSet {
             let bytes = &encoded[s.format.index()];
             match s.sink.write(bytes, 1).and_then(|()| s.sink.end_window()) {
                 Ok(()) => s.windows += 1,
-                Err(e) => {
-                    s.failures += 1;
-                    tracing::error!(sink = %s.sink.name(), error = %e, "sink failed to take a window");
-                }
+                Err(e) => s.failed("sink failed to take a window", &e, 0),
             }
         }
     }
@@ -922,11 +932,7 @@ impl SinkSet {
             };
             match s.sink.write(bytes, n) {
                 Ok(()) => s.raw_lines += n,
-                Err(e) => {
-                    s.failures += 1;
-                    s.raw_lines_failed += n;
-                    tracing::error!(sink = %s.sink.name(), error = %e, lines = n, "sink failed to take raw lines");
-                }
+                Err(e) => s.failed("sink failed to take raw lines", &e, n),
             }
         }
     }

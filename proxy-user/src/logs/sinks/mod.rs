@@ -87,7 +87,9 @@ impl Sink for StdoutSink {
 /// ones shift up, and beyond `keep` they are deleted.
 pub struct FileSink {
     path: PathBuf,
-    file: io::BufWriter<File>,
+    /// Unbuffered: a write the disk refuses fails for the batch it belongs to, never
+    /// later for lines already counted as taken (raw batches are 64 KiB anyway).
+    file: File,
     written: u64,
     opened: Instant,
     rotate_bytes: Option<u64>,
@@ -114,7 +116,7 @@ impl FileSink {
         let written = file.metadata()?.len();
         Ok(Self {
             path: path.to_owned(),
-            file: io::BufWriter::new(file),
+            file,
             written,
             opened: Instant::now(),
             rotate_bytes,
@@ -131,8 +133,7 @@ impl FileSink {
     }
 
     fn rotate(&mut self) -> io::Result<()> {
-        self.file.flush()?;
-        self.file.get_ref().sync_all()?;
+        self.file.sync_all()?;
         if self.keep == 0 {
             std::fs::remove_file(&self.path)?;
         } else {
@@ -147,7 +148,7 @@ impl FileSink {
         }
         let file =
             crate::fsmode::open_append_with(&self.path, false, crate::fsmode::LOG_FILE_MODE)?;
-        self.file = io::BufWriter::new(file);
+        self.file = file;
         self.written = 0;
         self.opened = Instant::now();
         Ok(())
@@ -163,15 +164,19 @@ impl FileSink {
 
 impl Sink for FileSink {
     fn write(&mut self, bytes: &[u8], _records: u64) -> io::Result<()> {
-        self.file.write_all(bytes)?;
+        if let Err(e) = self.file.write_all(bytes) {
+            // Disk full mid-batch: cut what part of it went in, so the file holds whole
+            // records and the batch counts as not taken.
+            let _ = self.file.set_len(self.written);
+            return Err(e);
+        }
         self.written += bytes.len() as u64;
         Ok(())
     }
 
     fn end_window(&mut self) -> io::Result<()> {
-        self.file.flush()?;
         if self.fsync == FsyncPolicy::Window {
-            self.file.get_ref().sync_data()?;
+            self.file.sync_data()?;
         }
         // Rotation happens between windows, so a window is never split across files.
         if self.due() {
