@@ -909,7 +909,15 @@ impl SinkSet {
             }
             out
         });
-        for s in self.sinks.iter_mut().filter(|s| s.what.windows()) {
+        for s in self.sinks.iter_mut() {
+            if !s.what.windows() {
+                // Raw-only sinks end the window too: the file sink syncs and rotates
+                // there, the TCP sink syncs its spool.
+                if let Err(e) = s.sink.end_window() {
+                    s.failed("sink failed to end a window", &e, 0);
+                }
+                continue;
+            }
             let bytes = &encoded[s.format.index()];
             match s.sink.write(bytes, 1).and_then(|()| s.sink.end_window()) {
                 Ok(()) => s.windows += 1,
@@ -953,7 +961,7 @@ impl SinkSet {
 }
 
 /// How long a sink retired by a reload may take to hand over (its spool stays either way).
-const RELOAD_DRAIN: Duration = Duration::from_secs(1);
+const RELOAD_DRAIN: Duration = Duration::from_millis(250);
 
 /// Raw batches encoded under a configuration whose sinks are not in force yet (a worker
 /// crossed the reload boundary before the merger closed the last old window). They wait

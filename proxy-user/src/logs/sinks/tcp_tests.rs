@@ -7,7 +7,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Sink, TcpSink, spool::Spool, tcp::spool_name};
+use super::{
+    Sink, TcpSink,
+    spool::{Framing, Spool},
+    tcp::spool_name,
+};
 use crate::config::OutputFormat;
 
 fn scratch(name: &str) -> PathBuf {
@@ -174,10 +178,10 @@ fn a_reset_with_unread_bytes_resends_them() {
     let mut s = TcpSink::open(addr, &dir, 1 << 20, OutputFormat::Json).unwrap();
     s.write(&line(0), 1).unwrap();
     let (first, _) = listener.accept().unwrap();
-    // Acknowledged by the kernel, never read by the application, and checks over 150 ms
+    // Acknowledged by the kernel, never read by the application, and checks over 80 ms
     // find the connection open: not long enough to confirm it...
-    for _ in 0..6 {
-        std::thread::sleep(Duration::from_millis(25));
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(20));
         s.tick().unwrap();
     }
     assert_eq!(s.stats().delivered, 0, "not confirmed yet");
@@ -280,19 +284,167 @@ fn spool_offsets_survive_compaction() {
     let dir = scratch("compact");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("s.spool");
-    let mut sp = Spool::open(&path, u64::MAX).unwrap();
+    let mut sp = Spool::open(&path, u64::MAX, Framing::Lines).unwrap();
     let big = vec![b'a'; 5 << 20];
     assert!(sp.append(&big, 1).unwrap());
     assert!(sp.append(&big, 1).unwrap());
     assert!(sp.append(b"tail\n", 1).unwrap());
     // Confirming the first two cuts 10 MiB from the file; offsets stay logical.
-    assert_eq!(sp.confirm(10 << 20).unwrap(), 2);
+    assert_eq!(sp.confirm(10 << 20), 2);
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 5);
     let mut buf = [0u8; 16];
     let n = sp.read_at(10 << 20, &mut buf).unwrap();
     assert_eq!(&buf[..n], b"tail\n");
     assert_eq!((sp.records(), sp.bytes()), (1, 5));
-    assert_eq!(sp.confirm(sp.end()).unwrap(), 1);
+    assert_eq!(sp.confirm(sp.end()), 1);
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A listener whose accept queue is full drops further SYNs: a connect to it hangs like
+/// one to a black-holed host, on loopback.
+fn black_hole() -> (std::os::fd::OwnedFd, Vec<TcpStream>, SocketAddr) {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, socket,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0)).unwrap();
+    listen(&fd, Backlog::new(0).unwrap()).unwrap();
+    let addr: SocketAddr = nix::sys::socket::getsockname::<SockaddrIn>(fd.as_raw_fd())
+        .unwrap()
+        .to_string()
+        .parse()
+        .unwrap();
+    // Fill the queue (never accepted); further SYNs are dropped.
+    let mut fillers = Vec::new();
+    for _ in 0..2 {
+        let s = socket2_free_connect(addr);
+        fillers.extend(s);
+    }
+    (fd, fillers, addr)
+}
+
+/// A connect that gives up after 200 ms (the queue may already be full).
+fn socket2_free_connect(addr: SocketAddr) -> Option<TcpStream> {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+}
+
+#[test]
+fn a_downstream_that_never_answers_never_holds_the_writer() {
+    let dir = scratch("blackhole");
+    let (_listener, _fillers, addr) = black_hole();
+    // The address does hold connects (else this test would prove nothing).
+    let t = Instant::now();
+    assert!(TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err());
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+    let mut s = TcpSink::open(addr, &dir, 1 << 20, OutputFormat::Json).unwrap();
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_millis(1500) {
+        let t = Instant::now();
+        s.write(&line(1), 1).unwrap();
+        s.tick().unwrap();
+        slowest = slowest.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = s.stats();
+    assert!(
+        slowest < Duration::from_millis(50),
+        "a write never waits on the connect: slowest {slowest:?}"
+    );
+    assert!(st.connect_failures >= 1, "the connect timed out: {st:?}");
+    assert_eq!(st.delivered, 0, "{st:?}");
+    assert_eq!(st.pending, st.taken, "all of it waits in the spool: {st:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_downstream_that_drops_every_connection_is_retried_with_backoff() {
+    let dir = scratch("backoff");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acceptor = {
+        let stop = std::sync::Arc::clone(&stop);
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((c, _)) = listener.accept() {
+                    n += 1;
+                    drop(c); // closes at once, reading nothing
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            n
+        })
+    };
+    let mut s = TcpSink::open(addr, &dir, 1 << 20, OutputFormat::Json).unwrap();
+    s.write(&line(1), 1).unwrap();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(1600) {
+        std::thread::sleep(Duration::from_millis(20));
+        s.tick().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let accepted = acceptor.join().unwrap();
+    let st = s.stats();
+    // 100 + 200 + 400 + 800 ms of backoff fit in 1.6 s: about five connections, where
+    // reconnecting at every 20 ms tick would make eighty.
+    assert!(
+        (2..=8).contains(&st.connections),
+        "backed off: {st:?}, accepted {accepted}"
+    );
+    assert_eq!(st.delivered, 0, "nothing was read: {st:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn one_spool_file_serves_one_sink() {
+    let dir = scratch("lock");
+    let addr = free_addr();
+    let first = TcpSink::open(addr, &dir, 1 << 20, OutputFormat::Json).unwrap();
+    let Err(e) = TcpSink::open(addr, &dir, 1 << 20, OutputFormat::Json) else {
+        panic!("a second sink opened the same spool");
+    };
+    assert!(e.to_string().contains("in use by another sink"), "{e}");
+    drop(first);
+    TcpSink::open(addr, &dir, 1 << 20, OutputFormat::Json).expect("free again once closed");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_record_torn_by_a_crash_is_cut_and_the_whole_ones_are_sent() {
+    let dir = scratch("torn");
+    std::fs::create_dir_all(&dir).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::fs::write(
+        dir.join(spool_name(addr, OutputFormat::Json)),
+        b"{\"n\":1}\n{\"n\":2}\n{\"n\":3",
+    )
+    .unwrap();
+    let mut s = TcpSink::open(addr, &dir, 1 << 20, OutputFormat::Json).unwrap();
+    let st = s.stats();
+    assert_eq!(
+        (st.pending_at_start, st.torn_bytes_at_start),
+        (2, 6),
+        "{st:?}"
+    );
+    let reader = read_next(&listener);
+    s.write(&line(4), 1).unwrap();
+    s.close(Duration::from_secs(2)).unwrap();
+    assert_eq!(numbers(&reader.join().unwrap()), vec![1, 2, 4]);
     std::fs::remove_dir_all(dir).unwrap();
 }
