@@ -77,7 +77,9 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
     let days = days_from_civil(i64::from(y), m, d);
     let secs =
         days * 86_400 + i64::from(h) * 3600 + i64::from(mi) * 60 + i64::from(sec) - offset_secs;
-    Some(secs * NANOS + frac)
+    // Nanoseconds in an i64 reach from 1677 to 2262: a time outside has no timestamp
+    // (it overflowed: a panic in debug builds, a wrapped time in release ones).
+    secs.checked_mul(NANOS)?.checked_add(frac)
 }
 
 /// How far in the future a year-less timestamp may lie (sender clock ahead).
@@ -268,6 +270,25 @@ mod tests {
         ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn rfc3339_outside_the_i64_nanosecond_range_is_no_timestamp() {
+        // Found by the log_decode fuzz target (a JSON line's "ts"): year 865 overflowed.
+        assert_eq!(parse_rfc3339("0865-12-08T10:00:00.123Z"), None);
+        assert_eq!(parse_rfc3339("9999-12-31T23:59:59.999999999Z"), None);
+        assert_eq!(parse_rfc3339("1677-09-21T00:12:43.5Z"), None);
+        assert_eq!(
+            parse_rfc3339("1677-09-21T00:12:44Z"),
+            Some(-9_223_372_036 * NANOS)
+        );
+        assert_eq!(
+            parse_rfc3339("2262-04-11T23:47:16.854775807Z"),
+            Some(i64::MAX)
+        );
+        assert_eq!(parse_rfc3339("2262-04-11T23:47:16.854775808Z"), None);
+        let line = br#"{"msg":"m","ts":"0865-12-08T10:00:00.123Z"}"#;
+        assert_eq!(crate::logs::decode::decode(line, 0).timestamp, None);
     }
 
     #[test]
