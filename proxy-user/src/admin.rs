@@ -202,8 +202,9 @@ fn respond(head: &[u8], routes: &SharedRoutes) -> Response {
 }
 
 /// The method and the path (without a query string) of a complete HTTP/1.x request
-/// line: the sampled-request parser's, which also serves the reports.
-fn request_line(head: &[u8]) -> Option<(&str, &str)> {
+/// line: the sampled-request parser's, which also serves the reports. Public for the
+/// fuzz target (`fuzz/fuzz_targets/admin_http.rs`).
+pub fn request_line(head: &[u8]) -> Option<(&str, &str)> {
     crate::report::http::request_line(head)
         .filter(|r| !r.truncated && r.path.starts_with('/'))
         .map(|r| (r.method, r.path))

@@ -116,6 +116,28 @@ impl Cmd {
         }
         Ok(())
     }
+
+    /// Runs, handing each stderr line to `on_line`, which says whether to echo it
+    /// (libFuzzer reports on stderr, a line per new input). Returns whether the command
+    /// succeeded: the caller reads the reason from the lines.
+    pub fn run_stderr(mut self, mut on_line: impl FnMut(&str) -> bool) -> anyhow::Result<bool> {
+        self.announce();
+        let mut child = self
+            .cmd
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", self.display()))?;
+        if let Some(err) = child.stderr.take() {
+            for line in BufReader::new(err).split(b'\n') {
+                let line = line.context("reading the command's output")?;
+                let line = String::from_utf8_lossy(&line);
+                if on_line(&line) {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        Ok(child.wait()?.success())
+    }
 }
 
 /// `cargo +<toolchain> args…` from the repository root.

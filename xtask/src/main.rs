@@ -5,6 +5,7 @@
 //! apt packages) bootstraps it first, idempotently, saying what it does.
 mod bootstrap;
 mod cmd;
+mod fuzz;
 mod test;
 mod testbed;
 mod toolchains;
@@ -18,7 +19,11 @@ commands:
   bootstrap        install what building and testing need (idempotent)
   build            bootstrap, then build everything (userspace + eBPF object), release
   test [--long]    bootstrap, fmt check, clippy (userspace, eBPF, xtask), build, unit and
-                   privileged end-to-end tests; --long runs the long randomized suites
+                   privileged end-to-end tests, then 15 s of each fuzz target; --long runs
+                   the long randomized suites
+  fuzz [TARGET] [--seconds N]
+                   fuzz every parser of outside input (or TARGET), N s each (default 300);
+                   installs cargo-fuzz; see docs/fuzzing.md
   demo             bootstrap, build, run edgeproxy on a namespace topology with traffic
   bench [SUITE]    bootstrap, build, run benchmarks (SUITE: xdp, logs-decode, logs, logs-peers, tcp; default: all;
                    logs-peers --receivers edgeproxy-xdp,rsyslog runs some receivers only)
@@ -30,6 +35,7 @@ fn main() -> ExitCode {
         Some("bootstrap") => bootstrap::run(&bootstrap::Needs::default()).map(|_| ()),
         Some("build") => build(),
         Some("test") => test::run(&args[1..]),
+        Some("fuzz") => fuzz::run(&args[1..]),
         Some("demo") => testbed::run(testbed::Driver::Demo, &args[1..]),
         Some("bench") => testbed::run(testbed::Driver::Bench, &args[1..]),
         Some("-h" | "--help" | "help") => {

@@ -136,7 +136,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if tally.passed == 0 {
         bail!("no test ran");
     }
-    Ok(())
+    // Last: it needs nothing above, and a failing suite is reported before it.
+    crate::fuzz::short(&tc)
 }
 
 /// Namespaces named by the testbed (`ept<pid>x<n>`) still present after the run.

@@ -389,6 +389,12 @@ fn resolve(cx: &mut Collector<'_>, v: &Spanned<String>, what: &str) -> Option<So
     if let Ok(a) = text.parse::<SocketAddr>() {
         return Some(a);
     }
+    lookup(cx, v, what)
+}
+
+#[cfg(not(fuzzing))]
+fn lookup(cx: &mut Collector<'_>, v: &Spanned<String>, what: &str) -> Option<SocketAddr> {
+    let text = v.get_ref();
     use std::net::ToSocketAddrs as _;
     match text.to_socket_addrs() {
         Ok(mut it) => match it.next() {
@@ -406,6 +412,18 @@ fn resolve(cx: &mut Collector<'_>, v: &Spanned<String>, what: &str) -> Option<So
             None
         }
     }
+}
+
+/// Fuzzing builds (`cargo fuzz` passes `--cfg fuzzing`) look no name up: a resolver
+/// query per input would make the fuzzer slow and its results depend on the network.
+#[cfg(fuzzing)]
+fn lookup(cx: &mut Collector<'_>, v: &Spanned<String>, what: &str) -> Option<SocketAddr> {
+    let text = v.get_ref();
+    cx.err(
+        v.span(),
+        format!("{what} {text:?}: no name lookups when fuzzing"),
+    );
+    None
 }
 
 /// `[tcp]`; `workers` is how many data CPUs the engine section names, if it does
