@@ -341,10 +341,22 @@ fn real_main() -> anyhow::Result<()> {
         Command::Run { .. } | Command::Logs { .. } | Command::Proxy { .. }
     ) {
         raise_open_files_limit();
-        // Before any thread starts, so that every thread inherits it.
+        // Before any thread starts, so that every thread inherits both.
         if let Err(e) = proxy_user::privileges::forbid_new_privileges() {
             tracing::warn!(error = %e, "could not set no_new_privs");
         }
+        let (mode, bpf_stats) = match &cli.command {
+            Command::Run { bpf_stats, .. } => ("run", *bpf_stats),
+            Command::Logs { .. } => ("logs", false),
+            _ => ("proxy", false),
+        };
+        let keep = proxy_user::privileges::needed(mode, bpf_stats);
+        proxy_user::privileges::keep_only(&keep)
+            .context("keeping only the capabilities this daemon needs")?;
+        tracing::debug!(
+            ?keep,
+            "capabilities kept (every other one dropped for good)"
+        );
     }
     match cli.command {
         Command::Run {

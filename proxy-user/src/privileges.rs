@@ -162,6 +162,146 @@ pub fn resolve(user: &str, group: Option<&str>) -> Result<Target, PrivilegeError
     })
 }
 
+/// Linux capability numbers (linux/capability.h) the daemons keep.
+pub mod cap {
+    pub const CHOWN: u32 = 0;
+    pub const DAC_OVERRIDE: u32 = 1;
+    pub const FOWNER: u32 = 3;
+    pub const SETGID: u32 = 6;
+    pub const SETUID: u32 = 7;
+    pub const NET_BIND_SERVICE: u32 = 10;
+    pub const NET_ADMIN: u32 = 12;
+    pub const IPC_LOCK: u32 = 14;
+    pub const SYS_ADMIN: u32 = 21;
+    pub const PERFMON: u32 = 38;
+    pub const BPF: u32 = 39;
+}
+
+/// The capabilities each daemon mode needs, and why (docs/security.md lists them):
+/// binding ports below 1024, `SO_RCVBUFFORCE` and XDP/TC attach and detach, io_uring
+/// buffers without the memlock limit; `run` (and `logs` reading captured rings) its BPF
+/// maps; `logs` and `proxy` the drop itself (set*id, and giving what they make before it
+/// to the user while still writing there, which is what the file-permission overrides
+/// are for: they are gone with everything else at the drop).
+pub fn needed(mode: &str, bpf_stats: bool) -> Vec<u32> {
+    let mut caps = vec![cap::NET_BIND_SERVICE, cap::NET_ADMIN, cap::IPC_LOCK];
+    match mode {
+        "run" => {
+            caps.extend([cap::BPF, cap::PERFMON]);
+            // BPF_ENABLE_STATS is CAP_SYS_ADMIN's alone.
+            if bpf_stats {
+                caps.push(cap::SYS_ADMIN);
+            }
+        }
+        "logs" => caps.extend([cap::BPF, cap::PERFMON]),
+        _ => {}
+    }
+    if mode != "run" {
+        caps.extend([
+            cap::SETUID,
+            cap::SETGID,
+            cap::CHOWN,
+            cap::DAC_OVERRIDE,
+            cap::FOWNER,
+        ]);
+    }
+    caps
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Keeps only `keep` of this process's capabilities, for good: every other one leaves
+/// the effective, permitted and bounding sets, and the ambient set is cleared. Linux
+/// keeps capabilities per thread, so this runs before any other thread starts (checked),
+/// and every thread started after inherits the narrowed sets. A process without
+/// capabilities (not root) has nothing to narrow.
+pub fn keep_only(keep: &[u32]) -> io::Result<()> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "capabilities must be narrowed before any thread starts ({threads} threads)"
+        )));
+    }
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40);
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget writes two CapData through a valid pointer for version 3.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if data.iter().all(|d| d.permitted == 0) {
+        return Ok(());
+    }
+    for c in 0..=last {
+        if keep.contains(&c) {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, c as libc::c_ulong, 0, 0, 0) } != 0 {
+            let e = io::Error::last_os_error();
+            // EINVAL: a capability this kernel does not know.
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+        }
+    }
+    let mut mask = [0u32; 2];
+    for &c in keep {
+        mask[(c / 32) as usize] |= 1 << (c % 32);
+    }
+    let new = [
+        CapData {
+            effective: mask[0] & data[0].permitted,
+            permitted: mask[0] & data[0].permitted,
+            inheritable: 0,
+        },
+        CapData {
+            effective: mask[1] & data[1].permitted,
+            permitted: mask[1] & data[1].permitted,
+            inheritable: 0,
+        },
+    ];
+    let header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    // SAFETY: capset reads a header and two CapData through valid pointers.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, new.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    Ok(())
+}
+
 /// `PR_SET_NO_NEW_PRIVS`: nothing this process executes can gain privileges. Set before
 /// any thread starts, so every thread inherits it.
 pub fn forbid_new_privileges() -> io::Result<()> {

@@ -243,3 +243,84 @@ fn a_drop_that_leaves_the_stats_directory_unwritable_fails_the_start() {
         "{err}"
     );
 }
+
+/// `run` keeps root (its maps need CAP_BPF) but only the capabilities it needs: every
+/// thread's effective, permitted and bounding sets are exactly CAP_NET_BIND_SERVICE,
+/// CAP_NET_ADMIN, CAP_IPC_LOCK, CAP_PERFMON and CAP_BPF, and it still filters and counts.
+#[test]
+fn run_keeps_only_the_capabilities_it_needs() {
+    if !require_root("run_keeps_only_the_capabilities_it_needs") {
+        return;
+    }
+    use proxy_user::privileges::{cap, needed};
+    let pair = VethPair::create().expect("veth pair");
+    let bin = edgeproxy_testbed::edgeproxy_bin().expect("binary");
+    let mut child = edgeproxy_testbed::Reaped(Some(
+        pair.a
+            .command(&bin)
+            .args([
+                "run",
+                "--ephemeral",
+                "--iface",
+                pair.a_if,
+                "--duration",
+                "60",
+                "--json",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    ));
+    let (attached, lines) =
+        edgeproxy_testbed::wait_for_line(child.0.as_mut().expect("child"), "XDP attached");
+    assert!(attached, "{lines:?}");
+    let want: u64 = needed("run", false).iter().map(|c| 1u64 << c).sum();
+    assert_eq!(
+        want,
+        [
+            cap::NET_BIND_SERVICE,
+            cap::NET_ADMIN,
+            cap::IPC_LOCK,
+            cap::PERFMON,
+            cap::BPF
+        ]
+        .iter()
+        .map(|c| 1u64 << c)
+        .sum::<u64>()
+    );
+    let pid = child.pid().as_raw() as u32;
+    for t in threads(pid) {
+        assert_eq!(t.uids, vec![0; 4], "thread {}", t.tid);
+        assert_eq!(
+            (t.cap_effective, t.cap_permitted),
+            (want, want),
+            "thread {}: {:x}",
+            t.tid,
+            t.cap_effective
+        );
+        assert!(t.no_new_privs, "thread {}", t.tid);
+    }
+    let bounding = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .expect("CapBnd");
+    assert_eq!(bounding, want, "bounding set {bounding:x}");
+    edgeproxy_testbed::traffic::send_udp(&pair.b, (pair.a_v4, 9999).into(), 100, 64).expect("send");
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let out = child.take().wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
+    assert_eq!(
+        report["counters"]["classes"]["udp4"]["packets"], 100,
+        "{report}"
+    );
+    println!("edgeproxy run: every thread uid 0 with CapEff = CapPrm = CapBnd = {want:x}");
+}
