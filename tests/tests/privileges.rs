@@ -324,3 +324,54 @@ fn run_keeps_only_the_capabilities_it_needs() {
     );
     println!("edgeproxy run: every thread uid 0 with CapEff = CapPrm = CapBnd = {want:x}");
 }
+
+/// With `--bpf-stats`, `run` keeps CAP_SYS_ADMIN too (BPF_ENABLE_STATS needs it) and
+/// reports the program's cost.
+#[test]
+fn run_with_bpf_stats_keeps_sys_admin_and_measures() {
+    if !require_root("run_with_bpf_stats_keeps_sys_admin_and_measures") {
+        return;
+    }
+    use proxy_user::privileges::needed;
+    let pair = VethPair::create().expect("veth pair");
+    let bin = edgeproxy_testbed::edgeproxy_bin().expect("binary");
+    let mut child = edgeproxy_testbed::Reaped(Some(
+        pair.a
+            .command(&bin)
+            .args([
+                "run",
+                "--ephemeral",
+                "--iface",
+                pair.a_if,
+                "--duration",
+                "60",
+                "--json",
+            ])
+            .arg("--bpf-stats")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    ));
+    let (attached, lines) =
+        edgeproxy_testbed::wait_for_line(child.0.as_mut().expect("child"), "XDP attached");
+    assert!(attached, "{lines:?}");
+    let want: u64 = needed("run", true).iter().map(|c| 1u64 << c).sum();
+    for t in threads(child.pid().as_raw() as u32) {
+        assert_eq!(t.cap_effective, want, "thread {}", t.tid);
+    }
+    edgeproxy_testbed::traffic::send_udp(&pair.b, (pair.a_v4, 9999).into(), 50, 64).expect("send");
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let out = child.take().wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
+    assert!(
+        report["xdp_cost"]["run_count"].as_u64() >= Some(50),
+        "measured: {report}"
+    );
+}
