@@ -345,12 +345,12 @@ fn real_main() -> anyhow::Result<()> {
         if let Err(e) = proxy_user::privileges::forbid_new_privileges() {
             tracing::warn!(error = %e, "could not set no_new_privs");
         }
-        let (mode, bpf_stats) = match &cli.command {
-            Command::Run { bpf_stats, .. } => ("run", *bpf_stats),
-            Command::Logs { .. } => ("logs", false),
-            _ => ("proxy", false),
+        let mode = match &cli.command {
+            Command::Run { .. } => "run",
+            Command::Logs { .. } => "logs",
+            _ => "proxy",
         };
-        let keep = proxy_user::privileges::needed(mode, bpf_stats);
+        let keep = proxy_user::privileges::needed(mode);
         proxy_user::privileges::keep_only(&keep)
             .context("keeping only the capabilities this daemon needs")?;
         tracing::debug!(

@@ -183,17 +183,13 @@ pub mod cap {
 /// maps; `logs` and `proxy` the drop itself (set*id, and giving what they make before it
 /// to the user while still writing there, which is what the file-permission overrides
 /// are for: they are gone with everything else at the drop).
-pub fn needed(mode: &str, bpf_stats: bool) -> Vec<u32> {
+pub fn needed(mode: &str) -> Vec<u32> {
     let mut caps = vec![cap::NET_BIND_SERVICE, cap::NET_ADMIN, cap::IPC_LOCK];
     match mode {
-        "run" => {
-            caps.extend([cap::BPF, cap::PERFMON]);
-            // BPF_ENABLE_STATS is CAP_SYS_ADMIN's alone.
-            if bpf_stats {
-                caps.push(cap::SYS_ADMIN);
-            }
-        }
-        "logs" => caps.extend([cap::BPF, cap::PERFMON]),
+        // A pinned data plane's per-CPU rings are inner maps opened by id
+        // (BPF_MAP_GET_FD_BY_ID), which the kernel allows only to CAP_SYS_ADMIN: `run`
+        // adopting one and `logs --capture-from` need it; so does BPF_ENABLE_STATS.
+        "run" | "logs" => caps.extend([cap::BPF, cap::PERFMON, cap::SYS_ADMIN]),
         _ => {}
     }
     if mode != "run" {
