@@ -244,6 +244,26 @@ fn a_drop_that_leaves_the_stats_directory_unwritable_fails_the_start() {
     );
 }
 
+/// `edgeproxy run --ephemeral` on the pair's first interface, once it has attached.
+fn spawn_run(pair: &VethPair, extra: &[&str]) -> edgeproxy_testbed::Reaped {
+    let bin = edgeproxy_testbed::edgeproxy_bin().expect("binary");
+    let mut child = edgeproxy_testbed::Reaped(Some(
+        pair.a
+            .command(&bin)
+            .args(["run", "--ephemeral", "--iface", pair.a_if])
+            .args(["--duration", "60", "--json"])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    ));
+    let (attached, lines) =
+        edgeproxy_testbed::wait_for_line(child.0.as_mut().expect("child"), "XDP attached");
+    assert!(attached, "{lines:?}");
+    child
+}
+
 /// `run` keeps root (its maps need CAP_BPF) but only the capabilities it needs: every
 /// thread's effective, permitted and bounding sets are exactly CAP_NET_BIND_SERVICE,
 /// CAP_NET_ADMIN, CAP_IPC_LOCK, CAP_SYS_ADMIN, CAP_PERFMON and CAP_BPF, and it still
@@ -255,27 +275,7 @@ fn run_keeps_only_the_capabilities_it_needs() {
     }
     use proxy_user::privileges::{cap, needed};
     let pair = VethPair::create().expect("veth pair");
-    let bin = edgeproxy_testbed::edgeproxy_bin().expect("binary");
-    let mut child = edgeproxy_testbed::Reaped(Some(
-        pair.a
-            .command(&bin)
-            .args([
-                "run",
-                "--ephemeral",
-                "--iface",
-                pair.a_if,
-                "--duration",
-                "60",
-                "--json",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn"),
-    ));
-    let (attached, lines) =
-        edgeproxy_testbed::wait_for_line(child.0.as_mut().expect("child"), "XDP attached");
-    assert!(attached, "{lines:?}");
+    let mut child = spawn_run(&pair, &[]);
     let want: u64 = needed("run").iter().map(|c| 1u64 << c).sum();
     assert_eq!(
         want,
@@ -336,28 +336,7 @@ fn run_with_bpf_stats_measures_under_the_same_capabilities() {
     }
     use proxy_user::privileges::needed;
     let pair = VethPair::create().expect("veth pair");
-    let bin = edgeproxy_testbed::edgeproxy_bin().expect("binary");
-    let mut child = edgeproxy_testbed::Reaped(Some(
-        pair.a
-            .command(&bin)
-            .args([
-                "run",
-                "--ephemeral",
-                "--iface",
-                pair.a_if,
-                "--duration",
-                "60",
-                "--json",
-            ])
-            .arg("--bpf-stats")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn"),
-    ));
-    let (attached, lines) =
-        edgeproxy_testbed::wait_for_line(child.0.as_mut().expect("child"), "XDP attached");
-    assert!(attached, "{lines:?}");
+    let mut child = spawn_run(&pair, &["--bpf-stats"]);
     let want: u64 = needed("run").iter().map(|c| 1u64 << c).sum();
     for t in threads(child.pid().as_raw() as u32) {
         assert_eq!(t.cap_effective, want, "thread {}", t.tid);
