@@ -34,21 +34,14 @@ pub struct OpenFiles {
 }
 
 fn open_files() -> OpenFiles {
-    use crate::limits::{connection_capacity, nofile};
+    use crate::limits::{connection_capacity, nofile, reachable_soft_limit};
     let (soft, hard) = nofile().map_or((0, 0), |n| (n.soft, n.hard));
-    // A daemon has its listeners, rings and files besides: the reserve covers them.
-    let raised = if hard == libc::RLIM_INFINITY {
-        std::fs::read_to_string("/proc/sys/fs/nr_open")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(1 << 20)
-    } else {
-        hard
-    };
     OpenFiles {
         soft,
         hard,
-        connection_capacity: connection_capacity(raised, 16),
+        // About what a daemon has open when it sizes its budget (stdio, the eBPF log,
+        // listeners); everything opened later is within the reserve.
+        connection_capacity: connection_capacity(reachable_soft_limit(hard), 16),
     }
 }
 

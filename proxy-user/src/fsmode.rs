@@ -168,22 +168,26 @@ pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 /// Removes the permission bits outside `allowed` from a file that has them (created
 /// before, or by another umask-following program); setgid and sticky bits are kept.
 fn narrow(file: &File, allowed: u32) -> io::Result<()> {
-    let mode = file.metadata()?.mode() & 0o7777;
-    let extra = mode & 0o777 & !allowed;
-    if extra != 0 {
-        file.set_permissions(std::fs::Permissions::from_mode(mode & !extra))?;
+    if let Some(mode) = narrowed(file.metadata()?.mode(), allowed) {
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     }
     Ok(())
+}
+
+/// `mode` without its permission bits outside `allowed` (setgid and sticky kept), or
+/// `None` when it has none.
+fn narrowed(mode: u32, allowed: u32) -> Option<u32> {
+    let mode = mode & 0o7777;
+    let extra = mode & 0o777 & !allowed;
+    (extra != 0).then_some(mode & !extra)
 }
 
 /// [`narrow`] by path, for directories and for pins in bpffs (which honours chmod but
 /// cannot be opened as plain files); a symbolic link is left alone.
 pub fn narrow_path(path: &Path, allowed: u32) -> io::Result<()> {
     let meta = std::fs::symlink_metadata(path)?;
-    let mode = meta.mode() & 0o7777;
-    let extra = mode & 0o777 & !allowed;
-    if !meta.file_type().is_symlink() && extra != 0 {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & !extra))?;
+    if let Some(mode) = narrowed(meta.mode(), allowed).filter(|_| !meta.file_type().is_symlink()) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     }
     Ok(())
 }

@@ -44,17 +44,22 @@ pub fn nofile() -> io::Result<Nofile> {
     })
 }
 
-/// Raises the soft limit to the hard one (an unlimited hard limit is capped at the
-/// kernel's `fs.nr_open`, which is what setrlimit accepts).
+/// The soft limit a process with hard limit `hard` can raise itself to: `hard`, or for an
+/// unlimited one the kernel's `fs.nr_open`, which is what setrlimit accepts.
+pub fn reachable_soft_limit(hard: u64) -> u64 {
+    if hard != libc::RLIM_INFINITY {
+        return hard;
+    }
+    std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20)
+}
+
+/// Raises the soft limit to [`reachable_soft_limit`].
 pub fn raise_nofile() -> io::Result<Nofile> {
     let r = getrlimit()?;
-    let mut target = r.rlim_max;
-    if target == libc::RLIM_INFINITY {
-        target = std::fs::read_to_string("/proc/sys/fs/nr_open")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(1 << 20);
-    }
+    let target = reachable_soft_limit(r.rlim_max);
     if r.rlim_cur < target {
         let new = libc::rlimit {
             rlim_cur: target,

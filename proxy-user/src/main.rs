@@ -345,10 +345,11 @@ fn real_main() -> anyhow::Result<()> {
         if let Err(e) = proxy_user::privileges::forbid_new_privileges() {
             tracing::warn!(error = %e, "could not set no_new_privs");
         }
+        use proxy_user::privileges::Daemon;
         let mode = match &cli.command {
-            Command::Run { .. } => "run",
-            Command::Logs { .. } => "logs",
-            _ => "proxy",
+            Command::Run { .. } => Daemon::Run,
+            Command::Logs { .. } => Daemon::Logs,
+            _ => Daemon::Proxy,
         };
         let keep = proxy_user::privileges::needed(mode);
         proxy_user::privileges::keep_only(&keep)

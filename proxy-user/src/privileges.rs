@@ -177,22 +177,29 @@ pub mod cap {
     pub const BPF: u32 = 39;
 }
 
+/// The daemon modes (`edgeproxy run`, `logs`, `proxy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Daemon {
+    Run,
+    Logs,
+    Proxy,
+}
+
 /// The capabilities each daemon mode needs, and why (docs/security.md lists them):
 /// binding ports below 1024, `SO_RCVBUFFORCE` and XDP/TC attach and detach, io_uring
 /// buffers without the memlock limit; `run` (and `logs` reading captured rings) its BPF
 /// maps; `logs` and `proxy` the drop itself (set*id, and giving what they make before it
 /// to the user while still writing there, which is what the file-permission overrides
 /// are for: they are gone with everything else at the drop).
-pub fn needed(mode: &str) -> Vec<u32> {
+pub fn needed(mode: Daemon) -> Vec<u32> {
     let mut caps = vec![cap::NET_BIND_SERVICE, cap::NET_ADMIN, cap::IPC_LOCK];
-    match mode {
+    if matches!(mode, Daemon::Run | Daemon::Logs) {
         // A pinned data plane's per-CPU rings are inner maps opened by id
         // (BPF_MAP_GET_FD_BY_ID), which the kernel allows only to CAP_SYS_ADMIN: `run`
         // adopting one and `logs --capture-from` need it; so does BPF_ENABLE_STATS.
-        "run" | "logs" => caps.extend([cap::BPF, cap::PERFMON, cap::SYS_ADMIN]),
-        _ => {}
+        caps.extend([cap::BPF, cap::PERFMON, cap::SYS_ADMIN]);
     }
-    if mode != "run" {
+    if matches!(mode, Daemon::Logs | Daemon::Proxy) {
         caps.extend([
             cap::SETUID,
             cap::SETGID,
@@ -265,22 +272,11 @@ pub fn keep_only(keep: &[u32]) -> io::Result<()> {
     for &c in keep {
         mask[(c / 32) as usize] |= 1 << (c % 32);
     }
-    let new = [
-        CapData {
-            effective: mask[0] & data[0].permitted,
-            permitted: mask[0] & data[0].permitted,
-            inheritable: 0,
-        },
-        CapData {
-            effective: mask[1] & data[1].permitted,
-            permitted: mask[1] & data[1].permitted,
-            inheritable: 0,
-        },
-    ];
-    let header = CapHeader {
-        version: CAPABILITY_VERSION_3,
-        pid: 0,
-    };
+    let new = [0, 1].map(|i| CapData {
+        effective: mask[i] & data[i].permitted,
+        permitted: mask[i] & data[i].permitted,
+        inheritable: 0,
+    });
     // SAFETY: capset reads a header and two CapData through valid pointers.
     if unsafe { libc::syscall(libc::SYS_capset, &header, new.as_ptr()) } != 0 {
         return Err(io::Error::last_os_error());

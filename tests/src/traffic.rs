@@ -42,6 +42,32 @@ pub fn send_udp(
     })
 }
 
+/// Sends the RFC 5424 messages `msg N` (then `suffix`) for every N in `numbers` from
+/// inside `ns` to `dst`, pausing `pause` after every hundred: numbered messages a test
+/// can find again one by one in what a sink wrote.
+pub fn send_numbered_syslog(
+    ns: &Netns,
+    dst: SocketAddr,
+    numbers: std::ops::Range<u64>,
+    suffix: &str,
+    pause: Duration,
+) -> anyhow::Result<()> {
+    ns.run(|| {
+        let sock = UdpSocket::bind("0.0.0.0:0").context("binding the sender socket")?;
+        for i in numbers {
+            sock.send_to(
+                format!("<14>1 - h app - - - msg {i}{suffix}").as_bytes(),
+                dst,
+            )
+            .with_context(|| format!("sending message {i} to {dst}"))?;
+            if i % 100 == 99 {
+                thread::sleep(pause);
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Polls `f` every 10 ms until it returns `Some`, for at most `timeout`.
 pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = std::time::Instant::now() + timeout;

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
-    net::{TcpListener, UdpSocket},
+    net::TcpListener,
     time::Duration,
 };
 
@@ -15,6 +15,7 @@ use edgeproxy_testbed::{
     scratch::ScratchDir,
     start_logs, stop_and_collect,
     tcp::{Upstream, connect, echo, namespace, start_proxy},
+    traffic,
 };
 use nix::sys::signal::{Signal, kill};
 
@@ -42,19 +43,14 @@ fn a_spooled_batch_survives_kill_9_and_the_next_start_delivers_it() {
     );
     // The downstream is down: everything goes to the spool.
     let first = start_logs(&pair.a, &cfg);
-    pair.b.run(|| {
-        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
-        for i in 0..MESSAGES {
-            s.send_to(
-                format!("<14>1 - h app - - - msg {i}").as_bytes(),
-                (pair.a_v4, PORT),
-            )
-            .expect("send");
-            if i % 100 == 99 {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    });
+    traffic::send_numbered_syslog(
+        &pair.b,
+        (pair.a_v4, PORT).into(),
+        0..MESSAGES,
+        "",
+        Duration::from_millis(10),
+    )
+    .expect("send");
     // Several windows later every message is in the spool; then the crash.
     std::thread::sleep(Duration::from_millis(1000));
     let mut first = first;

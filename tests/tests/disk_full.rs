@@ -1,10 +1,10 @@
 //! A file sink on a full disk (a 256 KiB tmpfs): every raw message is either in the file,
 //! whole, or counted as not taken (`raw_lines_failed`); the failure is logged a few
 //! times, not once per batch; the daemon keeps running and exits cleanly.
-use std::{net::UdpSocket, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use edgeproxy_testbed::{
-    netns::VethPair, privilege::require_root, scratch::ScratchDir, tools,
+    netns::VethPair, privilege::require_root, scratch::ScratchDir, tools, traffic,
     try_start_edgeproxy_until, try_stop_and_collect,
 };
 
@@ -63,19 +63,14 @@ fn a_full_disk_loses_no_line_silently() {
     let (child, log) =
         try_start_edgeproxy_until(&pair.a, args, "log pipeline started").expect("start logs");
     let pad = "x".repeat(150);
-    pair.b.run(|| {
-        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
-        for i in 0..MESSAGES {
-            s.send_to(
-                format!("<14>1 - h app - - - msg {i} {pad}").as_bytes(),
-                (pair.a_v4, PORT),
-            )
-            .expect("send");
-            if i % 100 == 99 {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    });
+    traffic::send_numbered_syslog(
+        &pair.b,
+        (pair.a_v4, PORT).into(),
+        0..MESSAGES,
+        &format!(" {pad}"),
+        Duration::from_millis(10),
+    )
+    .expect("send");
     std::thread::sleep(Duration::from_millis(800));
     let (status, stdout) = try_stop_and_collect(child).expect("stop");
     assert!(status.success(), "{status}: {stdout}");

@@ -273,10 +273,10 @@ fn run_keeps_only_the_capabilities_it_needs() {
     if !require_root("run_keeps_only_the_capabilities_it_needs") {
         return;
     }
-    use proxy_user::privileges::{cap, needed};
+    use proxy_user::privileges::{Daemon, cap, needed};
     let pair = VethPair::create().expect("veth pair");
     let mut child = spawn_run(&pair, &[]);
-    let want: u64 = needed("run").iter().map(|c| 1u64 << c).sum();
+    let want: u64 = needed(Daemon::Run).iter().map(|c| 1u64 << c).sum();
     assert_eq!(
         want,
         [
@@ -334,10 +334,10 @@ fn run_with_bpf_stats_measures_under_the_same_capabilities() {
     if !require_root("run_with_bpf_stats_measures_under_the_same_capabilities") {
         return;
     }
-    use proxy_user::privileges::needed;
+    use proxy_user::privileges::{Daemon, needed};
     let pair = VethPair::create().expect("veth pair");
     let mut child = spawn_run(&pair, &["--bpf-stats"]);
-    let want: u64 = needed("run").iter().map(|c| 1u64 << c).sum();
+    let want: u64 = needed(Daemon::Run).iter().map(|c| 1u64 << c).sum();
     for t in threads(child.pid().as_raw() as u32) {
         assert_eq!(t.cap_effective, want, "thread {}", t.tid);
     }

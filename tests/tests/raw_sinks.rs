@@ -1,9 +1,10 @@
 //! Sinks that take only raw messages still end every window: a raw file sink rotates by
 //! size (and syncs) like a window sink does.
-use std::{net::UdpSocket, time::Duration};
+use std::time::Duration;
 
 use edgeproxy_testbed::{
     netns::VethPair, privilege::require_root, scratch::ScratchDir, start_logs, stop_and_collect,
+    traffic,
 };
 
 const PORT: u16 = 5517;
@@ -28,19 +29,14 @@ fn a_raw_only_file_sink_rotates_and_keeps_every_line() {
         ),
     );
     let child = start_logs(&pair.a, &cfg);
-    pair.b.run(|| {
-        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
-        for i in 0..MESSAGES {
-            s.send_to(
-                format!("<14>1 - h app - - - msg {i}").as_bytes(),
-                (pair.a_v4, PORT),
-            )
-            .expect("send");
-            if i % 100 == 99 {
-                std::thread::sleep(Duration::from_millis(30));
-            }
-        }
-    });
+    traffic::send_numbered_syslog(
+        &pair.b,
+        (pair.a_v4, PORT).into(),
+        0..MESSAGES,
+        "",
+        Duration::from_millis(30),
+    )
+    .expect("send");
     std::thread::sleep(Duration::from_millis(600));
     let summary = stop_and_collect(child);
     let mut files = 0;

@@ -811,7 +811,7 @@ impl OpenSink {
 }
 
 impl SinkSet {
-    fn open(snap: &Snapshot) -> io::Result<Self> {
+    fn open(snap: &Arc<Snapshot>) -> io::Result<Self> {
         let sinks = snap
             .sinks
             .iter()
@@ -830,7 +830,7 @@ impl SinkSet {
             .collect::<io::Result<_>>()?;
         Ok(Self {
             generation: snap.generation,
-            snapshot: Arc::new(snap.clone()),
+            snapshot: Arc::clone(snap),
             host: super::encode::local_hostname(),
             encoder: Rfc5424Encoder::default(),
             sinks,
@@ -858,7 +858,7 @@ impl SinkSet {
             }
             Err(e) => {
                 tracing::error!(error = %e, "reloaded sinks failed to open; reopening the old ones");
-                SinkSet::open(&self.snapshot.clone())
+                SinkSet::open(&self.snapshot)
                     .inspect_err(
                         |e| tracing::error!(error = %e, "the old sinks failed to open again"),
                     )
@@ -878,8 +878,7 @@ impl SinkSet {
     fn close(&mut self, drain: Duration) -> Vec<serde_json::Value> {
         for s in &mut self.sinks {
             if let Err(e) = s.sink.close(drain) {
-                s.failures += 1;
-                tracing::error!(sink = %s.sink.name(), error = %e, "sink failed to close");
+                s.failed("sink failed to close", &e, 0);
             }
         }
         let out = self.summary_of_open();

@@ -351,7 +351,6 @@ impl TcpSink {
                 else {
                     return;
                 };
-                let _ = stream.set_nodelay(true);
                 self.stats.connections += 1;
                 tracing::info!(upstream = %self.address, "tcp sink connected");
                 // A new connection starts at the first unconfirmed batch.
@@ -466,20 +465,11 @@ impl TcpSink {
     }
 }
 
-/// A TCP socket connecting to `addr` without waiting (EINPROGRESS is the normal case).
+/// A TCP socket connecting to `addr` without waiting (EINPROGRESS is the normal case):
+/// non-blocking, close-on-exec and without Nagle, like the forwarder's upstream sockets.
 fn connect_nonblocking(addr: SocketAddr) -> io::Result<TcpStream> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, connect, socket};
-    let family = if addr.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    };
-    let fd = socket(
-        family,
-        SockType::Stream,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    use nix::sys::socket::{SockaddrStorage, connect};
+    let fd = crate::tcp::socket::upstream_socket(addr)?;
     match connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
         Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => Ok(TcpStream::from(fd)),
         Err(e) => Err(e.into()),
